@@ -1,0 +1,3 @@
+"""MAD's own block types. Importing this package registers them."""
+
+from . import basic, ffn  # noqa: F401

@@ -1,0 +1,18 @@
+"""MAD: declarative block wiring for recurrent language models on MLX."""
+
+from .block import Block, Dim, OptDim, ShapeError, TensorType, register
+from .errors import MadError
+from .graph import Graph, build_graph
+from .program import Program
+from .topology import load_topology
+
+__version__ = "0.1.0"
+
+
+def build(path, overrides=(), dtype="float32", compile="program") -> Program:
+    """Load a topology file, check it and compile it into a `Program` (freshly initialised weights)."""
+    return Program(build_graph(load_topology(path, list(overrides))), dtype=dtype, compile=compile)
+
+
+__all__ = ["Block", "Dim", "OptDim", "Graph", "MadError", "Program", "ShapeError", "TensorType", "build",
+           "build_graph", "load_topology", "register"]
