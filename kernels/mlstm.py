@@ -134,7 +134,9 @@ def _chunk_states(
     C, n, m = state
     C_in, n_in, m_in = [], [], []
     for c in range(b.shape[2]):                                 # short loop, elementwise only
-        C_in.append(C), n_in.append(n), m_in.append(m)
+        C_in.append(C)
+        n_in.append(n)
+        m_in.append(m)
         m_new = mx.maximum(g[..., c] + m, a_max[..., c])
         decay = mx.exp(g[..., c] + m - m_new)                   # <= 1
         gain = mx.exp(a_max[..., c] - m_new)                    # <= 1

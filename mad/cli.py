@@ -44,7 +44,7 @@ def build(file: Path = typer.Argument(..., help="topology YAML"),
     from .topology import load_topology
 
     program = Program(build_graph(load_topology(file, set_)))
-    Console(highlight=False).print(summary_table(program.graph))
+    Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(summary_table(program.graph))
     if out is not None:
         write_atomic_dir(out, build_files(program))
         print(f"wrote {out}/: resolved.yaml graph.json graph.mmd graph.dot plan.json summary.txt")
@@ -130,7 +130,7 @@ def main() -> None:
     except MadError as e:
         if DEBUG["on"]:
             raise
-        err_console.print(e.render(), markup=False)
+        err_console.print(e.render(), markup=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

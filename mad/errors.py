@@ -61,8 +61,15 @@ class Diagnostics:
 
     def __init__(self) -> None:
         self.items: list[Diagnostic] = []
+        self._seen: set = set()
 
-    def error(self, message: str, source: Source | None = None, *notes: str) -> None:
+    def error(self, message: str, source: Source | None = None, *notes: str, once: object = None) -> None:
+        """Record an error. With `once`, errors of equal key are reported once (e.g. the same
+        mistake inside a template repeated 32 times)."""
+        if once is not None:
+            if once in self._seen:
+                return
+            self._seen.add(once)
         self.items.append(Diagnostic(message, source, [n for n in notes if n]))
 
     def extend(self, err: MadError) -> None:

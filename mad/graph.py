@@ -114,7 +114,8 @@ def build_graph(resolved: Resolved) -> Graph:
                     diags.error(f"constraint '{text}' is violated ({values})", where)
             except DimError as e:
                 diags.error(f"constraint '{text}': {e}", where)
-    diags.raise_if_any()
+    if dim_errors:
+        diags.raise_if_any()  # nothing can be checked without dims
 
     for module in resolved.plugins:
         try:
@@ -131,7 +132,8 @@ def build_graph(resolved: Resolved) -> Graph:
             inputs[name] = t
             g.add_node(name, kind="input", type=t, source=resolved.inputs_pos[name])
 
-    # validate node specs
+    # validate node specs; a node that fails is remembered so that its readers report nothing more
+    failed: set[str] = set()
     for decl in resolved.nodes:
         if decl.name in g:
             diags.error(f"node '{decl.name}' is defined twice", decl.source, f"first: {g.nodes[decl.name]['source']}")
@@ -139,6 +141,7 @@ def build_graph(resolved: Resolved) -> Graph:
         type_name = decl.raw.get("type")
         cls = registry.get(type_name) if isinstance(type_name, str) else None
         if cls is None:
+            failed.add(decl.name)
             where = position(decl.fields, ("type",), decl.source)
             where = Source(where.file, where.line, where.col, decl.source.chain)
             choices = list(registry) + list(getattr(resolved, "templates", []))
@@ -151,6 +154,7 @@ def build_graph(resolved: Resolved) -> Graph:
         try:
             spec = cls.model_validate({**decl.raw, "in": decl.inputs}, context={"dims": env})
         except ValidationError as e:
+            failed.add(decl.name)
             report_validation(e, cls, decl.fields, decl.source, diags, f"node '{decl.name}' ({type_name})")
             continue
         g.add_node(decl.name, kind="block", spec=spec, source=decl.source, stage=decl.unit, block_type=type_name)
@@ -164,9 +168,9 @@ def build_graph(resolved: Resolved) -> Graph:
         if srcs is None:
             continue
         known = [n for n in g.nodes]
-        ok = True
+        ok = not any(src in failed for _, src in srcs)
         for port, src in srcs:
-            if src not in g:
+            if src not in g and src not in failed:
                 diags.error(f"unconnected input: node '{decl.name}' reads '{src}', which is not a node or input",
                             decl.source, did_you_mean(src, known))
                 ok = False
@@ -178,7 +182,6 @@ def build_graph(resolved: Resolved) -> Graph:
                 g.edges[src, decl.name]["ports"].append(port)
             else:
                 g.add_edge(src, decl.name, ports=[port])
-    diags.raise_if_any()
 
     try:
         cycle = nx.find_cycle(g)
@@ -187,20 +190,21 @@ def build_graph(resolved: Resolved) -> Graph:
     if cycle:
         names = [u for u, _ in cycle] + [cycle[0][0]]
         diags.error("cycle: " + " -> ".join(names), g.nodes[cycle[0][0]]["source"])
-        diags.raise_if_any()
+        diags.raise_if_any()  # types cannot be inferred around a cycle
 
     graph = Graph(g, resolved, env, inputs, {k: v for k, (v, _) in resolved.outputs.items()})
     _infer(graph, diags)
-    diags.raise_if_any()
 
-    # every block's output must reach an output
+    # every block's output must reach an output (reads counted as written, even by broken nodes)
     used = set(graph.outputs.values())
+    for decl in resolved.nodes:
+        used.update(decl.inputs.values() if isinstance(decl.inputs, dict) else decl.inputs)
     for n in graph.blocks():
-        if g.out_degree(n) == 0 and n not in used:
+        if n not in used:
             diags.error(f"unused output: the output of '{n}' is never read and is not a model output",
                         g.nodes[n]["source"])
     for name in inputs:
-        if g.out_degree(name) == 0:
+        if name not in used:
             diags.error(f"unused input: graph input '{name}' is never read", resolved.inputs_pos[name])
     diags.raise_if_any()
     return graph
@@ -234,8 +238,8 @@ def _infer(graph: Graph, diags: Diagnostics) -> None:
     g = graph.g
     for n in graph.blocks():
         data = g.nodes[n]
-        srcs = data["inputs"]
-        if any("type" not in g.nodes[s] for s in srcs):
+        srcs = data.get("inputs")
+        if srcs is None or any("type" not in g.nodes[s] for s in srcs):
             continue  # an upstream error was reported already
         in_types = [g.nodes[s]["type"] for s in srcs]
         spec: Block = data["spec"]
@@ -244,8 +248,8 @@ def _infer(graph: Graph, diags: Diagnostics) -> None:
             state = spec.state(*in_types)
             module = spec.build(*in_types)
         except ShapeError as e:
-            edge = " -> ".join(dict.fromkeys(srcs)) + f" -> {n}"
-            diags.error(f"shape mismatch on edge {edge}", data["source"], str(e),
+            edge = ", ".join(dict.fromkeys(srcs)) + f" -> {n}"
+            diags.error(f"shape mismatch on edge{'s' if len(set(srcs)) > 1 else ''} {edge}", data["source"], str(e),
                         "inputs: " + ", ".join(f"{s}: {shape_str(t.shape)} {t.dtype}" for s, t in zip(srcs, in_types)))
             continue
         data["type"] = out

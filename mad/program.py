@@ -213,6 +213,14 @@ class Program:
         diags.raise_if_any()
         return out
 
+    def trace(self, inputs: Any, state: dict | None = None, mode: Mode = "auto") -> dict[str, mx.array]:
+        """Every node's output (uncompiled, lazy): for tests and debugging, not for speed."""
+        inputs = self._check_inputs(inputs)
+        env = dict(inputs)
+        state = state if state is not None else self.init_state(next(iter(inputs.values())).shape[0])
+        self._run_nodes(self.nodes, env, state, {}, mode)
+        return {n: env[n] for n in self.nodes}
+
     def __call__(self, inputs: Any, state: dict | None = None, mode: Mode = "auto") -> tuple[dict, dict]:
         """Run the program on `inputs` ({name: array} or one array) from `state` (None = zeros).
 

@@ -40,7 +40,7 @@ class GroupSpec(BaseModel):
     """A repeated chain of one or several bodies (`repeat` + `at`/`every`, or `pattern`)."""
 
     model_config = Strict
-    repeat: Optional[int] = Field(None, gt=0, description="number of instances")
+    repeat: Union[int, str, None] = Field(None, description="number of instances (an int or a dim expression)")
     pattern: Optional[str] = Field(None, description='e.g. "(m m m s) x 3"; letters are keys of `choices`')
     body: Union[str, dict[str, Any], None] = Field(None, description="template or block type (or inline node)")
     choices: dict[str, Union[str, dict[str, Any]]] = Field(default_factory=dict)
@@ -164,13 +164,14 @@ def report_validation(err: ValidationError, model: type[BaseModel], tree: Any, f
     for loc, etype, msg in pydantic_errors(err):
         where = position(tree, loc, fallback)
         where = Source(where.file, where.line, where.col, fallback.chain)
+        once = (where.file, where.line, where.col, etype, msg)  # one report per written mistake
         if etype == "extra_forbidden":
             inside = f" in '{'.'.join(map(str, loc[:-1]))}'" if loc[:-1] else ""
             diags.error(f"{lead}unknown field '{loc[-1]}'{inside}", where,
-                        did_you_mean(loc[-1], _fields_of(model, loc[:-1])))
+                        did_you_mean(loc[-1], _fields_of(model, loc[:-1])), once=once)
         else:
             path = ".".join(str(p) for p in loc)
-            diags.error(f"{lead}{path}: {msg}" if path else f"{lead}{msg}", where)
+            diags.error(f"{lead}{path}: {msg}" if path else f"{lead}{msg}", where, once=once)
 
 
 def _fields_of(model: Any, path: tuple) -> list[str]:
@@ -378,7 +379,7 @@ class Expander:
         else:
             if group.body is None:
                 raise ValueError("'repeat' needs a 'body'")
-            bodies = [group.body] * group.repeat
+            bodies = [group.body] * self._count(group.repeat)
         for body, rule in group.every.items():
             rule = rule if isinstance(rule, EveryRule) else EveryRule(n=rule)
             for i in range(len(bodies)):
@@ -395,6 +396,18 @@ class Expander:
             raise ValueError(f"'as: {group.as_}' gives the same name twice; put {{i}} in it")
         out = [(inst, {"type": body} if isinstance(body, str) else body) for inst, body in zip(names, bodies)]
         return out
+
+    def _count(self, value: int | str) -> int:
+        from .dims import DimError, evaluate, resolve_dims
+
+        env, _ = resolve_dims(self.spec.dims)
+        try:
+            count = int(evaluate(value, env))
+        except DimError as e:
+            raise ValueError(f"repeat: {e}") from None
+        if count < 1:
+            raise ValueError(f"repeat must be at least 1, got {count}")
+        return count
 
     # -- scopes
     def run(self) -> Resolved:

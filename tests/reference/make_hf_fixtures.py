@@ -276,6 +276,28 @@ def stabiliser_diagnostic(model, ids) -> None:
               f"during the 16 steps")
 
 
+def precision_diagnostic(gold: dict) -> None:
+    """How far is the float32 golden from the same model run in float64 (norm reductions and state in float64
+    too; HF still casts logits to float32)? Tells what tolerance a float32 reimplementation can expect."""
+    import dataclasses
+
+    import torch
+    from mlstm_kernels.torch.backend_module import mLSTMBackend
+
+    model = load_hf(SINGLE_DIR).to(torch.float64)
+    for mod in model.modules():
+        if hasattr(mod, "force_float32_reductions"):
+            mod.force_float32_reductions = False
+    for blk in model.backbone.blocks:  # the backend bakes dtype_state into partials at init
+        old = blk.mlstm_layer.mlstm_backend.config
+        blk.mlstm_layer.mlstm_backend = mLSTMBackend(dataclasses.replace(old, inference_state_dtype="float64"))
+    res = run_hf(model, gold["tokens"].long())
+    sd = max(maxdiff(res["state"][k], res["full_state"][k]) for k in res["state"])
+    print(f"float64 self-consistency: steps vs full {maxdiff(res['step_logits'], res['logits'][:, T1:]):.3e} "
+          f"(logits are cast to float32 by HF), state prefill+steps vs full {sd:.3e}")
+    compare("float32 golden vs float64 run of the same model", res, gold)
+
+
 def check_nxai(sd: dict, ids, gold: dict) -> None:
     """Same weights through NX-AI's own xLSTMLarge (key rename: backbone.embeddings.weight -> embedding.weight)."""
     import torch
@@ -386,7 +408,9 @@ def main() -> None:
         "hf_path": "transformers 5.23.0 modeling_xlstm with xlstm 2.0.6 / mlstm_kernels 2.0.6 native kernels",
         "note": "row 0 of tokens = [bos] + tokenizer(text) truncated to 37; row 1 random",
     }
-    save_file({k: v.contiguous() for k, v in golden.items()}, str(SINGLE_DIR / "golden.safetensors"), metadata=meta)
+    # one metadata key only: safetensors writes metadata in hash-map order, which would break byte-determinism
+    save_file({k: v.contiguous() for k, v in golden.items()}, str(SINGLE_DIR / "golden.safetensors"),
+              metadata={"fixture": json.dumps(meta, sort_keys=True)})
     gold = load_file(str(SINGLE_DIR / "golden.safetensors"))
 
     self_consistency(res)
@@ -419,6 +443,7 @@ def main() -> None:
             run_hf(load_hf(FUSED_DIR), ids), gold)
 
     check_nxai(sd, ids, gold)
+    precision_diagnostic(gold)
 
     # tokenizer loads through transformers too
     at = AutoTokenizer.from_pretrained(str(SINGLE_DIR))

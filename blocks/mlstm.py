@@ -1,0 +1,120 @@
+"""mLSTM blocks of the xLSTM-7B family (HF `xlstm`): the cell and the multi-head layer norm.
+
+The layer around the cell is wired in the topology (`topologies/xlstm-7b.yaml`) from `linear` and
+`gate` nodes, so its weight names are the checkpoint's:
+
+    q, k, v, o = Wq h, Wk h, Wv h, Wo h;  i~, f~ = 15 tanh((W h + b) / 15)      (linear, softcap)
+    h_cell = mLSTM cell(q, k, v, i~, f~)                                          (mlstm_cell)
+    y = W_out(sigmoid(o) * LayerNorm_per_head(h_cell))                            (multihead_layernorm, gate)
+
+The cell's math lives in `mad.kernels.mlstm` (pure MLX; device kernels are tested against it).
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from mad.block import Block, Dim, ShapeError, TensorType, expect_float, register
+from mad.kernels.mlstm import mlstm_sequence
+
+
+class MLSTMCell(nn.Module):
+    """(B, T, NH*DQK) x2, (B, T, NH*DV), gates (B, T, NH) x2 -> (B, T, NH*DV), with state (C, n, m)."""
+
+    def __init__(self, heads: int, chunk_size: int, eps: float, mode: str):
+        super().__init__()
+        self.heads, self.chunk_size, self.eps, self.mode = heads, chunk_size, eps, mode
+
+    def _heads(self, x: mx.array) -> mx.array:
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3)
+
+    def __call__(self, q, k, v, i, f, state: Optional[dict], mode: str = "auto"):
+        mode = self.mode if self.mode != "auto" else mode
+        gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
+        cell_state = None if state is None else (state["C"], state["n"], state["m"])
+        h, (c, n, m) = mlstm_sequence(self._heads(q), self._heads(k), self._heads(v), *gates, cell_state,
+                                      chunk_size=self.chunk_size, eps=self.eps, mode=mode)
+        b, _, t, _ = h.shape
+        return h.transpose(0, 2, 1, 3).reshape(b, t, -1), {"C": c, "n": n, "m": m}
+
+
+@register("mlstm_cell")
+class MLSTMCellBlock(Block):
+    """The mLSTM matrix-memory cell over NH heads. Inputs are head-interleaved projections:
+    q, k (B, T, NH*DQK), v (B, T, NH*DV), i, f (B, T, NH). State per sequence: C (NH, DQK, DV),
+    n (NH, DQK), m (NH), float32."""
+
+    ports = ("q", "k", "v", "i", "f")
+    modes = ("step", "chunkwise", "parallel")
+    heads: Dim
+    chunk_size: Dim = 64
+    eps: float = 1e-6
+    mode: Literal["auto", "step", "chunkwise", "parallel"] = "auto"
+
+    def _split(self, x: TensorType, what: str) -> int:
+        expect_float(x, what)
+        if len(x.shape) != 3 or int(x.shape[-1]) % self.heads:
+            raise ShapeError(f"{what}: expected (B, T, heads*dim) with heads={int(self.heads)}, got {x}")
+        return int(x.shape[-1]) // self.heads
+
+    def infer(self, q, k, v, i, f) -> TensorType:
+        if q.shape != k.shape:
+            raise ShapeError(f"q and k differ: {q} vs {k}")
+        self._split(q, "q"), self._split(v, "v")
+        if q.shape[:2] != v.shape[:2]:
+            raise ShapeError(f"q and v differ in (B, T): {q} vs {v}")
+        for name, g in (("i", i), ("f", f)):
+            if g.shape != (*q.shape[:2], self.heads):
+                raise ShapeError(f"gate {name}: expected (B, T, heads={int(self.heads)}), got {g}")
+        return v
+
+    def state(self, q, k, v, i, f) -> dict[str, TensorType]:
+        batch, nh = q.shape[0], self.heads
+        dqk, dv = self._split(q, "q"), self._split(v, "v")
+        return {"C": TensorType((batch, nh, dqk, dv), "float32"), "n": TensorType((batch, nh, dqk), "float32"),
+                "m": TensorType((batch, nh), "float32")}
+
+    def build(self, *inputs: TensorType) -> nn.Module:
+        return MLSTMCell(int(self.heads), int(self.chunk_size), self.eps, self.mode)
+
+
+class MultiHeadNorm(nn.Module):
+    """Per-head LayerNorm of (B, T, NH*DH) in float32, then an elementwise (offset +) weight."""
+
+    def __init__(self, heads: int, dim: int, eps: float, bias: bool, weight_offset: float):
+        super().__init__()
+        self.weight = mx.full((dim,), 1.0 - weight_offset)
+        if bias:
+            self.bias = mx.zeros((dim,))
+        self.heads, self.eps, self.offset = heads, eps, weight_offset
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, t, d = x.shape
+        xh = x.reshape(b, t, self.heads, d // self.heads).astype(mx.float32)
+        y = mx.fast.layer_norm(xh, None, None, self.eps).reshape(b, t, d).astype(x.dtype)
+        y = y * (self.weight + self.offset if self.offset else self.weight)
+        return y + self.bias if "bias" in self else y
+
+
+@register("multihead_layernorm")
+class MultiHeadLayerNormBlock(Block):
+    """LayerNorm over each head's slice of the last dim (mean-centred, biased variance, float32),
+    times a weight over the whole dim. With `weight_offset: 1` the scale is (1 + weight) (NX-AI)."""
+
+    heads: Dim
+    eps: float = 1e-6
+    bias: bool = False
+    weight_offset: float = 0.0
+
+    def infer(self, x: TensorType) -> TensorType:
+        expect_float(x)
+        if int(x.shape[-1]) % self.heads:
+            raise ShapeError(f"last dim {x.shape[-1]} is not divisible by heads={int(self.heads)}")
+        return x
+
+    def build(self, x: TensorType) -> nn.Module:
+        return MultiHeadNorm(int(self.heads), int(x.shape[-1]), self.eps, self.bias, self.weight_offset)
