@@ -124,6 +124,49 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
             save_state_file(save_state, last.state)
 
 
+@app.command()
+def chat(source: Optional[Path] = typer.Argument(None, help="topology file, build dir, or checkpoint dir"),
+         model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder (same as SOURCE)"),
+         max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="per reply"),
+         temp: float = typer.Option(0.0, "--temp"),
+         top_p: float = typer.Option(1.0, "--top-p"),
+         seed: int = typer.Option(0, "--seed"),
+         dtype: Optional[str] = typer.Option(None, "--dtype"),
+         save_state: Optional[Path] = typer.Option(None, "--save-state", help="save the conversation state at exit"),
+         load_state: Optional[Path] = typer.Option(None, "--load-state", help="resume a saved conversation"),
+         device: Optional[str] = typer.Option(None, "--device")) -> None:
+    """Chat: each turn reads only the new text; the recurrent state carries the conversation."""
+    import mlx.core as mx
+
+    from .generate import ByteTokenizer, stream_generate
+    from .loading import load, load_state_file, save_state_file
+
+    _device(device)
+    mx.random.seed(seed)
+    path = model or source
+    if path is None:
+        raise MadError("give a topology file, a build folder or --model DIR")
+    lm, tok = load(path, dtype=dtype)
+    tok = tok or ByteTokenizer()
+    state = load_state_file(load_state, lm) if load_state else None
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            print(">> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line or line.strip() in ("q", "quit", "exit"):
+            break
+        if not line.strip():
+            continue
+        for r in stream_generate(lm, tok, line.rstrip("\n") + "\n", max_tokens=max_tokens, state=state,
+                                 temp=temp, top_p=top_p):
+            print(r.text, end="", flush=True)
+        state = r.state
+        print()
+    if save_state and state is not None:
+        save_state_file(save_state, state)
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)

@@ -74,7 +74,7 @@ def _fresh(file: Path, dtype: Optional[str], overrides: list[str], compile: str)
 def read_config(folder: Path) -> tuple[dict, Path]:
     import yaml
 
-    import mad.blocks  # noqa: F401 - model families register their formats on import
+    import mad.topologies.formats  # noqa: F401 - the shipped families register their formats
 
     names = dict.fromkeys(n for f in FORMATS for n in f.config_files) or {"config.json": None}
     for name in names:

@@ -196,17 +196,20 @@ def _set_override(tree: YDict, assignment: str, diags: Diagnostics) -> None:
         return
     parts = key.strip().split(".")
     node: Any = tree
-    for part in parts[:-1]:
-        if not isinstance(node, dict) or part not in node:
-            options = node.keys() if isinstance(node, dict) else []
-            diags.error(f"--set: '{part}' not found in '{key}'", where, did_you_mean(part, options))
+    while len(parts) > 1:  # keys may contain dots (node names): take the longest key that matches
+        if not isinstance(node, dict):
+            diags.error(f"--set: '{key}' does not name a field", where)
             return
-        node = node[part]
+        n = next((n for n in range(len(parts) - 1, 0, -1) if ".".join(parts[:n]) in node), 0)
+        if not n:
+            diags.error(f"--set: '{parts[0]}' not found in '{key}'", where, did_you_mean(parts[0], node.keys()))
+            return
+        node, parts = node[".".join(parts[:n])], parts[n:]
     if not isinstance(node, dict):
         diags.error(f"--set: '{key}' does not name a field", where)
         return
-    if parts[0] == "dims" and len(parts) == 2 and parts[1] not in node:
-        diags.error(f"--set: unknown dim '{parts[1]}'", where, did_you_mean(parts[1], node.keys()))
+    if key.startswith("dims.") and parts[-1] not in node and node is tree.get("dims"):
+        diags.error(f"--set: unknown dim '{parts[-1]}'", where, did_you_mean(parts[-1], node.keys()))
         return
     node[parts[-1]] = yaml.safe_load(value)
     if isinstance(node, YDict):
