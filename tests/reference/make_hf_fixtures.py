@@ -189,7 +189,9 @@ def build_tokenizer(out_dir: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ weights
-def randomise_(model) -> None:
+def randomise_(model, width_scale: float = 1.0) -> None:
+    """Re-randomise every parameter (HF zero-initialises the gates). `width_scale` multiplies the std of
+    the projection weights (use sqrt(64 / hidden) to keep activations at this fixture's scale)."""
     import torch
 
     g = torch.Generator().manual_seed(SEED)
@@ -203,11 +205,11 @@ def randomise_(model) -> None:
             elif "norm" in name:  # norm_mlstm, norm_ffn, multihead_norm, out_norm
                 val = 1.0 + (torch.rand(shape, generator=g) * 0.6 - 0.3)  # 1 +- 0.3
             elif name.endswith(("igate_preact.weight", "fgate_preact.weight")):
-                val = torch.randn(shape, generator=g) * 0.3
+                val = torch.randn(shape, generator=g) * 0.3 * width_scale
             elif "embeddings" in name or name.startswith("lm_head"):
                 val = torch.randn(shape, generator=g) * 0.5
             else:  # q, k, v, ogate_preact, out_proj, ffn
-                val = torch.randn(shape, generator=g) * 0.2
+                val = torch.randn(shape, generator=g) * 0.2 * width_scale
             p.copy_(val)
 
 

@@ -1,0 +1,350 @@
+"""What does the MAD framework layer cost? A MAD-built xLSTM vs the same model written by hand in MLX.
+
+Both run the same computation on the same weights: the MAD `LanguageModel` built from a topology
+(default `topologies/xlstm-125m.yaml`, the ~160M model of the xLSTM-7B family), and an ordinary
+mlx-lm style model file (below) that loads the MAD program's weights under the same names. Both are
+compiled the same way: `mx.compile` of the whole forward `(tokens, state) -> (logits, new_state)` with
+the model's arrays as implicit inputs (`inputs=module.state`), exactly as `mad.program.Program` does.
+The hand-written model's cell is `mad.kernels.mlstm.mlstm_sequence`, so only the wiring differs.
+
+First the logits (and the state) of the two are checked to agree on a short input, prefill and one
+decode step; then it times, interleaving MAD and hand-written trials in one process:
+  decode   one step (batch 1, T=1) from the state after a 64-token prompt (median of 5*trials steps)
+  forward  a 512-token forward from the zero state (batch 1), median of `trials` runs
+Every trial ends with `mx.eval(logits, state)`.
+
+    python benchmarks/bench_framework.py [--topology FILE] [--set dims.D=1024 ...] [--dtype float32]
+                                         [--trials 7] [--json [PATH]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import mlx.core as mx
+import mlx.nn as nn
+
+import mad
+from mad.generate import LanguageModel
+from mad.kernels.mlstm import mlstm_sequence
+
+TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
+TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 5e-2}
+
+
+# =========================================================================================
+# The hand-written model: a plain MLX (mlx-lm style) xLSTM-7B-family model file.
+# =========================================================================================
+class ModelArgs:
+    def __init__(self, vocab_size: int, hidden_size: int, num_blocks: int, num_heads: int, qk_dim: int,
+                 v_dim: int, ffn_dim: int, chunk_size: int = 64, norm_eps: float = 1e-6, cell_eps: float = 1e-6,
+                 gate_soft_cap: Optional[float] = 15.0, logit_soft_cap: Optional[float] = 30.0):
+        self.vocab_size, self.hidden_size, self.num_blocks, self.num_heads = vocab_size, hidden_size, num_blocks, num_heads
+        self.qk_dim, self.v_dim, self.ffn_dim, self.chunk_size = qk_dim, v_dim, ffn_dim, chunk_size
+        self.norm_eps, self.cell_eps = norm_eps, cell_eps
+        self.gate_soft_cap, self.logit_soft_cap = gate_soft_cap, logit_soft_cap
+
+
+def soft_cap(x: mx.array, cap: Optional[float]) -> mx.array:
+    return cap * mx.tanh(x / cap) if cap else x
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.eps = eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return mx.fast.rms_norm(x, self.weight, self.eps)
+
+
+class MultiHeadLayerNorm(nn.Module):
+    """LayerNorm over each head's slice, in float32, then a weight over the whole dim."""
+
+    def __init__(self, heads: int, dims: int, eps: float):
+        super().__init__()
+        self.weight = mx.ones((dims,))
+        self.heads, self.eps = heads, eps
+
+    def __call__(self, x: mx.array) -> mx.array:
+        b, t, d = x.shape
+        y = mx.fast.layer_norm(x.reshape(b, t, self.heads, d // self.heads).astype(mx.float32), None, None, self.eps)
+        return y.reshape(b, t, d).astype(x.dtype) * self.weight
+
+
+class MLSTMLayer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        d, nh = args.hidden_size, args.num_heads
+        self.q = nn.Linear(d, args.qk_dim, bias=False)
+        self.k = nn.Linear(d, args.qk_dim, bias=False)
+        self.v = nn.Linear(d, args.v_dim, bias=False)
+        self.ogate_preact = nn.Linear(d, args.v_dim, bias=False)
+        self.igate_preact = nn.Linear(d, nh, bias=True)
+        self.fgate_preact = nn.Linear(d, nh, bias=True)
+        self.multihead_norm = MultiHeadLayerNorm(nh, args.v_dim, args.norm_eps)
+        self.out_proj = nn.Linear(args.v_dim, d, bias=False)
+        self.heads, self.chunk_size, self.eps, self.cap = nh, args.chunk_size, args.cell_eps, args.gate_soft_cap
+
+    def __call__(self, x: mx.array, state: tuple) -> tuple[mx.array, tuple]:
+        b, t, _ = x.shape
+
+        def heads(y: mx.array) -> mx.array:  # (B, T, NH*DH) -> (B, NH, T, DH)
+            return y.reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3)
+
+        i = soft_cap(self.igate_preact(x), self.cap).astype(mx.float32).transpose(0, 2, 1)
+        f = soft_cap(self.fgate_preact(x), self.cap).astype(mx.float32).transpose(0, 2, 1)
+        h, state = mlstm_sequence(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), i, f, state,
+                                  chunk_size=self.chunk_size, eps=self.eps)
+        h = h.transpose(0, 2, 1, 3).reshape(b, t, -1)
+        return self.out_proj(mx.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h)), state
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.proj_up_gate = nn.Linear(args.hidden_size, args.ffn_dim, bias=False)
+        self.proj_up = nn.Linear(args.hidden_size, args.ffn_dim, bias=False)
+        self.proj_down = nn.Linear(args.ffn_dim, args.hidden_size, bias=False)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return self.proj_down(nn.silu(self.proj_up_gate(x)) * self.proj_up(x))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.norm_mlstm = RMSNorm(args.hidden_size, args.norm_eps)
+        self.mlstm_layer = MLSTMLayer(args)
+        self.norm_ffn = RMSNorm(args.hidden_size, args.norm_eps)
+        self.ffn = FeedForward(args)
+
+    def __call__(self, x: mx.array, state: tuple) -> tuple[mx.array, tuple]:
+        y, state = self.mlstm_layer(self.norm_mlstm(x), state)
+        x = x + y
+        return x + self.ffn(self.norm_ffn(x)), state
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.blocks = [Block(args) for _ in range(args.num_blocks)]
+        self.out_norm = RMSNorm(args.hidden_size, args.norm_eps)
+
+
+class Model(nn.Module):
+    """logits, cache = model(tokens (B, T) int32, cache: list of (C, n, m) per block)."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.backbone = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+
+    def __call__(self, tokens: mx.array, cache: list) -> tuple[mx.array, list]:
+        x = self.backbone.embeddings(tokens)
+        new_cache = []
+        for block, state in zip(self.backbone.blocks, cache):
+            x, state = block(x, state)
+            new_cache.append(state)
+        return soft_cap(self.lm_head(self.backbone.out_norm(x)), self.args.logit_soft_cap), new_cache
+
+    def make_cache(self, batch: int) -> list:
+        a = self.args
+        dqk, dv = a.qk_dim // a.num_heads, a.v_dim // a.num_heads
+        return [(mx.zeros((batch, a.num_heads, dqk, dv)), mx.zeros((batch, a.num_heads, dqk)),
+                 mx.zeros((batch, a.num_heads))) for _ in range(a.num_blocks)]
+
+
+class HandWritten:
+    """The compiled hand-written model with the calling convention of `mad.generate.LanguageModel`."""
+
+    def __init__(self, model: Model):
+        self.model = model
+        self._forward = mx.compile(lambda tokens, cache: model(tokens, cache), inputs=model.state)
+
+    def __call__(self, tokens: mx.array, cache: Optional[list] = None) -> tuple[mx.array, list]:
+        if cache is None:
+            cache = self.model.make_cache(tokens.shape[0])
+        logits, cache = self._forward(tokens, cache)
+        return logits.astype(mx.float32), cache
+
+
+def args_from_program(program: mad.Program) -> ModelArgs:
+    """The hand-written model's config, read from the MAD program (dims and node options)."""
+    dims, g = program.graph.dims, program.graph.g
+    spec = lambda n: g.nodes[n]["spec"]  # noqa: E731
+    layer = "backbone.blocks.0.mlstm_layer"
+    return ModelArgs(
+        vocab_size=int(dims["V"]), hidden_size=int(dims["D"]), num_blocks=int(dims["L"]), num_heads=int(dims["NH"]),
+        qk_dim=int(dims["QK"]), v_dim=int(dims["VD"]), ffn_dim=int(dims["F"]), chunk_size=int(dims["CHUNK"]),
+        norm_eps=spec("backbone.blocks.0.norm_mlstm").eps, cell_eps=spec(f"{layer}.cell").eps,
+        gate_soft_cap=spec(f"{layer}.igate_preact").softcap, logit_soft_cap=spec("lm_head").softcap)
+
+
+# =========================================================================================
+# The benchmark
+# =========================================================================================
+def randomise(program: mad.Program, seed: int) -> None:
+    """Fresh random weights for every parameter (norm weights near 1, random biases), fixed seed."""
+    mx.random.seed(seed)
+    new = {}
+    for name, w in program.parameters().items():
+        if w.ndim == 1:
+            new[name] = (1.0 + 0.1 * mx.random.normal(w.shape)) if name.endswith("norm.weight") \
+                else mx.random.normal(w.shape)
+        else:
+            new[name] = mx.random.normal(w.shape) * (1.0 if "embeddings" in name else 1.0 / math.sqrt(w.shape[-1]))
+    program.load_weights(new)
+    mx.eval(program.parameters())
+
+
+def max_diff(a: mx.array, b: mx.array) -> float:
+    return mx.max(mx.abs(a.astype(mx.float32) - b.astype(mx.float32))).item()
+
+
+def check_same(mad_lm: LanguageModel, hand: HandWritten, vocab: int, dtype: str) -> dict:
+    """Logits and states of the two on a 13-token prefill and one decode step must agree."""
+    toks = mx.random.randint(0, vocab, (2, 13)).astype(mx.int32)
+    nxt = mx.random.randint(0, vocab, (2, 1)).astype(mx.int32)
+    lm, sm = mad_lm(toks)
+    lh, sh = hand(toks)
+    dm, sm2 = mad_lm(nxt, sm)
+    dh, sh2 = hand(nxt, sh)
+    nodes = [n for n in mad_lm.program.nodes if n in mad_lm.program.stateful]
+    state = max(max_diff(sm2[n][k], sh2[i][j]) for i, n in enumerate(nodes) for j, k in enumerate("Cnm"))
+    out = {"prefill_logits": max_diff(lm, lh), "decode_logits": max_diff(dm, dh), "state": state,
+           "logit_scale": mx.max(mx.abs(lm)).item()}
+    tol = TOLERANCE[dtype]
+    bad = {k: v for k, v in out.items() if k != "logit_scale" and not v < tol}
+    if bad:
+        raise SystemExit(f"MAD and hand-written differ (tolerance {tol}): {bad}")
+    return out
+
+
+def timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def interleave(fns: dict, trials: int) -> dict[str, list[float]]:
+    """Run each function `trials` times, alternating which goes first (ABBA...), return seconds."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for t in range(trials):
+        for name in (names if t % 2 == 0 else names[::-1]):
+            times[name].append(timed(fns[name]))
+    return times
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--topology", default=str(TOPOLOGIES / "xlstm-125m.yaml"), help="an xLSTM-7B-family topology")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="topology override, e.g. dims.D=1024 (repeatable)")
+    ap.add_argument("--dtype", default="float32", choices=list(TOLERANCE))
+    ap.add_argument("--trials", type=int, default=7, help="512-token forwards per model; decode takes 5x as many steps")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt length before the timed decode step")
+    ap.add_argument("--seq", type=int, default=512, help="length of the timed forward")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (stdout if no PATH)")
+    a = ap.parse_args(argv)
+
+    t_start = time.perf_counter()
+    program = mad.build(a.topology, a.overrides, dtype=a.dtype)
+    randomise(program, a.seed)
+    mad_lm = LanguageModel(program)
+    args = args_from_program(program)
+    model = Model(args)
+    model.load_weights(list(program.parameters().items()), strict=True)  # the same arrays, same names
+    mx.eval(model.parameters())
+    hand = HandWritten(model)
+    n_params = sum(v.size for v in program.parameters().values())
+    log = sys.stderr if a.json == "-" else sys.stdout
+    print(f"{program.graph.name}: {n_params / 1e6:.1f}M parameters, D={args.hidden_size} blocks={args.num_blocks} "
+          f"heads={args.num_heads} vocab={args.vocab_size}, {a.dtype}, mlx {mx.__version__} on {mx.default_device()}",
+          file=log)
+
+    check = check_same(mad_lm, hand, args.vocab_size, a.dtype)
+    print(f"same computation: max |logits diff| prefill {check['prefill_logits']:.2e}, decode "
+          f"{check['decode_logits']:.2e}, state {check['state']:.2e} (|logits| up to {check['logit_scale']:.1f})",
+          file=log)
+
+    models = {"mad": mad_lm, "hand": hand}
+    mx.random.seed(a.seed + 1)
+    prompt = mx.random.randint(0, args.vocab_size, (1, a.prompt)).astype(mx.int32)
+    seq = mx.random.randint(0, args.vocab_size, (1, a.seq)).astype(mx.int32)
+    token = mx.random.randint(0, args.vocab_size, (1, 1)).astype(mx.int32)
+
+    # (a) decode: one step from the state after the prompt
+    states = {}
+    for name, m in models.items():
+        _, states[name] = m(prompt)
+        mx.eval(states[name])
+
+    def decode_fn(m, state):
+        def run():
+            logits, st = m(token, state)
+            mx.eval(logits, st)
+        return run
+
+    decode = {name: decode_fn(m, states[name]) for name, m in models.items()}
+    interleave(decode, 5)  # warm-up (traces and compiles the T=1 graph)
+    decode_times = interleave(decode, 5 * a.trials)
+
+    # (b) forward of `seq` tokens from the zero state
+    def forward_fn(m):
+        def run():
+            logits, st = m(seq)
+            mx.eval(logits, st)
+        return run
+
+    forward = {name: forward_fn(m) for name, m in models.items()}
+    interleave(forward, 1)  # warm-up
+    forward_times = interleave(forward, a.trials)
+
+    results = {"model": program.graph.name, "topology": a.topology, "overrides": a.overrides, "dtype": a.dtype,
+               "params": n_params, "mlx": mx.__version__, "device": str(mx.default_device()),
+               "machine": platform.machine(), "check": check, "benchmarks": {}}
+    rows = []
+    for bench, times, tokens in (("decode", decode_times, 1), (f"forward{a.seq}", forward_times, a.seq)):
+        med = {k: statistics.median(v) for k, v in times.items()}
+        entry = {k: {"median_ms": med[k] * 1e3, "tokens_per_s": tokens / med[k], "trials": len(times[k]),
+                     "min_ms": min(times[k]) * 1e3} for k in times}
+        entry["ratio_mad_over_hand"] = med["mad"] / med["hand"]
+        results["benchmarks"][bench] = entry
+        rows.append((bench, entry))
+    results["runtime_s"] = time.perf_counter() - t_start
+
+    print(f"\n{'benchmark':<12} {'model':<6} {'median ms':>10} {'min ms':>9} {'tokens/s':>10} {'trials':>6}"
+          f" {'MAD/hand':>9}", file=log)
+    for bench, entry in rows:
+        for k, label in (("mad", "MAD"), ("hand", "hand")):
+            e = entry[k]
+            ratio = f"{entry['ratio_mad_over_hand']:.3f}" if k == "mad" else ""
+            print(f"{bench:<12} {label:<6} {e['median_ms']:>10.2f} {e['min_ms']:>9.2f} {e['tokens_per_s']:>10.1f}"
+                  f" {e['trials']:>6} {ratio:>9}", file=log)
+    print(f"(decode: one T=1 step after a {a.prompt}-token prompt, batch 1; forward: {a.seq} tokens, batch 1; "
+          f"total {results['runtime_s']:.0f} s)", file=log)
+    if a.json:
+        text = json.dumps(results, indent=2)
+        if a.json == "-":
+            print(text)
+        else:
+            Path(a.json).write_text(text + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()

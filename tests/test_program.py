@@ -1,0 +1,307 @@
+"""The runtime: compile modes, state (init, prefill + steps, save/load), dtypes, weights, tied heads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+import mad
+from mad.block import Block, TensorType, expect_float
+from mad.errors import MadError
+from mad.generate import ByteTokenizer, LanguageModel, stream_generate
+from mad.graph import build_graph
+from mad.loading import load_state_file, save_state_file
+from mad.program import Program
+from mad.topology import load_topology
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "topologies" / "examples" / "tiny.yaml"
+
+
+@mad.register("cumsum_prog")
+class CumSum(Block):
+    """Test-only recurrent block: y_t = s_0 + x_1 + ... + x_t; its state `s` is the running sum (B, D)."""
+
+    modes = ("step", "parallel")
+
+    def infer(self, x: TensorType) -> TensorType:
+        expect_float(x)
+        return x
+
+    def state(self, x: TensorType) -> dict[str, TensorType]:
+        return {"s": TensorType((x.shape[0], x.shape[-1]), "float32")}
+
+    def build(self, x: TensorType):
+        def run(x, state=None, mode="auto"):
+            y = mx.cumsum(x.astype(mx.float32), axis=1)
+            if state is not None:
+                y = y + state["s"][:, None, :]
+            return y.astype(x.dtype), {"s": y[:, -1, :]}
+
+        return run
+
+
+RECURRENT = """\
+mad: 1
+name: rec
+dims: {B: batch, T: seq, V: 32, D: 8}
+inputs:
+  tokens: {shape: [B, T], dtype: int32}
+templates:
+  layer:
+    nodes:
+      norm: {type: rmsnorm}
+      acc: {type: cumsum_prog}
+      mix: {type: linear, out: D}
+      out: {type: add, in: [x, mix]}
+nodes:
+  embedding: {type: embedding, vocab: V, dim: D}
+  layers: {repeat: 2, body: layer}
+  out_norm: {type: rmsnorm}
+  lm_head: {type: linear, out: V}
+outputs: {logits: lm_head}
+"""
+
+
+def np_(a: mx.array) -> np.ndarray:
+    return np.array(a.astype(mx.float32))
+
+
+def same_weights(dst: Program, src: Program) -> None:
+    dst.load_weights(src.parameters())
+
+
+@pytest.fixture(scope="module")
+def rec_graph(tmp_path_factory):
+    path = tmp_path_factory.mktemp("rec") / "rec.yaml"
+    path.write_text(RECURRENT)
+    return build_graph(load_topology(path))
+
+
+@pytest.fixture(scope="module")
+def tiny_graph():
+    return build_graph(load_topology(TINY))
+
+
+def tokens(batch: int, seq: int, vocab: int, seed: int = 0) -> mx.array:
+    return mx.array(np.random.default_rng(seed).integers(0, vocab, (batch, seq)), dtype=mx.int32)
+
+
+# ----------------------------------------------------------------------------------------- compile modes
+def test_compile_modes_agree_on_tiny(tiny_graph):
+    ref = Program(tiny_graph, compile="none")
+    ids = tokens(2, 7, 256)
+    expected, state = ref(ids)
+    assert state == {}
+    assert expected["logits"].shape == (2, 7, 256) and expected["logits"].dtype == mx.float32
+    for mode in ("program", "stage"):
+        p = Program(tiny_graph, compile=mode)
+        same_weights(p, ref)
+        for seq in (7, 3, 7):  # different shapes, then a cached one again
+            ids = tokens(2, seq, 256, seed=seq)
+            want, _ = ref(ids)
+            got, _ = p(ids)
+            np.testing.assert_allclose(np_(got["logits"]), np_(want["logits"]), rtol=1e-5, atol=1e-5)
+
+
+def test_compile_modes_agree_with_state(rec_graph):
+    ref = Program(rec_graph, compile="none")
+    ids = tokens(3, 5, 32)
+    state0 = ref.init_state(3)
+    state0 = {n: {k: mx.random.normal(v.shape, key=mx.random.key(1)) for k, v in s.items()} for n, s in state0.items()}
+    want, want_state = ref(ids, state0)
+    for mode in ("program", "stage"):
+        p = Program(rec_graph, compile=mode)
+        same_weights(p, ref)
+        got, got_state = p(ids, state0)
+        np.testing.assert_allclose(np_(got["logits"]), np_(want["logits"]), rtol=1e-5, atol=1e-5)
+        assert set(got_state) == {"layers.0.acc", "layers.1.acc"}
+        for n in got_state:
+            np.testing.assert_allclose(np_(got_state[n]["s"]), np_(want_state[n]["s"]), rtol=1e-5, atol=1e-5)
+
+
+def test_trace_matches_the_call(tiny_graph):
+    p = Program(tiny_graph, compile="program")
+    ids = tokens(1, 4, 256)
+    out, _ = p(ids)
+    trace = p.trace(ids)
+    assert list(trace) == tiny_graph.blocks()
+    np.testing.assert_allclose(np_(trace["lm_head"]), np_(out["logits"]), rtol=1e-5, atol=1e-5)
+
+
+def test_plan_of_a_recurrent_program(rec_graph):
+    plan = Program(rec_graph).plan()
+    assert [s["name"] for s in plan["stages"]] == ["embedding", "layers.0", "layers.1", "out_norm", "lm_head"]
+    assert plan["stages"][1] == {
+        "name": "layers.0", "nodes": ["layers.0.norm", "layers.0.acc", "layers.0.mix", "layers.0.out"],
+        "reads": ["embedding"], "writes": ["layers.0.out"], "state": ["layers.0.acc"]}
+    assert plan["outputs"] == {"logits": "lm_head"}
+
+
+# ----------------------------------------------------------------------------------------- state
+def test_init_state(rec_graph, tiny_graph):
+    assert Program(tiny_graph).init_state(4) == {}
+    state = Program(rec_graph).init_state(3)
+    assert set(state) == {"layers.0.acc", "layers.1.acc"}
+    for entry in state.values():
+        assert set(entry) == {"s"}
+        assert entry["s"].shape == (3, 8) and entry["s"].dtype == mx.float32
+        assert float(mx.abs(entry["s"]).max()) == 0.0
+    assert rec_graph.state_bytes() == 2 * 8 * 4  # per sequence, batch excluded
+
+
+@pytest.mark.parametrize("compile", ["program", "stage", "none"])
+def test_prefill_plus_steps_equals_one_call(rec_graph, compile):
+    p = Program(rec_graph, compile=compile)
+    ids = tokens(2, 9, 32, seed=3)
+    full, full_state = p(ids)
+    logits, state = p(ids[:, :5])
+    parts = [logits["logits"]]
+    for t in range(5, 9):
+        out, state = p(ids[:, t:t + 1], state)
+        parts.append(out["logits"])
+    np.testing.assert_allclose(np_(mx.concatenate(parts, axis=1)), np_(full["logits"]), rtol=1e-4, atol=1e-4)
+    for n in full_state:
+        np.testing.assert_allclose(np_(state[n]["s"]), np_(full_state[n]["s"]), rtol=1e-4, atol=1e-4)
+    # the state really carries the past: a step from zeros differs
+    fresh, _ = p(ids[:, 8:9])
+    assert not np.allclose(np_(fresh["logits"]), np_(parts[-1]), atol=1e-3)
+
+
+def test_parallel_mode_from_zero_state_equals_auto(rec_graph):
+    p = Program(rec_graph, compile="none")
+    ids = tokens(2, 6, 32)
+    auto, _ = p(ids)
+    par, _ = p(ids, mode="parallel")
+    np.testing.assert_allclose(np_(par["logits"]), np_(auto["logits"]), rtol=1e-5, atol=1e-5)
+
+
+def test_state_file_round_trip(rec_graph, tmp_path):
+    p = Program(rec_graph)
+    _, state = p(tokens(2, 4, 32))
+    path = tmp_path / "state" / "s.safetensors"
+    save_state_file(path, state)
+    assert [f.name for f in path.parent.iterdir()] == ["s.safetensors"]  # written atomically, no temp left
+    loaded = load_state_file(path, p)
+    assert set(loaded) == set(state)
+    for n in state:
+        assert set(loaded[n]) == {"s"}
+        assert loaded[n]["s"].dtype == mx.float32
+        np.testing.assert_array_equal(np_(loaded[n]["s"]), np_(state[n]["s"]))
+    # continuing from the loaded state equals continuing from the live one
+    nxt = tokens(2, 2, 32, seed=9)
+    a, _ = p(nxt, state)
+    b, _ = p(nxt, loaded)
+    np.testing.assert_array_equal(np_(a["logits"]), np_(b["logits"]))
+
+
+def test_generation_state_has_read_prompt_and_output(rec_graph):
+    lm = LanguageModel(Program(rec_graph))
+    prompt = [1, 2, 3]
+    responses = list(stream_generate(lm, ByteTokenizer(), prompt, max_tokens=4))
+    assert len(responses) == 4 and responses[-1].finish_reason == "length"
+    generated = [r.token for r in responses]
+    _, state = lm(mx.array([prompt + generated], dtype=mx.int32))
+    final = responses[-1].state
+    for n in state:
+        np.testing.assert_allclose(np_(final[n]["s"]), np_(state[n]["s"]), rtol=1e-4, atol=1e-4)
+    # greedy generation is the argmax chain of the full model
+    logits, _ = lm(mx.array([prompt + generated[:-1]], dtype=mx.int32))
+    assert np.argmax(np_(logits[0]), axis=-1)[len(prompt) - 1:].tolist() == generated
+
+
+# ----------------------------------------------------------------------------------------- dtypes
+def test_bfloat16_program_keeps_state_float32(rec_graph):
+    p32 = Program(rec_graph)
+    p16 = Program(rec_graph, dtype="bfloat16")
+    same_weights(p16, p32)
+    assert {v.dtype for v in p16.parameters().values()} == {mx.bfloat16}
+    assert all(v.dtype == mx.float32 for s in p16.init_state(2).values() for v in s.values())
+    ids = tokens(2, 5, 32)
+    out16, state16 = p16(ids)
+    out32, _ = p32(ids)
+    assert out16["logits"].dtype == mx.bfloat16
+    assert all(v.dtype == mx.float32 for s in state16.values() for v in s.values())
+    np.testing.assert_allclose(np_(out16["logits"]), np_(out32["logits"]), rtol=0.1, atol=0.15)
+    # steps from a bfloat16 program's state keep it float32
+    out, state = p16(ids[:, :1], state16)
+    assert all(v.dtype == mx.float32 for s in state.values() for v in s.values())
+
+
+def test_unknown_dtype():
+    with pytest.raises(MadError, match="unknown dtype 'float8'"):
+        mad.build(TINY, dtype="float8")
+
+
+# ----------------------------------------------------------------------------------------- weights
+def test_load_weights_reports_everything_and_changes_nothing(tiny_graph):
+    p = Program(tiny_graph)
+    before = {k: np_(v) for k, v in p.parameters().items()}
+    bad = {k: mx.zeros(v.shape) for k, v in p.parameters().items()}
+    del bad["out_norm.weight"], bad["blocks.1.ffn.up_proj.weight"]
+    bad["extra.weight"] = mx.zeros((3,))
+    bad["blocks.0.norm.weight"] = mx.zeros((65,))
+    with pytest.raises(MadError) as info:
+        p.load_weights(bad, where="ckpt")
+    assert [d.message for d in info.value.diagnostics] == [
+        "ckpt: missing weight 'blocks.1.ffn.up_proj.weight' (176, 64)",
+        "ckpt: missing weight 'out_norm.weight' (64,)",
+        "ckpt: unexpected weight 'extra.weight' (3,)",
+        "ckpt: weight 'blocks.0.norm.weight' has shape (65,), the model expects (64,)",
+    ]
+    after = p.parameters()
+    assert set(after) == set(before)
+    for k, v in before.items():
+        np.testing.assert_array_equal(np_(after[k]), v)
+
+
+def test_load_weights_not_strict(tiny_graph):
+    p = Program(tiny_graph)
+    new = mx.full((64,), 2.0)
+    p.load_weights({"out_norm.weight": new, "other.weight": mx.zeros((2,))}, strict=False)
+    np.testing.assert_array_equal(np_(p.parameters()["out_norm.weight"]), np.full(64, 2.0))
+    with pytest.raises(MadError, match=r"weight 'out_norm.weight' has shape \(3,\), the model expects \(64,\)"):
+        p.load_weights({"out_norm.weight": mx.zeros((3,))}, strict=False)
+
+
+def test_load_weights_reach_a_compiled_program(tiny_graph):
+    p = Program(tiny_graph, compile="program")
+    ids = tokens(1, 4, 256)
+    first, _ = p(ids)
+    mx.eval(first)
+    new = {k: v * 0.5 for k, v in p.parameters().items()}
+    p.load_weights(new)
+    second, _ = p(ids)
+    ref = Program(tiny_graph, compile="none")
+    ref.load_weights(new)
+    want, _ = ref(ids)
+    np.testing.assert_allclose(np_(second["logits"]), np_(want["logits"]), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(np_(second["logits"]), np_(first["logits"]), atol=1e-3)
+
+
+def test_load_weights_casts_to_the_program_dtype(tiny_graph):
+    p = Program(tiny_graph, dtype="bfloat16")
+    p.load_weights({k: mx.ones(v.shape, dtype=mx.float32) for k, v in p.parameters().items()})
+    assert {v.dtype for v in p.parameters().values()} == {mx.bfloat16}
+
+
+def test_tied_lm_head_uses_the_embedding_weight(tiny_graph):
+    p = Program(tiny_graph, compile="none")
+    params = p.parameters()
+    assert "lm_head.weight" not in params and not any(k.startswith("lm_head") for k in params)
+    assert tiny_graph.g.nodes["lm_head"]["params"] == {}
+    ids = tokens(2, 3, 256)
+    trace = p.trace(ids)
+    E = params["embedding.weight"]
+    np.testing.assert_allclose(np_(trace["lm_head"]), np_(trace["out_norm"] @ E.T), rtol=1e-5, atol=1e-5)
+    # a new embedding weight moves the head with it, also in a compiled program
+    q = Program(tiny_graph, compile="program")
+    q(ids)
+    E2 = mx.random.normal(E.shape, key=mx.random.key(7))
+    q.load_weights({**q.parameters(), "embedding.weight": E2})
+    out, _ = q(ids)
+    tr = q.trace(ids)
+    np.testing.assert_allclose(np_(out["logits"]), np_(tr["out_norm"] @ E2.T), rtol=1e-4, atol=1e-4)
