@@ -179,13 +179,11 @@ def main() -> None:
         sys.exit(130)
     except SystemExit:
         raise
-    except Exception as e:  # click usage errors and the like
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+    except Exception as e:  # usage errors of the (possibly vendored) click under typer
+        if hasattr(e, "show") and hasattr(e, "exit_code"):
             e.show()
             sys.exit(2)
-        if isinstance(e, click.exceptions.Abort):
+        if type(e).__name__ == "Abort":
             sys.exit(1)
         raise
 

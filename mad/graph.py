@@ -126,14 +126,16 @@ def build_graph(resolved: Resolved) -> Graph:
 
     g = nx.DiGraph()
     inputs: dict[str, TensorType] = {}
+    failed: set[str] = set()  # inputs and nodes with errors: their readers report nothing more
     for name, spec in resolved.inputs.items():
         t = _input_type(spec, env, resolved.inputs_pos[name], diags, name)
-        if t is not None:
+        if t is None:
+            failed.add(name)
+        else:
             inputs[name] = t
             g.add_node(name, kind="input", type=t, source=resolved.inputs_pos[name])
 
-    # validate node specs; a node that fails is remembered so that its readers report nothing more
-    failed: set[str] = set()
+    # validate node specs
     for decl in resolved.nodes:
         if decl.name in g:
             diags.error(f"node '{decl.name}' is defined twice", decl.source, f"first: {g.nodes[decl.name]['source']}")
@@ -145,11 +147,12 @@ def build_graph(resolved: Resolved) -> Graph:
             where = position(decl.fields, ("type",), decl.source)
             where = Source(where.file, where.line, where.col, decl.source.chain)
             choices = list(registry) + list(getattr(resolved, "templates", []))
+            once = (where.file, where.line, where.col, type_name)  # once per written mistake
             if type_name is None:
-                diags.error(f"node '{decl.name}' has no 'type'", where)
+                diags.error(f"node '{decl.name}' has no 'type'", where, once=once)
             else:
                 diags.error(f"unknown block type '{type_name}' for node '{decl.name}'", where,
-                            did_you_mean(type_name, choices))
+                            did_you_mean(type_name, choices), once=once)
             continue
         try:
             spec = cls.model_validate({**decl.raw, "in": decl.inputs}, context={"dims": env})
@@ -194,6 +197,7 @@ def build_graph(resolved: Resolved) -> Graph:
 
     graph = Graph(g, resolved, env, inputs, {k: v for k, (v, _) in resolved.outputs.items()})
     _infer(graph, diags)
+    _check_ties(graph, diags)
 
     # every block's output must reach an output (reads counted as written, even by broken nodes)
     used = set(graph.outputs.values())
@@ -258,6 +262,25 @@ def _infer(graph: Graph, diags: Diagnostics) -> None:
         data["module"] = module
         for s, t in zip(srcs, in_types):
             g.edges[s, n]["type"] = t
+
+
+def _check_ties(graph: Graph, diags: Diagnostics) -> None:
+    """A node with `tie: other` reads `other`'s weight, which must exist with this node's weight shape."""
+    g = graph.g
+    for n in graph.blocks():
+        d = g.nodes[n]
+        tie = getattr(d["spec"], "tie", None)
+        if not tie or "type" not in d:
+            continue
+        target = g.nodes[tie] if tie in g and g.nodes[tie].get("kind") == "block" else None
+        if target is None:
+            diags.error(f"node '{n}': tie: '{tie}' is not a node", d["source"], did_you_mean(tie, graph.blocks()))
+            continue
+        want = (int(d["type"].shape[-1]), int(g.nodes[d["inputs"][0]]["type"].shape[-1]))
+        have = target.get("params", {}).get("weight")
+        if have != want:
+            diags.error(f"node '{n}': tie: '{tie}' has weight {have}, this node needs {want} (out, in)",
+                        d["source"])
 
 
 def summary_rows(graph: Graph) -> list[dict[str, Any]]:

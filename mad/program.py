@@ -230,7 +230,7 @@ class Program:
         if state is None:
             batch = next(iter(inputs.values())).shape[0] if inputs else 1
             state = self.init_state(batch)
-        elif self.stateful:
+        else:
             check_state(self.graph, state)
         if self.compile_mode != "stage":
             return self._fn(mode, partial(self._program_fn, mode))(inputs, state)

@@ -216,8 +216,8 @@ def _set_override(tree: YDict, assignment: str, diags: Diagnostics) -> None:
         node.key_pos[parts[-1]] = where
 
 
-def _load_file(path: Path, stack: tuple[str, ...], diags: Diagnostics) -> YDict | None:
-    tree = load_yaml(path)  # positions name the file as the user wrote it
+def _load_file(path: Path, stack: tuple[str, ...], diags: Diagnostics, text: str | None = None) -> YDict | None:
+    tree = load_yaml(path, text)  # positions name the file as the user wrote it
     if not isinstance(tree, YDict):
         diags.error("a topology file must be a mapping (mad: 1, name: ..., nodes: ...)", Source(str(path), 1, 1))
         return None
@@ -264,12 +264,9 @@ def load_topology(path: str | Path, overrides: list[str] = (), text: str | None 
     """Load, merge includes, apply `--set` overrides, validate the file structure and expand sugar."""
     path = Path(path)
     diags = Diagnostics()
-    if text is not None:
-        tree = load_yaml(path, text)
-    else:
-        if not path.is_file():
-            raise MadError(f"no such topology file: {path}", Source(str(path)))
-        tree = _load_file(path, (str(path.resolve()),), diags)
+    if text is None and not path.is_file():
+        raise MadError(f"no such topology file: {path}", Source(str(path)))
+    tree = _load_file(path, (str(path.resolve()),), diags, text)
     if tree is None:
         diags.raise_if_any()
     # errors must name the file as the user wrote it
@@ -544,7 +541,12 @@ class Expander:
             if body_kind == "template":
                 self._template(inst, body, entry_tree, previous, isrc, unit or inst, chain + (step,))
             else:
-                raw = copy.deepcopy({k: v for k, v in body.items() if k != "in"})
+                if "in" in body:
+                    self.diags.error(f"group '{fqn}': a body takes its input from the group's chain; "
+                                     f"write 'in' on the group, not in the body", src)
+                    return
+                raw = copy.deepcopy({k: v for k, v in body.items() if k not in ("in", "stage")})
                 self.nodes.append(NodeDecl(inst, raw, previous, Source(**{**src.__dict__, "chain": chain + (step,)}),
-                                           entry_tree.get("body") if isinstance(entry_tree, dict) else None, unit or inst))
+                                           entry_tree.get("body") if isinstance(entry_tree, dict) else None,
+                                           body.get("stage", unit or inst)))
             previous = [self._output_of(inst, body, inst)]

@@ -65,6 +65,15 @@ def write(tmp_path: Path, text: str, name: str = "custom.yaml") -> Path:
     return path
 
 
+def where(path: Path, needle: str, at: str | None = None) -> str:
+    """'FILE:LINE:COL' of `at` (default: the line's first non-blank) on the first line containing `needle`."""
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if needle in line:
+            col = line.index(at) + 1 if at is not None else len(line) - len(line.lstrip()) + 1
+            return f"{path}:{i}:{col}"
+    raise AssertionError(f"{needle!r} not in {path}")
+
+
 def test_plugins_key_imports_and_registers_the_block(fresh_plugin, tmp_path):
     assert "scaled_tanh" not in BLOCKS
     graph = build_graph(load_topology(write(tmp_path, TOPOLOGY)))
@@ -83,7 +92,9 @@ def test_without_the_plugin_the_type_is_unknown(fresh_plugin, tmp_path):
     with pytest.raises(MadError) as info:
         build_graph(load_topology(path))
     text = info.value.render()
-    assert f"{path}:9:10: error: unknown block type 'scaled_tanh' for node 'act'" in text
+    first = info.value.diagnostics[0].render()
+    assert first == f"{where(path, 'act: {', 'type')}: error: unknown block type 'scaled_tanh' for node 'act'"
+    assert "for node 'acts.0'" in text
 
 
 def test_plugin_that_fails_to_import(tmp_path):
@@ -140,11 +151,12 @@ def test_plugin_block_errors_point_at_the_node(plugin, tmp_path):
     with pytest.raises(MadError) as info:
         build_graph(load_topology(path))
     assert info.value.render() == (
-        f"{path}:9:26: error: node 'act' (scaled_tanh): unknown field 'scal'\n  did you mean 'scale'?")
-    path = write(tmp_path, TOPOLOGY.replace("dim: D}", "dim: D + 1}"))
+        f"{where(path, 'scal:', 'scal:')}: error: node 'act' (scaled_tanh): unknown field 'scal'\n"
+        f"  did you mean 'scale'?")
+    path = write(tmp_path, TOPOLOGY.replace("scale: 2.0, dim: D}", "scale: 2.0, dim: D + 1}"))
     with pytest.raises(MadError) as info:
         build_graph(load_topology(path))
-    assert info.value.render().startswith(f"{path}:9:3: error: shape mismatch on edge embedding -> act\n"
+    assert info.value.render().startswith(f"{where(path, 'act: {')}: error: shape mismatch on edge embedding -> act\n"
                                           f"  scaled_tanh: expected last dim 9, got (B, T, D=8) float")
 
 

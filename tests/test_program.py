@@ -171,6 +171,12 @@ def test_prefill_plus_steps_equals_one_call(rec_graph, compile):
     assert not np.allclose(np_(fresh["logits"]), np_(parts[-1]), atol=1e-3)
 
 
+def test_stateless_program_rejects_a_state_without_owner(tiny_graph):
+    p = Program(tiny_graph, compile="none")
+    with pytest.raises(MadError, match="state 'blocks.0.mlstm' has no owner"):
+        p(tokens(1, 2, 256), {"blocks.0.mlstm": {"C": mx.zeros((1, 2))}})
+
+
 def test_parallel_mode_from_zero_state_equals_auto(rec_graph):
     p = Program(rec_graph, compile="none")
     ids = tokens(2, 6, 32)
