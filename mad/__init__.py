@@ -5,6 +5,8 @@ from .errors import MadError
 from .graph import Graph, build_graph
 from .program import Program
 from .topology import load_topology
+from .generate import generate, stream_generate  # noqa: E402  (functions shadow the module name, as in mlx-lm)
+from .loading import load
 
 __version__ = "0.1.0"
 
@@ -15,4 +17,4 @@ def build(path, overrides=(), dtype="float32", compile="program") -> Program:
 
 
 __all__ = ["Block", "Dim", "OptDim", "Graph", "MadError", "Program", "ShapeError", "TensorType", "build",
-           "build_graph", "load_topology", "register"]
+           "build_graph", "generate", "load", "load_topology", "register", "stream_generate"]
