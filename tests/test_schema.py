@@ -79,3 +79,14 @@ def test_wrong_values_are_rejected(validator):
         bad = copy.deepcopy(doc)
         mutate(bad)
         assert list(validator.iter_errors(bad)), bad
+
+
+def test_committed_schema_is_current(monkeypatch):
+    """`mad.schema.json` (referenced by the shipped topologies for editors) equals `mad schema`
+    (with MAD's own blocks only: other tests register theirs)."""
+    import mad.block
+
+    own = {k: v for k, v in mad.block.block_types().items() if v.__module__.startswith("mad.blocks")}
+    monkeypatch.setattr(mad.block, "BLOCKS", own)
+    committed = json.loads((Path(__file__).parent.parent / "mad.schema.json").read_text())
+    assert committed == topology_schema(), "run: mad schema > mad.schema.json"
