@@ -45,6 +45,10 @@ class Graph:
         topo = nx.lexicographical_topological_sort(self.g, key=lambda n: order.get(n, -1))
         return [n for n in topo if self.g.nodes[n].get("kind") == "block"]
 
+    def state_keys(self) -> dict[str, set[str]]:
+        """{recurrent node: its state names}: what every state must hold, exactly."""
+        return {n: set(self.g.nodes[n]["state"]) for n in self.state_nodes()}
+
     def state_nodes(self) -> list[str]:
         return [n for n in self.blocks() if self.g.nodes[n]["state"]]
 

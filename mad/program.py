@@ -62,6 +62,7 @@ class Program:
         self.fns: dict[str, Callable] = {n: g.nodes[n]["module"] for n in self.nodes}
         self.reads = {n: g.nodes[n]["inputs"] for n in self.nodes}
         self.stateful = {n for n in self.nodes if g.nodes[n]["state"]}
+        self._state_keys = graph.state_keys()  # checked on every call: keep the check cheap
         # every node with weights sits at its fully qualified name: flattened names are weight names
         self.root = nn.Module()
         for n in self.nodes:
@@ -230,8 +231,9 @@ class Program:
         if state is None:
             batch = next(iter(inputs.values())).shape[0] if inputs else 1
             state = self.init_state(batch)
-        else:
-            check_state(self.graph, state)
+        elif state.keys() != self._state_keys.keys() or any(
+                state[n].keys() != names for n, names in self._state_keys.items()):
+            check_state(self.graph, state)  # explains what is wrong
         if self.compile_mode != "stage":
             return self._fn(mode, partial(self._program_fn, mode))(inputs, state)
         env = dict(inputs)

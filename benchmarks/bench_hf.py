@@ -1,0 +1,250 @@
+"""MAD (MLX) vs Hugging Face transformers `xLSTMForCausalLM` (PyTorch) on the same CPU, same weights.
+
+The model is the ~160M xLSTM-7B-family model (hidden_size 768, 12 layers, 4 heads, vocab 50304, other
+`xLSTMConfig` defaults), float32. Its weights are re-randomised with a fixed seed (HF's own init zeroes
+the gate projections), saved with `save_pretrained` to a temporary folder and read back by MAD with
+`mad.loading.load(folder)`, so both run identical weights. The logits of the two are compared on a
+short input (prefill and one decode step) before anything is timed.
+
+Timed, interleaving MAD and HF trials in one process (batch 1, torch.no_grad, default torch threads):
+  decode    `--steps` greedy single-token steps with the cache/state, after a 64-token prompt
+            (every trial starts from the same prompt state); tokens/s = steps / time
+  prefill   a 1024-token forward from the empty state (logits and final state)
+Every MAD step/forward ends with `mx.eval`; PyTorch on CPU is synchronous. Figures are medians.
+
+Run with an environment that has torch, transformers and (optionally) xlstm, e.g.
+
+    /tmp/ref/bin/python benchmarks/bench_hf.py [--trials 5] [--steps 16] [--json [PATH]]
+
+With the `xlstm` package installed, HF runs NX-AI's mLSTM blocks and `mlstm_kernels` native PyTorch
+kernels (the "external" path); without it, its own copy in `modeling_xlstm.py`. The script says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import mlx.core as mx
+import torch
+
+import mad
+from mad.loading import load
+
+CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_heads=4, vocab_size=50304)
+WARM_FULL_S = 10.0  # warm up at the timed length when one run is estimated to take less than this
+
+
+def make_hf_model(seed: int):
+    import transformers
+    from transformers import xLSTMConfig, xLSTMForCausalLM
+    from transformers.utils import logging as hf_logging
+    from transformers.models.xlstm import modeling_xlstm
+
+    hf_logging.disable_progress_bar()
+    config = xLSTMConfig(**CONFIG)
+    torch.manual_seed(seed)
+    model = xLSTMForCausalLM(config).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            r = torch.randn(p.shape, generator=gen, dtype=torch.float32)
+            if p.ndim == 1:
+                r = 1.0 + 0.1 * r if name.endswith("norm.weight") else r
+            elif "embeddings" not in name:
+                r = r / math.sqrt(p.shape[-1])
+            p.copy_(r)
+    info = {"transformers": transformers.__version__, "torch": torch.__version__,
+            "external_xlstm": bool(getattr(modeling_xlstm, "external_xlstm", False)),
+            "chunkwise_kernel": config.chunkwise_kernel, "step_kernel": config.step_kernel,
+            "torch_threads": torch.get_num_threads()}
+    return model, info
+
+
+def hf_forward(model, ids: torch.Tensor, cache=None):
+    out = model(input_ids=ids, cache_params=cache, use_cache=True)
+    return out.logits, out.cache_params
+
+
+def check_same(hf, lm, vocab: int, seed: int) -> dict:
+    """Max |logits diff| on a 20-token prefill and one decode step (batch 1)."""
+    gen = torch.Generator().manual_seed(seed + 7)
+    ids = torch.randint(0, vocab, (1, 21), generator=gen)
+    with torch.no_grad():
+        l_hf, cache = hf_forward(hf, ids[:, :20])
+        d_hf, _ = hf_forward(hf, ids[:, 20:], cache)
+    l_mad, state = lm(mx.array(ids[:, :20].numpy()).astype(mx.int32))
+    d_mad, _ = lm(mx.array(ids[:, 20:].numpy()).astype(mx.int32), state)
+
+    def diff(a_torch, b_mx):
+        a = a_torch.float().numpy()
+        b = __import__("numpy").array(b_mx.astype(mx.float32))
+        return float(abs(a - b).max()), float(abs(a).max())
+
+    pre, scale = diff(l_hf, l_mad)
+    dec, _ = diff(d_hf, d_mad)
+    return {"prefill_logits": pre, "decode_logits": dec, "logit_scale": scale,
+            "same_argmax_prefill": bool((l_hf.argmax(-1).numpy() == __import__("numpy").array(mx.argmax(l_mad, -1))).all())}
+
+
+def interleave(fns: dict[str, Callable[[], float]], trials: int) -> dict[str, list[float]]:
+    """Each function returns its own measured seconds; alternate which goes first (ABBA...)."""
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for t in range(trials):
+        for name in (names if t % 2 == 0 else names[::-1]):
+            times[name].append(fns[name]())
+    return times
+
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--trials", type=int, default=5, help="trials per benchmark and model (prefill: within --budget)")
+    ap.add_argument("--steps", type=int, default=16, help="decode steps per decode trial")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt length before decoding")
+    ap.add_argument("--prefill", type=int, default=1024, help="length of the timed prefill")
+    ap.add_argument("--budget", type=float, default=150.0,
+                    help="seconds for the timed prefills: fewer than --trials (at least 1) when one MAD+HF pair "
+                         "is estimated to take longer than budget/trials")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (stdout if no PATH)")
+    a = ap.parse_args(argv)
+    log = sys.stderr if a.json == "-" else sys.stdout
+    t_start = time.perf_counter()
+
+    hf, info = make_hf_model(a.seed)
+    with tempfile.TemporaryDirectory(prefix="mad-bench-hf-") as folder:
+        hf.save_pretrained(folder)
+        lm, _ = load(folder)
+    n_params = sum(p.numel() for p in hf.parameters())
+    print(f"xLSTM {n_params / 1e6:.1f}M parameters ({', '.join(f'{k}={v}' for k, v in CONFIG.items())}), float32, "
+          f"batch 1", file=log)
+    print(f"HF: transformers {info['transformers']}, torch {info['torch']}, "
+          f"{'external xlstm package path' if info['external_xlstm'] else 'built-in path (no xlstm package)'} "
+          f"(chunkwise '{info['chunkwise_kernel']}', step '{info['step_kernel']}'), torch threads "
+          f"{info['torch_threads']}", file=log)
+    print(f"MAD: mlx {mx.__version__} on {mx.default_device()}, {lm.program.graph.name} topology, "
+          f"compile '{lm.program.compile_mode}'", file=log)
+
+    check = check_same(hf, lm, CONFIG["vocab_size"], a.seed)
+    print(f"logits agree: max |diff| prefill {check['prefill_logits']:.2e}, decode {check['decode_logits']:.2e} "
+          f"(|logits| up to {check['logit_scale']:.1f}; same argmax: {check['same_argmax_prefill']})", file=log)
+
+    gen = torch.Generator().manual_seed(a.seed + 1)
+    prompt = torch.randint(0, CONFIG["vocab_size"], (1, a.prompt), generator=gen)
+    long = torch.randint(0, CONFIG["vocab_size"], (1, a.prefill), generator=gen)
+    prompt_mx, long_mx = mx.array(prompt.numpy()).astype(mx.int32), mx.array(long.numpy()).astype(mx.int32)
+
+    # ---------------------------------------------------------------- prompt states (shared by all trials)
+    t0 = time.perf_counter()
+    logits, mad_state = lm(prompt_mx)
+    mad_tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
+    mx.eval(mad_tok, mad_state)
+    t_prompt_mad = time.perf_counter() - t0
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        logits_hf, hf_cache = hf_forward(hf, prompt)
+        t_prompt_hf = time.perf_counter() - t0
+        hf_tok = logits_hf[:, -1].argmax(-1, keepdim=True)
+    hf_saved = {layer: tuple(t.clone() for t in s) for layer, s in hf_cache.rnn_state.items()}
+    hf_offset = hf_cache.seqlen_offset.clone()
+
+    def mad_decode() -> float:
+        tok, state = mad_tok, mad_state
+        t = time.perf_counter()
+        for _ in range(a.steps):
+            logits, state = lm(tok, state)
+            tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
+            mx.eval(tok, state)
+        return time.perf_counter() - t
+
+    def hf_decode() -> float:
+        for layer, s in hf_saved.items():  # back to the prompt state
+            for dst, src in zip(hf_cache.rnn_state[layer], s):
+                dst.copy_(src)
+        hf_cache.seqlen_offset.copy_(hf_offset)
+        tok = hf_tok
+        with torch.no_grad():
+            t = time.perf_counter()
+            for _ in range(a.steps):
+                logits, _ = hf_forward(hf, tok, hf_cache)
+                tok = logits[:, -1].argmax(-1, keepdim=True)
+            return time.perf_counter() - t
+
+    decode = {"mad": mad_decode, "hf": hf_decode}
+    interleave(decode, 1)  # warm-up
+    decode_times = interleave(decode, a.trials)
+
+    # ---------------------------------------------------------------- prefill
+    def mad_prefill() -> float:
+        t = time.perf_counter()
+        logits, state = lm(long_mx)
+        mx.eval(logits, state)
+        return time.perf_counter() - t
+
+    def hf_prefill() -> float:
+        with torch.no_grad():
+            t = time.perf_counter()
+            hf_forward(hf, long)
+            return time.perf_counter() - t
+
+    est = {"mad": t_prompt_mad * a.prefill / a.prompt, "hf": t_prompt_hf * a.prefill / a.prompt}
+    warm = {}
+    for name, fn in (("mad", mad_prefill), ("hf", hf_prefill)):
+        if est[name] < WARM_FULL_S:
+            fn()
+            warm[name] = "one full-length run"
+        elif name == "mad":  # trace and compile the full-length graph without running it; the evaluated
+            lm(long_mx)      # prompt run above already built the same kernels (chunkwise path)
+            warm[name] = f"full-length trace (not evaluated) + the evaluated {a.prompt}-token prompt run"
+        else:
+            hf_forward(hf, long[:, : a.prompt])
+            warm[name] = f"a {a.prompt}-token run"
+    n_prefill = max(1, min(a.trials, int(a.budget // max(est["mad"] + est["hf"], 1e-9))))
+    prefill_times = interleave({"mad": mad_prefill, "hf": hf_prefill}, n_prefill)
+
+    results = {"config": CONFIG, "params": n_params, "dtype": "float32", "hf": info, "mlx": mx.__version__,
+               "mlx_device": str(mx.default_device()), "machine": platform.machine(), "processor": platform.processor(),
+               "check": check, "prefill_warmup": warm, "benchmarks": {}}
+    rows = []
+    for bench, times, tokens in ((f"decode (after {a.prompt})", decode_times, a.steps),
+                                 (f"prefill {a.prefill}", prefill_times, a.prefill)):
+        entry = {}
+        for k, v in times.items():
+            med = statistics.median(v)
+            entry[k] = {"median_s": med, "tokens_per_s": tokens / med, "ms_per_token": med / tokens * 1e3,
+                        "trials": len(v), "tokens_per_trial": tokens}
+        entry["tps_ratio_mad_over_hf"] = entry["mad"]["tokens_per_s"] / entry["hf"]["tokens_per_s"]
+        results["benchmarks"][bench] = entry
+        rows.append((bench, entry))
+    results["runtime_s"] = time.perf_counter() - t_start
+
+    print(f"\n{'benchmark':<20} {'model':<5} {'tokens/s':>10} {'ms/token':>10} {'median s':>10} {'trials':>6}"
+          f" {'MAD/HF tok/s':>13}", file=log)
+    for bench, entry in rows:
+        for k, label in (("mad", "MAD"), ("hf", "HF")):
+            e = entry[k]
+            ratio = f"{entry['tps_ratio_mad_over_hf']:.3f}" if k == "mad" else ""
+            print(f"{bench:<20} {label:<5} {e['tokens_per_s']:>10.2f} {e['ms_per_token']:>10.2f} {e['median_s']:>10.3f}"
+                  f" {e['trials']:>6} {ratio:>13}", file=log)
+    print(f"(decode: {a.steps} greedy steps per trial; prefill warm-up: MAD {warm['mad']}, HF {warm['hf']}; "
+          f"total {results['runtime_s']:.0f} s)", file=log)
+    if a.json:
+        text = json.dumps(results, indent=2)
+        if a.json == "-":
+            print(text)
+        else:
+            Path(a.json).write_text(text + "\n")
+    return results
+
+
+if __name__ == "__main__":
+    main()
