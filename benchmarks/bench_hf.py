@@ -36,7 +36,6 @@ from typing import Callable, Optional
 import mlx.core as mx
 import torch
 
-import mad
 from mad.loading import load
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_heads=4, vocab_size=50304)

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from .block import Block, ShapeError, TensorType, block_types
 from .dims import DimError, DimVal, Size, Sym, check, evaluate, label, resolve_dims, shape_str
-from .errors import Diagnostics, MadError, Source, did_you_mean
+from .errors import Diagnostics, Source, did_you_mean
 from .topology import Resolved, report_validation
 from .yamlio import position
 

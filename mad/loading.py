@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 import mlx.core as mx
 
 from .errors import Diagnostics, MadError, Source
-from .generate import ByteTokenizer, HFTokenizer, LanguageModel
+from .generate import LanguageModel
 from .graph import build_graph, check_state
 from .program import Program
 from .topology import load_topology

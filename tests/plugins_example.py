@@ -38,3 +38,31 @@ class ScaledTanh(mad.Block):
 
     def build(self, x: mad.TensorType) -> nn.Module:
         return ScaledTanhModule(int(x.shape[-1]), self.scale)
+
+
+@mad.register("running_sum")
+class RunningSum(mad.Block):
+    """A recurrent example: y_t = s_0 + x_1 + ... + x_t; its state `s` (B, D) float32 is the running sum.
+
+    A recurrent block declares its state with `state()` and its function takes `state=` and `mode=`
+    and returns `(y, new_state)`.
+    """
+
+    modes = ("step", "parallel")
+
+    def infer(self, x: mad.TensorType) -> mad.TensorType:
+        if x.dtype == "int32":
+            raise mad.ShapeError(f"running_sum needs a float input, got {x}")
+        return x
+
+    def state(self, x: mad.TensorType) -> dict[str, mad.TensorType]:
+        return {"s": mad.TensorType((x.shape[0], x.shape[-1]), "float32")}
+
+    def build(self, x: mad.TensorType):
+        def run(x, state=None, mode="auto"):
+            y = mx.cumsum(x.astype(mx.float32), axis=1)
+            if state is not None:
+                y = y + state["s"][:, None, :]
+            return y.astype(x.dtype), {"s": y[:, -1, :]}
+
+        return run

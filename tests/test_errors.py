@@ -7,7 +7,6 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import mlx.core as mx
@@ -15,7 +14,6 @@ import networkx as nx
 import pytest
 
 import mad
-from mad.block import Block, TensorType, expect_float
 from mad.errors import MadError
 from mad.graph import build_graph, check_state
 from mad.loading import load_state_file, save_state_file
@@ -35,27 +33,7 @@ inputs:
 """
 
 
-@mad.register("cumsum_err")
-class CumSumErr(Block):
-    """Test-only recurrent block: running sum over time; its state is the sum so far (B, D)."""
-
-    modes = ("step", "parallel")
-
-    def infer(self, x: TensorType) -> TensorType:
-        expect_float(x)
-        return x
-
-    def state(self, x: TensorType) -> dict[str, TensorType]:
-        return {"s": TensorType((x.shape[0], x.shape[-1]), "float32")}
-
-    def build(self, x: TensorType):
-        def run(x, state=None, mode="auto"):
-            y = mx.cumsum(x.astype(mx.float32), axis=1)
-            if state is not None:
-                y = y + state["s"][:, None, :]
-            return y.astype(x.dtype), {"s": y[:, -1, :]}
-
-        return run
+import plugins_example  # noqa: E402,F401 - registers the recurrent test block `running_sum`
 
 
 def write(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:
@@ -429,7 +407,7 @@ def test_tie_with_wrong_shape_is_a_user_error(tmp_path):
 RECURRENT = HEAD + """\
 nodes:
   embedding: {type: embedding, vocab: V, dim: D}
-  acc: {type: cumsum_err}
+  acc: {type: running_sum}
   lm_head: {type: linear, out: V}
 outputs: {logits: lm_head}
 """

@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 
 import mad
-from mad.block import Block, TensorType, expect_float
 from mad.errors import MadError
 from mad.generate import ByteTokenizer, LanguageModel, stream_generate
 from mad.graph import build_graph
@@ -21,27 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "topologies" / "examples" / "tiny.yaml"
 
 
-@mad.register("cumsum_prog")
-class CumSum(Block):
-    """Test-only recurrent block: y_t = s_0 + x_1 + ... + x_t; its state `s` is the running sum (B, D)."""
-
-    modes = ("step", "parallel")
-
-    def infer(self, x: TensorType) -> TensorType:
-        expect_float(x)
-        return x
-
-    def state(self, x: TensorType) -> dict[str, TensorType]:
-        return {"s": TensorType((x.shape[0], x.shape[-1]), "float32")}
-
-    def build(self, x: TensorType):
-        def run(x, state=None, mode="auto"):
-            y = mx.cumsum(x.astype(mx.float32), axis=1)
-            if state is not None:
-                y = y + state["s"][:, None, :]
-            return y.astype(x.dtype), {"s": y[:, -1, :]}
-
-        return run
+import plugins_example  # noqa: E402,F401 - registers the recurrent test block `running_sum`
 
 
 RECURRENT = """\
@@ -54,7 +33,7 @@ templates:
   layer:
     nodes:
       norm: {type: rmsnorm}
-      acc: {type: cumsum_prog}
+      acc: {type: running_sum}
       mix: {type: linear, out: D}
       out: {type: add, in: [x, mix]}
 nodes:
