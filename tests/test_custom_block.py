@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import mad
+from yaml_files import where, write  # noqa: E402 - tests/ is on sys.path
 from mad.block import BLOCKS, TensorType
 from mad.dims import DimVal, Sym
 from mad.errors import MadError
@@ -59,19 +60,6 @@ def plugin(monkeypatch):
     return importlib.import_module(PLUGIN)
 
 
-def write(tmp_path: Path, text: str, name: str = "custom.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def where(path: Path, needle: str, at: str | None = None) -> str:
-    """'FILE:LINE:COL' of `at` (default: the line's first non-blank) on the first line containing `needle`."""
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if needle in line:
-            col = line.index(at) + 1 if at is not None else len(line) - len(line.lstrip()) + 1
-            return f"{path}:{i}:{col}"
-    raise AssertionError(f"{needle!r} not in {path}")
 
 
 def test_plugins_key_imports_and_registers_the_block(fresh_plugin, tmp_path):

@@ -33,22 +33,10 @@ inputs:
 """
 
 
+from yaml_files import where, write  # noqa: E402
 import plugins_example  # noqa: E402,F401 - registers the recurrent test block `running_sum`
 
 
-def write(tmp_path: Path, text: str, name: str = "bad.yaml") -> Path:
-    path = tmp_path / name
-    path.write_text(text)
-    return path
-
-
-def where(path: Path, needle: str, at: str | None = None) -> str:
-    """'FILE:LINE:COL' of `at` (default: the first non-blank character) on the first line containing `needle`."""
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if needle in line:
-            col = line.index(at) + 1 if at is not None else len(line) - len(line.lstrip()) + 1
-            return f"{path}:{i}:{col}"
-    raise AssertionError(f"{needle!r} not in {path}")
 
 
 def errors_of(path: Path, overrides=()) -> MadError:

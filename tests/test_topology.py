@@ -3,7 +3,6 @@ and the resolved YAML as a fixed point of `mad build`."""
 
 from __future__ import annotations
 
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from mad.dims import DimError, DimVal, Sym, check, evaluate, resolve_dims, round
 from mad.errors import MadError
 from mad.graph import Graph, build_graph
 from mad.topology import load_topology, parse_pattern
+from yaml_files import write
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "topologies" / "examples" / "tiny.yaml"
@@ -23,12 +23,6 @@ dims: {B: batch, T: seq, V: 16, D: 8}
 inputs:
   tokens: {shape: [B, T], dtype: int32}
 """
-
-
-def write(tmp_path: Path, name: str, text: str) -> Path:
-    path = tmp_path / name
-    path.write_text(textwrap.dedent(text))
-    return path
 
 
 def build(path: Path, overrides=()) -> Graph:
@@ -142,7 +136,7 @@ def test_dim_expression_rejects_python(expr):
 
 
 def test_dims_in_a_file_give_positioned_errors(tmp_path):
-    path = write(tmp_path, "dims.yaml", HEAD.replace("D: 8}", "D: 8, E: 'B * 2', F: G + 1, G: F - 1}") + """\
+    path = write(tmp_path, name="dims.yaml", text=HEAD.replace("D: 8}", "D: 8, E: 'B * 2', F: G + 1, G: F - 1}") + """\
 nodes:
   embedding: {type: embedding, vocab: V, dim: D}
   lm_head: {type: linear, out: V}
@@ -208,7 +202,7 @@ outputs: {logits: lm_head, mid: t}
 
 
 def test_template_in_binding_by_dict_and_list(tmp_path):
-    graph = build(write(tmp_path, "tpl.yaml", TEMPLATE_BINDING))
+    graph = build(write(tmp_path, name="tpl.yaml", text=TEMPLATE_BINDING))
     assert layout(graph) == [
         ("embedding", "embedding", ["tokens"], "embedding"),
         ("n1", "rmsnorm", ["embedding"], "n1"),
@@ -225,7 +219,7 @@ def test_template_in_binding_by_dict_and_list(tmp_path):
 
 
 def test_template_sources_carry_the_chain(tmp_path):
-    path = write(tmp_path, "tpl.yaml", TEMPLATE_BINDING)
+    path = write(tmp_path, name="tpl.yaml", text=TEMPLATE_BINDING)
     graph = build(path)
     src = graph.g.nodes["t2.g"]["source"]
     lines = path.read_text().splitlines()
@@ -254,7 +248,7 @@ outputs: {logits: lm_head, h: enc}
 
 
 def test_group_inside_template(tmp_path):
-    graph = build(write(tmp_path, "nest.yaml", NESTED))
+    graph = build(write(tmp_path, name="nest.yaml", text=NESTED))
     assert layout(graph) == [
         ("embedding", "embedding", ["tokens"], "embedding"),
         ("enc.pre", "layernorm", ["embedding"], "enc"),
@@ -275,7 +269,7 @@ def test_group_inside_template(tmp_path):
 
 # ----------------------------------------------------------------------------------------- groups
 def test_repeat_with_as_and_default_names(tmp_path):
-    path = write(tmp_path, "rep.yaml", HEAD + """\
+    path = write(tmp_path, name="rep.yaml", text=HEAD + """\
 nodes:
   embedding: {type: embedding, vocab: V, dim: D}
   norms: {repeat: 3, body: rmsnorm}
@@ -317,7 +311,7 @@ outputs: {logits: lm_head}
 
 
 def test_pattern_with_choices(tmp_path):
-    graph = build(write(tmp_path, "pattern.yaml", PATTERN))
+    graph = build(write(tmp_path, name="pattern.yaml", text=PATTERN))
     got = layout(graph)
     expected = [("embedding", "embedding", ["tokens"], "embedding")]
     prev = "embedding"
@@ -360,7 +354,7 @@ def test_parse_pattern_errors(text, message):
 
 
 def test_at_and_every_place_bodies(tmp_path):
-    path = write(tmp_path, "at.yaml", HEAD + """\
+    path = write(tmp_path, name="at.yaml", text=HEAD + """\
 templates:
   ffa: {nodes: {f: {type: swiglu, hidden: 4}}}
   ffb: {nodes: {f: {type: gated_gelu, hidden: 4}}}
@@ -398,7 +392,7 @@ outputs: {logits: lm_head}
     ("{repeat: 0, body: rmsnorm}", "group 'g': repeat"),
 ])
 def test_group_errors(tmp_path, group, message):
-    path = write(tmp_path, "g.yaml", HEAD + f"""\
+    path = write(tmp_path, name="g.yaml", text=HEAD + f"""\
 nodes:
   embedding: {{type: embedding, vocab: V, dim: D}}
   g: {group}
@@ -593,13 +587,13 @@ def test_resolved_yaml_is_a_fixed_point_with_set(tmp_path):
 def test_resolved_yaml_is_a_fixed_point(tmp_path, included, source):
     files = {"pattern": PATTERN, "template": TEMPLATE_BINDING, "nested": NESTED}
     if source in files:
-        path = write(tmp_path, f"{source}.yaml", files[source])
+        path = write(tmp_path, name=f"{source}.yaml", text=files[source])
     elif source == "include":
         path = included / "variant.yaml"
     elif source == "include2":
         path = included / "variant2.yaml"
     else:
-        path = write(tmp_path, "at.yaml", HEAD + """\
+        path = write(tmp_path, name="at.yaml", text=HEAD + """\
 templates:
   ffa: {nodes: {f: {type: swiglu, hidden: 4}, r: {type: add, in: [x, f]}}}
 nodes:
@@ -612,7 +606,7 @@ outputs: {logits: lm_head, h: layers}
 
 
 def test_resolved_yaml_keeps_explicit_stage(tmp_path):
-    path = write(tmp_path, "stage.yaml", HEAD + """\
+    path = write(tmp_path, name="stage.yaml", text=HEAD + """\
 nodes:
   embedding: {type: embedding, vocab: V, dim: D, stage: front}
   n: {type: rmsnorm, stage: front}
@@ -628,7 +622,7 @@ outputs: {logits: lm_head}
 
 
 def test_stage_in_inline_group_body(tmp_path):
-    path = write(tmp_path, "stage.yaml", HEAD + """\
+    path = write(tmp_path, name="stage.yaml", text=HEAD + """\
 nodes:
   embedding: {type: embedding, vocab: V, dim: D}
   g: {repeat: 2, body: {type: rmsnorm, stage: norms}}
@@ -640,7 +634,7 @@ outputs: {logits: lm_head}
 
 
 def test_in_inside_group_body_is_not_silently_dropped(tmp_path):
-    path = write(tmp_path, "inbody.yaml", HEAD + """\
+    path = write(tmp_path, name="inbody.yaml", text=HEAD + """\
 nodes:
   embedding: {type: embedding, vocab: V, dim: D}
   other: {type: rmsnorm}
@@ -657,11 +651,11 @@ outputs: {logits: lm_head}
 
 
 def test_duplicate_key_and_not_a_mapping(tmp_path):
-    path = write(tmp_path, "dup.yaml", HEAD + "nodes:\n  a: {type: rmsnorm}\n  a: {type: rmsnorm}\n")
+    path = write(tmp_path, name="dup.yaml", text=HEAD + "nodes:\n  a: {type: rmsnorm}\n  a: {type: rmsnorm}\n")
     with pytest.raises(MadError) as info:
         load_topology(path)
     assert info.value.render() == f"{path}:8:3: error: duplicate key 'a'"
-    path = write(tmp_path, "list.yaml", "- 1\n- 2\n")
+    path = write(tmp_path, name="list.yaml", text="- 1\n- 2\n")
     with pytest.raises(MadError) as info:
         load_topology(path)
     assert info.value.render() == (f"{path}:1:1: error: a topology file must be a mapping "

@@ -1,0 +1,21 @@
+"""Helpers for tests that write topology files and check the positions errors point at."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+
+def write(tmp_path: Path, text: str, name: str = "topology.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def where(path: Path, needle: str, at: str | None = None) -> str:
+    """'FILE:LINE:COL' of `at` (default: the first non-blank character) on the first line containing `needle`."""
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if needle in line:
+            col = line.index(at) + 1 if at is not None else len(line) - len(line.lstrip()) + 1
+            return f"{path}:{i}:{col}"
+    raise AssertionError(f"{needle!r} not in {path}")
