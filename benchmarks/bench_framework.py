@@ -27,14 +27,13 @@ without evaluating it, the kernels having been built by the evaluated 64-token p
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,6 +41,8 @@ import mlx.nn as nn
 import mad
 from mad.generate import LanguageModel
 from mad.kernels.mlstm import mlstm_sequence
+
+from common import interleave, write_json
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 5e-2}
@@ -240,20 +241,15 @@ def check_same(mad_lm: LanguageModel, hand: HandWritten, vocab: int, dtype: str)
     return out
 
 
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def clocked(fn: Callable[[], object]) -> Callable[[], float]:
+    """fn, returning the seconds it took (what `interleave` records)."""
 
+    def run() -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
 
-def interleave(fns: dict, trials: int) -> dict[str, list[float]]:
-    """Run each function `trials` times, alternating which goes first (ABBA...), return seconds."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for t in range(trials):
-        for name in (names if t % 2 == 0 else names[::-1]):
-            times[name].append(timed(fns[name]))
-    return times
+    return run
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -313,13 +309,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
             mx.eval(logits, st)
         return run
 
-    decode = {name: decode_fn(m, states[name]) for name, m in models.items()}
+    decode = {name: clocked(decode_fn(m, states[name])) for name, m in models.items()}
     interleave(decode, 5)  # warm-up (traces and compiles the T=1 graph)
     decode_times = interleave(decode, 5 * a.trials)
 
     # (a') the host side of a decode call alone: build the lazy outputs, evaluate nothing. This is the
     # framework layer (input/state handling, flattening, replaying the compiled graph) without the math.
-    call = {name: (lambda m=m, s=states[name]: m(token, s)) for name, m in models.items()}
+    call = {name: clocked(lambda m=m, s=states[name]: m(token, s)) for name, m in models.items()}
     call_times = interleave(call, 200)
 
     # (b) forward of `seq` tokens from the zero state
@@ -329,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
             mx.eval(logits, st)
         return run
 
-    forward = {name: forward_fn(m) for name, m in models.items()}
+    forward = {name: clocked(forward_fn(m)) for name, m in models.items()}
     est = max(t_prompt.values()) * a.seq / a.prompt  # one run, estimated from the prompt runs
     if est < WARM_FULL_S:
         interleave(forward, 1)
@@ -368,12 +364,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"(decode: one T=1 step after a {a.prompt}-token prompt, batch 1, evaluated; decode call: the same call "
           f"on the host only, nothing evaluated; forward: {a.seq} tokens, batch 1, warm-up: {warmup}; "
           f"total {results['runtime_s']:.0f} s)", file=log)
-    if a.json:
-        text = json.dumps(results, indent=2)
-        if a.json == "-":
-            print(text)
-        else:
-            Path(a.json).write_text(text + "\n")
+    write_json(results, a.json)
     return results
 
 

@@ -23,20 +23,20 @@ kernels (the "external" path); without it, its own copy in `modeling_xlstm.py`. 
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import platform
 import statistics
 import sys
 import tempfile
 import time
-from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import mlx.core as mx
 import torch
 
 from mad.loading import load
+
+from common import interleave, write_json
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_heads=4, vocab_size=50304)
 WARM_FULL_S = 10.0  # warm up at the timed length when one run is estimated to take less than this
@@ -92,16 +92,6 @@ def check_same(hf, lm, vocab: int, seed: int) -> dict:
     dec, _ = diff(d_hf, d_mad)
     return {"prefill_logits": pre, "decode_logits": dec, "logit_scale": scale,
             "same_argmax_prefill": bool((l_hf.argmax(-1).numpy() == __import__("numpy").array(mx.argmax(l_mad, -1))).all())}
-
-
-def interleave(fns: dict[str, Callable[[], float]], trials: int) -> dict[str, list[float]]:
-    """Each function returns its own measured seconds; alternate which goes first (ABBA...)."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    names = list(fns)
-    for t in range(trials):
-        for name in (names if t % 2 == 0 else names[::-1]):
-            times[name].append(fns[name]())
-    return times
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -236,12 +226,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                   f" {e['trials']:>6} {ratio:>13}", file=log)
     print(f"(decode: {a.steps} greedy steps per trial; prefill warm-up: MAD {warm['mad']}, HF {warm['hf']}; "
           f"total {results['runtime_s']:.0f} s)", file=log)
-    if a.json:
-        text = json.dumps(results, indent=2)
-        if a.json == "-":
-            print(text)
-        else:
-            Path(a.json).write_text(text + "\n")
+    write_json(results, a.json)
     return results
 
 

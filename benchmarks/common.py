@@ -1,0 +1,31 @@
+"""What both benchmark scripts share: interleaved trials and the JSON output."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+
+def interleave(fns: dict[str, Callable[[], float]], trials: int) -> dict[str, list[float]]:
+    """Run each function `trials` times, alternating which goes first (ABBA...).
+
+    Each function returns the seconds it measured itself (so it can leave set-up out of the clock).
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    names = list(fns)
+    for t in range(trials):
+        for name in (names if t % 2 == 0 else names[::-1]):
+            times[name].append(fns[name]())
+    return times
+
+
+def write_json(results: dict, dest: str | None) -> None:
+    """`--json -` prints the results; `--json PATH` writes them; no `--json`, nothing."""
+    if not dest:
+        return
+    text = json.dumps(results, indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n")
