@@ -197,8 +197,7 @@ class ByteTokenizer:
 class HFTokenizer:
     """A `tokenizer.json` read with the `tokenizers` library; eos ids from the model config."""
 
-    def __init__(self, path: str | Path, eos_token_ids: Sequence[int] = (), bos_token_id: Optional[int] = None,
-                 add_bos: bool = False):
+    def __init__(self, path: str | Path, eos_token_ids: Sequence[int] = ()):
         from tokenizers import Tokenizer
 
         try:
@@ -206,11 +205,9 @@ class HFTokenizer:
         except Exception as e:  # noqa: BLE001 - the library raises plain Exceptions
             raise MadError(f"cannot read tokenizer: {e}", None) from None
         self.eos_token_ids = tuple(eos_token_ids)
-        self.bos_token_id, self.add_bos = bos_token_id, add_bos
 
     def encode(self, text: str) -> list[int]:
-        ids = self.tok.encode(text, add_special_tokens=False).ids
-        return ([self.bos_token_id] if self.add_bos and self.bos_token_id is not None else []) + ids
+        return self.tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=True)

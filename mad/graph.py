@@ -174,12 +174,11 @@ def build_graph(resolved: Resolved) -> Graph:
         srcs = _bind_ports(spec, decl, diags)
         if srcs is None:
             continue
-        known = [n for n in g.nodes]
         ok = not any(src in failed for _, src in srcs)
         for port, src in srcs:
             if src not in g and src not in failed:
                 diags.error(f"unconnected input: node '{decl.name}' reads '{src}', which is not a node or input",
-                            decl.source, did_you_mean(src, known))
+                            decl.source, did_you_mean(src, g.nodes))
                 ok = False
         if not ok:
             continue

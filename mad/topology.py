@@ -106,7 +106,7 @@ class Resolved:
 
     def to_yaml(self) -> str:
         """The fully expanded file: no includes, templates or repeats; every node with its source."""
-        lines = [f"mad: 1", f"name: {self.name}"]
+        lines = ["mad: 1", f"name: {self.name}"]
         if self.description:
             lines.append("description: " + _flow(self.description))
         if self.plugins:

@@ -100,7 +100,7 @@ def hf_tokenizer(folder: Path, config: dict) -> HFTokenizer | None:
         return None
     eos = config.get("eos_token_id")
     eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    return HFTokenizer(file, eos_ids, config.get("bos_token_id"), add_bos=False)
+    return HFTokenizer(file, eos_ids)
 
 
 register_format(CheckpointFormat(
