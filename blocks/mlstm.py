@@ -24,9 +24,9 @@ from mad.kernels.mlstm import mlstm_sequence
 class MLSTMCell(nn.Module):
     """(B, T, NH*DQK) x2, (B, T, NH*DV), gates (B, T, NH) x2 -> (B, T, NH*DV), with state (C, n, m)."""
 
-    def __init__(self, heads: int, chunk_size: int, eps: float, mode: str):
+    def __init__(self, heads: int, chunk_size: int, eps: float, mode: str, scale: str = "q"):
         super().__init__()
-        self.heads, self.chunk_size, self.eps, self.mode = heads, chunk_size, eps, mode
+        self.heads, self.chunk_size, self.eps, self.mode, self.scale = heads, chunk_size, eps, mode, scale
 
     def _heads(self, x: mx.array) -> mx.array:
         b, t, _ = x.shape
@@ -37,7 +37,7 @@ class MLSTMCell(nn.Module):
         gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
         cell_state = None if state is None else (state["C"], state["n"], state["m"])
         h, (c, n, m) = mlstm_sequence(self._heads(q), self._heads(k), self._heads(v), *gates, cell_state,
-                                      chunk_size=self.chunk_size, eps=self.eps, mode=mode)
+                                      chunk_size=self.chunk_size, eps=self.eps, mode=mode, scale=self.scale)
         b, _, t, _ = h.shape
         return h.transpose(0, 2, 1, 3).reshape(b, t, -1), {"C": c, "n": n, "m": m}
 
@@ -46,7 +46,8 @@ class MLSTMCell(nn.Module):
 class MLSTMCellBlock(Block):
     """The mLSTM matrix-memory cell over NH heads. Inputs are head-interleaved projections:
     q, k (B, T, NH*DQK), v (B, T, NH*DV), i, f (B, T, NH). State per sequence: C (NH, DQK, DV),
-    n (NH, DQK), m (NH), float32."""
+    n (NH, DQK), m (NH), float32. `scale: k` puts the 1/sqrt(DQK) factor on k instead of q (NX-AI's
+    original mLSTM layer): the same outputs, with C and n scaled by that factor."""
 
     ports = ("q", "k", "v", "i", "f")
     modes = ("step", "chunkwise", "parallel")
@@ -54,6 +55,7 @@ class MLSTMCellBlock(Block):
     chunk_size: Dim = 64
     eps: float = 1e-6
     mode: Literal["auto", "step", "chunkwise", "parallel"] = "auto"
+    scale: Literal["q", "k"] = "q"
 
     def _split(self, x: TensorType, what: str) -> int:
         expect_float(x, what)
@@ -79,7 +81,7 @@ class MLSTMCellBlock(Block):
                 "m": TensorType((batch, nh), "float32")}
 
     def build(self, *inputs: TensorType) -> nn.Module:
-        return MLSTMCell(int(self.heads), int(self.chunk_size), self.eps, self.mode)
+        return MLSTMCell(int(self.heads), int(self.chunk_size), self.eps, self.mode, self.scale)
 
 
 class MultiHeadNorm(nn.Module):

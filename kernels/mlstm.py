@@ -3,7 +3,9 @@
 Every GPU kernel of this project is tested against these functions, so they are written
 for clarity and numerical faithfulness to NX-AI ``mlstm_kernels`` rather than for speed.
 The math is that of ``docs/xlstm-reference.md`` ("The mLSTM cell"); per head, with
-``lf_t = logsigmoid(f~_t)`` and ``q^_t = q_t / sqrt(DQK)`` (k is not scaled):
+``lf_t = logsigmoid(f~_t)`` and ``q^_t = q_t / sqrt(DQK)`` (k is not scaled; with ``scale="k"``,
+as in NX-AI's original mLSTM layer, k is scaled instead and q^_t = q_t: h is the same function,
+the state C, n differs by the factor 1/sqrt(DQK)):
 
     m_t = max(lf_t + m_{t-1}, i~_t)
     C_t = exp(lf_t + m_{t-1} - m_t) C_{t-1} + exp(i~_t - m_t) k_t v_t^T
@@ -54,14 +56,22 @@ def _check_shapes(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.arra
         raise ValueError(f"expected gates of shape {q.shape[:3]}; got i {i.shape}, f {f.shape}")
 
 
-def _scaled_q(q: mx.array) -> mx.array:
-    """q^ = q / sqrt(DQK), kept in q's dtype (the products with q run in that dtype)."""
-    return q * (1.0 / math.sqrt(q.shape[-1]))
+def _apply_scale(q: mx.array, k: mx.array, scale: str) -> Tuple[mx.array, mx.array]:
+    """Apply 1/sqrt(DQK) to q ("q"), to k ("k") or to neither ("none": already applied),
+    in the input's dtype (the products with q and k run in that dtype)."""
+    factor = 1.0 / math.sqrt(q.shape[-1])
+    if scale == "q":
+        return q * factor, k
+    if scale == "k":
+        return q, k * factor
+    if scale == "none":
+        return q, k
+    raise ValueError(f"unknown scale {scale!r}; expected 'q', 'k' or 'none'")
 
 
 def mlstm_step(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array,
-    state: Optional[State] = None, eps: float = 1e-6,
+    state: Optional[State] = None, eps: float = 1e-6, scale: str = "q",
 ) -> Tuple[mx.array, State]:
     """One recurrent step of the mLSTM cell (the step formulas of the module docstring).
 
@@ -73,11 +83,13 @@ def mlstm_step(
         f: Forget-gate pre-activations f~ (B, NH, 1), not yet log-sigmoided.
         state: (C, n, m) before the step, or None for the zero state.
         eps: Added to the denominator.
+        scale: Which of q, k takes the 1/sqrt(DQK) factor ("q", "k", or "none" if applied).
 
     Returns:
         h (B, NH, 1, DV) in v's dtype, and the float32 state (C_t, n_t, m_t).
     """
     _check_shapes(q, k, v, i, f)
+    q_hat, k = _apply_scale(q, k, scale)
     B, NH, T, DQK = q.shape
     if T != 1:
         raise ValueError(f"mlstm_step needs T == 1, got T = {T}")
@@ -93,7 +105,6 @@ def mlstm_step(
     C_new = f_act[..., None, None] * C + i_act[..., None, None] * (k32.swapaxes(-1, -2) @ v32)
     n_new = f_act[..., None] * n + i_act[..., None] * k32[..., 0, :]
 
-    q_hat = _scaled_q(q)                                        # (B, NH, 1, DQK)
     num = (q_hat @ C_new.astype(q.dtype)).astype(_F32)          # q^T C_t   (B, NH, 1, DV)
     qn = (q_hat @ n_new.astype(q.dtype)[..., None]).astype(_F32)  # q^ . n_t (B, NH, 1, 1)
     den = mx.maximum(mx.abs(qn), mx.exp(-m_new)[..., None, None]) + eps
@@ -162,7 +173,7 @@ def _chunk_outputs(
     stabiliser is then max_l logD_jl alone: it has no m_0 = 0 term).
 
     Args:
-        qc: Queries (B, NH, NC, L, DQK), unscaled.
+        qc: Queries (B, NH, NC, L, DQK), already scaled (q^).
         kc: Keys (B, NH, NC, L, DQK).
         vc: Values (B, NH, NC, L, DV).
         b: Within-chunk inclusive cumsum of logsigmoid(f~), float32 (B, NH, NC, L).
@@ -183,7 +194,7 @@ def _chunk_outputs(
         m_comb = mx.maximum(m_comb, m_inter)
     D = mx.exp(log_D - m_comb[..., None])                       # (B, NH, NC, L, L), masked -> 0
 
-    q_hat = _scaled_q(qc)
+    q_hat = qc                                                  # scaled by the caller
     S = (q_hat @ kc.swapaxes(-1, -2)).astype(_F32) * D          # (q^_j . k_l) exp(logD_jl - m_j)
     num = S @ vc.astype(_F32)
     den = mx.sum(S, axis=-1)
@@ -211,7 +222,7 @@ def _split_chunks(
 
 def mlstm_chunkwise(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array,
-    state: Optional[State] = None, chunk_size: int = 64, eps: float = 1e-6,
+    state: Optional[State] = None, chunk_size: int = 64, eps: float = 1e-6, scale: str = "q",
 ) -> Tuple[mx.array, State]:
     """Chunkwise mLSTM: inter-chunk state recurrence plus intra-chunk parallel outputs.
 
@@ -227,11 +238,13 @@ def mlstm_chunkwise(
         state: (C, n, m) before the first step, or None for the zero state.
         chunk_size: Chunk length L.
         eps: Added to the denominator.
+        scale: Which of q, k takes the 1/sqrt(DQK) factor ("q", "k", or "none" if applied).
 
     Returns:
         h (B, NH, T, DV) in v's dtype, and the float32 state after the last step.
     """
     _check_shapes(q, k, v, i, f)
+    q, k = _apply_scale(q, k, scale)
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     if chunk_size < 1 or T % chunk_size != 0:
@@ -246,6 +259,7 @@ def mlstm_chunkwise(
 
 def mlstm_parallel(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array, eps: float = 1e-6,
+    scale: str = "q",
 ) -> Tuple[mx.array, State]:
     """Fully parallel (quadratic in T) mLSTM from the zero state.
 
@@ -262,11 +276,13 @@ def mlstm_parallel(
         i: Input-gate pre-activations i~ (B, NH, T).
         f: Forget-gate pre-activations f~ (B, NH, T), not yet log-sigmoided.
         eps: Added to the denominator.
+        scale: Which of q, k takes the 1/sqrt(DQK) factor ("q", "k", or "none" if applied).
 
     Returns:
         h (B, NH, T, DV) in v's dtype, and the float32 state after the last step.
     """
     _check_shapes(q, k, v, i, f)
+    q, k = _apply_scale(q, k, scale)
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     qc, kc, vc, ic, b = _split_chunks(q, k, v, i, f, T)        # one chunk of length T
@@ -278,6 +294,7 @@ def mlstm_parallel(
 def mlstm_sequence(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array,
     state: Optional[State] = None, chunk_size: int = 64, eps: float = 1e-6, mode: str = "auto",
+    scale: str = "q",
 ) -> Tuple[mx.array, State]:
     """Run the mLSTM cell over a sequence of any length (the entry point of the model layer).
 
@@ -294,35 +311,37 @@ def mlstm_sequence(
             multiple of chunk_size, then the remainder as one shorter chunk, carrying the state.
             "step": loop the recurrent step over T (slow; for tests). "parallel": the quadratic
             form from the zero state (a given state raises ValueError).
+        scale: Which of q, k takes the 1/sqrt(DQK) factor ("q", "k", or "none" if applied).
 
     Returns:
         h (B, NH, T, DV) in v's dtype, and the float32 state after the last step.
     """
     _check_shapes(q, k, v, i, f)
+    q, k = _apply_scale(q, k, scale)                            # once; the calls below take "none"
     T = q.shape[2]
     if T < 1:
         raise ValueError("mlstm_sequence needs T >= 1")
     if mode == "parallel":
         if state is not None:
             raise ValueError("mode='parallel' starts from the zero state; got an initial state")
-        return mlstm_parallel(q, k, v, i, f, eps=eps)
+        return mlstm_parallel(q, k, v, i, f, eps=eps, scale="none")
     if mode == "step":
         hs = []
         for t in range(T):
             h_t, state = mlstm_step(q[:, :, t:t + 1], k[:, :, t:t + 1], v[:, :, t:t + 1],
-                                    i[:, :, t:t + 1], f[:, :, t:t + 1], state, eps=eps)
+                                    i[:, :, t:t + 1], f[:, :, t:t + 1], state, eps=eps, scale="none")
             hs.append(h_t)
         return mx.concatenate(hs, axis=2), state
     if mode not in ("auto", "chunkwise"):
         raise ValueError(f"unknown mode {mode!r}; expected auto, chunkwise, step or parallel")
     if T == 1:
-        return mlstm_step(q, k, v, i, f, state, eps=eps)
+        return mlstm_step(q, k, v, i, f, state, eps=eps, scale="none")
     t_main = (T // chunk_size) * chunk_size
     hs = []
     for start, stop, L in ((0, t_main, chunk_size), (t_main, T, T - t_main)):
         if stop > start:                                        # shape-only branch
             h, state = mlstm_chunkwise(q[:, :, start:stop], k[:, :, start:stop], v[:, :, start:stop],
                                        i[:, :, start:stop], f[:, :, start:stop], state,
-                                       chunk_size=L, eps=eps)
+                                       chunk_size=L, eps=eps, scale="none")
             hs.append(h)
     return (hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=2)), state

@@ -314,3 +314,14 @@ def test_bad_arguments():
     _, state = mlstm_sequence(q, k, v, i, f)
     with pytest.raises(ValueError):
         mlstm_sequence(q, k, v, i, f, state=state, mode="parallel")
+
+
+@pytest.mark.parametrize("mode", ["step", "chunkwise", "parallel"])
+def test_scale_on_k(mode):
+    """scale="k" (NX-AI's original layer): the same h; C and n carry the 1/sqrt(DQK) factor."""
+    arrs = make_inputs(37, seed=11)
+    h_ref, (C, n, m), scale = reference(arrs)
+    h, (c_k, n_k, m_k) = mlstm_sequence(*to_mx(arrs), chunk_size=16, mode=mode, scale="k")
+    assert_h_close(h, h_ref, scale, extra=EPS * np.abs(h_ref) if mode == "parallel" else 0.0)
+    factor = 1.0 / np.sqrt(DQK)
+    assert_state_close((c_k, n_k, m_k), (C * factor, n * factor, m))
