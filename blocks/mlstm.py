@@ -18,7 +18,9 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mad.block import Block, Dim, ShapeError, TensorType, expect_float, register
+from mad.kernels import mlstm_device  # noqa: F401  (registers the device variants)
 from mad.kernels.mlstm import mlstm_sequence
+from mad.kernels.registry import dispatch
 
 
 class MLSTMCell(nn.Module):
@@ -34,8 +36,16 @@ class MLSTMCell(nn.Module):
 
     def __call__(self, q, k, v, i, f, state: Optional[dict], mode: str = "auto"):
         mode = self.mode if self.mode != "auto" else mode
-        gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
         cell_state = None if state is None else (state["C"], state["n"], state["m"])
+        b, t, _ = q.shape
+        if t == 1 and mode != "parallel":  # decode: the fused step kernel where the device has one
+            nh = self.heads
+            h, (c, n, m) = dispatch("mlstm_step")(
+                q.reshape(b, nh, 1, -1), k.reshape(b, nh, 1, -1), v.reshape(b, nh, 1, -1),
+                i.reshape(b, nh, 1).astype(mx.float32), f.reshape(b, nh, 1).astype(mx.float32),
+                cell_state, eps=self.eps, scale=self.scale)
+            return h.reshape(b, 1, -1), {"C": c, "n": n, "m": m}
+        gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
         h, (c, n, m) = mlstm_sequence(self._heads(q), self._heads(k), self._heads(v), *gates, cell_state,
                                       chunk_size=self.chunk_size, eps=self.eps, mode=mode, scale=self.scale)
         b, _, t, _ = h.shape

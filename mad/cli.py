@@ -23,6 +23,16 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show Python traceba
     DEBUG["on"] = debug
 
 
+def _setup(device: Optional[str], kernels: str = "auto") -> None:
+    """Apply --device and --kernels."""
+    from .kernels.registry import set_policy
+
+    if kernels not in ("auto", "reference"):
+        raise MadError(f"--kernels must be auto or reference, got '{kernels}'")
+    set_policy(kernels)
+    _device(device)
+
+
 def _device(device: Optional[str]) -> None:
     if device:
         import mlx.core as mx
@@ -121,6 +131,41 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
         print_stats(last)
         if save_state:
             save_state_file(save_state, last.state)
+
+
+@app.command()
+def bench(source: Optional[Path] = typer.Argument(None, help="topology file, build dir, or checkpoint dir"),
+          model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder (same as SOURCE)"),
+          prompt_tokens: int = typer.Option(512, "--prompt-tokens", "-p"),
+          generation_tokens: int = typer.Option(128, "--generation-tokens", "-g"),
+          batch_size: int = typer.Option(1, "--batch-size", "-b"),
+          num_trials: int = typer.Option(5, "--num-trials", "-n"),
+          prefill_step: int = typer.Option(4096, "--prefill-step", help="prompt tokens per forward call"),
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16"),
+          set_: List[str] = typer.Option([], "--set", help="topology override (with a topology file)"),
+          kernels: str = typer.Option("auto", "--kernels", help="auto (device kernels) or reference (pure MLX)"),
+          device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
+          json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of text")) -> None:
+    """Measure prompt and generation tokens/s (random weights unless a checkpoint is given)."""
+    from .bench import bench as run_bench
+    from .loading import load
+
+    _setup(device, kernels)
+    path = model or source
+    if path is None:
+        raise MadError("give a topology file, a build folder or --model DIR")
+    for name, value in (("--prompt-tokens", prompt_tokens), ("--batch-size", batch_size),
+                        ("--num-trials", num_trials), ("--prefill-step", prefill_step)):
+        if value < 1:
+            raise MadError(f"{name} must be at least 1, got {value}")
+    if generation_tokens < 0:
+        raise MadError(f"--generation-tokens must be at least 0, got {generation_tokens}")
+    lm, _ = load(path, dtype=dtype, overrides=set_)
+    result = run_bench(lm, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step,
+                       echo=(lambda line: None) if json_out else print)
+    if json_out:
+        result.update(model=str(path), dtype=str(lm.program.dtype), kernels=kernels)
+        print(json.dumps(result, indent=1))
 
 
 @app.command()

@@ -18,6 +18,9 @@ from .errors import MadError
 from .program import Program
 
 
+PREFILL_STEP = 4096  # prompt tokens per forward call when reading a long prompt
+
+
 class LanguageModel:
     """A Program with one token input and a `logits` output: `logits, state = model(tokens, state=None)`.
 
@@ -41,6 +44,20 @@ class LanguageModel:
 
     def init_state(self, batch: int = 1) -> dict:
         return self.program.init_state(batch)
+
+    def prefill(self, tokens: mx.array, state: Optional[dict] = None,
+                step_size: int = PREFILL_STEP) -> tuple[mx.array, dict]:
+        """Read a long prompt (B, T) in segments of `step_size` tokens, carrying the state.
+
+        Returns the last position's logits (B, V) and the state. Each segment but the last is
+        evaluated before the next is queued, so memory is bounded by one segment, whatever T is.
+        """
+        total = tokens.shape[1]
+        for start in range(0, total, step_size):
+            logits, state = self(tokens[:, start:start + step_size], state)
+            if start + step_size < total:
+                mx.eval(state)
+        return logits[:, -1], state
 
 
 # ----------------------------------------------------------------------------------------- sampling
@@ -105,8 +122,8 @@ def generate_step(model: LanguageModel, prompt: mx.array, state: Optional[dict] 
             logits = apply_repetition_penalty(logits, history[None, -repetition_context:], repetition_penalty)
         return sampler(logits)
 
-    logits, state = model(prompt[None], state)
-    token = sample(logits[:, -1])
+    logits, state = model.prefill(prompt[None], state)
+    token = sample(logits)
     mx.async_eval(token, state)
     while True:
         if repetition_penalty != 1.0:

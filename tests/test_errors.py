@@ -33,7 +33,7 @@ inputs:
 """
 
 
-from yaml_files import where, write  # noqa: E402
+from yaml_files import cli, where, write  # noqa: E402
 import plugins_example  # noqa: E402,F401 - registers the recurrent test block `running_sum`
 
 
@@ -465,19 +465,6 @@ def test_program_input_errors(rec_graph):
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
-    from mad import cli as cli_module
-
-    monkeypatch.setattr(sys, "argv", ["mad", *map(str, args)])
-    code = 0
-    try:
-        cli_module.main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 THREE_MISTAKES = HEAD + """\
 nodes:
   embedding: {type: embeding, vocab: V, dim: D}

@@ -1,7 +1,8 @@
-"""Helpers for tests that write topology files and check the positions errors point at."""
+"""Helpers for tests that write topology files, check the positions errors point at, and run the CLI."""
 
 from __future__ import annotations
 
+import sys
 import textwrap
 from pathlib import Path
 
@@ -19,3 +20,16 @@ def where(path: Path, needle: str, at: str | None = None) -> str:
             col = line.index(at) + 1 if at is not None else len(line) - len(line.lstrip()) + 1
             return f"{path}:{i}:{col}"
     raise AssertionError(f"{needle!r} not in {path}")
+
+
+def cli(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    from mad import cli as cli_module
+
+    monkeypatch.setattr(sys, "argv", ["mad", *map(str, args)])
+    code = 0
+    try:
+        cli_module.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    out = capsys.readouterr()
+    return code, out.out, out.err

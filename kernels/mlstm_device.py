@@ -1,0 +1,148 @@
+"""Device kernels of the mLSTM cell (CUDA and Metal from one body), registered next to their
+pure-MLX references in `kernels/mlstm.py`.
+
+mlstm_step: the fused decode step. One launch updates every head of a layer: gate math, the C/n/m
+update in float32 and the normalised readout h = q^T C / (max(|q . n|, exp(-m)) + eps).
+
+Work split: a block of TX x TY threads owns one (batch, head) pair and TX columns of C (DV axis);
+its TY rows of threads stride over DQK, so each C element is read once and written once, with
+consecutive threads on consecutive addresses. Every block recomputes the scalar gates and q . n
+(DQK products, cheap); the first column tile writes n and m. Bytes moved per step:
+8 * B * NH * DQK * DV (C in and out) plus the small vectors: the kernel is memory-bound.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import mlx.core as mx
+
+from .device import DeviceKernel
+from .mlstm import State, _check_shapes, mlstm_step
+from .registry import Unsupported, register_kernel, register_variant
+
+TX, TY = 32, 8          # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
+MAX_DQK = 1024          # q and k are staged in shared memory
+DTYPES = (mx.float32, mx.bfloat16, mx.float16)
+
+STEP_BODY = """
+    const int bh = BLOCK_Y;                     // batch * NH + head
+    const int tile = BLOCK_X;                   // which TX columns of C
+    const int tx = THREAD_X, ty = THREAD_Y;
+    const int lin = ty * TX + tx;
+    const int j = tile * TX + tx;               // column of C (DV axis)
+    const bool active = j < DV;
+
+    // gates: lf = logsigmoid(f~), m' = max(lf + m, i~), f' = exp(lf + m - m'), i' = exp(i~ - m')
+    const float it = ig[bh], ft = fg[bh], m0 = m[bh];
+    const float lf = FMIN(ft, 0.0f) - LOG1P(EXP(-FABS(ft)));
+    const float m_new = FMAX(lf + m0, it);
+    const float fa = EXP(lf + m0 - m_new);
+    const float ia = EXP(it - m_new);
+
+    // q and k of this head, scaled, in float32 shared memory
+    const float scale = 1.0f / SQRT((float)DQK);
+    SHARED float qs[DQK];
+    SHARED float ks[DQK];
+    SHARED float red[TX * TY];
+    for (int d = lin; d < DQK; d += TX * TY) {
+        qs[d] = static_cast<float>(q[bh * DQK + d]) * (SCALE_Q ? scale : 1.0f);
+        ks[d] = static_cast<float>(k[bh * DQK + d]) * (SCALE_Q ? 1.0f : scale);
+    }
+    SYNC();
+
+    // n' = f' n + i' k and the denominator's q . n' (block-wide sum)
+    float part = 0.0f;
+    for (int d = lin; d < DQK; d += TX * TY) {
+        const float nn = fa * n[bh * DQK + d] + ia * ks[d];
+        if (tile == 0) n_out[bh * DQK + d] = nn;
+        part += qs[d] * nn;
+    }
+    red[lin] = part;
+    SYNC();
+    for (int s = (TX * TY) / 2; s > 0; s >>= 1) {
+        if (lin < s) red[lin] += red[lin + s];
+        SYNC();
+    }
+    const float qn = red[0];
+    SYNC();
+    if (tile == 0 && lin == 0) m_out[bh] = m_new;
+
+    // C' = f' C + i' k v^T for column j, and the numerator q^T C'
+    float acc = 0.0f;
+    if (active) {
+        const float vj = ia * static_cast<float>(v[bh * DV + j]);
+        const size_t base = (size_t)bh * DQK * DV + j;
+        for (int d = ty; d < DQK; d += TY) {
+            const size_t idx = base + (size_t)d * DV;
+            const float c = fa * C[idx] + ks[d] * vj;
+            C_out[idx] = c;
+            acc += qs[d] * c;
+        }
+    }
+    red[lin] = acc;
+    SYNC();
+    if (ty == 0 && active) {
+        float num = 0.0f;
+        for (int r = 0; r < TY; ++r) num += red[r * TX + tx];
+        const float den = FMAX(FABS(qn), EXP(-m_new)) + eps[0];
+        h[bh * DV + j] = static_cast<T>(num / den);
+    }
+"""
+
+STEP_KERNEL = DeviceKernel(
+    "mad_mlstm_step",
+    inputs=["q", "k", "v", "ig", "fg", "C", "n", "m", "eps"],
+    outputs=["h", "C_out", "n_out", "m_out"],
+    body=STEP_BODY,
+)
+
+
+def mlstm_step_device(
+    q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array,
+    state: Optional[State] = None, eps: float = 1e-6, scale: str = "q", *,
+    backend: str = "cuda", poison: Optional[float] = None,
+) -> tuple[mx.array, State]:
+    """The fused step on `backend`; same arguments and results as `kernels.mlstm.mlstm_step`.
+
+    Raises Unsupported for inputs it does not handle (the dispatcher then runs the reference).
+    `poison` fills the outputs before the launch (tests check that every element is written).
+    """
+    _check_shapes(q, k, v, i, f)
+    B, NH, T, DQK = q.shape
+    DV = v.shape[-1]
+    if T != 1:
+        raise ValueError(f"mlstm_step needs T == 1, got T = {T}")
+    if scale not in ("q", "k") or DQK > MAX_DQK or q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype):
+        raise Unsupported(f"mlstm_step: scale={scale}, DQK={DQK}, dtypes {q.dtype}, {k.dtype}, {v.dtype}")
+    if state is None:
+        state = (mx.zeros((B, NH, DQK, DV), mx.float32), mx.zeros((B, NH, DQK), mx.float32),
+                 mx.zeros((B, NH), mx.float32))
+    C, n, m = (s.astype(mx.float32) for s in state)
+    rows = B * NH
+    h, C_new, n_new, m_new = STEP_KERNEL(
+        backend,
+        inputs=[q.reshape(rows, DQK), k.reshape(rows, DQK), v.reshape(rows, DV),
+                i.reshape(rows).astype(mx.float32), f.reshape(rows).astype(mx.float32),
+                C.reshape(rows, DQK, DV), n.reshape(rows, DQK), m.reshape(rows), mx.array([eps], mx.float32)],
+        template=[("T", v.dtype), ("DQK", DQK), ("DV", DV), ("TX", TX), ("TY", TY), ("SCALE_Q", scale == "q")],
+        grid=(math.ceil(DV / TX) * TX, rows * TY, 1),
+        threadgroup=(TX, TY, 1),
+        output_shapes=[(rows, DV), (rows, DQK, DV), (rows, DQK), (rows,)],
+        output_dtypes=[v.dtype, mx.float32, mx.float32, mx.float32],
+        init_value=poison,
+    )
+    return (h.reshape(B, NH, 1, DV),
+            (C_new.reshape(B, NH, DQK, DV), n_new.reshape(B, NH, DQK), m_new.reshape(B, NH)))
+
+
+def _variant(backend: str):
+    def run(*args, **kwargs):
+        return mlstm_step_device(*args, backend=backend, **kwargs)
+    return run
+
+
+register_kernel("mlstm_step", mlstm_step)
+for _backend in ("cuda", "metal"):
+    register_variant("mlstm_step", _backend, _variant(_backend))

@@ -1,0 +1,120 @@
+"""Kernel registry: every device kernel next to the pure-MLX reference it is tested against.
+
+A kernel is registered under a name with its reference function; device variants register for a
+backend ("cuda" or "metal") with the same call signature. `dispatch(name)` returns the function to
+call, chosen when a model is traced (never per step at run time):
+
+    policy "reference"  -> the reference, always (environment: MAD_KERNELS=reference)
+    policy "auto"       -> the variant of the backend that runs the default device when it is a
+                           GPU (mx.cuda.is_available() / mx.metal.is_available()), else the reference
+
+    from mad.kernels.registry import dispatch, use_reference
+    step = dispatch("mlstm_step")             # same signature as kernels.mlstm.mlstm_step
+    with use_reference():                     # force the reference (tests, debugging)
+        ...
+
+A variant may decline an input it does not support (a dtype, a too-large head) by raising
+`Unsupported`; `dispatch` then falls back to the reference for that call. The decision depends on
+shapes and dtypes only, so it is made once while tracing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional
+
+import mlx.core as mx
+
+__all__ = ["Unsupported", "register_kernel", "register_variant", "dispatch", "backend", "use_reference",
+           "set_policy", "policy", "kernels"]
+
+BACKENDS = ("cuda", "metal")
+
+
+class Unsupported(Exception):
+    """Raised by a device variant for inputs it does not handle; the reference runs instead."""
+
+
+@dataclass
+class Kernel:
+    name: str
+    reference: Callable
+    variants: dict[str, Callable] = field(default_factory=dict)
+
+
+_KERNELS: dict[str, Kernel] = {}
+_POLICY: dict[str, Optional[str]] = {"policy": None}  # None: from the environment
+
+
+def register_kernel(name: str, reference: Callable) -> Kernel:
+    """Register `reference` (pure MLX, runs everywhere) as kernel `name`."""
+    _KERNELS[name] = Kernel(name, reference)
+    return _KERNELS[name]
+
+
+def register_variant(name: str, backend_name: str, fn: Callable) -> None:
+    """Register a device variant of kernel `name` for backend "cuda" or "metal"."""
+    if backend_name not in BACKENDS:
+        raise ValueError(f"unknown backend {backend_name!r}; expected one of {BACKENDS}")
+    _KERNELS[name].variants[backend_name] = fn
+
+
+def kernels() -> dict[str, Kernel]:
+    return dict(_KERNELS)
+
+
+def policy() -> str:
+    """"reference" or "auto": set_policy() wins over the MAD_KERNELS environment variable."""
+    chosen = _POLICY["policy"] or os.environ.get("MAD_KERNELS", "auto")
+    if chosen not in ("auto", "reference"):
+        raise ValueError(f"MAD_KERNELS must be 'auto' or 'reference', got {chosen!r}")
+    return chosen
+
+
+def set_policy(value: Optional[str]) -> None:
+    """Set the policy for this process ("auto", "reference", or None to follow MAD_KERNELS)."""
+    if value not in (None, "auto", "reference"):
+        raise ValueError(f"kernel policy must be 'auto' or 'reference', got {value!r}")
+    _POLICY["policy"] = value
+
+
+@contextlib.contextmanager
+def use_reference(on: bool = True) -> Iterator[None]:
+    """Within the block, dispatch returns references (on=True) or follows "auto" (on=False)."""
+    before = _POLICY["policy"]
+    _POLICY["policy"] = "reference" if on else "auto"
+    try:
+        yield
+    finally:
+        _POLICY["policy"] = before
+
+
+def backend() -> Optional[str]:
+    """The device-kernel backend of the default device: "cuda", "metal", or None (CPU)."""
+    if mx.default_device() != mx.gpu:
+        return None
+    if mx.cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+def dispatch(name: str) -> Callable:
+    """The function to run kernel `name` with under the current policy and device."""
+    kernel = _KERNELS[name]
+    chosen = backend() if policy() == "auto" else None
+    variant = kernel.variants.get(chosen) if chosen else None
+    if variant is None:
+        return kernel.reference
+
+    def run(*args, **kwargs):
+        try:
+            return variant(*args, **kwargs)
+        except Unsupported:
+            return kernel.reference(*args, **kwargs)
+
+    run.__name__ = f"{name}[{chosen}]"
+    return run

@@ -1,0 +1,49 @@
+"""`mad bench`: the mlx_lm.benchmark output format, --json, and argument errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from yaml_files import cli
+
+from mad.kernels import registry
+
+
+@pytest.fixture(autouse=True)
+def restore_kernel_policy():
+    yield
+    registry.set_policy(None)  # --kernels sets it for the process
+
+TINY = "topologies/examples/tiny.yaml"
+
+
+def test_bench_text_output(monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "bench", TINY, "-p", "9", "-g", "3", "-n", "2", "--prefill-step", "4")
+    assert code == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] == "Running warmup.."
+    assert lines[1] == "Timing with prompt_tokens=9, generation_tokens=3, batch_size=1."
+    for i, line in enumerate(lines[2:4], 1):
+        assert line.startswith(f"Trial {i}:  prompt_tps=") and "generation_tps=" in line and "peak_memory=" in line
+    assert lines[4].startswith("Averages: prompt_tps=") and lines[5].startswith("Medians:  prompt_tps=")
+
+
+def test_bench_json(monkeypatch, capsys):
+    code, out, err = cli(monkeypatch, capsys, "bench", TINY, "-p", "5", "-g", "2", "-b", "3", "-n", "3", "--json",
+                         "--kernels", "reference", "--dtype", "bfloat16")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["batch_size"] == 3 and len(result["trials"]) == 3 and result["kernels"] == "reference"
+    assert result["dtype"] == "mlx.core.bfloat16"
+    for key in ("prompt_tps", "generation_tps", "peak_memory"):
+        values = sorted(t[key] for t in result["trials"])
+        assert result["medians"][key] == values[1] and values[0] > 0
+
+
+def test_bench_bad_arguments(monkeypatch, capsys):
+    for args, message in ((("-p", "0"), "--prompt-tokens must be at least 1"),
+                          (("--kernels", "fast"), "--kernels must be auto or reference"),
+                          (("-g", "-1"), "--generation-tokens must be at least 0")):
+        code, _, err = cli(monkeypatch, capsys, "bench", TINY, *args)
+        assert code == 2 and message in err and "Traceback" not in err
