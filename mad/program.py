@@ -6,13 +6,17 @@ happens only while MLX traces: at run time a call is one compiled function, with
 dispatch and no host synchronisation.
 
 State is a plain dict `{node: {name: array}}` of float32 arrays, owned by the recurrent nodes.
+
+With `fuse` on, sibling `linear` nodes that read the same value run as one matmul (`mad.passes`); the
+weights keep their per-node names and shapes for `parameters()` and `load_weights`.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal, Mapping
+from typing import Any, Callable, Literal, Mapping, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -21,10 +25,13 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .dims import Sym, shape_str
 from .errors import Diagnostics, MadError
 from .graph import Graph, check_state
+from .passes import FusedLinear, FusionGroup, find_sibling_linears
 
 Mode = Literal["auto", "step", "chunkwise", "parallel"]
 CompileMode = Literal["program", "stage", "none"]
+FuseMode = Union[bool, Literal["auto"]]
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
+FUSED = "<fused>"  # the key of the fused modules in `Program.root`; not a valid node name
 
 
 def dtype_of(name: str | mx.Dtype) -> mx.Dtype:
@@ -33,6 +40,27 @@ def dtype_of(name: str | mx.Dtype) -> mx.Dtype:
     if name not in DTYPES:
         raise MadError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})")
     return DTYPES[name]
+
+
+def fuse_enabled(fuse: FuseMode, device: mx.Device | None = None) -> bool:
+    """Whether sibling linears are fused: `MAD_FUSE=0` / `MAD_FUSE=1` in the environment forces it,
+    else True/False as given, and "auto" fuses on a GPU only.
+
+    Why "auto" is GPU-only: a batch-1 decode step on a GPU is bound by kernel launches, and one
+    matmul in place of six (an xLSTM layer's q, k, v, o, i, f) is what hand-fused weights give. On
+    the CPU (MLX's Linux wheel, reference BLAS) fusing measured no faster (see `benchmarks/bench_framework.py
+    --fuse`), so the graph runs as written there. Either way the outputs agree to rounding.
+    """
+    env = os.environ.get("MAD_FUSE", "")
+    if env:
+        if env not in ("0", "1"):
+            raise MadError(f"MAD_FUSE must be 0 or 1, got '{env}'")
+        return env == "1"
+    if fuse == "auto":
+        return (device or mx.default_device()).type == mx.DeviceType.gpu
+    if isinstance(fuse, bool):
+        return fuse
+    raise MadError(f"fuse must be True, False or 'auto', got {fuse!r}")
 
 
 @dataclass
@@ -52,9 +80,16 @@ class Program:
         graph: a checked graph (`mad.build_graph`).
         dtype: compute and weight dtype for float tensors; recurrent state stays float32.
         compile: "program" (one compiled function, the default), "stage" (one per stage) or "none".
+        fuse: run sibling `linear` nodes that read the same value as one matmul (`mad.passes`): True,
+            False or "auto" (on a GPU only; see `fuse_enabled`). `MAD_FUSE=0/1` overrides it.
+
+    Weights: `root` holds every node's module at the node's name (flattened names are weight names),
+    except fused nodes, whose weights live once, concatenated, in the `FusedLinear`s at `root["<fused>"]`.
+    `parameters()` and `load_weights()` always speak the per-node names and shapes.
     """
 
-    def __init__(self, graph: Graph, dtype: str | mx.Dtype = "float32", compile: CompileMode = "program"):
+    def __init__(self, graph: Graph, dtype: str | mx.Dtype = "float32", compile: CompileMode = "program",
+                 fuse: FuseMode = "auto"):
         self.graph = graph
         self.dtype = dtype_of(dtype)
         g = graph.g
@@ -63,20 +98,45 @@ class Program:
         self.reads = {n: g.nodes[n]["inputs"] for n in self.nodes}
         self.stateful = {n for n in self.nodes if g.nodes[n]["state"]}
         self._state_keys = graph.state_keys()  # checked on every call: keep the check cheap
-        # every node with weights sits at its fully qualified name: flattened names are weight names
+        self._inputs = [(name, len(t.shape), tuple((i, int(s)) for i, s in enumerate(t.shape) if not isinstance(s, Sym)),
+                         t.dtype) for name, t in graph.inputs.items()]  # for the fast path of `_check_inputs`
+
+        # sibling linears: `fusion_groups` are the candidates (listed in the plan), fused when `fused`
+        self.fuse = fuse
+        self.fused = fuse_enabled(fuse)
+        self._fuse_env = os.environ.get("MAD_FUSE") or None  # shown in the plan when it decided
+        self.fusion_groups: list[FusionGroup] = find_sibling_linears(graph)
+        self._group_of = {m: grp for grp in self.fusion_groups if self.fused for m in grp.members}
+        # the FusedLinear of each group, by its first member (where the group runs)
+        self._fused: dict[str, FusedLinear] = {
+            grp.members[0]: FusedLinear.from_modules(grp, [self._own_module(m) for m in grp.members])
+            for grp in self.fusion_groups if self.fused}
+
         self.root = nn.Module()
         for n in self.nodes:
-            if isinstance(self.fns[n], nn.Module):
+            if isinstance(self.fns[n], nn.Module) and n not in self._group_of:
                 self.root[n] = self.fns[n]
+        if self._fused:
+            self.root[FUSED] = list(self._fused.values())
         for n in self.nodes:
             tie = getattr(g.nodes[n]["spec"], "tie", None)
-            if tie:
+            if tie:  # never a fused node: the pass leaves tied nodes and their sources alone
                 self.fns[n].tie(self.fns[tie])
         if self.dtype != mx.float32:
             self.set_dtype(self.dtype)
         self.stages = self._plan()
         self.compile_mode = compile
         self._compiled: dict[Any, Callable] = {}
+
+    def _own_module(self, node: str) -> nn.Module:
+        """A new module for `node`, built from its spec as the graph built its own.
+
+        A fused program takes over its members' weights. It must not take them from the graph's
+        modules: every Program built on this graph shares those (an unfused one still runs them), and
+        they would keep a second copy of each weight alive once it is evaluated.
+        """
+        data = self.graph.g.nodes[node]
+        return data["spec"].build(*(self.graph.g.nodes[s]["type"] for s in data["inputs"]))
 
     # ------------------------------------------------------------------ plan
     def _plan(self) -> list[Stage]:
@@ -93,7 +153,8 @@ class Program:
         return stages
 
     def plan(self) -> dict:
-        """The stages as data (for `plan.json`)."""
+        """The stages as data (for `plan.json`), and the sibling linears run as one matmul
+        (`fuse.groups`: those the pass found; `fuse.enabled`: whether this program fuses them)."""
         return {
             "name": self.graph.name,
             "compile": self.compile_mode,
@@ -103,11 +164,24 @@ class Program:
                 for s in self.stages
             ],
             "outputs": self.graph.outputs,
+            "fuse": {"setting": self.fuse, "MAD_FUSE": self._fuse_env, "enabled": self.fused,
+                     "groups": [grp.describe() for grp in self.fusion_groups]},
         }
 
     # ------------------------------------------------------------------ weights
     def parameters(self) -> dict[str, mx.array]:
-        return dict(tree_flatten(self.root.parameters()))
+        """{weight name: array} by node, in execution order. A fused node's weight is a row slice (a
+        view) of its group's concatenated weight, under the node's own name and shape."""
+        fused: dict[str, mx.array] = {}
+        for module in self._fused.values():
+            fused.update(module.named_parameters())
+        out: dict[str, mx.array] = {}
+        for n in self.nodes:
+            if n in self._group_of:
+                out.update((k, fused[k]) for k in (f"{n}.weight", f"{n}.bias") if k in fused)
+            elif n in self.root:
+                out.update((f"{n}.{k}", v) for k, v in tree_flatten(self.root[n].parameters()))
+        return out
 
     def set_dtype(self, dtype: str | mx.Dtype) -> None:
         self.dtype = dtype_of(dtype)
@@ -133,12 +207,18 @@ class Program:
                         f"{tuple(own[k].shape)}")
         diags.raise_if_any()
         by_node: dict[str, list] = {}
+        by_group: dict[str, dict[str, mx.array]] = {}  # fused nodes' pieces, by the group's first member
         for k, v in weights.items():
             if k in own:
                 node = self._owner(k)
-                by_node.setdefault(node, []).append((k[len(node) + 1:], v.astype(self.dtype) if
-                                                     mx.issubdtype(v.dtype, mx.floating) else v))
+                v = v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v
+                if node in self._group_of:
+                    by_group.setdefault(self._group_of[node].members[0], {})[k] = v
+                else:
+                    by_node.setdefault(node, []).append((k[len(node) + 1:], v))
         self.root.update({n: tree_unflatten(items) for n, items in by_node.items()})
+        for first, pieces in by_group.items():
+            self._fused[first].load(pieces)  # one concatenated weight per group, built from the pieces
 
     def _owner(self, key: str) -> str:
         parts = key.split(".")
@@ -164,6 +244,11 @@ class Program:
     # ------------------------------------------------------------------ running
     def _run_nodes(self, nodes: list[str], env: dict, state: dict, new_state: dict, mode: str) -> None:
         for n in nodes:
+            group = self._group_of.get(n)
+            if group is not None:  # a fused group runs at its first member and yields every member's output
+                if n == group.members[0]:
+                    env.update(zip(group.members, self._fused[n](env[group.source])))
+                continue
             xs = [env[s] for s in self.reads[n]]
             if n in self.stateful:
                 env[n], new_state[n] = self.fns[n](*xs, state=None if mode == "parallel" else state[n], mode=mode)
@@ -186,6 +271,15 @@ class Program:
         return self._compiled[key]
 
     def _check_inputs(self, inputs: Any) -> dict[str, mx.array]:
+        """The inputs as {name: array} of the declared dtypes; every mistake reported at once.
+
+        Fast path (every decode step): one array or a dict holding exactly the inputs, already MLX
+        arrays of the right rank, fixed sizes and dtype, pass as they are. Anything else takes the
+        slow path below, which converts what it can and explains what it cannot.
+        """
+        fits = self._fitting_inputs(inputs)
+        if fits is not None:
+            return fits
         if not isinstance(inputs, Mapping):
             if len(self.graph.inputs) != 1:
                 raise MadError(f"this program takes named inputs: {', '.join(self.graph.inputs)}")
@@ -214,6 +308,27 @@ class Program:
         diags.raise_if_any()
         return out
 
+    def _fitting_inputs(self, inputs: Any) -> dict[str, mx.array] | None:
+        """`inputs` as {name: array} if they need no conversion and no check fails, else None."""
+        if type(inputs) is mx.array:
+            if len(self._inputs) != 1:
+                return None
+            inputs = {self._inputs[0][0]: inputs}
+        elif type(inputs) is not dict or len(inputs) != len(self._inputs):
+            return None
+        for name, ndim, fixed, dtype in self._inputs:
+            x = inputs.get(name)
+            if type(x) is not mx.array or x.ndim != ndim:
+                return None
+            want = mx.int32 if dtype == "int32" else mx.float32 if dtype == "float32" else self.dtype
+            if x.dtype != want:
+                return None
+            if fixed:
+                shape = x.shape
+                if any(shape[i] != size for i, size in fixed):
+                    return None
+        return inputs
+
     def trace(self, inputs: Any, state: dict | None = None, mode: Mode = "auto") -> dict[str, mx.array]:
         """Every node's output (uncompiled, lazy): for tests and debugging, not for speed."""
         inputs = self._check_inputs(inputs)
@@ -235,7 +350,10 @@ class Program:
                 state[n].keys() != names for n, names in self._state_keys.items()):
             check_state(self.graph, state)  # explains what is wrong
         if self.compile_mode != "stage":
-            return self._fn(mode, partial(self._program_fn, mode))(inputs, state)
+            fn = self._compiled.get(mode)
+            if fn is None:
+                fn = self._fn(mode, partial(self._program_fn, mode))
+            return fn(inputs, state)
         env = dict(inputs)
         new_state: dict = {}
         for stage in self.stages:
