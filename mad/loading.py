@@ -8,13 +8,14 @@ maps the checkpoint's weight names to node names when they differ. Loading is st
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
 
-from .errors import Diagnostics, MadError, Source
+from .errors import Diagnostic, Diagnostics, MadError, Source
 from .generate import LanguageModel
 from .graph import build_graph, check_state
 from .program import Program
@@ -99,14 +100,26 @@ def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "p
         kind = config.get("model_type", "unknown")
         known = ", ".join(f.name for f in FORMATS) or "none"
         raise MadError(f"unsupported model: model_type '{kind}' (MAD reads: {known})", Source(str(config_file)))
-    topology, overrides = fmt.topology(config)
+    with _located(config_file):
+        topology, overrides = fmt.topology(config)
     weights, file_dtype = read_safetensors(folder)
-    weights = fmt.sanitize(weights, config)
+    with _located(folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder):
+        weights = fmt.sanitize(weights, config)
     program = Program(build_graph(load_topology(topology, overrides)), dtype=dtype or file_dtype, compile=compile)
     program.load_weights(weights, where=str(folder))
     mx.eval(program.root.parameters())
     tokenizer = fmt.tokenizer(folder, config) if fmt.tokenizer else None
     return LanguageModel(program, tokenizer), tokenizer
+
+
+@contextmanager
+def _located(file: Path):
+    """Errors a format raises without a position point at `file` (the config or the weights)."""
+    try:
+        yield
+    except MadError as e:
+        raise MadError([d if d.source else Diagnostic(d.message, Source(str(file)), d.notes)
+                        for d in e.diagnostics]) from None
 
 
 def read_safetensors(folder: Path) -> tuple[dict[str, mx.array], str]:

@@ -111,3 +111,7 @@ register_format(CheckpointFormat(
     sanitize=xlstm_sanitize,
     tokenizer=hf_tokenizer,
 ))
+
+
+# the original xLSTM stack (NX-AI xLSTMLMModel folders) registers its own format
+import mad.topologies.nxai_format  # noqa: E402,F401
