@@ -54,7 +54,7 @@ FIELDS = {
 }
 FFN_ACTS = {"gelu": "gelu", "relu": "relu", "sigmoid": "sigmoid", "swish": "silu"}  # NX-AI name -> MAD `gate` act
 LN = "{type: layernorm, eps: 1.0e-5, bias: false, weight_offset: 1.0}"
-STACK = "nodes.xlstm_block_stack.blocks"
+STACK = "templates.xlstm_block_stack.nodes.blocks"
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -244,7 +244,7 @@ def nxai_topology(config: dict) -> tuple[Path, list[str]]:
     elif c.slstm_at:
         o.append(f"{STACK}.at={{slstm_block: {c.slstm_at}}}")
     if not c.post_norm:
-        o.append("nodes.xlstm_block_stack.post_blocks_norm={type: activation, act: identity}")
+        o.append("templates.xlstm_block_stack.nodes.post_blocks_norm={type: activation, act: identity}")
     if c.tie:
         o.append("nodes.lm_head.tie=token_embedding")
     return TOPOLOGY, o
