@@ -273,6 +273,8 @@ def bad_folder(tmp_path, text: str, name: str = "config.yaml", weights: dict | N
     ({"mlstm_block__mlstm__qkv_proj_blocksize": 7}, "mlstm_block.mlstm.qkv_proj_blocksize: 7 does not divide"),
     ({"slstm_block": None}, "slstm_at: sLSTM blocks at [1, 3] but slstm_block is not set"),
     ({"embedding_dim": "big"}, "embedding_dim: expected int, got 'big'"),
+    ({"mlstm_block__mlstm__proj_factor": 1.5, "mlstm_block__mlstm__round_proj_up_dim_up": False},
+     "mlstm_block.mlstm.proj_factor: the inner dim rounds to 0 (embedding_dim 24)"),
     ({"context_length": "${dataset.length}"}, "context_length: reference '${dataset.length}' names nothing"),
 ])
 def test_bad_configs_name_the_file_and_key(tmp_path, changes, message):

@@ -165,6 +165,9 @@ def parse_config(config: dict) -> NXAIConfig:
                             _num(layer, "round_proj_up_to_multiple_of", w, 64))
         mlstm = dict(heads=_num(layer, "num_heads", w, 4), inner=inner, qkv_block=_num(layer, "qkv_proj_blocksize", w, 4),
                      conv=_num(layer, "conv1d_kernel_size", w, 4))
+        if inner < 1:
+            raise MadError(f"{w}.proj_factor: the inner dim rounds to {inner} (embedding_dim {dim}); NX-AI cannot "
+                           "build it either")
         if mlstm["conv"] < 1:
             raise MadError(f"{w}.conv1d_kernel_size: {mlstm['conv']} is not supported (NX-AI's mLSTM layer cannot "
                            "build it either)")
@@ -199,6 +202,8 @@ def parse_config(config: dict) -> NXAIConfig:
                 raise MadError(f"{w}.ff_type: {f['ff_type']!r} is not supported (NX-AI knows only 'ffn_gated')")
             hidden = proj_up_dim(_num(f, "proj_factor", w, 1.3, float), dim, _flag(f, "round_proj_up_dim_up", w, True),
                                  _num(f, "round_proj_up_to_multiple_of", w, 64))
+            if hidden < 1:
+                raise MadError(f"{w}.proj_factor: the hidden dim rounds to {hidden} (embedding_dim {dim})")
             ffn = dict(hidden=hidden, act=FFN_ACTS[act], bias=_flag(f, "bias", w, False))
 
     at = m.get("slstm_at", [])

@@ -89,8 +89,11 @@ def build_model(mapping: dict):
     return xLSTMLMModel(make_config(mapping)).eval()
 
 
-def randomise_(model, seed: int = SEED) -> None:
-    """Re-randomise every parameter: std 0.1-0.5 weights, norms 1 +- 0.3 (stored w +- 0.3), spread gate biases."""
+def randomise_(model, seed: int = SEED, width_scale: float = 1.0) -> None:
+    """Re-randomise every parameter: std 0.1-0.5 weights, norms 1 +- 0.3 (stored w +- 0.3), spread gate biases.
+
+    `width_scale` multiplies the std of the wide projections (proj_up, proj_down, the FFN, the mLSTM gates); use
+    sqrt(24 / embedding_dim) to keep activations at this fixture's scale in wider models."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -111,7 +114,7 @@ def randomise_(model, seed: int = SEED) -> None:
             elif name.endswith("mlstm_cell.fgate.bias"):
                 val = uniform(shape, 0.0, 5.0)
             elif name.endswith(("mlstm_cell.igate.weight", "mlstm_cell.fgate.weight")):
-                val = normal(shape, 0.1)
+                val = normal(shape, 0.1 * width_scale)
             elif name.endswith("slstm_cell._bias_"):              # vanilla layout: gate-major (i, f, z, o)
                 nh, dh = model.config.slstm_block.slstm.num_heads, model.config.embedding_dim // \
                     model.config.slstm_block.slstm.num_heads
@@ -136,7 +139,7 @@ def randomise_(model, seed: int = SEED) -> None:
             elif name.endswith(".bias"):
                 val = normal(shape, 0.1)
             else:                                                 # proj_up, proj_down, ffn
-                val = normal(shape, 0.2)
+                val = normal(shape, 0.2 * width_scale)
             p.copy_(val)
 
 
@@ -169,7 +172,8 @@ def nxai_state_to_mad(model, state: dict) -> dict:
     for i, block in enumerate(model.xlstm_block_stack.blocks):
         st = state[f"block_{i}"]
         p = f"{STACK}.{i}.xlstm."
-        out[p + "conv1d/x"] = st["conv_state"][0][:, 1:]
+        if st.get("conv_state") is not None:  # None: conv1d_kernel_size 0
+            out[p + "conv1d/x"] = st["conv_state"][0][:, 1:]
         if "mlstm_state" in st:
             c, n, m = st["mlstm_state"]
             out[p + "mlstm_cell.cell/C"], out[p + "mlstm_cell.cell/n"] = c, n[..., 0]
