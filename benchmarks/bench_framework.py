@@ -20,8 +20,12 @@ Warm-up: 5 decode steps each; for the forward one full-length run each, or, when
 to take over 10 s (MLX's Linux CPU wheel), a full-length call that traces and compiles the graph
 without evaluating it, the kernels having been built by the evaluated 64-token prompt runs.
 
+`--fuse` picks the MAD program's sibling-linear fusion (`mad.passes`; `auto` = the Program default):
+`--fuse both` times three models interleaved, MAD unfused ("mad"), MAD fused ("mad-fused") and the
+hand-written one, all on the same weights, to measure what fusing gains on this machine.
+
     python benchmarks/bench_framework.py [--topology FILE] [--set dims.D=1024 ...] [--dtype float32]
-                                         [--trials 7] [--budget 120] [--json [PATH]]
+                                         [--fuse auto|on|off|both] [--trials 7] [--budget 120] [--json [PATH]]
 """
 
 from __future__ import annotations
@@ -40,6 +44,8 @@ import mlx.nn as nn
 
 import mad
 from mad.generate import LanguageModel
+from mad.graph import build_graph
+from mad.topology import load_topology
 from mad.kernels.mlstm import mlstm_sequence
 
 from common import interleave, write_json
@@ -258,10 +264,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="topology override, e.g. dims.D=1024 (repeatable)")
     ap.add_argument("--dtype", default="float32", choices=list(TOLERANCE))
+    ap.add_argument("--fuse", default="auto", choices=["auto", "on", "off", "both"],
+                    help="sibling-linear fusion of the MAD program; both: time MAD unfused and fused")
     ap.add_argument("--trials", type=int, default=7,
                     help="forwards per model (within --budget); decode takes 5x as many single steps")
     ap.add_argument("--budget", type=float, default=120.0,
-                    help="seconds for the timed forwards: fewer than --trials (at least 1) when a MAD+hand pair is "
+                    help="seconds for the timed forwards: fewer than --trials (at least 1) when one trial of every model is "
                          "estimated to take longer than budget/trials")
     ap.add_argument("--prompt", type=int, default=64, help="prompt length before the timed decode step")
     ap.add_argument("--seq", type=int, default=512, help="length of the timed forward")
@@ -270,7 +278,12 @@ def main(argv: Optional[list[str]] = None) -> dict:
     a = ap.parse_args(argv)
 
     t_start = time.perf_counter()
-    program = mad.build(a.topology, a.overrides, dtype=a.dtype)
+    fuse = {"auto": "auto", "on": True, "off": False, "both": False}[a.fuse]
+
+    def build(fuse) -> mad.Program:
+        return mad.Program(build_graph(load_topology(a.topology, a.overrides)), dtype=a.dtype, fuse=fuse)
+
+    program = build(fuse)
     randomise(program, a.seed)
     mad_lm = LanguageModel(program)
     args = args_from_program(program)
@@ -284,12 +297,22 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"heads={args.num_heads} vocab={args.vocab_size}, {a.dtype}, mlx {mx.__version__} on {mx.default_device()}",
           file=log)
 
-    check = check_same(mad_lm, hand, args.vocab_size, a.dtype)
-    print(f"same computation: max |logits diff| prefill {check['prefill_logits']:.2e}, decode "
-          f"{check['decode_logits']:.2e}, state {check['state']:.2e} (|logits| up to {check['logit_scale']:.1f})",
-          file=log)
-
-    models = {"mad": mad_lm, "hand": hand}
+    models = {"mad": mad_lm}
+    if a.fuse == "both":
+        fused = build(True)
+        fused.load_weights(program.parameters())
+        mx.eval(fused.root.parameters())
+        models["mad-fused"] = LanguageModel(fused)
+    for name, m in models.items():
+        groups = len(m.program.fusion_groups) if m.program.fused else 0
+        print(f"{name}: fuse={m.program.fuse} -> {groups} fused groups", file=log)
+    check = {}
+    for name, m in models.items():
+        check[name] = c = check_same(m, hand, args.vocab_size, a.dtype)
+        print(f"{name} vs hand, same computation: max |logits diff| prefill {c['prefill_logits']:.2e}, decode "
+              f"{c['decode_logits']:.2e}, state {c['state']:.2e} (|logits| up to {c['logit_scale']:.1f})", file=log)
+    check = check["mad"] if len(check) == 1 else check
+    models["hand"] = hand
     mx.random.seed(a.seed + 1)
     prompt = mx.random.randint(0, args.vocab_size, (1, a.prompt)).astype(mx.int32)
     seq = mx.random.randint(0, args.vocab_size, (1, a.seq)).astype(mx.int32)
@@ -334,10 +357,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
         for m in models.values():  # above already built the same (chunkwise) kernels
             m(seq)
         warmup = f"full-length trace (not evaluated) + the evaluated {a.prompt}-token prompt runs"
-    n_forward = max(1, min(a.trials, int(a.budget // (2 * est))))
+    n_forward = max(1, min(a.trials, int(a.budget // (len(models) * est))))
     forward_times = interleave(forward, n_forward)
 
     results = {"model": program.graph.name, "topology": a.topology, "overrides": a.overrides, "dtype": a.dtype,
+               "fuse": {name: m.program.fused for name, m in models.items() if name != "hand"},
                "params": n_params, "mlx": mx.__version__, "device": str(mx.default_device()),
                "machine": platform.machine(), "check": check, "benchmarks": {}}
     rows = []
@@ -347,20 +371,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
         entry = {k: {"median_ms": med[k] * 1e3, "tokens_per_s": tokens / med[k] if tokens else None,
                      "trials": len(times[k]), "min_ms": min(times[k]) * 1e3} for k in times}
         entry["ratio_mad_over_hand"] = med["mad"] / med["hand"]
+        if "mad-fused" in med:
+            entry["ratio_fused_over_hand"] = med["mad-fused"] / med["hand"]
+            entry["ratio_fused_over_unfused"] = med["mad-fused"] / med["mad"]
         results["benchmarks"][bench] = entry
         rows.append((bench, entry))
     results["forward_warmup"] = warmup
     results["runtime_s"] = time.perf_counter() - t_start
 
-    print(f"\n{'benchmark':<12} {'model':<6} {'median ms':>10} {'min ms':>9} {'tokens/s':>10} {'trials':>6}"
+    print(f"\n{'benchmark':<12} {'model':<10} {'median ms':>10} {'min ms':>9} {'tokens/s':>10} {'trials':>6}"
           f" {'MAD/hand':>9}", file=log)
     for bench, entry in rows:
-        for k, label in (("mad", "MAD"), ("hand", "hand")):
+        for k in models:
             e = entry[k]
-            ratio = f"{entry['ratio_mad_over_hand']:.3f}" if k == "mad" else ""
+            ratio = f"{e['median_ms'] / entry['hand']['median_ms']:.3f}" if k != "hand" else ""
             tps = f"{e['tokens_per_s']:.1f}" if e["tokens_per_s"] else "-"
-            print(f"{bench:<12} {label:<6} {e['median_ms']:>10.3f} {e['min_ms']:>9.3f} {tps:>10}"
+            label = {"mad": "MAD", "mad-fused": "MAD fused"}.get(k, k)
+            print(f"{bench:<12} {label:<10} {e['median_ms']:>10.3f} {e['min_ms']:>9.3f} {tps:>10}"
                   f" {e['trials']:>6} {ratio:>9}", file=log)
+        if "ratio_fused_over_unfused" in entry:
+            print(f"{bench:<12} fused/unfused {entry['ratio_fused_over_unfused']:.3f}", file=log)
     print(f"(decode: one T=1 step after a {a.prompt}-token prompt, batch 1, evaluated; decode call: the same call "
           f"on the host only, nothing evaluated; forward: {a.seq} tokens, batch 1, warm-up: {warmup}; "
           f"total {results['runtime_s']:.0f} s)", file=log)

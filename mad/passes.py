@@ -23,7 +23,8 @@ A node joins a group when
     a subclass might compute something else, so it is left alone),
   - it is not tied (`tie:` reads another node's weight) and no node ties to it (its weight is someone
     else's too), and
-  - it runs in the same stage as the others (a compiled stage can only produce its own nodes).
+  - with `by_stage` (a Program compiled stage by stage), it runs in the same stage as the others: a
+    compiled stage can only produce its own nodes. A whole-program compile fuses across stages.
 Reading exactly the same value implies the same input width. Other block types that read the same
 value (a norm, a `swiglu` with its own projections inside) are not touched: their weights are internal
 to their module, not separate nodes of the graph.
@@ -45,7 +46,6 @@ class FusionGroup:
     """Sibling `linear` nodes computed as one matmul. Members are in execution order."""
 
     source: str                          # the value every member reads (a node or a graph input)
-    stage: str
     members: tuple[str, ...]
     widths: tuple[int, ...]              # each member's output size (rows of its weight)
     d_in: int
@@ -63,7 +63,7 @@ class FusionGroup:
 
     def describe(self) -> dict:
         """The group as data (for `plan.json`)."""
-        return {"input": self.source, "stage": self.stage, "nodes": list(self.members),
+        return {"input": self.source, "nodes": list(self.members),
                 "out": list(self.widths), "in": self.d_in}
 
 
@@ -88,22 +88,24 @@ def fusable_linears(graph: Graph) -> list[str]:
     return out
 
 
-def find_sibling_linears(graph: Graph) -> list[FusionGroup]:
-    """Groups of >= 2 fusable linear nodes that read the same value in the same stage.
+def find_sibling_linears(graph: Graph, by_stage: bool = False) -> list[FusionGroup]:
+    """Groups of >= 2 fusable linear nodes that read the same value (and, with `by_stage`, run in
+    the same stage).
 
-    Groups are listed in the order of their first member; members in execution order.
+    Groups are listed in the order of their first member; members in execution order. A group runs
+    where its first member would: every member only needs the shared input, computed before that.
     """
     g = graph.g
-    by_source: dict[tuple[str, str], list[str]] = {}
+    by_source: dict[tuple[str, str | None], list[str]] = {}
     for n in fusable_linears(graph):  # graph.blocks() order = execution order
-        by_source.setdefault((g.nodes[n]["inputs"][0], g.nodes[n]["stage"]), []).append(n)
+        by_source.setdefault((g.nodes[n]["inputs"][0], g.nodes[n]["stage"] if by_stage else None), []).append(n)
     groups = []
-    for (source, stage), members in by_source.items():
+    for (source, _), members in by_source.items():
         if len(members) < 2:
             continue
         modules = [g.nodes[m]["module"] for m in members]
         groups.append(FusionGroup(
-            source=source, stage=stage, members=tuple(members),
+            source=source, members=tuple(members),
             widths=tuple(int(m.weight.shape[0]) for m in modules), d_in=int(modules[0].weight.shape[1]),
             bias=tuple("bias" in m for m in modules), softcap=tuple(m._cap or None for m in modules)))
     return groups
@@ -112,15 +114,23 @@ def find_sibling_linears(graph: Graph) -> list[FusionGroup]:
 class FusedLinear(nn.Module):
     """One `FusionGroup` as one matmul: `x -> [y_1, ..., y_n]`, the members' outputs in order.
 
-    Parameters: `weight` [sum of widths, d_in], the members' weights stacked by rows, and `bias`
-    {member index: [width]} for the members that have one. Biases and soft-caps are applied per slice,
-    so members with and without them fuse together.
+    The matmul is a `LinearModule` (`self.linear`, no soft-cap) over the concatenation, so it computes
+    exactly what each member's own `linear` would (the same matmul kernel, the same bias handling),
+    only for all members at once. Its parameters: `linear.weight` [sum of widths, d_in], the members'
+    weights stacked by rows, and, when any member has a bias, `linear.bias` [sum of widths], the
+    members' biases end to end with zeros for the members without one. The bias is added as `linear`
+    adds it (inside `addmm`), so each output is rounded once, as unfused (an add after a bfloat16
+    matmul would round twice), and adding zero changes nothing for the members without a bias.
+    Soft-caps apply per member, to its slice of the output.
     """
 
     def __init__(self, group: FusionGroup, weights: list[mx.array], biases: dict[int, mx.array]):
         super().__init__()
-        self.weight = mx.concatenate(weights, axis=0)
-        self.bias = {str(i): b for i, b in biases.items()}
+        self.linear = _basic().LinearModule(group.d_in, sum(group.widths), bool(biases), None, False)
+        self.linear.weight = mx.concatenate(weights, axis=0)  # replaces the (lazy, never evaluated) init
+        if biases:
+            self.linear.bias = mx.concatenate([biases[i] if i in biases else mx.zeros((w,), weights[0].dtype)
+                                               for i, w in enumerate(group.widths)])
         self.group = group  # a frozen dataclass: kept as a plain attribute, not a parameter
 
     @classmethod
@@ -130,33 +140,26 @@ class FusedLinear(nn.Module):
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         softcap = _basic().softcap
-        y = x @ self.weight.T
-        parts = mx.split(y, [stop for _, stop in self.group.bounds[:-1]], axis=-1)
-        outs = []
-        for i, part in enumerate(parts):
-            if self.group.bias[i]:
-                part = part + self.bias[str(i)]
-            cap = self.group.softcap[i]
-            outs.append(softcap(part, cap) if cap else part)
-        return outs
+        parts = mx.split(self.linear(x), [stop for _, stop in self.group.bounds[:-1]], axis=-1)
+        return [softcap(part, cap) if cap else part for part, cap in zip(parts, self.group.softcap)]
 
     # ------------------------------------------------------------------ the members' names
     def named_parameters(self) -> dict[str, mx.array]:
-        """{member.weight: row slice of `weight` (a view), member.bias: bias} in member order."""
+        """{member.weight, member.bias (if it has one): slices (views) of the concatenations}, in
+        member order: the members' own names and shapes."""
         out = {}
-        for i, (member, (start, stop)) in enumerate(zip(self.group.members, self.group.bounds)):
-            out[f"{member}.weight"] = self.weight[start:stop]
-            if self.group.bias[i]:
-                out[f"{member}.bias"] = self.bias[str(i)]
+        for member, (start, stop), has_bias in zip(self.group.members, self.group.bounds, self.group.bias):
+            out[f"{member}.weight"] = self.linear.weight[start:stop]
+            if has_bias:
+                out[f"{member}.bias"] = self.linear.bias[start:stop]
         return out
 
     def load(self, pieces: dict[str, mx.array]) -> None:
-        """Replace members' weights/biases by `{member.weight | member.bias: array}` (shapes checked by
-        the caller). Members not in `pieces` keep their current values."""
-        current = self.named_parameters()
-        if any(f"{m}.weight" in pieces for m in self.group.members):
-            self.weight = mx.concatenate([pieces.get(f"{m}.weight", current[f"{m}.weight"])
-                                          for m in self.group.members], axis=0)
-        for i, member in enumerate(self.group.members):
-            if f"{member}.bias" in pieces:
-                self.bias[str(i)] = pieces[f"{member}.bias"]
+        """Take the members' weights/biases from `{member.weight | member.bias: array}` (names and
+        shapes checked by the caller): the concatenations are rebuilt from them. Members not in
+        `pieces` keep their current values (and members without a bias their zeros)."""
+        for name in ("weight", "bias"):
+            if any(f"{m}.{name}" in pieces for m in self.group.members):
+                current = self.linear[name]
+                self.linear[name] = mx.concatenate([pieces.get(f"{m}.{name}", current[start:stop])
+                                                    for m, (start, stop) in zip(self.group.members, self.group.bounds)])

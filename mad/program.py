@@ -105,7 +105,7 @@ class Program:
         self.fuse = fuse
         self.fused = fuse_enabled(fuse)
         self._fuse_env = os.environ.get("MAD_FUSE") or None  # shown in the plan when it decided
-        self.fusion_groups: list[FusionGroup] = find_sibling_linears(graph)
+        self.fusion_groups: list[FusionGroup] = find_sibling_linears(graph, by_stage=compile == "stage")
         self._group_of = {m: grp for grp in self.fusion_groups if self.fused for m in grp.members}
         # the FusedLinear of each group, by its first member (where the group runs)
         self._fused: dict[str, FusedLinear] = {
