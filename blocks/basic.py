@@ -8,6 +8,8 @@ from typing import Callable, Literal, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
+from mad.kernels.linear_device import matmul_wt
+from mad.kernels.registry import dispatch
 from mad.block import (Block, Dim, OptDim, ShapeError, TensorType, expect_float, expect_last, register, same_types,
                        with_last)
 
@@ -63,7 +65,13 @@ class LinearModule(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         w = self._tied_weight() if self._tied_weight is not None else self.weight
-        y = mx.addmm(self.bias, x, w.T) if "bias" in self else x @ w.T
+        matmul = dispatch("matmul_wt")  # a decode-sized device kernel where there is one
+        if "bias" in self and matmul is matmul_wt:
+            y = mx.addmm(self.bias, x, w.T)
+        else:
+            y = matmul(x, w)
+            if "bias" in self:
+                y = y + self.bias
         return softcap(y, self._cap) if self._cap else y
 
 

@@ -12,6 +12,9 @@ Macros a body may use:
     SHARED                        storage class of block-shared arrays: `SHARED float buf[256];`
     SYNC()                        barrier over the block, shared memory visible after it
     EXP LOG LOG1P SQRT FABS FMAX FMIN   float math
+    WARP_SUM(v)                   sum of v over the 32 lanes of a warp (SIMD-group), in every lane
+    load8(ptr, out)               out[0..7] = float(ptr[0..7]) (16-byte loads for 2-byte types on CUDA;
+                                  ptr 16-byte aligned)
 Inputs and outputs are flat, row-contiguous arrays named as given; template arguments become
 compile-time constants (ints, bools) or type aliases (dtypes), as in MLX's custom kernels. The grid
 is counted in threads, as in MLX.
@@ -39,6 +42,26 @@ CUDA_PREAMBLE = """
 #define FABS(x) fabsf(x)
 #define FMAX(a, b) fmaxf(a, b)
 #define FMIN(a, b) fminf(a, b)
+
+__device__ inline float WARP_SUM(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+template <typename U> __device__ inline void load8(const U* p, float* out) {
+    if constexpr (sizeof(U) == 2) {
+        const uint4 raw = *reinterpret_cast<const uint4*>(p);
+        const U* h = reinterpret_cast<const U*>(&raw);
+#pragma unroll
+        for (int e = 0; e < 8; ++e) out[e] = static_cast<float>(h[e]);
+    } else {
+        const float4 a = *reinterpret_cast<const float4*>(p);
+        const float4 b = *reinterpret_cast<const float4*>(p + 4);
+        out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+        out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    }
+}
 """
 
 METAL_PREAMBLE = """
@@ -57,6 +80,13 @@ METAL_PREAMBLE = """
 #define FABS(x) metal::fabs(x)
 #define FMAX(a, b) metal::fmax(a, b)
 #define FMIN(a, b) metal::fmin(a, b)
+#define WARP_SUM(v) metal::simd_sum(v)
+"""
+
+METAL_HEADER = """
+template <typename U> inline void load8(const device U* p, thread float* out) {
+    for (int e = 0; e < 8; ++e) out[e] = static_cast<float>(p[e]);
+}
 """
 
 
@@ -69,7 +99,7 @@ def kernel_source(backend: str, body: str) -> tuple[str, str]:
     if backend == "cuda":
         return CUDA_PREAMBLE, body
     if backend == "metal":
-        return "", METAL_PREAMBLE + body
+        return METAL_HEADER, METAL_PREAMBLE + body
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -29,6 +29,8 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from .registry import dispatch, register_kernel
+
 State = Tuple[mx.array, mx.array, mx.array]
 
 __all__ = ["State", "mlstm_step", "mlstm_chunkwise", "mlstm_parallel", "mlstm_sequence"]
@@ -142,9 +144,31 @@ def _chunk_states(
     C_loc = k_gated.swapaxes(-1, -2) @ vc.astype(_F32)          # (B, NH, NC, DQK, DV)
     n_loc = mx.sum(k_gated, axis=-2)                            # (B, NH, NC, DQK)
 
+    inputs, final = dispatch("mlstm_chunk_recurrence")(C_loc, n_loc, g, a_max, state)
+    return inputs, final
+
+
+def chunk_recurrence(
+    C_loc: mx.array, n_loc: mx.array, g: mx.array, a_max: mx.array, state: State,
+) -> Tuple[State, State]:
+    """The elementwise recurrence over chunks (kernel "mlstm_chunk_recurrence"; reference).
+
+        m_c = max(g_c + m_{c-1}, a_max_c)
+        C_c = exp(g_c + m_{c-1} - m_c) C_{c-1} + exp(a_max_c - m_c) C_loc_c      (n_c likewise)
+
+    Args:
+        C_loc: Chunk sums (B, NH, NC, DQK, DV) float32, stabilised by a_max.
+        n_loc: Chunk sums (B, NH, NC, DQK) float32.
+        g: Total log decay of each chunk (B, NH, NC).
+        a_max: Chunk-local stabilisers (B, NH, NC).
+        state: (C, n, m) before the first chunk.
+
+    Returns:
+        The states entering each chunk, stacked on axis 2, and the state after the last chunk.
+    """
     C, n, m = state
     C_in, n_in, m_in = [], [], []
-    for c in range(b.shape[2]):                                 # short loop, elementwise only
+    for c in range(g.shape[2]):                                 # short loop, elementwise only
         C_in.append(C)
         n_in.append(n)
         m_in.append(m)
@@ -345,3 +369,7 @@ def mlstm_sequence(
                                        chunk_size=L, eps=eps, scale="none")
             hs.append(h)
     return (hs[0] if len(hs) == 1 else mx.concatenate(hs, axis=2)), state
+
+
+register_kernel("mlstm_step", mlstm_step)
+register_kernel("mlstm_chunk_recurrence", chunk_recurrence)

@@ -20,7 +20,7 @@ import mlx.core as mx
 
 from .device import DeviceKernel
 from .mlstm import State, _check_shapes, mlstm_step
-from .registry import Unsupported, register_kernel, register_variant
+from .registry import Unsupported, register_variant
 
 TX, TY = 32, 8          # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
 MAX_DQK = 1024          # q and k are staged in shared memory
@@ -137,12 +137,78 @@ def mlstm_step_device(
             (C_new.reshape(B, NH, DQK, DV), n_new.reshape(B, NH, DQK), m_new.reshape(B, NH)))
 
 
+RECURRENCE_BODY = """
+    // one thread per element of the (DQK, W) state of one (batch, head); loops over the chunks
+    const int bh = BLOCK_Y;
+    const int e = BLOCK_X * THREADS + THREAD_X;     // element of the state
+    float m = m0[bh];
+    float s = e < SIZE ? s0[(size_t)bh * SIZE + e] : 0.0f;
+    for (int c = 0; c < NC; ++c) {
+        const size_t at = ((size_t)bh * NC + c) * SIZE + e;
+        if (e < SIZE) s_in[at] = s;
+        if (e == 0 && WRITE_M) m_in[bh * NC + c] = m;
+        const float gc = g[bh * NC + c], ac = a_max[bh * NC + c];
+        const float m_new = FMAX(gc + m, ac);
+        if (e < SIZE) s = EXP(gc + m - m_new) * s + EXP(ac - m_new) * s_loc[at];
+        m = m_new;
+    }
+    if (e < SIZE) s_out[(size_t)bh * SIZE + e] = s;
+    if (e == 0 && WRITE_M) m_out[bh] = m;
+"""
+
+RECURRENCE_KERNEL = DeviceKernel(
+    "mad_mlstm_chunk_recurrence",
+    inputs=["s_loc", "g", "a_max", "s0", "m0"],
+    outputs=["s_in", "s_out", "m_in", "m_out"],
+    body=RECURRENCE_BODY,
+)
+THREADS = 256
+
+
+def _recurrence(s_loc: mx.array, g: mx.array, a_max: mx.array, s0: mx.array, m0: mx.array, write_m: bool,
+                backend: str, poison: Optional[float]) -> list[mx.array]:
+    """One launch over a stacked state s_loc (B, NH, NC, *shape) -> s_in, s_out (and m_in, m_out)."""
+    B, NH, NC = g.shape
+    shape = s_loc.shape[3:]
+    size = math.prod(shape)
+    rows = B * NH
+    outs = RECURRENCE_KERNEL(
+        backend,
+        inputs=[s_loc.reshape(rows, NC, size), g.reshape(rows, NC), a_max.reshape(rows, NC),
+                s0.reshape(rows, size), m0.reshape(rows)],
+        template=[("NC", NC), ("SIZE", size), ("THREADS", THREADS), ("WRITE_M", write_m)],
+        grid=(math.ceil(size / THREADS) * THREADS, rows, 1), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(rows, NC, size), (rows, size), (rows, NC), (rows,)],
+        output_dtypes=[mx.float32] * 4, init_value=poison,
+    )
+    return [outs[0].reshape(B, NH, NC, *shape), outs[1].reshape(B, NH, *shape),
+            outs[2].reshape(B, NH, NC), outs[3].reshape(B, NH)]
+
+
+def chunk_recurrence_device(C_loc: mx.array, n_loc: mx.array, g: mx.array, a_max: mx.array, state: State, *,
+                            backend: str = "cuda", poison: Optional[float] = None) -> tuple[State, State]:
+    """The inter-chunk state recurrence in one launch for C and one for n (same results as
+    `kernels.mlstm.chunk_recurrence`)."""
+    C, n, m = (x.astype(mx.float32) for x in state)
+    if C_loc.dtype != mx.float32 or n_loc.dtype != mx.float32:
+        raise Unsupported("chunk sums must be float32")
+    C_in, C_out, m_in, m_out = _recurrence(C_loc, g, a_max, C, m, True, backend, poison)
+    n_in, n_out, _, _ = _recurrence(n_loc, g, a_max, n, m, False, backend, poison)
+    return (C_in, n_in, m_in), (C_out, n_out, m_out)
+
+
+def _recurrence_variant(backend: str):
+    def run(*args, **kwargs):
+        return chunk_recurrence_device(*args, backend=backend, **kwargs)
+    return run
+
+
 def _variant(backend: str):
     def run(*args, **kwargs):
         return mlstm_step_device(*args, backend=backend, **kwargs)
     return run
 
 
-register_kernel("mlstm_step", mlstm_step)
 for _backend in ("cuda", "metal"):
     register_variant("mlstm_step", _backend, _variant(_backend))
+    register_variant("mlstm_chunk_recurrence", _backend, _recurrence_variant(_backend))

@@ -8,14 +8,17 @@ poisoned (NaN) before the launch so that an unwritten element fails.
 
 from __future__ import annotations
 
+import re
+
 import mlx.core as mx
 import numpy as np
 import pytest
 
 from mad.kernels import registry
-from mad.kernels.device import CUDA_PREAMBLE, METAL_PREAMBLE, kernel_source
-from mad.kernels.mlstm import mlstm_step
-from mad.kernels.mlstm_device import STEP_BODY, mlstm_step_device
+from mad.kernels.device import CUDA_PREAMBLE, METAL_HEADER, METAL_PREAMBLE, kernel_source
+from mad.kernels.mlstm import chunk_recurrence, mlstm_sequence, mlstm_step
+from mad.kernels.linear_device import matmul_wt_device
+from mad.kernels.mlstm_device import STEP_BODY, chunk_recurrence_device, mlstm_step_device
 
 GPU = "cuda" if mx.cuda.is_available() else ("metal" if mx.metal.is_available() else None)
 needs_gpu = pytest.mark.skipif(GPU is None, reason="needs MLX with a CUDA or Metal GPU")
@@ -91,10 +94,12 @@ def test_cuda_and_metal_share_the_body():
     cuda_header, cuda_src = kernel_source("cuda", STEP_BODY)
     metal_header, metal_src = kernel_source("metal", STEP_BODY)
     assert cuda_src == STEP_BODY and metal_src.endswith(STEP_BODY)
-    assert cuda_header == CUDA_PREAMBLE and metal_src == METAL_PREAMBLE + STEP_BODY and metal_header == ""
-    # the preambles define the same macros
-    names = lambda text: sorted(line.split()[1].split("(")[0] for line in text.splitlines() if line.startswith("#define"))
-    assert names(CUDA_PREAMBLE) == names(METAL_PREAMBLE)
+    assert cuda_header == CUDA_PREAMBLE and metal_src == METAL_PREAMBLE + STEP_BODY and metal_header == METAL_HEADER
+    # the preambles define the same names (as macros or functions)
+    def names(text):
+        found = {line.split()[1].split("(")[0] for line in text.splitlines() if line.startswith("#define")}
+        return found | set(re.findall(r"inline (?:void|float) (\w+)\(", text))
+    assert names(CUDA_PREAMBLE) == names(METAL_PREAMBLE + METAL_HEADER)
 
 
 # ------------------------------------------------------------------------------------ device kernels
@@ -156,3 +161,66 @@ def test_model_decode_uses_the_kernel_and_matches_the_reference(tmp_path):
         finally:
             registry.set_policy(None)
     assert rel_err(logits["auto"], logits["reference"]) < 1e-4
+
+
+@needs_gpu
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 333), (3, 64, 7), (8, 1000, 4096), (2, 10944, 129), (1, 8, 1)])
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2), (mx.float16, 1e-2)])
+def test_matmul_wt_kernel_matches_reference(M, K, N, dtype, tol):
+    rng = np.random.default_rng(M * 7 + K + N)
+    x = mx.array(rng.normal(0, 1, (M, K)).astype(np.float32)).astype(dtype)
+    w = mx.array(rng.normal(0, 0.05, (N, K)).astype(np.float32)).astype(dtype)
+    y = matmul_wt_device(x, w, backend=GPU, poison=float("nan"))
+    with mx.stream(mx.cpu):
+        ref = x.astype(mx.float32) @ w.astype(mx.float32).T
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert rel_err(y, ref) < tol
+    y3 = matmul_wt_device(x.reshape(1, M, K), w, backend=GPU)  # leading dims are flattened
+    assert y3.shape == (1, M, N) and rel_err(y3[0], ref) < tol
+
+
+@needs_gpu
+def test_matmul_wt_declines_what_it_does_not_handle():
+    w = mx.random.normal((16, 24))
+    for x in (mx.random.normal((9, 24)), mx.random.normal((2, 24)).astype(mx.bfloat16)):
+        with pytest.raises(registry.Unsupported):
+            matmul_wt_device(x, w, backend=GPU)
+        assert rel_err(registry.dispatch("matmul_wt")(x, w), x.astype(mx.float32) @ w.T) < 1e-2
+
+
+@needs_gpu
+@pytest.mark.parametrize("B,NH,NC,DQK,DV", [(2, 3, 5, 33, 70), (1, 8, 64, 256, 512), (3, 2, 1, 64, 64)])
+def test_chunk_recurrence_kernel_matches_reference(B, NH, NC, DQK, DV):
+    rng = np.random.default_rng(B + NH + NC + DQK)
+    arr = lambda *shape, s=1.0, mu=0.0: mx.array(rng.normal(mu, s, shape).astype(np.float32))
+    C_loc, n_loc = arr(B, NH, NC, DQK, DV), arr(B, NH, NC, DQK)
+    g, a_max = arr(B, NH, NC, s=2.0, mu=-1.0), arr(B, NH, NC, s=3.0)
+    state = (arr(B, NH, DQK, DV), arr(B, NH, DQK), arr(B, NH, s=2.0))
+    got = chunk_recurrence_device(C_loc, n_loc, g, a_max, state, backend=GPU, poison=float("nan"))
+    with mx.stream(mx.cpu):
+        want = chunk_recurrence(C_loc, n_loc, g, a_max, state)
+        mx.eval(want)
+    for got_part, want_part in zip(got, want):
+        for a, b in zip(got_part, want_part):
+            assert a.shape == b.shape and rel_err(a, b) < 1e-5
+
+
+@needs_gpu
+@pytest.mark.parametrize("T,chunk", [(200, 64), (77, 16), (128, 128)])
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2)])
+def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol):
+    rng = np.random.default_rng(T + chunk)
+    B, NH, DQK, DV = 2, 4, 64, 96
+    qkv, _, state = step_inputs(rng, B, NH, DQK, DV, dtype)
+    q, k, v = (mx.array(rng.normal(0, s, (B, NH, T, d)).astype(np.float32)).astype(dtype)
+               for s, d in ((1.0, DQK), (0.7, DQK), (0.5, DV)))
+    i = mx.array(rng.normal(0, 3, (B, NH, T)).astype(np.float32))
+    f = mx.array(rng.normal(2, 2, (B, NH, T)).astype(np.float32))
+    for given in (state, None):
+        h, final = mlstm_sequence(q, k, v, i, f, given, chunk_size=chunk)
+        with mx.stream(mx.cpu):
+            h_ref, final_ref = mlstm_sequence(*(x.astype(mx.float32) for x in (q, k, v)), i, f, given, chunk_size=chunk)
+            mx.eval(h_ref, final_ref)
+        assert rel_err(h, h_ref) < tol
+        for a, b in zip(final, final_ref):
+            assert rel_err(a, b) < (1e-5 if dtype == mx.float32 else 1e-2)

@@ -1,0 +1,121 @@
+"""Where does a GPU decode step of the xLSTM-7B shape spend its time? Variant timings, no profiler.
+
+Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 state):
+  mad            the MAD-built model, a compiled step, evaluated every step
+  mad-async      the same, double-buffered as in `mad bench` (the next step queued before reading)
+  mad-call       host time of one call alone (graph replay, no evaluation)
+  matmuls        only the weight matmuls of the 7B step (same shapes, same count), compiled: the
+                 bandwidth floor plus launch gaps, without anything else
+  bytes-floor    weight bytes (+ float32 state read and written) / measured copy bandwidth
+Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU machine:
+
+    python benchmarks/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import mlx.core as mx
+
+import mad
+from mad.kernels.registry import set_policy
+
+
+def median_ms(fn, steps: int) -> float:
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def copy_bandwidth(nbytes: int = 2 << 30) -> float:
+    """Bytes read + written per second by a large device-to-device copy."""
+    x = mx.random.normal((nbytes // 4,))
+    mx.eval(x)
+    fn = mx.compile(lambda a: a + 1.0)
+    mx.eval(fn(x))
+    ms = median_ms(lambda: mx.eval(fn(x)), 10)
+    return 2 * nbytes / (ms / 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--topology", default="topologies/xlstm-7b.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--kernels", default="auto")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    set_policy(args.kernels)
+
+    model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
+    program = model.program
+    B = args.batch
+    tokens = mx.random.randint(0, model.vocab_size, (B, 16)).astype(mx.int32)
+    _, state = model(tokens)
+    mx.eval(state)
+    token = mx.random.randint(0, model.vocab_size, (B, 1)).astype(mx.int32)
+    out = {}
+
+    def step():
+        logits, st = model(token, state)
+        mx.eval(logits, st)
+
+    for _ in range(5):
+        step()
+    out["mad"] = median_ms(step, args.steps)
+
+    def run_async(n: int) -> float:
+        tok, st = token, state
+        start = time.perf_counter()
+        for _ in range(n):
+            logits, st = model(tok, st)
+            tok = mx.argmax(logits[:, -1:], axis=-1).astype(mx.int32)
+            mx.async_eval(tok, st)
+        mx.eval(tok, st)
+        return 1e3 * (time.perf_counter() - start) / n
+
+    run_async(5)
+    out["mad-async"] = statistics.median(run_async(args.steps) for _ in range(3))
+    out["mad-call"] = median_ms(lambda: model(token, state), args.steps)
+    mx.eval(state)
+
+    # the weight matmuls alone: every 2-D weight of the program once, as x @ W^T, chained so that
+    # each waits for the one before (as in the model)
+    weights = [w for k, w in program.parameters().items() if w.ndim == 2 and "embeddings" not in k]
+    weight_bytes = sum(w.nbytes for w in weights)
+    xs = {d: mx.random.normal((B, d)).astype(mx.bfloat16) for d in {w.shape[1] for w in weights}}
+
+    def matmuls(xs, ws):
+        acc = mx.zeros((B, 1), mx.float32)
+        for w in ws:
+            x = xs[w.shape[1]] + (acc * 0).astype(mx.bfloat16)  # depends on the previous product
+            acc = acc + (x @ w.T)[:, :1].astype(mx.float32)
+        return acc
+
+    mm = mx.compile(lambda xs: matmuls(xs, weights))
+    mx.eval(mm(xs))
+    out["matmuls"] = median_ms(lambda: mx.eval(mm(xs)), args.steps)
+
+    bw = copy_bandwidth()
+    state_bytes = sum(a.nbytes for n in state.values() for a in n.values())
+    out["bytes-floor"] = 1e3 * (weight_bytes + 2 * state_bytes) / bw
+    out["weight_GB"] = weight_bytes / 1e9
+    out["state_GB"] = state_bytes / 1e9
+    out["copy_TBps"] = bw / 1e12
+    out["tokens_per_s_async"] = 1e3 * B / out["mad-async"]
+    print(json.dumps({"batch": B, "overrides": args.overrides, "kernels": args.kernels, **out}, indent=1))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,74 @@
+"""The GPU kernels of one decode step, for Nsight Compute (ncu) to time one by one.
+
+    ncu --clock-control none --csv --metrics gpu__time_duration.sum \\
+        python benchmarks/gpu_step_kernels.py [--set dims.L=2] > ncu.csv
+    python benchmarks/gpu_step_kernels.py --report ncu.csv
+
+The run builds the model (bf16, random weights), reads a 16-token prompt, takes two warm-up steps,
+then one step between two launches of a marker kernel (`mad_marker`); `--report` sums the kernels
+between the last two markers by name: the GPU time of one step without launch gaps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import csv
+import sys
+
+import mlx.core as mx
+
+
+def marker() -> None:
+    kernel = mx.fast.cuda_kernel(name="mad_marker", input_names=["x"], output_names=["y"],
+                                 source="y[0] = x[0];")
+    mx.eval(kernel(inputs=[mx.ones((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1),
+                   output_shapes=[(1,)], output_dtypes=[mx.float32])[0])
+
+
+def run(topology: str, overrides: list[str], batch: int) -> None:
+    import mad
+
+    model, _ = mad.load(topology, dtype="bfloat16", overrides=overrides)
+    tokens = mx.random.randint(0, model.vocab_size, (batch, 16)).astype(mx.int32)
+    _, state = model(tokens)
+    token = tokens[:, -1:]
+    for _ in range(2):
+        logits, state = model(token, state)
+        mx.eval(logits, state)
+    marker()
+    logits, state = model(token, state)
+    mx.eval(logits, state)
+    marker()
+
+
+def report(path: str) -> None:
+    rows = [r for r in csv.DictReader(line for line in open(path) if line.startswith('"'))]
+    names = [r["Kernel Name"] for r in rows]
+    marks = [i for i, n in enumerate(names) if "mad_marker" in n]
+    step = rows[marks[-2] + 1:marks[-1]]
+    total = collections.Counter()
+    count = collections.Counter()
+    for r in step:
+        if r["Metric Name"] == "gpu__time_duration.sum":
+            key = r["Kernel Name"][:90]
+            total[key] += float(r["Metric Value"])
+            count[key] += 1
+    grand = sum(total.values())
+    print(f"{sum(count.values())} kernels, {grand / 1e3:.1f} us of GPU time in one step")
+    for key, ns in total.most_common():
+        print(f"{ns / 1e3:9.1f} us  {count[key]:4d}x  {key}")
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--topology", default="topologies/xlstm-7b.yaml")
+    ap.add_argument("--set", dest="overrides", action="append", default=[])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--report")
+    args = ap.parse_args()
+    if args.report:
+        report(args.report)
+    else:
+        run(args.topology, args.overrides, args.batch)
+        sys.exit(0)
