@@ -42,22 +42,27 @@ def dtype_of(name: str | mx.Dtype) -> mx.Dtype:
     return DTYPES[name]
 
 
+# What fuse="auto" does on each kind of device. Measured (benchmarks/bench_framework.py --fuse both,
+# MLX 0.32.4 Linux CPU wheel, float32, batch 1, fused/unfused time): a decode step 0.89-0.93 (xlstm-125m
+# and D=128 L=12), a 128-token forward 0.999 (xlstm-125m) and 1.02 (D=128; runs of the same pair
+# vary by more than that). Fusing helps where calls are short: one matmul in place of six (an xLSTM
+# layer's q, k, v, o, i, f) and fewer compiled-function inputs. A GPU decode step at batch 1 is bound by
+# kernel launches, where this is what hand-fused checkpoints give; revise the GPU entry if a GPU
+# measurement (prefill especially) says otherwise.
+AUTO_FUSE = {"cpu": True, "gpu": True}
+
+
 def fuse_enabled(fuse: FuseMode, device: mx.Device | None = None) -> bool:
     """Whether sibling linears are fused: `MAD_FUSE=0` / `MAD_FUSE=1` in the environment forces it,
-    else True/False as given, and "auto" fuses on a GPU only.
-
-    Why "auto" is GPU-only: a batch-1 decode step on a GPU is bound by kernel launches, and one
-    matmul in place of six (an xLSTM layer's q, k, v, o, i, f) is what hand-fused weights give. On
-    the CPU (MLX's Linux wheel, reference BLAS) fusing measured no faster (see `benchmarks/bench_framework.py
-    --fuse`), so the graph runs as written there. Either way the outputs agree to rounding.
-    """
+    else True/False as given, and "auto" follows `AUTO_FUSE` for the (default) device's type.
+    Fused or not, outputs agree to rounding (float32: equal on the CPU)."""
     env = os.environ.get("MAD_FUSE", "")
     if env:
         if env not in ("0", "1"):
             raise MadError(f"MAD_FUSE must be 0 or 1, got '{env}'")
         return env == "1"
     if fuse == "auto":
-        return (device or mx.default_device()).type == mx.DeviceType.gpu
+        return AUTO_FUSE["gpu" if (device or mx.default_device()).type == mx.DeviceType.gpu else "cpu"]
     if isinstance(fuse, bool):
         return fuse
     raise MadError(f"fuse must be True, False or 'auto', got {fuse!r}")
@@ -81,7 +86,7 @@ class Program:
         dtype: compute and weight dtype for float tensors; recurrent state stays float32.
         compile: "program" (one compiled function, the default), "stage" (one per stage) or "none".
         fuse: run sibling `linear` nodes that read the same value as one matmul (`mad.passes`): True,
-            False or "auto" (on a GPU only; see `fuse_enabled`). `MAD_FUSE=0/1` overrides it.
+            False or "auto" (the measured default per device, `AUTO_FUSE`). `MAD_FUSE=0/1` overrides it.
 
     Weights: `root` holds every node's module at the node's name (flattened names are weight names),
     except fused nodes, whose weights live once, concatenated, in the `FusedLinear`s at `root["<fused>"]`.
@@ -101,16 +106,18 @@ class Program:
         self._inputs = [(name, len(t.shape), tuple((i, int(s)) for i, s in enumerate(t.shape) if not isinstance(s, Sym)),
                          t.dtype) for name, t in graph.inputs.items()]  # for the fast path of `_check_inputs`
 
-        # sibling linears: `fusion_groups` are the candidates (listed in the plan), fused when `fused`
+        # sibling linears: `fusion_groups` are the candidates (listed in the plan), fused when `fused`.
+        # A fused node keeps its entry in `fns` (for names) but runs through its group's FusedLinear.
         self.fuse = fuse
         self.fused = fuse_enabled(fuse)
         self._fuse_env = os.environ.get("MAD_FUSE") or None  # shown in the plan when it decided
         self.fusion_groups: list[FusionGroup] = find_sibling_linears(graph, by_stage=compile == "stage")
-        self._group_of = {m: grp for grp in self.fusion_groups if self.fused for m in grp.members}
+        active = self.fusion_groups if self.fused else []
+        self._group_of = {m: grp for grp in active for m in grp.members}
         # the FusedLinear of each group, by its first member (where the group runs)
         self._fused: dict[str, FusedLinear] = {
             grp.members[0]: FusedLinear.from_modules(grp, [self._own_module(m) for m in grp.members])
-            for grp in self.fusion_groups if self.fused}
+            for grp in active}
 
         self.root = nn.Module()
         for n in self.nodes:

@@ -70,6 +70,12 @@ outputs: {{logits: head, a: side_a, b: side_b, c: head_c}}
 """
 
 
+@pytest.fixture(autouse=True)
+def no_mad_fuse(monkeypatch):
+    """These tests choose fuse= themselves: a MAD_FUSE in the environment would override it."""
+    monkeypatch.delenv("MAD_FUSE", raising=False)
+
+
 def siblings_graph():
     return build_graph(load_topology("siblings.yaml", text=SIBLINGS))
 
@@ -328,10 +334,13 @@ def test_plan_lists_the_groups():
     assert plain.plan()["fuse"] == {**plan, "setting": False, "enabled": False}
 
 
-def test_auto_fuses_on_a_gpu_only(monkeypatch):
-    monkeypatch.delenv("MAD_FUSE", raising=False)
-    assert fuse_enabled("auto", mx.Device(mx.gpu)) is True
-    assert fuse_enabled("auto", mx.Device(mx.cpu)) is False
+def test_auto_follows_the_measured_table(monkeypatch):
+    from mad import program
+
+    assert program.AUTO_FUSE == {"cpu": True, "gpu": True}  # the measured default (see AUTO_FUSE)
+    assert fuse_enabled("auto") is True and Program(siblings_graph()).fused
+    monkeypatch.setitem(program.AUTO_FUSE, "cpu", False)
+    assert fuse_enabled("auto", mx.Device(mx.cpu)) is False and fuse_enabled("auto", mx.Device(mx.gpu)) is True
     assert fuse_enabled(True, mx.Device(mx.cpu)) is True and fuse_enabled(False, mx.Device(mx.gpu)) is False
     with pytest.raises(MadError, match="fuse must be True, False or 'auto', got 'yes'"):
         Program(siblings_graph(), fuse="yes")
