@@ -52,7 +52,7 @@ def report(path: str) -> None:
     for r in step:
         if r["Metric Name"] == "gpu__time_duration.sum":
             key = r["Kernel Name"][:90]
-            total[key] += float(r["Metric Value"])
+            total[key] += float(r["Metric Value"].replace(",", ""))
             count[key] += 1
     grand = sum(total.values())
     print(f"{sum(count.values())} kernels, {grand / 1e3:.1f} us of GPU time in one step")

@@ -6,7 +6,7 @@ update in float32 and the normalised readout h = q^T C / (max(|q . n|, exp(-m)) 
 
 Work split: a block of TX x TY threads owns one (batch, head) pair and TX columns of C (DV axis);
 its TY rows of threads stride over DQK, so each C element is read once and written once, with
-consecutive threads on consecutive addresses. Every block recomputes the scalar gates and q . n
+consecutive threads on consecutive addresses; each thread loads UNROLL rows before storing any. Every block recomputes the scalar gates and q . n
 (DQK products, cheap); the first column tile writes n and m. Bytes moved per step:
 8 * B * NH * DQK * DV (C in and out) plus the small vectors: the kernel is memory-bound.
 """
@@ -22,7 +22,8 @@ from .device import DeviceKernel
 from .mlstm import State, _check_shapes, mlstm_step
 from .registry import Unsupported, register_variant
 
-TX, TY = 32, 8          # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
+TX, TY = 32, 32         # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
+UNROLL = 8              # rows of C each thread loads at once
 MAX_DQK = 1024          # q and k are staged in shared memory
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
@@ -69,16 +70,28 @@ STEP_BODY = """
     SYNC();
     if (tile == 0 && lin == 0) m_out[bh] = m_new;
 
-    // C' = f' C + i' k v^T for column j, and the numerator q^T C'
+    // C' = f' C + i' k v^T for column j, and the numerator q^T C'. UNROLL rows are loaded before
+    // any is stored, so that the loads are in flight together (C_out may alias C for the compiler).
     float acc = 0.0f;
     if (active) {
         const float vj = ia * static_cast<float>(v[bh * DV + j]);
         const size_t base = (size_t)bh * DQK * DV + j;
-        for (int d = ty; d < DQK; d += TY) {
-            const size_t idx = base + (size_t)d * DV;
-            const float c = fa * C[idx] + ks[d] * vj;
-            C_out[idx] = c;
-            acc += qs[d] * c;
+        for (int d0 = ty; d0 < DQK; d0 += TY * UNROLL) {
+            float c[UNROLL];
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int d = d0 + u * TY;
+                c[u] = d < DQK ? C[base + (size_t)d * DV] : 0.0f;
+            }
+#pragma unroll
+            for (int u = 0; u < UNROLL; ++u) {
+                const int d = d0 + u * TY;
+                if (d < DQK) {
+                    const float cn = fa * c[u] + ks[d] * vj;
+                    C_out[base + (size_t)d * DV] = cn;
+                    acc += qs[d] * cn;
+                }
+            }
         }
     }
     red[lin] = acc;
@@ -126,7 +139,8 @@ def mlstm_step_device(
         inputs=[q.reshape(rows, DQK), k.reshape(rows, DQK), v.reshape(rows, DV),
                 i.reshape(rows).astype(mx.float32), f.reshape(rows).astype(mx.float32),
                 C.reshape(rows, DQK, DV), n.reshape(rows, DQK), m.reshape(rows), mx.array([eps], mx.float32)],
-        template=[("T", v.dtype), ("DQK", DQK), ("DV", DV), ("TX", TX), ("TY", TY), ("SCALE_Q", scale == "q")],
+        template=[("T", v.dtype), ("DQK", DQK), ("DV", DV), ("TX", TX), ("TY", TY), ("UNROLL", UNROLL),
+                  ("SCALE_Q", scale == "q")],
         grid=(math.ceil(DV / TX) * TX, rows * TY, 1),
         threadgroup=(TX, TY, 1),
         output_shapes=[(rows, DV), (rows, DQK, DV), (rows, DQK), (rows,)],
