@@ -8,15 +8,18 @@ mLSTM layer, or the up and gate projections of a feed-forward, are one matrix mu
     [y_1 | y_2 | ... | y_n] = x @ [W_1; W_2; ...; W_n]^T
 
 `find_sibling_linears` finds such groups in any graph (it knows no block or model names);
-`FusedLinear` runs one group as a single matmul whose output is split back into the members' outputs,
-each with its own bias and soft-cap. Fewer, larger matmuls mean fewer kernel launches, which is what
-decode (batch 1, one token, launch-bound on a GPU) needs; each output element is still the same dot
-product of one row of x with one row of W, so results agree with the unfused graph to rounding.
+`FusedLinear` runs one group as a single matmul (the `linear` block's own module, over the
+concatenation) whose output is split back into the members' outputs, each with its own bias and
+soft-cap. Fewer, larger matmuls mean fewer kernel launches and fewer compiled-function inputs, which
+is what decode (batch 1, one token, launch-bound on a GPU) needs; each output element is still the
+same dot product of one row of x with one row of W, so results agree with the unfused graph to
+rounding (equal, on the CPU).
 
-Checkpoints do not change: a `FusedLinear` owns the concatenated weight (one copy in memory), and
-`named_parameters()` gives the members' weights back under their own names as row slices of it
-(views, no copies), while `load()` rebuilds the concatenated weight from pieces named per member.
-`mad.program.Program(fuse=...)` decides whether the pass is applied.
+Checkpoints do not change: a `FusedLinear` owns the concatenated weight and bias (one copy in
+memory), `named_parameters()` gives the members' weights and biases back under their own names and
+shapes as slices of them (views, no copies), and `load()` rebuilds the concatenations from pieces
+named per member. `mad.program.Program(fuse=...)` decides whether the pass is applied; the Program
+runs a group at its first member and puts every member's output under the member's name.
 
 A node joins a group when
   - its module is exactly `LinearModule` (the `linear` block: y = x W^T (+ b), optionally soft-capped;
