@@ -44,6 +44,42 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
+def compare_fuse(args) -> None:
+    """Decode ms/step of the fused and the unfused program on the same weights, 5 interleaved rounds."""
+    from mad.generate import LanguageModel
+
+    models = {}
+    for fuse in (True, False):
+        program = mad.build(args.topology, args.overrides, dtype="bfloat16", fuse=fuse)
+        if models:
+            program.load_weights(next(iter(models.values())).program.parameters())
+        mx.eval(program.parameters())
+        models["fused" if fuse else "unfused"] = LanguageModel(program)
+    B = args.batch
+    tokens = mx.random.randint(0, 1000, (B, 16)).astype(mx.int32)
+    states = {k: m(tokens)[1] for k, m in models.items()}
+    token = mx.random.randint(0, 1000, (B, 1)).astype(mx.int32)
+
+    def run(model, state, n):
+        tok = token
+        start = time.perf_counter()
+        for _ in range(n):
+            logits, state = model(tok, state)
+            tok = mx.argmax(logits[:, -1:], axis=-1).astype(mx.int32)
+            mx.async_eval(tok, state)
+        mx.eval(tok, state)
+        return 1e3 * (time.perf_counter() - start) / n
+
+    times = {k: [] for k in models}
+    for k in models:
+        run(models[k], states[k], 5)
+    for _ in range(5):
+        for k in models:
+            times[k].append(run(models[k], states[k], args.steps))
+    print(json.dumps({"batch": B, **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
+                      **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--topology", default="topologies/xlstm-7b.yaml")
@@ -52,8 +88,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--json")
+    ap.add_argument("--compare-fuse", action="store_true",
+                    help="only time fused vs unfused decode (same weights), interleaved")
     args = ap.parse_args()
     set_policy(args.kernels)
+    if args.compare_fuse:
+        return compare_fuse(args)
 
     model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
     program = model.program

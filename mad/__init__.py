@@ -11,9 +11,9 @@ from .loading import load
 __version__ = "0.1.0"
 
 
-def build(path, overrides=(), dtype="float32", compile="program") -> Program:
+def build(path, overrides=(), dtype="float32", compile="program", fuse="auto") -> Program:
     """Load a topology file, check it and compile it into a `Program` (freshly initialised weights)."""
-    return Program(build_graph(load_topology(path, list(overrides))), dtype=dtype, compile=compile)
+    return Program(build_graph(load_topology(path, list(overrides))), dtype=dtype, compile=compile, fuse=fuse)
 
 
 __all__ = ["Block", "Dim", "OptDim", "Graph", "MadError", "Program", "ShapeError", "TensorType", "build",
