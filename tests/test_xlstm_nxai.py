@@ -221,6 +221,7 @@ def variant(**changes) -> dict:
     ({}, {"slstm": 2}),
     ({"slstm_at": "all"}, {"slstm": 5}),
     ({"slstm_at": [], "slstm_block": None}, {"slstm": 0}),
+    ({"slstm_at": [], "slstm_block": None, "embedding_dim": 30}, {"slstm": 0}),  # 4 sLSTM heads would not fit
     ({"mlstm_block": None}, {"slstm": 5}),
     ({"slstm_at": [-1, 0]}, {"slstm": 2}),
     ({"tie_weights": True}, {"no": "lm_head.weight"}),

@@ -226,6 +226,10 @@ def parse_config(config: dict) -> NXAIConfig:
 def nxai_topology(config: dict) -> tuple[Path, list[str]]:
     c = parse_config(config)
     o = [f"dims.V={c.vocab}", f"dims.D={c.dim}", f"dims.L={c.blocks}", f"{STACK}.every={{}}"]
+    if not c.mlstm:  # the unused template's dims must still meet the file's constraints
+        o += ["dims.NHM=1", "dims.QB=1"]
+    if not c.slstm:
+        o += ["dims.NHS=1"]
     if c.mlstm:
         o += [f"dims.NHM={c.mlstm['heads']}", f"dims.I={c.mlstm['inner']}", f"dims.QB={c.mlstm['qkv_block']}",
               f"dims.KM={c.mlstm['conv']}"]
