@@ -169,9 +169,9 @@ class _ConvWeights(nn.Module):
 
 class CausalConv1d(nn.Module):
     """Depthwise causal conv over time: y_t = b + sum_j w[:, 0, j] * x_{t-K+1+j} (x_s = 0 before the start,
-    or the state's inputs). State `x`: the last K-1 inputs (B, K-1, F), float32 (exact for any input dtype;
-    NX-AI's step keeps the last K inputs in the weights' dtype, the oldest of which it multiplies by
-    nothing new: the same outputs)."""
+    or the state's inputs). State `x`: the last K-1 inputs (B, K-1, F), float32 (exact for any input dtype).
+    NX-AI's step state holds the last K inputs in the weights' dtype; the oldest is rolled out before the
+    next product, so the K-1 newest carry the same information."""
 
     def __init__(self, dim: int, kernel: int, bias: bool):
         super().__init__()
