@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import mlx.core as mx
+from mlx.utils import tree_flatten
 
 from .errors import Diagnostic, Diagnostics, MadError, Source
 from .generate import LanguageModel
@@ -51,24 +52,25 @@ def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
 
 
 def load(path: str | Path, dtype: Optional[str] = None, overrides: list[str] = (),
-         compile: str = "program") -> tuple[LanguageModel, Any]:
+         compile: str = "program", fuse: bool | str = "auto") -> tuple[LanguageModel, Any]:
     """Load a model from a topology file, a `mad build` folder or a checkpoint folder.
 
     Returns (model, tokenizer); tokenizer is None when there is none (the byte tokenizer is the default).
     """
     path = Path(path)
     if path.is_file():
-        return _fresh(path, dtype, overrides, compile), None
+        return _fresh(path, dtype, overrides, compile, fuse), None
     if path.is_dir() and (path / "resolved.yaml").is_file() and not (path / "config.json").exists():
-        return _fresh(path / "resolved.yaml", dtype, overrides, compile), None
+        return _fresh(path / "resolved.yaml", dtype, overrides, compile, fuse), None
     if not path.exists():
         raise MadError(f"no such file or folder: {path}")
-    return load_checkpoint(path, dtype, compile)
+    return load_checkpoint(path, dtype, compile, fuse)
 
 
-def _fresh(file: Path, dtype: Optional[str], overrides: list[str], compile: str) -> LanguageModel:
-    program = Program(build_graph(load_topology(file, list(overrides))), dtype=dtype or "float32", compile=compile)
-    mx.eval(program.root.parameters())
+def _fresh(file: Path, dtype: Optional[str], overrides: list[str], compile: str, fuse: bool | str) -> LanguageModel:
+    program = Program(build_graph(load_topology(file, list(overrides))), dtype=dtype or "float32", compile=compile,
+                      fuse=fuse)
+    _materialise(program)
     return LanguageModel(program)
 
 
@@ -93,7 +95,15 @@ def read_config(folder: Path) -> tuple[dict, Path]:
                    Source(str(folder)))
 
 
-def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "program") -> tuple[LanguageModel, Any]:
+def _materialise(program: Program) -> None:
+    """Evaluate the weights one array at a time, so that the pieces of a fused group are freed as
+    soon as they are copied (peak: the checkpoint plus one group, not the fused weights twice)."""
+    for _, w in tree_flatten(program.root.parameters()):
+        mx.eval(w)
+
+
+def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "program",
+                    fuse: bool | str = "auto") -> tuple[LanguageModel, Any]:
     config, config_file = read_config(folder)
     fmt = next((f for f in FORMATS if f.detect(config)), None)
     if fmt is None:
@@ -105,9 +115,11 @@ def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "p
     weights, file_dtype = read_safetensors(folder)
     with _located(folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder):
         weights = fmt.sanitize(weights, config)
-    program = Program(build_graph(load_topology(topology, overrides)), dtype=dtype or file_dtype, compile=compile)
+    program = Program(build_graph(load_topology(topology, overrides)), dtype=dtype or file_dtype, compile=compile,
+                      fuse=fuse)
     program.load_weights(weights, where=str(folder))
-    mx.eval(program.root.parameters())
+    del weights
+    _materialise(program)
     tokenizer = fmt.tokenizer(folder, config) if fmt.tokenizer else None
     return LanguageModel(program, tokenizer), tokenizer
 
