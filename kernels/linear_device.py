@@ -1,6 +1,6 @@
 """Device kernel for decode-sized matrix products: y = x W^T with few rows in x.
 
-At decode, x has B (1..8) rows and every weight is read once per step, so a step's time is the time
+At decode, x has B (1..MAX_ROWS) rows and every weight is read once per step, so a step's time is the time
 to stream the weights: the kernel must run at memory bandwidth. One warp per output feature n reads
 W[n, :] with 16-byte loads (consecutive lanes on consecutive addresses), multiplies it with each row
 of x (small, served from cache) and sums across the warp. float32 accumulation; y in W's dtype.
@@ -16,7 +16,7 @@ import mlx.core as mx
 from .device import DeviceKernel
 from .registry import Unsupported, register_kernel, register_variant
 
-MAX_ROWS = 8
+MAX_ROWS = 4  # measured on an H200: faster than MLX up to 4 rows, slower at 8 (benchmarks/RESULTS.md)
 WARPS = 4  # output features per block (one warp each)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 

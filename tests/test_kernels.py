@@ -174,7 +174,7 @@ def test_model_decode_uses_the_kernels_and_matches_the_cpu():
 
 
 @needs_gpu
-@pytest.mark.parametrize("M,K,N", [(1, 4096, 333), (3, 64, 7), (8, 1000, 4096), (2, 10944, 129), (1, 8, 1)])
+@pytest.mark.parametrize("M,K,N", [(1, 4096, 333), (3, 64, 7), (4, 1000, 4096), (2, 10944, 129), (1, 8, 1)])
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2), (mx.float16, 1e-2)])
 def test_matmul_wt_kernel_matches_reference(M, K, N, dtype, tol):
     rng = np.random.default_rng(M * 7 + K + N)
@@ -192,7 +192,7 @@ def test_matmul_wt_kernel_matches_reference(M, K, N, dtype, tol):
 @needs_gpu
 def test_matmul_wt_declines_what_it_does_not_handle():
     w = mx.random.normal((16, 24))
-    for x in (mx.random.normal((9, 24)), mx.random.normal((2, 24)).astype(mx.bfloat16)):
+    for x in (mx.random.normal((5, 24)), mx.random.normal((2, 24)).astype(mx.bfloat16)):
         with pytest.raises(registry.Unsupported):
             matmul_wt_device(x, w, backend=GPU)
         assert rel_err(registry.dispatch("matmul_wt")(x, w), x.astype(mx.float32) @ w.T) < 1e-2
