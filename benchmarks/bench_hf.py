@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import math
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -36,7 +35,7 @@ import torch
 
 from mad.loading import load
 
-from common import interleave, write_json
+from common import interleave, throughput, write_json
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_heads=4, vocab_size=50304)
 WARM_FULL_S = 10.0  # warm up at the timed length when one run is estimated to take less than this
@@ -208,9 +207,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                  (f"prefill {a.prefill}", prefill_times, a.prefill)):
         entry = {}
         for k, v in times.items():
-            med = statistics.median(v)
-            entry[k] = {"median_s": med, "tokens_per_s": tokens / med, "ms_per_token": med / tokens * 1e3,
-                        "trials": len(v), "tokens_per_trial": tokens}
+            entry[k] = throughput(v, tokens)
         entry["tps_ratio_mad_over_hf"] = entry["mad"]["tokens_per_s"] / entry["hf"]["tokens_per_s"]
         results["benchmarks"][bench] = entry
         rows.append((bench, entry))

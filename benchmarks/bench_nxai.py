@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -38,7 +37,7 @@ import torch
 
 from mad.loading import load
 
-from common import interleave, write_json
+from common import interleave, throughput, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reference"))
 from make_nxai_fixtures import build_model, randomise_, state_dict  # noqa: E402
@@ -214,9 +213,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                  (f"sLSTM only, {a.prefill} steps", slstm["times"], a.prefill)):
         entry = {}
         for k, v in times.items():
-            med = statistics.median(v)
-            entry[k] = {"median_s": med, "tokens_per_s": tokens / med, "ms_per_token": med / tokens * 1e3,
-                        "trials": len(v), "tokens_per_trial": tokens, "times_s": v}
+            entry[k] = throughput(v, tokens)
         entry["tps_ratio_mad_over_nxai"] = entry["mad"]["tokens_per_s"] / entry["nxai"]["tokens_per_s"]
         results["benchmarks"][bench] = entry
         rows.append((bench, entry))

@@ -1,8 +1,9 @@
-"""What both benchmark scripts share: interleaved trials and the JSON output."""
+"""What the benchmark scripts share: interleaved trials, throughput figures and the JSON output."""
 
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 from typing import Callable
 
@@ -18,6 +19,13 @@ def interleave(fns: dict[str, Callable[[], float]], trials: int) -> dict[str, li
         for name in (names if t % 2 == 0 else names[::-1]):
             times[name].append(fns[name]())
     return times
+
+
+def throughput(times: list[float], tokens: int) -> dict:
+    """Figures of `tokens` tokens timed `len(times)` times (seconds): median, tokens/s, ms/token."""
+    med = statistics.median(times)
+    return {"median_s": med, "tokens_per_s": tokens / med, "ms_per_token": med / tokens * 1e3,
+            "trials": len(times), "tokens_per_trial": tokens, "times_s": times}
 
 
 def write_json(results: dict, dest: str | None) -> None:
