@@ -14,7 +14,7 @@ from __future__ import annotations
 import mlx.core as mx
 
 from .device import DeviceKernel
-from .registry import Unsupported, register_kernel, register_variant
+from .registry import Unsupported, register_device_kernel, register_kernel
 
 MAX_ROWS = 4  # measured on an H200: faster than MLX up to 4 rows, slower at 8 (benchmarks/RESULTS.md)
 WARPS = 4  # output features per block (one warp each)
@@ -72,12 +72,5 @@ def matmul_wt_device(x: mx.array, w: mx.array, *, backend: str = "cuda", poison=
     return y.reshape(*lead, N)
 
 
-def _variant(backend: str):
-    def run(x, w):
-        return matmul_wt_device(x, w, backend=backend)
-    return run
-
-
 register_kernel("matmul_wt", matmul_wt)
-for _backend in ("cuda", "metal"):
-    register_variant("matmul_wt", _backend, _variant(_backend))
+register_device_kernel("matmul_wt", matmul_wt_device)

@@ -19,8 +19,8 @@ from typing import Optional
 import mlx.core as mx
 
 from .device import DeviceKernel
-from .mlstm import State, _check_shapes, mlstm_step
-from .registry import Unsupported, register_variant
+from .mlstm import State, _check_shapes
+from .registry import Unsupported, register_device_kernel
 
 TX, TY = 32, 32         # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
 UNROLL = 8              # rows of C each thread loads at once
@@ -211,18 +211,5 @@ def chunk_recurrence_device(C_loc: mx.array, n_loc: mx.array, g: mx.array, a_max
     return (C_in, n_in, m_in), (C_out, n_out, m_out)
 
 
-def _recurrence_variant(backend: str):
-    def run(*args, **kwargs):
-        return chunk_recurrence_device(*args, backend=backend, **kwargs)
-    return run
-
-
-def _variant(backend: str):
-    def run(*args, **kwargs):
-        return mlstm_step_device(*args, backend=backend, **kwargs)
-    return run
-
-
-for _backend in ("cuda", "metal"):
-    register_variant("mlstm_step", _backend, _variant(_backend))
-    register_variant("mlstm_chunk_recurrence", _backend, _recurrence_variant(_backend))
+register_device_kernel("mlstm_step", mlstm_step_device)
+register_device_kernel("mlstm_chunk_recurrence", chunk_recurrence_device)

@@ -21,13 +21,14 @@ shapes and dtypes only, so it is made once while tracing.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-__all__ = ["Unsupported", "register_kernel", "register_variant", "dispatch", "backend", "use_reference",
+__all__ = ["Unsupported", "register_kernel", "register_variant", "register_device_kernel", "dispatch", "backend", "use_reference",
            "set_policy", "policy", "kernels"]
 
 BACKENDS = ("cuda", "metal")
@@ -59,6 +60,13 @@ def register_variant(name: str, backend_name: str, fn: Callable) -> None:
     if backend_name not in BACKENDS:
         raise ValueError(f"unknown backend {backend_name!r}; expected one of {BACKENDS}")
     _KERNELS[name].variants[backend_name] = fn
+
+
+def register_device_kernel(name: str, fn: Callable) -> None:
+    """Register `fn(..., backend=...)` as the variant of kernel `name` on every backend (the CUDA and
+    Metal builds of one kernel body)."""
+    for backend_name in BACKENDS:
+        register_variant(name, backend_name, functools.partial(fn, backend=backend_name))
 
 
 def kernels() -> dict[str, Kernel]:
