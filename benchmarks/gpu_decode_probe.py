@@ -34,6 +34,17 @@ def median_ms(fn, steps: int) -> float:
     return 1e3 * statistics.median(times)
 
 
+def decode_ms(model, token: mx.array, state: dict, n: int) -> float:
+    """ms per step of n greedy steps, double-buffered as in `mad bench` (next step queued first)."""
+    start = time.perf_counter()
+    for _ in range(n):
+        logits, state = model(token, state)
+        token = mx.argmax(logits[:, -1:], axis=-1).astype(mx.int32)
+        mx.async_eval(token, state)
+    mx.eval(token, state)
+    return 1e3 * (time.perf_counter() - start) / n
+
+
 def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     """Bytes read + written per second by a large device-to-device copy."""
     x = mx.random.normal((nbytes // 4,))
@@ -60,22 +71,12 @@ def compare_fuse(args) -> None:
     states = {k: m(tokens)[1] for k, m in models.items()}
     token = mx.random.randint(0, 1000, (B, 1)).astype(mx.int32)
 
-    def run(model, state, n):
-        tok = token
-        start = time.perf_counter()
-        for _ in range(n):
-            logits, state = model(tok, state)
-            tok = mx.argmax(logits[:, -1:], axis=-1).astype(mx.int32)
-            mx.async_eval(tok, state)
-        mx.eval(tok, state)
-        return 1e3 * (time.perf_counter() - start) / n
-
     times = {k: [] for k in models}
     for k in models:
-        run(models[k], states[k], 5)
+        decode_ms(models[k], token, states[k], 5)
     for _ in range(5):
         for k in models:
-            times[k].append(run(models[k], states[k], args.steps))
+            times[k].append(decode_ms(models[k], token, states[k], args.steps))
     print(json.dumps({"batch": B, **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
                       **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
 
@@ -112,18 +113,8 @@ def main() -> None:
         step()
     out["mad"] = median_ms(step, args.steps)
 
-    def run_async(n: int) -> float:
-        tok, st = token, state
-        start = time.perf_counter()
-        for _ in range(n):
-            logits, st = model(tok, st)
-            tok = mx.argmax(logits[:, -1:], axis=-1).astype(mx.int32)
-            mx.async_eval(tok, st)
-        mx.eval(tok, st)
-        return 1e3 * (time.perf_counter() - start) / n
-
-    run_async(5)
-    out["mad-async"] = statistics.median(run_async(args.steps) for _ in range(3))
+    decode_ms(model, token, state, 5)
+    out["mad-async"] = statistics.median(decode_ms(model, token, state, args.steps) for _ in range(3))
     out["mad-call"] = median_ms(lambda: model(token, state), args.steps)
     mx.eval(state)
 
