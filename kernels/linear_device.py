@@ -16,7 +16,7 @@ import mlx.core as mx
 from .device import DeviceKernel
 from .registry import Unsupported, register_device_kernel, register_kernel
 
-MAX_ROWS = 4  # measured on an H200: faster than MLX up to 4 rows, slower at 8 (benchmarks/RESULTS.md)
+MAX_ROWS = 4  # on an H200: faster or within 5% of MLX up to 4 rows, slower at 8 (benchmarks/RESULTS.md)
 WARPS = 4  # output features per block (one warp each)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
