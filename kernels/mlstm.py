@@ -144,8 +144,7 @@ def _chunk_states(
     C_loc = k_gated.swapaxes(-1, -2) @ vc.astype(_F32)          # (B, NH, NC, DQK, DV)
     n_loc = mx.sum(k_gated, axis=-2)                            # (B, NH, NC, DQK)
 
-    inputs, final = dispatch("mlstm_chunk_recurrence")(C_loc, n_loc, g, a_max, state)
-    return inputs, final
+    return dispatch("mlstm_chunk_recurrence")(C_loc, n_loc, g, a_max, state)
 
 
 def chunk_recurrence(
