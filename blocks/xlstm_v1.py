@@ -25,7 +25,8 @@ import mlx.nn as nn
 
 from mad.block import Block, Dim, OptDim, ShapeError, TensorType, expect_float, register, same_types, with_last
 from mad.dims import shape_str
-from mad.kernels.slstm import slstm_sequence
+from mad.kernels import slstm_device  # noqa: F401  (registers the device variant)
+from mad.kernels.registry import dispatch
 
 from .basic import ACTIVATIONS, Activation
 
@@ -251,7 +252,7 @@ class SLSTMCell(nn.Module):
 
     def __call__(self, i, f, z, o, state: Optional[dict] = None, mode: str = "auto"):
         cell_state = None if state is None else (state["y"], state["c"], state["n"], state["m"])
-        h, (y, c, n, m) = slstm_sequence(*(self._heads_first(g) for g in (i, f, z, o)),
+        h, (y, c, n, m) = dispatch("slstm_sequence")(*(self._heads_first(g) for g in (i, f, z, o)),
                                          self.recurrent_kernel, self.bias, cell_state)
         b, _, t, _ = h.shape
         return h.transpose(0, 2, 1, 3).reshape(b, t, -1), {"y": y, "c": c, "n": n, "m": m}

@@ -34,7 +34,8 @@ returned in the dtype of ``i``. No function syncs with the host; control flow de
 
 Speed: the sequence is a loop over time of one compiled step (``mx.compile``): one small batched matmul
 (R y) and one fused elementwise kernel per step. The input-side projections are done for the whole
-sequence before the loop, by the caller.
+sequence before the loop, by the caller. On CUDA GPUs `dispatch("slstm_sequence")` runs the whole loop
+in one kernel launch instead (``kernels/slstm_device.py``), tested against this function.
 """
 
 from __future__ import annotations
@@ -42,6 +43,8 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import mlx.core as mx
+
+from .registry import register_kernel
 
 State = Tuple[mx.array, mx.array, mx.array, mx.array]
 
@@ -158,3 +161,6 @@ def slstm_sequence(
         hs.append(state[0])
     h = hs[0][:, :, None, :] if T == 1 else mx.stack(hs, axis=2)
     return h.astype(i.dtype), state
+
+
+register_kernel("slstm_sequence", slstm_sequence)

@@ -236,3 +236,117 @@ def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
         assert rel_err(h, h_ref) < tol
         for a, b in zip(final, final_ref):
             assert rel_err(a, b) < (1e-5 if dtype == mx.float32 else 1e-2)
+
+
+# ------------------------------------------------------------------------------------ sLSTM sequence kernel
+def test_slstm_plan_keeps_weights_in_registers_and_blocks_resident():
+    from mad.kernels.slstm_device import MAX_CPT, MAX_THREADS, plan
+
+    p = plan(4, 512, 132)        # the ~1.3B stack: 4 heads of 512 on an H200
+    assert (p.G, p.U, p.CG, p.CPT, p.THREADS, p.BT) == (32, 16, 8, 64, 512, 16)
+    for heads, dh in ((4, 192), (4, 16), (2, 20), (1, 1024), (8, 64)):
+        p = plan(heads, dh, 132)
+        assert heads * p.G <= 132 and p.G * p.U == dh and p.CG * p.CPT == dh
+        assert p.CPT <= MAX_CPT and p.CPT % 4 == 0 and p.THREADS <= MAX_THREADS and p.THREADS >= 4 * p.U * p.CG
+        assert p.BT * p.U <= p.THREADS                  # one thread per (batch row, unit) in the gate math
+    with pytest.raises(registry.Unsupported):
+        plan(4, 6, 132)                                 # not float4 chunks: the reference runs
+    with pytest.raises(registry.Unsupported):
+        plan(16, 512, 132)                              # 16 * 32 blocks cannot all be resident
+
+
+def test_slstm_dispatch_on_cpu_is_the_reference():
+    from mad.kernels.slstm import slstm_sequence
+
+    with mx.stream(mx.cpu):
+        saved = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        try:
+            assert registry.dispatch("slstm_sequence") is slstm_sequence
+        finally:
+            mx.set_default_device(saved)
+    assert set(registry.kernels()["slstm_sequence"].variants) == {"cuda"}   # in-kernel barrier: CUDA only
+
+
+def slstm_inputs(rng, B, NH, T, DH, dtype, w_dtype):
+    gates = [mx.array(rng.normal(mu, s, (B, NH, T, DH)).astype(np.float32)).astype(dtype)
+             for mu, s in ((0, 2), (1, 2), (0, 1), (0, 1))]
+    R = mx.array(rng.normal(0, 1 / np.sqrt(DH), (NH, 4 * DH, DH)).astype(np.float32)).astype(w_dtype)
+    b = mx.array(rng.normal(0, 1, (4 * NH * DH,)).astype(np.float32))
+    y, c = (mx.array(rng.normal(0, 1, (B, NH, DH)).astype(np.float32)) for _ in range(2))
+    n = mx.array(rng.uniform(0.5, 3, (B, NH, DH)).astype(np.float32))
+    m = mx.array(rng.normal(0, 2, (B, NH, DH)).astype(np.float32))
+    return gates, R, b, (y, c, n, m)
+
+
+@pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+@pytest.mark.parametrize("B,NH,T,DH", [(3, 2, 33, 16), (2, 4, 51, 192), (8, 4, 40, 512), (1, 1, 1, 20),
+                                       (20, 2, 9, 64), (17, 4, 12, 512), (1, 4, 7, 36)])
+@pytest.mark.parametrize("dtype,w_dtype", [(mx.float32, mx.float32), (mx.bfloat16, mx.bfloat16)])
+def test_slstm_sequence_kernel_matches_reference(B, NH, T, DH, dtype, w_dtype):
+    """Odd lengths, 1..4 heads, head dims 16..512 (1 to 32 blocks per head), batch tiles (B > BT for the
+    20 x 64 and 17 x 512 cases), zero and given initial state. The math is float32 in both (bf16 only
+    rounds the inputs, the same for both, and the output h), so h and the state agree to float32 rounding."""
+    from mad.kernels.slstm import slstm_sequence
+    from mad.kernels.slstm_device import slstm_sequence_device
+
+    rng = np.random.default_rng(B * 1000 + T + DH)
+    gates, R, b, state = slstm_inputs(rng, B, NH, T, DH, dtype, w_dtype)
+    for given in (state, None):
+        h, final = slstm_sequence_device(*gates, R, b, given, poison=float("nan"))
+        with mx.stream(mx.cpu):
+            h_ref, final_ref = slstm_sequence(*gates, R, b, given)
+            mx.eval(h_ref, final_ref)
+        assert h.shape == h_ref.shape and h.dtype == h_ref.dtype
+        assert rel_err(h, h_ref) < (1e-5 if dtype == mx.float32 else 1e-2)
+        for a, ref in zip(final, final_ref):
+            assert a.dtype == mx.float32 and rel_err(a, ref) < 1e-5
+
+
+@pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+def test_slstm_prefill_then_steps_equals_one_launch():
+    """Decoding reuses the kernel with T = 1; a prefill followed by single steps gives the full run."""
+    from mad.kernels.slstm_device import slstm_sequence_device
+
+    rng = np.random.default_rng(7)
+    gates, R, b, _ = slstm_inputs(rng, 2, 4, 24, 64, mx.float32, mx.float32)
+    h_full, s_full = slstm_sequence_device(*gates, R, b)
+    h, state = slstm_sequence_device(*(g[:, :, :20] for g in gates), R, b)
+    hs = [h]
+    for t in range(20, 24):
+        h, state = slstm_sequence_device(*(g[:, :, t:t + 1] for g in gates), R, b, state)
+        hs.append(h)
+    assert rel_err(mx.concatenate(hs, axis=2), h_full) < 1e-6
+    for a, ref in zip(state, s_full):
+        assert rel_err(a, ref) < 1e-6
+
+
+@pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+def test_v1_model_with_slstm_kernel_matches_the_cpu():
+    """The tiny mLSTM/sLSTM stack (sLSTM heads of 16) on the GPU, sLSTM kernel dispatched, vs the CPU
+    references, with re-randomised weights (the fresh recurrent kernel is zero, which would hide bugs)."""
+    from mlx.utils import tree_map
+
+    from mad import load
+
+    assert registry.dispatch("slstm_sequence").__name__ == "slstm_sequence[cuda]"
+    weights, logits = None, {}
+    for name, device in (("gpu", mx.gpu), ("cpu", mx.cpu)):
+        mx.set_default_device(device)
+        try:
+            model, _ = load("topologies/xlstm-v1-tiny.yaml")
+            if weights is None:
+                rng = np.random.default_rng(3)
+                weights = tree_map(lambda p: mx.array(rng.normal(0, 0.2, p.shape).astype(np.float32)),
+                                   model.program.parameters())
+            model.program.load_weights(weights)
+            tokens = mx.array(np.random.default_rng(0).integers(0, model.vocab_size, (2, 9)), dtype=mx.int32)
+            _, state = model(tokens[:, :7])
+            step, _ = model(tokens[:, 7:8], state)
+            full, _ = model(tokens[:, :8])
+            logits[name] = mx.concatenate([step, full[:, -1:]], axis=1)
+            mx.eval(logits[name])
+        finally:
+            mx.set_default_device(mx.gpu)
+    assert rel_err(logits["gpu"], logits["cpu"]) < 1e-5
+    assert rel_err(logits["gpu"][:, 0], logits["gpu"][:, 1]) < 1e-5      # prefill + step == one pass
