@@ -106,13 +106,16 @@ def kernel_source(backend: str, body: str) -> tuple[str, str]:
 class DeviceKernel:
     """A kernel body built lazily for the backend it first runs on."""
 
-    def __init__(self, name: str, inputs: Sequence[str], outputs: Sequence[str], body: str):
+    def __init__(self, name: str, inputs: Sequence[str], outputs: Sequence[str], body: str, header: str = ""):
+        """`header` is added after the backend's preamble (helpers, compiler attributes)."""
         self.name, self.inputs, self.outputs, self.body = name, list(inputs), list(outputs), body
+        self.header = header
         self._built: dict[str, object] = {}
 
     def _kernel(self, backend: str):
         if backend not in self._built:
             header, source = kernel_source(backend, self.body)
+            header += self.header
             make = mx.fast.cuda_kernel if backend == "cuda" else mx.fast.metal_kernel
             self._built[backend] = make(name=self.name, input_names=self.inputs, output_names=self.outputs,
                                         source=source, header=header)

@@ -15,13 +15,16 @@ sum over the CG threads of the row by warp shuffles), then the gate math of its 
 (batch row, unit), with that unit's float32 state c, n, m kept in the thread's registers for the whole
 sequence.
 
-The exchange. Every block of head h needs all DH values of y_{t-1}. Each block writes its units' y to a
-float32 exchange buffer (two slots, alternating by step), then the G blocks of the head meet at a barrier
-(a counter per head in global memory: atomicAdd, then spin until G * steps blocks have arrived), then each
-block reads the whole y of its head (`__ldcg`, from L2) into shared memory. A barrier across blocks needs
-all of them resident at once: the plan keeps NH * G at most the number of streaming multiprocessors
-(one block per multiprocessor), and batch rows beyond one tile run one after another inside the same
-launch (two launches of this kernel never overlap on one stream).
+The exchange. Every block of head h needs all DH values of y_{t-1}. Each block writes its units' y with
+the step number as a tag, one 8-byte store of the pair (y bits, tag), to an exchange buffer of two slots
+alternating by step; each block then reads its head's whole y back (8-byte volatile loads, from L2),
+re-reading the pairs whose tag is not yet the step's, into shared memory. A tagged value is its own
+"ready" flag (NCCL's low-latency protocol): one trip through L2 per step, no counters, no fences. A
+block writes a slot again two steps later, when every block of the head has read it (it needed their
+next y first). Spinning on other blocks needs all of them resident at once: the plan keeps NH * G at
+most the number of streaming multiprocessors (one block per multiprocessor), and batch rows beyond
+one tile run one after another inside the same launch. The exchange is an output of the launch, filled
+before it (zeros, or NaN bits in tests), so no launch sees another's tags.
 
 CUDA only: Metal gives no forward-progress guarantee between threadgroups, so a spin barrier across them
 could hang; on Apple GPUs the reference runs.
@@ -47,27 +50,41 @@ from .slstm import State, _check, zero_state
 
 MAX_THREADS = 512          # threads per block; at most 128 registers each (64K per multiprocessor)
 MAX_CPT = 64               # weights per thread held in registers
-MAX_YS = 8192              # floats of y staged in shared memory per block (32 KB): the batch tile
+MAX_SHARED = 11264         # floats of shared memory per block (44 KB, under the 48 KB of static shared memory)
+BATCH_GROUP = 4            # batch rows per pass over the weights (independent sums in flight)
+MAX_STAGED = 8             # y values a thread stages per step (their loads are in flight together)
+LAUNCH_BOUNDS = True       # tell the compiler the block size, so it keeps to 65536 / THREADS registers
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 
 SEQUENCE_BODY = """
-    // block (k, h): units [k*U, k*U + U) of head h; thread = (row of the block's 4U gate rows, column group)
+    // block (k, h): units [k*U, k*U + U) of head h. Thread = (gate row, column group): a warp holds 32
+    // consecutive rows (of the 4U, padded to RP) of one column group, so its reads of y are broadcasts.
     const int k = BLOCK_X, h = BLOCK_Y, tid = THREAD_X;
     const int B = xi_shape[0], L = xi_shape[1];
-    const int row = tid / CG, cg = tid % CG;
+    constexpr int BTP = (BT + BG - 1) / BG * BG;               // the tile padded to whole batch groups
+    const int row = tid % RP, cg = tid / RP;
     const bool has_row = row < 4 * U;
-    SHARED float ys[BT * DH];          // y_{t-1} of head h for the batch rows of the tile
-    SHARED float ry[BT * 4 * U];       // R y of the block's rows
+    SHARED float ys[BTP * DH];         // y_{t-1} of head h, batch rows of the tile
+    SHARED float part[CG * BTP * RP];  // R y of the block's rows, one partial sum per column group
 
-    // the thread's weights: gate row (row / U) of unit k*U + row % U, columns 4 * (cg + CG * s) + e
+    // the exchange: (y bits, tag) pairs written and read as one 8-byte access, so a reader that sees
+    // the step's tag sees the step's y. It is an output, filled before the launch with 0 (or with NaN bits
+    // in tests): no tag (1, 2, ...) is there before a block writes it.
+    int* xchg = exchange;
+    auto put = [](int* p, float v, int tag) {
+        asm volatile("st.volatile.global.v2.s32 [%0], {%1, %2};" :: "l"(p), "r"(__float_as_int(v)), "r"(tag) : "memory");
+    };
+    auto get = [](const int* p, int& v, int& tag) {
+        asm volatile("ld.volatile.global.v2.s32 {%0, %1}, [%2];" : "=r"(v), "=r"(tag) : "l"(p) : "memory");
+    };
+    constexpr int PER = (BT * DH + THREADS - 1) / THREADS;     // y values each thread stages per step
+
+    // the thread's weights: gate row (row / U) of unit k*U + row % U, columns cg*CPT .. cg*CPT + CPT - 1
     float w[CPT];
     {
-        const size_t base = ((size_t)h * 4 * DH + (size_t)(row / U) * DH + k * U + row % U) * DH;
+        const size_t base = ((size_t)h * 4 * DH + (size_t)(row / U) * DH + k * U + row % U) * DH + cg * CPT;
 #pragma unroll
-        for (int s = 0; s < CPT / 4; ++s)
-#pragma unroll
-            for (int e = 0; e < 4; ++e)
-                w[4 * s + e] = has_row ? static_cast<float>(R[base + 4 * (cg + CG * s) + e]) : 0.0f;
+        for (int j = 0; j < CPT; ++j) w[j] = has_row ? static_cast<float>(R[base + j]) : 0.0f;
     }
 
     // gate math: thread p < BT * U owns batch row p / U of the tile and unit k*U + p % U
@@ -76,8 +93,7 @@ SEQUENCE_BODY = """
     float bias_g[4];
 #pragma unroll
     for (int g = 0; g < 4; ++g) bias_g[g] = owner ? bias[(g * NH + h) * DH + po] : 0.0f;
-    int* counter = const_cast<int*>(sync_counter);
-    int generation = 0;                // barriers passed (thread 0)
+    int tag = 0;                       // steps run so far, over all batch tiles
 
     for (int b0 = 0; b0 < B; b0 += BT) {
         const int nb = min(BT, B - b0);
@@ -89,35 +105,53 @@ SEQUENCE_BODY = """
             ys[e] = y0[((size_t)(b0 + e / DH) * NH + h) * DH + e % DH];
         SYNC();
 
+        // the inputs W x do not depend on y: each step loads the next step's, so the loads are in flight
+        // during the step (their latency is not on the step's critical path)
+        const size_t xrow = (size_t)(b0 + pb) * L * NH * DH + h * DH + po;     // + t * NH * DH
+        float xn[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        if (own) {
+            xn[0] = static_cast<float>(xi[xrow]); xn[1] = static_cast<float>(xf[xrow]);
+            xn[2] = static_cast<float>(xz[xrow]); xn[3] = static_cast<float>(xo[xrow]);
+        }
+
         for (int t = 0; t < L; ++t) {
-            // this step's inputs W x (they do not depend on y: loaded first)
-            const size_t xat = (((size_t)(b0 + pb) * L + t) * NH + h) * DH + po;
-            float x[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-            if (own) {
-                x[0] = static_cast<float>(xi[xat]); x[1] = static_cast<float>(xf[xat]);
-                x[2] = static_cast<float>(xz[xat]); x[3] = static_cast<float>(xo[xat]);
+            tag += 1;
+            const size_t xat = xrow + (size_t)t * NH * DH;
+            float x[4] = {xn[0], xn[1], xn[2], xn[3]};
+            if (own && t + 1 < L) {
+                const size_t nxt = xat + NH * DH;
+                xn[0] = static_cast<float>(xi[nxt]); xn[1] = static_cast<float>(xf[nxt]);
+                xn[2] = static_cast<float>(xz[nxt]); xn[3] = static_cast<float>(xo[nxt]);
             }
 
-            // R y for every batch row of the tile
-            for (int b = 0; b < nb; ++b) {
-                const float4* yb = reinterpret_cast<const float4*>(ys + b * DH);
-                float acc = 0.0f;
+            // R y, BG batch rows at a time: each thread's CPT products (one partial sum per column group)
+            for (int b = 0; b < nb; b += BG) {
+                float acc[BG];
+#pragma unroll
+                for (int q = 0; q < BG; ++q) acc[q] = 0.0f;
 #pragma unroll
                 for (int s = 0; s < CPT / 4; ++s) {
-                    const float4 v = yb[cg + CG * s];
-                    acc += w[4 * s] * v.x + w[4 * s + 1] * v.y + w[4 * s + 2] * v.z + w[4 * s + 3] * v.w;
+#pragma unroll
+                    for (int q = 0; q < BG; ++q) {
+                        const float4 v = reinterpret_cast<const float4*>(ys + (b + q) * DH + cg * CPT)[s];
+                        acc[q] += w[4 * s] * v.x + w[4 * s + 1] * v.y + w[4 * s + 2] * v.z + w[4 * s + 3] * v.w;
+                    }
                 }
 #pragma unroll
-                for (int off = CG / 2; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-                if (cg == 0 && has_row) ry[b * 4 * U + row] = acc;
+                for (int q = 0; q < BG; ++q) part[(cg * BTP + b + q) * RP + row] = acc[q];
             }
             SYNC();
 
-            // gate math (the reference's order: (W x + R y) + b)
+            // gate math (the reference's order: (W x + R y) + b); y goes out to the head's other blocks
+            const int slot = tag & 1;
             if (own) {
                 float r[4];
 #pragma unroll
-                for (int g = 0; g < 4; ++g) r[g] = (x[g] + ry[pb * 4 * U + g * U + tid % U]) + bias_g[g];
+                for (int g = 0; g < 4; ++g) {
+                    float ry = 0.0f;                       // R y: the sum over the column groups
+                    for (int c = 0; c < CG; ++c) ry += part[(c * BTP + pb) * RP + g * U + tid % U];
+                    r[g] = (x[g] + ry) + bias_g[g];
+                }
                 const float log_f = FMIN(r[1], 0.0f) - LOG1P(EXP(-FABS(r[1])));     // logsigmoid
                 const float lfm = m + log_f;
                 const float m_new = n == 0.0f ? r[0] : FMAX(r[0], lfm);
@@ -128,41 +162,60 @@ SEQUENCE_BODY = """
                 m = m_new;
                 y = (1.0f / (1.0f + EXP(-r[3]))) * c / n;
                 hout[xat] = static_cast<TI>(y);
-                yx[((size_t)(t & 1) * B + b0 + pb) * NH * DH + h * DH + po] = y;
+                put(xchg + 2 * ((((size_t)slot * NH + h) * B + b0 + pb) * DH + po), y, tag);
             }
 
-            // barrier over the G blocks of head h, then every block reads the head's whole y
-            __threadfence();
-            SYNC();
-            if (G > 1 && tid == 0) {
-                generation += 1;
-                atomicAdd(counter + h, 1);
-                const volatile int* seen = counter + h;
-                while (*seen < G * generation) { }
-                __threadfence();
-            }
-            SYNC();
-            for (int e = tid; e < nb * DH; e += THREADS)
-                ys[e] = __ldcg(yx + ((size_t)(t & 1) * B + b0 + e / DH) * NH * DH + h * DH + e % DH);
+            // stage the head's whole y of this step: all loads in flight, then re-poll those not yet tagged.
+            // Two slots by step parity: a block writes slot s again two steps later, after every block of
+            // the head has staged this step (it needs their next y first).
+            const int* tile = xchg + 2 * (((size_t)slot * NH + h) * B + b0) * DH;   // (nb, DH) pairs
+            unsigned int done = 0;
+            int pending;
+            do {
+                pending = 0;
+#pragma unroll
+                for (int q = 0; q < PER; ++q) {
+                    const int e = tid + q * THREADS;
+                    if (e < nb * DH && !(done & (1u << q))) {
+                        int v, seen;
+                        get(tile + 2 * e, v, seen);
+                        if (seen == tag) { ys[e] = __int_as_float(v); done |= 1u << q; } else { ++pending; }
+                    }
+                }
+            } while (pending);
             SYNC();
         }
         if (own) { y1[sat] = y; c1[sat] = c; n1[sat] = n; m1[sat] = m; }
     }
 """
 
-SEQUENCE_KERNEL = DeviceKernel(
-    "mad_slstm_sequence",
-    inputs=["xi", "xf", "xz", "xo", "R", "bias", "y0", "c0", "n0", "m0", "sync_counter"],
-    outputs=["hout", "yx", "y1", "c1", "n1", "m1"],
-    body=SEQUENCE_BODY,
-)
+# MLX writes the kernel's signature itself; launch bounds reach it through the `__global__` macro that
+# the signature starts with. With them the compiler keeps to 65536 / MAX_THREADS = 128 registers per
+# thread, so that a block of MAX_THREADS threads can launch at all (without them it may take more).
+LAUNCH_BOUNDS_HEADER = f"""
+#undef __global__
+#define __global__ __location__(global) __launch_bounds__({MAX_THREADS}, 1)
+"""
+
+
+@functools.lru_cache(maxsize=None)
+def sequence_kernel(launch_bounds: bool) -> DeviceKernel:
+    return DeviceKernel(
+        "mad_slstm_sequence" + ("_lb" if launch_bounds else ""),
+        inputs=["xi", "xf", "xz", "xo", "R", "bias", "y0", "c0", "n0", "m0"],
+        outputs=["hout", "y1", "c1", "n1", "m1", "exchange"],
+        body=SEQUENCE_BODY,
+        header=LAUNCH_BOUNDS_HEADER if launch_bounds else "",
+    )
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How one launch splits a layer: G blocks per head of THREADS threads, CG threads per gate row."""
+    """How one launch splits a layer: G blocks per head of THREADS = RP * CG threads (RP gate rows, the
+    block's 4U padded to whole warps, times CG column groups of CPT columns), BT batch rows per tile."""
     G: int
     U: int
+    RP: int
     CG: int
     CPT: int
     THREADS: int
@@ -191,26 +244,30 @@ def multiprocessors() -> int:
     raise Unsupported("slstm_sequence: the number of multiprocessors is unknown (set MAD_GPU_SMS)")
 
 
-def plan(heads: int, head_dim: int, sms: int) -> Plan:
+def plan(heads: int, head_dim: int, sms: int, batch_group: int = 0) -> Plan:
     """The fewest blocks per head whose weights fit in registers, with all NH * G blocks resident.
 
-    Raises Unsupported when no split fits (the reference runs instead).
+    The batch tile BT is bounded by one gate-math thread per (batch row, unit), by MAX_STAGED staged y
+    values per thread and by the shared memory (y and the partial sums, MAX_SHARED floats). Raises
+    Unsupported when no split fits (the reference runs instead).
     """
+    bg = batch_group or BATCH_GROUP
     if head_dim % 4:
         raise Unsupported(f"slstm_sequence: head dim {head_dim} is not a multiple of 4")
     for G in (g for g in range(1, head_dim + 1) if head_dim % g == 0):
         if heads * G > sms:
             break
         U = head_dim // G
-        for CG in (1, 2, 4, 8, 16, 32):
-            CPT = head_dim // CG
-            if head_dim % (4 * CG) or CPT > MAX_CPT:
-                continue
-            threads = 32 * math.ceil(4 * U * CG / 32)
-            if threads <= MAX_THREADS:
-                BT = max(1, min(threads // U, MAX_YS // head_dim))
-                return Plan(G, U, CG, CPT, threads, BT)
-            break
+        RP = 32 * math.ceil(4 * U / 32)
+        CG = next(cg for cg in range(1, head_dim + 1) if head_dim % (4 * cg) == 0 and head_dim // cg <= MAX_CPT)
+        threads = RP * CG
+        if threads > MAX_THREADS:
+            continue
+        BT = min(threads // U, MAX_STAGED * threads // head_dim)
+        while BT > 1 and (head_dim + CG * RP) * math.ceil(BT / bg) * bg > MAX_SHARED:
+            BT -= 1
+        if BT >= 1 and (head_dim + CG * RP) * bg <= MAX_SHARED:
+            return Plan(G, U, RP, CG, head_dim // CG, threads, BT)
     raise Unsupported(f"slstm_sequence: no split of {heads} heads of {head_dim} over {sms} multiprocessors "
                       f"keeps the recurrent weights in registers")
 
@@ -234,15 +291,15 @@ def slstm_sequence_device(
     p = plan(NH, DH, multiprocessors())
     y, c, n, m = (s.astype(mx.float32) for s in (state if state is not None else zero_state(B, NH, DH)))
     gates = [g.transpose(0, 2, 1, 3) for g in (i, f, z, o)]            # (B, T, NH, DH): the block's layout
-    h, _, y1, c1, n1, m1 = SEQUENCE_KERNEL(
+    h, y1, c1, n1, m1, _ = sequence_kernel(LAUNCH_BOUNDS)(
         backend,
-        inputs=[*gates, R, b.astype(mx.float32), y, c, n, m, mx.zeros((NH,), mx.int32)],
-        template=[("TI", i.dtype), ("NH", NH), ("DH", DH), ("U", p.U), ("G", p.G), ("CG", p.CG),
-                  ("CPT", p.CPT), ("THREADS", p.THREADS), ("BT", p.BT)],
+        inputs=[*gates, R, b.astype(mx.float32), y, c, n, m],
+        template=[("TI", i.dtype), ("NH", NH), ("DH", DH), ("U", p.U), ("G", p.G), ("RP", p.RP), ("CG", p.CG),
+                  ("CPT", p.CPT), ("THREADS", p.THREADS), ("BT", p.BT), ("BG", BATCH_GROUP)],
         grid=(p.G * p.THREADS, NH, 1), threadgroup=(p.THREADS, 1, 1),
-        output_shapes=[(B, L, NH, DH), (2, B, NH, DH)] + [(B, NH, DH)] * 4,
-        output_dtypes=[i.dtype] + [mx.float32] * 5,
-        init_value=poison,
+        output_shapes=[(B, L, NH, DH)] + [(B, NH, DH)] * 4 + [(2, B, NH, DH, 2)],
+        output_dtypes=[i.dtype] + [mx.float32] * 4 + [mx.int32],
+        init_value=0.0 if poison is None else poison,        # the exchange must start without tags
     )
     return h.transpose(0, 2, 1, 3), (y1, c1, n1, m1)
 

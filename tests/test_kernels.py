@@ -240,15 +240,17 @@ def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
 
 # ------------------------------------------------------------------------------------ sLSTM sequence kernel
 def test_slstm_plan_keeps_weights_in_registers_and_blocks_resident():
-    from mad.kernels.slstm_device import MAX_CPT, MAX_THREADS, plan
+    from mad.kernels.slstm_device import MAX_CPT, MAX_STAGED, MAX_THREADS, plan
 
     p = plan(4, 512, 132)        # the ~1.3B stack: 4 heads of 512 on an H200
-    assert (p.G, p.U, p.CG, p.CPT, p.THREADS, p.BT) == (32, 16, 8, 64, 512, 16)
-    for heads, dh in ((4, 192), (4, 16), (2, 20), (1, 1024), (8, 64)):
+    assert (p.G, p.U, p.RP, p.CG, p.CPT, p.THREADS, p.BT) == (32, 16, 64, 8, 64, 512, 8)
+    for heads, dh in ((4, 192), (4, 16), (2, 20), (1, 1024), (8, 64), (3, 36)):
         p = plan(heads, dh, 132)
         assert heads * p.G <= 132 and p.G * p.U == dh and p.CG * p.CPT == dh
-        assert p.CPT <= MAX_CPT and p.CPT % 4 == 0 and p.THREADS <= MAX_THREADS and p.THREADS >= 4 * p.U * p.CG
+        assert p.RP % 32 == 0 and 4 * p.U <= p.RP and p.THREADS == p.RP * p.CG <= MAX_THREADS
+        assert p.CPT <= MAX_CPT and p.CPT % 4 == 0
         assert p.BT * p.U <= p.THREADS                  # one thread per (batch row, unit) in the gate math
+        assert p.BT * dh <= MAX_STAGED * p.THREADS
     with pytest.raises(registry.Unsupported):
         plan(4, 6, 132)                                 # not float4 chunks: the reference runs
     with pytest.raises(registry.Unsupported):
@@ -285,7 +287,7 @@ def slstm_inputs(rng, B, NH, T, DH, dtype, w_dtype):
 @pytest.mark.parametrize("dtype,w_dtype", [(mx.float32, mx.float32), (mx.bfloat16, mx.bfloat16)])
 def test_slstm_sequence_kernel_matches_reference(B, NH, T, DH, dtype, w_dtype):
     """Odd lengths, 1..4 heads, head dims 16..512 (1 to 32 blocks per head), batch tiles (B > BT for the
-    20 x 64 and 17 x 512 cases), zero and given initial state. The math is float32 in both (bf16 only
+    20 x 64 and 17 x 512 cases: several tiles in one launch), zero and given initial state. The math is float32 in both (bf16 only
     rounds the inputs, the same for both, and the output h), so h and the state agree to float32 rounding."""
     from mad.kernels.slstm import slstm_sequence
     from mad.kernels.slstm_device import slstm_sequence_device
@@ -305,11 +307,12 @@ def test_slstm_sequence_kernel_matches_reference(B, NH, T, DH, dtype, w_dtype):
 
 @pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
 def test_slstm_prefill_then_steps_equals_one_launch():
-    """Decoding reuses the kernel with T = 1; a prefill followed by single steps gives the full run."""
+    """Decoding reuses the kernel with T = 1; a prefill followed by single steps gives the full run.
+    Head dim 512: 32 blocks per head exchange y every step, in every one of the launches."""
     from mad.kernels.slstm_device import slstm_sequence_device
 
     rng = np.random.default_rng(7)
-    gates, R, b, _ = slstm_inputs(rng, 2, 4, 24, 64, mx.float32, mx.float32)
+    gates, R, b, _ = slstm_inputs(rng, 2, 4, 24, 512, mx.float32, mx.float32)
     h_full, s_full = slstm_sequence_device(*gates, R, b)
     h, state = slstm_sequence_device(*(g[:, :, :20] for g in gates), R, b)
     hs = [h]
@@ -319,6 +322,32 @@ def test_slstm_prefill_then_steps_equals_one_launch():
     assert rel_err(mx.concatenate(hs, axis=2), h_full) < 1e-6
     for a, ref in zip(state, s_full):
         assert rel_err(a, ref) < 1e-6
+
+
+@pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+def test_slstm_kernel_twice_in_one_compiled_graph():
+    """Two launches of one shape in one compiled graph (mx.compile merges equal constants, so each launch
+    must own its exchange buffer): the second layer reads the first one's output, single steps and a
+    sequence, against the reference."""
+    from mad.kernels.slstm import slstm_sequence
+    from mad.kernels.slstm_device import slstm_sequence_device
+
+    rng = np.random.default_rng(11)
+    for T in (1, 9):
+        gates, R, b, state = slstm_inputs(rng, 3, 4, T, 512, mx.float32, mx.float32)
+
+        def two_layers(fn, gates, state):
+            h1, s1 = fn(*gates, R, b, state)
+            h2, s2 = fn(h1, *gates[1:], R, b, s1)
+            return h2, s2
+
+        got = mx.compile(lambda *g: two_layers(slstm_sequence_device, g, state))(*gates)
+        with mx.stream(mx.cpu):
+            want = two_layers(slstm_sequence, gates, state)
+            mx.eval(want)
+        assert rel_err(got[0], want[0]) < 1e-5
+        for a, ref in zip(got[1], want[1]):
+            assert rel_err(a, ref) < 1e-5
 
 
 @pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
