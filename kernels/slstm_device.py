@@ -288,14 +288,15 @@ def slstm_sequence_device(
         raise ValueError("slstm_sequence needs T >= 1")
     if not (i.dtype == f.dtype == z.dtype == o.dtype) or i.dtype not in DTYPES or R.dtype not in DTYPES:
         raise Unsupported(f"slstm_sequence: dtypes {i.dtype}, {f.dtype}, {z.dtype}, {o.dtype}, R {R.dtype}")
-    p = plan(NH, DH, multiprocessors())
+    bg = min(BATCH_GROUP, B)           # a decode step of one sequence computes one batch row, not four
+    p = plan(NH, DH, multiprocessors(), bg)
     y, c, n, m = (s.astype(mx.float32) for s in (state if state is not None else zero_state(B, NH, DH)))
     gates = [g.transpose(0, 2, 1, 3) for g in (i, f, z, o)]            # (B, T, NH, DH): the block's layout
     h, y1, c1, n1, m1, _ = sequence_kernel(LAUNCH_BOUNDS)(
         backend,
         inputs=[*gates, R, b.astype(mx.float32), y, c, n, m],
         template=[("TI", i.dtype), ("NH", NH), ("DH", DH), ("U", p.U), ("G", p.G), ("RP", p.RP), ("CG", p.CG),
-                  ("CPT", p.CPT), ("THREADS", p.THREADS), ("BT", p.BT), ("BG", BATCH_GROUP)],
+                  ("CPT", p.CPT), ("THREADS", p.THREADS), ("BT", p.BT), ("BG", bg)],
         grid=(p.G * p.THREADS, NH, 1), threadgroup=(p.THREADS, 1, 1),
         output_shapes=[(B, L, NH, DH)] + [(B, NH, DH)] * 4 + [(2, B, NH, DH, 2)],
         output_dtypes=[i.dtype] + [mx.float32] * 4 + [mx.int32],
