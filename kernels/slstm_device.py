@@ -173,13 +173,17 @@ SEQUENCE_BODY = """
             int pending;
             do {
                 pending = 0;
+                int v[PER], seen[PER];
+#pragma unroll
+                for (int q = 0; q < PER; ++q) {          // issue every read first: one L2 round trip per round
+                    const int e = tid + q * THREADS;
+                    if (e < nb * DH && !(done & (1u << q))) get(tile + 2 * e, v[q], seen[q]);
+                }
 #pragma unroll
                 for (int q = 0; q < PER; ++q) {
                     const int e = tid + q * THREADS;
                     if (e < nb * DH && !(done & (1u << q))) {
-                        int v, seen;
-                        get(tile + 2 * e, v, seen);
-                        if (seen == tag) { ys[e] = __int_as_float(v); done |= 1u << q; } else { ++pending; }
+                        if (seen[q] == tag) { ys[e] = __int_as_float(v[q]); done |= 1u << q; } else { ++pending; }
                     }
                 }
             } while (pending);
