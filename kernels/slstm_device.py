@@ -7,13 +7,13 @@ loaded into registers once, and the time loop runs inside the kernel.
 
 Work split. Head h's recurrent matrix R[h] has 4*DH rows (gate g, unit o) and DH columns. G blocks share a
 head; block k owns the units o in [k*U, (k+1)*U) (U = DH / G), that is the 4*U rows of its units in all
-four gates, so it can finish the gate math of its units alone. Inside the block, each row is split over CG
-threads ("column groups"); a thread holds CPT = DH / CG weights of its row in registers, in float4 chunks
-cg, cg + CG, cg + 2*CG, ... (consecutive threads read consecutive chunks of y: no shared-memory bank
-conflicts). Per step and batch row the block computes R y for its rows (each thread CPT products, then a
-sum over the CG threads of the row by warp shuffles), then the gate math of its units, one thread per
-(batch row, unit), with that unit's float32 state c, n, m kept in the thread's registers for the whole
-sequence.
+four gates, so it can finish the gate math of its units alone. Inside the block, the rows (padded to RP,
+whole warps) are split over CG column groups: a thread holds CPT = DH / CG consecutive weights of its row
+in registers, and a warp covers 32 rows of one column group, so every read of y from shared memory is a
+broadcast. Per step and batch row (BG rows at a time) each thread writes its CPT products' sum to shared
+memory, one partial per column group; the gate math then runs one thread per (batch row, unit), sums the
+CG partials of its four gate rows, and keeps that unit's float32 state c, n, m in its registers for the
+whole sequence.
 
 The exchange. Every block of head h needs all DH values of y_{t-1}. Each block writes its units' y with
 the step number as a tag, one 8-byte store of the pair (y bits, tag), to an exchange buffer of two slots
