@@ -69,15 +69,15 @@ def layer(a) -> dict:
     (h_r, s_r), t_loop = timed(lambda: slstm_sequence(*gates, R, b), max(1, a.trials // 2))
     groups = {}
     for bg, lb in ((bg, lb) for lb in (True, False) for bg in a.groups):
-        slstm_device.BATCH_GROUP, slstm_device.LAUNCH_BOUNDS = bg, lb   # batch rows per pass; launch bounds
+        slstm_device.BATCH_GROUP, slstm_device.SPLIT = bg, lb   # batch rows per pass; halves taking turns
         try:
             (h_k, s_k), times = timed(lambda: slstm_sequence_device(*gates, R, b), a.trials)
         except RuntimeError as e:
-            print(f"  batch group {bg}, launch bounds {lb}: {e}")
+            print(f"  batch group {bg}, split {lb}: {e}")
             continue
         groups[bg, lb] = {"kernel_s": times, "rel_diff_h": float(mx.linalg.norm(h_k - h_r) / mx.linalg.norm(h_r)),
                       "max_abs_diff_h": float(mx.max(mx.abs(h_k - h_r)))}
-        print(f"  batch group {bg}, launch bounds {lb}: {statistics.median(times) * 1e3:.2f} ms, relative diff "
+        print(f"  batch group {bg}, split {lb}: {statistics.median(times) * 1e3:.2f} ms, relative diff "
               f"{groups[bg, lb]['rel_diff_h']:.1e}")
     best = min(groups, key=lambda g: statistics.median(groups[g]["kernel_s"]))
     t_kernel, diff, rel = groups[best]["kernel_s"], groups[best]["max_abs_diff_h"], groups[best]["rel_diff_h"]
@@ -85,14 +85,14 @@ def layer(a) -> dict:
     flops = 2 * B * NH * 4 * DH * DH * T
     limit_s = flops / (a.fp32_tflops * 1e12)
     k, r = statistics.median(t_kernel), statistics.median(t_loop)
-    out = {"batch": B, "tokens": T, "heads": NH, "head_dim": DH, "plan": p.__dict__, "batch_group_launch_bounds": best,
-           "variants": {f"group {g}, launch bounds {lb}": v for (g, lb), v in groups.items()},
+    out = {"batch": B, "tokens": T, "heads": NH, "head_dim": DH, "plan": p.__dict__, "batch_group_split": best,
+           "variants": {f"group {g}, split {lb}": v for (g, lb), v in groups.items()},
            "multiprocessors": multiprocessors(), "kernel_s": t_kernel, "loop_s": t_loop,
            "kernel_median_s": k, "loop_median_s": r, "speedup": r / k, "us_per_step_kernel": k / T * 1e6,
            "us_per_step_loop": r / T * 1e6, "flops": flops, "tflops_kernel": flops / k / 1e12,
            "launch_free_limit_s": limit_s, "fraction_of_limit": limit_s / k, "max_abs_diff_h": diff,
            "rel_diff_h": rel, "mlx": mx.__version__}
-    print(f"sLSTM layer, B {B}, T {T}, {NH} heads of {DH}, float32; plan {p}, (batch group, launch bounds) {best}")
+    print(f"sLSTM layer, B {B}, T {T}, {NH} heads of {DH}, float32; plan {p}, (batch group, split) {best}")
     print(f"  kernel  {k * 1e3:9.2f} ms  ({k / T * 1e6:.2f} us/step, {flops / k / 1e12:.1f} TFLOP/s, "
           f"{limit_s / k:.0%} of the {limit_s * 1e3:.2f} ms launch-free limit at {a.fp32_tflops} TFLOP/s)")
     print(f"  loop    {r * 1e3:9.2f} ms  ({r / T * 1e6:.2f} us/step)   speed-up {r / k:.1f}x")

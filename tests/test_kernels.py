@@ -240,15 +240,16 @@ def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
 
 # ------------------------------------------------------------------------------------ sLSTM sequence kernel
 def test_slstm_plan_keeps_weights_in_registers_and_blocks_resident():
-    from mad.kernels.slstm_device import MAX_CPT, MAX_STAGED, MAX_THREADS, plan
+    from mad.kernels.slstm_device import MAX_CPT, MAX_STAGED, MAX_THREADS, REGISTERS, RESERVED, plan
 
     p = plan(4, 512, 132)        # the ~1.3B stack: 4 heads of 512 on an H200
-    assert (p.G, p.U, p.RP, p.CG, p.CPT, p.THREADS, p.BT) == (32, 16, 64, 8, 64, 512, 8)
-    for heads, dh in ((4, 192), (4, 16), (2, 20), (1, 1024), (8, 64), (3, 36)):
+    assert (p.G, p.U, p.RP, p.RPT, p.CG, p.CPT, p.THREADS, p.BT) == (32, 16, 64, 2, 8, 64, 256, 8)
+    for heads, dh in ((4, 192), (4, 16), (2, 20), (1, 1024), (8, 64), (3, 36), (1, 128)):
         p = plan(heads, dh, 132)
         assert heads * p.G <= 132 and p.G * p.U == dh and p.CG * p.CPT == dh
-        assert p.RP % 32 == 0 and 4 * p.U <= p.RP and p.THREADS == p.RP * p.CG <= MAX_THREADS
+        assert p.RP % (32 * p.RPT) == 0 and 4 * p.U <= p.RP and p.THREADS == p.RP // p.RPT * p.CG <= MAX_THREADS
         assert p.CPT <= MAX_CPT and p.CPT % 4 == 0
+        assert p.THREADS * (p.RPT * p.CPT + RESERVED) <= REGISTERS   # the weights stay in registers
         assert p.BT * p.U <= p.THREADS                  # one thread per (batch row, unit) in the gate math
         assert p.BT * dh <= MAX_STAGED * p.THREADS
     with pytest.raises(registry.Unsupported):
