@@ -9,6 +9,8 @@ Bytes counted two ways:
     minimum   q, k, v read and h written once (input dtype), the gates read, the final state written;
     chunked   the minimum plus the per-chunk states this formulation materialises (float32 C of every
               chunk: the chunk sums written and read, the entering states written and read).
+With `--parts`, the two halves of the chunkwise form are also timed alone: the chunk states (the chunk
+sums K^T V and the recurrence kernel) and the intra-chunk outputs (Q K^T, S V and q C, given the states).
 Limits measured here: a device copy (compiled `a + 1` over 2 GiB float32, bytes read + written) and
 a large matrix product in the input dtype (MLX's matmul; float32 runs in TF32 unless
 MLX_ENABLE_TF32=0, as in the model).
@@ -66,6 +68,7 @@ def main() -> None:
     ap.add_argument("--chunks", type=lambda v: [int(x) for x in v.split(",")], default=[64, 128])
     ap.add_argument("--dtypes", type=lambda v: v.split(","), default=["bfloat16", "float32"])
     ap.add_argument("--trials", type=int, default=10)
+    ap.add_argument("--parts", action="store_true", help="also time the chunk states and the outputs alone")
     ap.add_argument("--no-limits", action="store_true", help="skip measuring the limits (a smoke run)")
     ap.add_argument("--json")
     a = ap.parse_args()
@@ -73,8 +76,8 @@ def main() -> None:
     import mlx.core as mx
     import numpy as np
 
-    from mad.kernels import mlstm_device  # noqa: F401  (registers the device kernels)
-    from mad.kernels.mlstm import mlstm_sequence
+    from mad.kernels import mlstm_chunk_device, mlstm_device  # noqa: F401  (register the device kernels)
+    from mad.kernels.mlstm import _chunk_outputs, _chunk_states, _split_chunks, _zero_state, mlstm_sequence
     from mad.kernels.registry import dispatch
 
     B, NH, T, DQK, DV = a.batch, a.heads, a.tokens, a.dqk, a.dv
@@ -108,7 +111,30 @@ def main() -> None:
                    "bytes_min": bytes_min, "bytes_chunked": bytes_chunked,
                    "TBps_min": bytes_min / s / 1e12, "TBps_chunked": bytes_chunked / s / 1e12,
                    "floor_s": max(flops / matmul, bytes_min / (limits["copy_TBps"] * 1e12)),
-                   "recurrence_kernel": getattr(dispatch("mlstm_chunk_recurrence"), "__name__", "?")}
+                   "recurrence_kernel": getattr(dispatch("mlstm_chunk_recurrence"), "__name__", "?"),
+                   "outputs_kernel": getattr(dispatch("mlstm_chunk_outputs"), "__name__", "?")}
+            if a.parts:
+                scale = DQK ** -0.5
+
+                def states(q, k, v, i, f, L=L):
+                    qc, kc, vc, ic, b = _split_chunks(q * scale, k, v, i, f, L)
+                    return _chunk_states(kc, vc, b, ic, _zero_state(B, NH, DQK, DV))
+
+                def outputs(q, k, v, i, f, s_in, L=L, fn=_chunk_outputs):
+                    qc, kc, vc, ic, b = _split_chunks(q * scale, k, v, i, f, L)
+                    return fn(qc, kc, vc, b, ic, s_in, 1e-6)
+
+                states_c = mx.compile(states)
+                s_in, _ = states_c(q, k, v, i, f)
+                mx.eval(s_in)
+                row["states_s"] = statistics.median(clock(lambda: states_c(q, k, v, i, f), a.trials))
+                for name, fn in (("outputs_reference_s", _chunk_outputs),
+                                 ("outputs_s", dispatch("mlstm_chunk_outputs"))):
+                    outputs_c = mx.compile(lambda q, k, v, i, f, s_in, fn=fn: outputs(q, k, v, i, f, s_in, fn=fn))
+                    row[name] = statistics.median(clock(lambda: outputs_c(q, k, v, i, f, s_in), a.trials))
+                print(f"  chunk states alone {row['states_s'] * 1e3:.3f} ms; outputs alone (states given) "
+                      f"{row['outputs_s'] * 1e3:.3f} ms ({dispatch('mlstm_chunk_outputs').__name__}), "
+                      f"pure MLX {row['outputs_reference_s'] * 1e3:.3f} ms", flush=True)
             rows[f"{dtype} L{L}"] = row
             print(f"{dtype:8s} chunk {L:3d}: {s * 1e3:7.3f} ms, {row['TFLOPs']:6.1f} TFLOP/s "
                   f"({row['fraction_of_matmul']:.0%} of the matmul rate), {row['TBps_min']:.2f} TB/s minimum bytes, "

@@ -18,7 +18,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mad.block import Block, Dim, ShapeError, TensorType, expect_float, register
-from mad.kernels import mlstm_device  # noqa: F401  (registers the device variants)
+from mad.kernels import mlstm_chunk_device, mlstm_device  # noqa: F401  (register the device variants)
 from mad.kernels.mlstm import mlstm_sequence
 from mad.kernels.registry import dispatch
 

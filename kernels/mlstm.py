@@ -229,6 +229,14 @@ def _chunk_outputs(
     return num / den[..., None]
 
 
+def chunk_outputs(
+    qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
+    state_in: Optional[State], eps: float,
+) -> mx.array:
+    """The intra-chunk outputs (kernel "mlstm_chunk_outputs"; reference): see ``_chunk_outputs``."""
+    return _chunk_outputs(qc, kc, vc, b, ic, state_in, eps)
+
+
 def _split_chunks(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array, L: int,
 ) -> Tuple[mx.array, ...]:
@@ -276,7 +284,7 @@ def mlstm_chunkwise(
         state = _zero_state(B, NH, DQK, DV)
     qc, kc, vc, ic, b = _split_chunks(q, k, v, i, f, chunk_size)
     state_in, state_out = _chunk_states(kc, vc, b, ic, state)
-    h = _chunk_outputs(qc, kc, vc, b, ic, state_in, eps)
+    h = dispatch("mlstm_chunk_outputs")(qc, kc, vc, b, ic, state_in, eps)
     return h.reshape(B, NH, T, DV).astype(v.dtype), state_out
 
 
@@ -372,3 +380,4 @@ def mlstm_sequence(
 
 register_kernel("mlstm_step", mlstm_step)
 register_kernel("mlstm_chunk_recurrence", chunk_recurrence)
+register_kernel("mlstm_chunk_outputs", chunk_outputs)

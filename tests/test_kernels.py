@@ -238,6 +238,55 @@ def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
             assert rel_err(a, b) < (1e-5 if dtype == mx.float32 else 1e-2)
 
 
+@pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+@pytest.mark.parametrize("B,NH,NC,L,DQK,DV", [(1, 8, 4, 64, 256, 512), (2, 3, 5, 64, 64, 96), (1, 2, 3, 128, 32, 256),
+                                              (2, 1, 2, 5, 16, 40), (1, 2, 2, 77, 48, 136)])
+def test_chunk_outputs_kernel_matches_reference(B, NH, NC, L, DQK, DV):
+    """The tensor-core intra-chunk kernel against the pure-MLX form on the same bf16 inputs (computed in
+    float32 on the CPU): chunk lengths 5 to 128 (one or two row tiles), column tails, spread gates and a
+    given entering state per chunk. The kernel rounds C and the gated S to bf16 (the reference rounds C
+    the same way and q k^T more), so they agree to bf16 rounding."""
+    from mad.kernels.mlstm import chunk_outputs
+    from mad.kernels.mlstm_chunk_device import chunk_outputs_device
+
+    rng = np.random.default_rng(B * 100 + L + DV)
+    q, k = (mx.array(rng.normal(0, s, (B, NH, NC, L, DQK)).astype(np.float32)).astype(mx.bfloat16)
+            for s in (DQK ** -0.5, 0.7))
+    v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(mx.bfloat16)
+    lf = -np.logaddexp(0, -rng.normal(2, 2, (B, NH, NC, L)))
+    b = mx.array(np.cumsum(lf, axis=-1).astype(np.float32))
+    ic = mx.array(rng.normal(0, 1, (B, NH, NC, L)).astype(np.float32))
+    state = (mx.array(rng.normal(0, 1, (B, NH, NC, DQK, DV)).astype(np.float32)),
+             mx.array(rng.normal(0, 1, (B, NH, NC, DQK)).astype(np.float32)),
+             mx.array(rng.normal(0, 2, (B, NH, NC)).astype(np.float32)))
+    h = chunk_outputs_device(q, k, v, b, ic, state, 1e-6, poison=float("nan"))
+    with mx.stream(mx.cpu):
+        want = chunk_outputs(*(x.astype(mx.float32) for x in (q, k, v)), b, ic, state, 1e-6)
+        mx.eval(want)
+    assert h.shape == want.shape and h.dtype == mx.float32
+    assert rel_err(h, want) < 1e-2
+
+
+def test_chunk_outputs_kernel_declines_what_it_does_not_handle():
+    from mad.kernels.mlstm_chunk_device import chunk_outputs_device
+
+    q = mx.zeros((1, 1, 2, 64, 64), mx.bfloat16)
+    v = mx.zeros((1, 1, 2, 64, 64), mx.bfloat16)
+    g = mx.zeros((1, 1, 2, 64))
+    state = (mx.zeros((1, 1, 2, 64, 64)), mx.zeros((1, 1, 2, 64)), mx.zeros((1, 1, 2)))
+    cases = [dict(backend="metal"), dict(state=None), dict(q=q.astype(mx.float32)),
+             dict(q=mx.zeros((1, 1, 2, 64, 40), mx.bfloat16)), dict(L=160)]
+    for case in cases:
+        L = case.get("L", 64)
+        qq = case.get("q", q)[..., :L, :] if L <= 64 else mx.zeros((1, 1, 2, L, 64), mx.bfloat16)
+        kk = qq.astype(mx.bfloat16)
+        vv = v if L <= 64 else mx.zeros((1, 1, 2, L, 64), mx.bfloat16)
+        gg = g if L <= 64 else mx.zeros((1, 1, 2, L))
+        with pytest.raises(registry.Unsupported):
+            chunk_outputs_device(qq, kk, vv, gg, gg, case.get("state", state), 1e-6,
+                                 backend=case.get("backend", "cuda"))
+
+
 # ------------------------------------------------------------------------------------ sLSTM sequence kernel
 def test_slstm_plan_keeps_weights_in_registers_and_blocks_resident():
     from mad.kernels.slstm_device import MAX_CPT, MAX_STAGED, MAX_THREADS, REGISTERS, RESERVED, plan

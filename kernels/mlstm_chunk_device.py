@@ -1,0 +1,301 @@
+"""The intra-chunk part of the chunkwise mLSTM on tensor cores (CUDA), registered next to its pure-MLX
+reference `kernels.mlstm.chunk_outputs` (same arguments, same results to bf16 rounding).
+
+For every chunk of L steps with entering state (C, n, m), row j of the chunk gets (see
+`kernels.mlstm._chunk_outputs` for the derivation):
+
+    logD_jl = (b_j - b_l) + i~_l (l <= j),  m_j = max(max_l logD_jl, b_j + m),  w_j = exp(b_j + m - m_j)
+    S_jl = (q_j . k_l) exp(logD_jl - m_j)
+    h_j  = (S_j V + w_j q_j^T C) / (max(|sum_l S_jl + w_j q_j . n|, exp(-m_j)) + eps)
+
+One launch does all chunks: block (chunk, row tile, column tile) holds 64 rows of a chunk and 128
+columns of h; its 4 warps own 16 rows each. Three products on the tensor cores (mma.sync m16n8k16,
+bf16 operands, float32 accumulators), operand tiles staged in shared memory:
+    1. S = Q K^T over DQK, gated in registers (float32), kept in shared memory as bf16;
+    2. q^T C over DQK, C rounded to bf16 as it is staged (the reference rounds it the same way);
+    3. S V over the chunk's steps, added to w_j q^T C.
+Row statistics (m_j, w_j, q . n, the denominator) are float32. What it saves against the reference:
+the cast copy of every chunk's C, and the L x L gate, product and sum intermediates of each chunk, in
+device memory. bf16 inputs only (the tensor-core operand type); float32 and float16 inputs run the
+reference. CUDA only: the matrix instructions are NVIDIA's.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import mlx.core as mx
+
+from .device import DeviceKernel
+from .mlstm import State
+from .registry import Unsupported, register_variant
+
+RT, CT, THREADS = 64, 128, 128     # rows and columns of h per block; 4 warps of 16 rows
+MAX_L = 128                        # chunk length bound (shared memory: S is RT x L bf16)
+
+MMA_HEADER = """
+__device__ inline void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                 "{%8,%9}, {%0,%1,%2,%3};"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+// the B fragment of a k16 x n8 slice of a row-major [k][n] tile: lane l gives the address of row l % 16
+__device__ inline void b_frag_trans(unsigned& b0, unsigned& b1, const unsigned short* row) {
+    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(at));
+}
+__device__ inline unsigned short bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+__device__ inline unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
+"""
+
+OUTPUTS_BODY = """
+    // block (chunk ch, row tile, column tile); warp w owns rows w*16 .. w*16+15 of the tile.
+    // Fragment layouts (PTX m16n8k16): g = lane / 4, t = lane % 4; A regs hold A[g][2t..], A[g+8][2t..],
+    // A[g][2t+8..], A[g+8][2t+8..]; B regs hold B[2t..][g], B[2t+8..][g]; D holds D[g][2t..], D[g+8][2t..].
+    constexpr int KT = 32;                        // k slice per stage
+    constexpr int KS = KT + 8;                    // stride (halves) of the k-contiguous tiles (Q, K)
+    constexpr int NS = CT + 8;                    // stride (halves) of the n-contiguous tiles (C, V)
+    constexpr int SL = (L + 15) / 16 * 16;        // chunk steps padded to whole k16 slices
+    constexpr int SS = SL + 8;                    // stride (halves) of S
+    constexpr int NTS = SL / 8;                   // n-tiles of S
+    constexpr int NT = CT / 8;                    // n-tiles of h
+    constexpr int CPRE = KT * CT / 4 / THREADS;   // float4 of C a thread stages per slice
+    const int ch = BLOCK_X, r0 = BLOCK_Y * RT, c0 = BLOCK_Z * CT;
+    const int tid = THREAD_X, warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+    const int rw = warp * 16;
+
+    SHARED float sb[SL], sic[SL];                 // the chunk's b and i~
+    SHARED float sm[RT], sw[RT], sqn[RT], sden[RT];
+    SHARED __align__(16) unsigned short S[RT * SS];                      // gated S, bf16, row-major
+    SHARED __align__(16) unsigned short tq[RT * KS];                     // Q tile: RT rows x KT k
+    SHARED __align__(16) unsigned short tb[(SL * KS > KT * NS ? SL * KS : KT * NS)];  // K, C or V tile
+    const unsigned short* qg = reinterpret_cast<const unsigned short*>(qc) + (size_t)ch * L * DQK;
+    const unsigned short* kg = reinterpret_cast<const unsigned short*>(kc) + (size_t)ch * L * DQK;
+    const unsigned short* vg = reinterpret_cast<const unsigned short*>(vc) + (size_t)ch * L * DV;
+    const float* Cg = C + (size_t)ch * DQK * DV;
+    const float* ng = n + (size_t)ch * DQK;
+
+    for (int l = tid; l < SL; l += THREADS) {
+        sb[l] = l < L ? b[(size_t)ch * L + l] : 0.0f;
+        sic[l] = l < L ? ic[(size_t)ch * L + l] : 0.0f;
+    }
+    SYNC();
+    // row statistics: m_j = max(max_{l <= j} (b_j - b_l) + i~_l, b_j + m), w_j = exp(b_j + m - m_j)
+    if (tid < RT) {
+        const int j = r0 + tid;
+        float mj = 0.0f, wj = 0.0f;
+        if (j < L) {
+            float mi = __int_as_float(0xff800000);   // -inf
+            for (int l = 0; l <= j; ++l) mi = FMAX(mi, (sb[j] - sb[l]) + sic[l]);
+            const float minter = sb[j] + m[ch];
+            mj = FMAX(mi, minter);
+            wj = EXP(minter - mj);
+        }
+        sm[tid] = mj; sw[tid] = wj; sqn[tid] = 0.0f;
+    }
+
+    // rows x KT k of a [row][DQK] bf16 matrix, through registers (loaded a slice ahead) into a
+    // k-contiguous tile (zero past `rows` and DQK)
+    constexpr int QPER = (RT * (KT / 8) + THREADS - 1) / THREADS, KPER = (SL * (KT / 8) + THREADS - 1) / THREADS;
+    auto load_rows = [&](uint4* dst, int per, const unsigned short* src, int r_begin, int rows, int count, int k0) {
+#pragma unroll
+        for (int p = 0; p < per; ++p) {
+            const int e = tid + p * THREADS, row = e / (KT / 8), k = k0 + (e % (KT / 8)) * 8;
+            dst[p] = make_uint4(0, 0, 0, 0);
+            if (e < count * (KT / 8) && r_begin + row < rows && k < DQK)
+                dst[p] = *reinterpret_cast<const uint4*>(src + (size_t)(r_begin + row) * DQK + k);
+        }
+    };
+    auto store_rows = [&](unsigned short* tile, const uint4* from, int per, int count) {
+#pragma unroll
+        for (int p = 0; p < per; ++p) {
+            const int e = tid + p * THREADS, row = e / (KT / 8), part = e % (KT / 8);
+            if (e < count * (KT / 8)) {
+                *reinterpret_cast<uint2*>(tile + row * KS + part * 8) = make_uint2(from[p].x, from[p].y);
+                *reinterpret_cast<uint2*>(tile + row * KS + part * 8 + 4) = make_uint2(from[p].z, from[p].w);
+            }
+        }
+    };
+    auto a_frag = [&](unsigned* a, const unsigned short* tile, int stride, int k) {
+        a[0] = pair_at(tile + (rw + g) * stride + k + 2 * t);
+        a[1] = pair_at(tile + (rw + g + 8) * stride + k + 2 * t);
+        a[2] = pair_at(tile + (rw + g) * stride + k + 2 * t + 8);
+        a[3] = pair_at(tile + (rw + g + 8) * stride + k + 2 * t + 8);
+    };
+
+    // 1. S = Q K^T (and q . n on the side), over DQK in slices of KT
+    float s[NTS][4];
+#pragma unroll
+    for (int i = 0; i < NTS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
+    uint4 pq[QPER], pk[KPER];
+    load_rows(pq, QPER, qg, r0, L, RT, 0);
+    load_rows(pk, KPER, kg, 0, L, SL, 0);
+    for (int k0 = 0; k0 < DQK; k0 += KT) {
+        SYNC();
+        store_rows(tq, pq, QPER, RT);
+        store_rows(tb, pk, KPER, SL);
+        SYNC();
+        if (k0 + KT < DQK) {
+            load_rows(pq, QPER, qg, r0, L, RT, k0 + KT);
+            load_rows(pk, KPER, kg, 0, L, SL, k0 + KT);
+        }
+        if (tid < RT) {
+            float acc = sqn[tid];
+            for (int kk = 0; kk < KT && k0 + kk < DQK; ++kk)
+                acc = fmaf(__bfloat162float(__ushort_as_bfloat16(tq[tid * KS + kk])), ng[k0 + kk], acc);
+            sqn[tid] = acc;
+        }
+#pragma unroll
+        for (int kk = 0; kk < KT; kk += 16) {
+            unsigned a[4];
+            a_frag(a, tq, KS, kk);
+#pragma unroll
+            for (int i = 0; i < NTS; ++i)
+                mma_bf16(s[i], a, pair_at(tb + (i * 8 + g) * KS + kk + 2 * t), pair_at(tb + (i * 8 + g) * KS + kk + 2 * t + 8));
+        }
+    }
+    SYNC();
+    // gate S in float32, keep it as bf16; the row sums of the gated S (float32) go to the denominator
+    float dsum[2] = {0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < NTS; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = rw + g + (e / 2) * 8, l = i * 8 + 2 * t + e % 2, j = r0 + row;
+            float v = 0.0f;
+            if (j < L && l <= j) v = s[i][e] * EXP(((sb[j] - sb[l]) + sic[l]) - sm[row]);
+            dsum[e / 2] += v;
+            S[row * SS + l] = bf16_bits(v);
+        }
+#pragma unroll
+    for (int h2 = 0; h2 < 2; ++h2) {
+        dsum[h2] += __shfl_xor_sync(0xffffffffu, dsum[h2], 1);
+        dsum[h2] += __shfl_xor_sync(0xffffffffu, dsum[h2], 2);
+    }
+    if (t == 0) { sden[rw + g] = dsum[0]; sden[rw + g + 8] = dsum[1]; }
+
+    // 2. q^T C over DQK (C rounded to bf16 as the reference does), columns c0 .. c0 + CT - 1. The next
+    // slice of C is loaded into registers while the tensor cores work on this one.
+    float acc[NT][4];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) acc[i][0] = acc[i][1] = acc[i][2] = acc[i][3] = 0.0f;
+    float4 pre[CPRE];
+    auto load_c = [&](int k0) {
+#pragma unroll
+        for (int p = 0; p < CPRE; ++p) {
+            const int e = tid + p * THREADS, kk = e / (CT / 4), nq = (e % (CT / 4)) * 4;
+            pre[p] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            if (k0 + kk < DQK && c0 + nq < DV) pre[p] = *reinterpret_cast<const float4*>(Cg + (size_t)(k0 + kk) * DV + c0 + nq);
+        }
+    };
+    load_c(0);
+    load_rows(pq, QPER, qg, r0, L, RT, 0);
+    for (int k0 = 0; k0 < DQK; k0 += KT) {
+        SYNC();
+        store_rows(tq, pq, QPER, RT);
+#pragma unroll
+        for (int p = 0; p < CPRE; ++p) {
+            const int e = tid + p * THREADS, kk = e / (CT / 4), nq = (e % (CT / 4)) * 4;
+            const unsigned lo = bf16_bits(pre[p].x) | ((unsigned)bf16_bits(pre[p].y) << 16);
+            const unsigned hi = bf16_bits(pre[p].z) | ((unsigned)bf16_bits(pre[p].w) << 16);
+            *reinterpret_cast<uint2*>(tb + kk * NS + nq) = make_uint2(lo, hi);
+        }
+        SYNC();
+        if (k0 + KT < DQK) {
+            load_c(k0 + KT);
+            load_rows(pq, QPER, qg, r0, L, RT, k0 + KT);
+        }
+#pragma unroll
+        for (int kk = 0; kk < KT; kk += 16) {
+            unsigned a[4];
+            a_frag(a, tq, KS, kk);
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+                unsigned b0, b1;
+                b_frag_trans(b0, b1, tb + (kk + lane % 16) * NS + i * 8);
+                mma_bf16(acc[i], a, b0, b1);
+            }
+        }
+    }
+    const float w0 = sw[rw + g], w1 = sw[rw + g + 8];
+#pragma unroll
+    for (int i = 0; i < NT; ++i) { acc[i][0] *= w0; acc[i][1] *= w0; acc[i][2] *= w1; acc[i][3] *= w1; }
+
+    // 3. + S V over the chunk's steps (only those a row of this tile can see), KT steps per stage
+    const int lmax = min(L, r0 + RT);
+    for (int l0 = 0; l0 < lmax; l0 += KT) {
+        SYNC();
+        for (int e = tid; e < KT * CT / 8; e += THREADS) {       // V[l0 + ll][c0 + 8q ..] -> tb[ll][n]
+            const int ll = e / (CT / 8), nq = (e % (CT / 8)) * 8;
+            uint4 v = make_uint4(0, 0, 0, 0);
+            if (l0 + ll < L && c0 + nq < DV) v = *reinterpret_cast<const uint4*>(vg + (size_t)(l0 + ll) * DV + c0 + nq);
+            *reinterpret_cast<uint4*>(tb + ll * NS + nq) = v;
+        }
+        SYNC();
+#pragma unroll
+        for (int kk = 0; kk < KT; kk += 16) {
+            if (l0 + kk >= SL) break;
+            unsigned a[4];
+            a_frag(a, S, SS, l0 + kk);
+#pragma unroll
+            for (int i = 0; i < NT; ++i) {
+                unsigned b0, b1;
+                b_frag_trans(b0, b1, tb + (kk + lane % 16) * NS + i * 8);
+                mma_bf16(acc[i], a, b0, b1);
+            }
+        }
+    }
+
+    // h = num / (max(|den|, exp(-m)) + eps), den = sum_l S + w q . n
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+        const int row = rw + g + hh * 8, j = r0 + row;
+        if (j >= L) continue;
+        const float den = FMAX(FABS(sden[row] + sw[row] * sqn[row]), EXP(-sm[row])) + eps[0];
+        float* out = hout + ((size_t)ch * L + j) * DV + c0;
+#pragma unroll
+        for (int i = 0; i < NT; ++i) {
+            const int col = i * 8 + 2 * t;
+            if (c0 + col < DV) *reinterpret_cast<float2*>(out + col) = make_float2(acc[i][2 * hh] / den, acc[i][2 * hh + 1] / den);
+        }
+    }
+"""
+
+OUTPUTS_KERNEL = DeviceKernel(
+    "mad_mlstm_chunk_outputs",
+    inputs=["qc", "kc", "vc", "b", "ic", "C", "n", "m", "eps"],
+    outputs=["hout"],
+    body=OUTPUTS_BODY,
+    header=MMA_HEADER,
+)
+
+
+def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
+                         state_in: Optional[State], eps: float, *, backend: str = "cuda",
+                         poison: Optional[float] = None) -> mx.array:
+    """Same arguments and result as `kernels.mlstm.chunk_outputs`; bf16 q/k/v with states given only."""
+    if backend != "cuda":
+        raise Unsupported("mlstm_chunk_outputs: tensor-core kernel, CUDA only")
+    if state_in is None:
+        raise Unsupported("mlstm_chunk_outputs: the parallel form (no entering state) runs the reference")
+    if not (qc.dtype == kc.dtype == vc.dtype == mx.bfloat16):
+        raise Unsupported(f"mlstm_chunk_outputs: bf16 q/k/v only, got {qc.dtype}, {kc.dtype}, {vc.dtype}")
+    B, NH, NC, L, DQK = qc.shape
+    DV = vc.shape[-1]
+    if DQK % 16 or DV % 8 or L > MAX_L:
+        raise Unsupported(f"mlstm_chunk_outputs: DQK {DQK} (multiple of 16), DV {DV} (multiple of 8), "
+                          f"chunk {L} (at most {MAX_L})")
+    C, n, m = (x.astype(mx.float32) for x in state_in)
+    chunks = B * NH * NC
+    (h,) = OUTPUTS_KERNEL(
+        backend,
+        inputs=[qc, kc, vc, b.astype(mx.float32), ic.astype(mx.float32), C, n, m, mx.array([eps], mx.float32)],
+        template=[("L", L), ("DQK", DQK), ("DV", DV), ("RT", RT), ("CT", CT), ("THREADS", THREADS)],
+        grid=(chunks * THREADS, -(-L // RT), -(-DV // CT)), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(B, NH, NC, L, DV)], output_dtypes=[mx.float32], init_value=poison,
+    )
+    return h
+
+
+register_variant("mlstm_chunk_outputs", "cuda", chunk_outputs_device)
