@@ -22,6 +22,7 @@ reference. CUDA only: the matrix instructions are NVIDIA's.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import mlx.core as mx
@@ -32,6 +33,7 @@ from .registry import Unsupported, register_variant
 
 RT, CT, THREADS = 64, 128, 128     # rows and columns of h per block; 4 warps of 16 rows
 MAX_L = 128                        # chunk length bound (shared memory: S is RT x L bf16)
+MIN_BLOCKS = 3                     # blocks per multiprocessor the compiler must fit (0: its choice)
 
 MMA_HEADER = """
 __device__ inline void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
@@ -262,13 +264,17 @@ OUTPUTS_BODY = """
     }
 """
 
-OUTPUTS_KERNEL = DeviceKernel(
-    "mad_mlstm_chunk_outputs",
-    inputs=["qc", "kc", "vc", "b", "ic", "C", "n", "m", "eps"],
-    outputs=["hout"],
-    body=OUTPUTS_BODY,
-    header=MMA_HEADER,
-)
+@functools.lru_cache(maxsize=None)
+def outputs_kernel(min_blocks: int) -> DeviceKernel:
+    bounds = (f"#undef __global__\n#define __global__ __location__(global) __launch_bounds__({THREADS}, {min_blocks})\n"
+              if min_blocks else "")
+    return DeviceKernel(
+        f"mad_mlstm_chunk_outputs_{min_blocks}",
+        inputs=["qc", "kc", "vc", "b", "ic", "C", "n", "m", "eps"],
+        outputs=["hout"],
+        body=OUTPUTS_BODY,
+        header=MMA_HEADER + bounds,
+    )
 
 
 def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
@@ -288,7 +294,7 @@ def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, 
                           f"chunk {L} (at most {MAX_L})")
     C, n, m = (x.astype(mx.float32) for x in state_in)
     chunks = B * NH * NC
-    (h,) = OUTPUTS_KERNEL(
+    (h,) = outputs_kernel(MIN_BLOCKS)(
         backend,
         inputs=[qc, kc, vc, b.astype(mx.float32), ic.astype(mx.float32), C, n, m, mx.array([eps], mx.float32)],
         template=[("L", L), ("DQK", DQK), ("DV", DV), ("RT", RT), ("CT", CT), ("THREADS", THREADS)],
