@@ -90,6 +90,16 @@ template <typename U> inline void load8(const device U* p, thread float* out) {
 """
 
 
+def launch_bounds(threads: int, min_blocks: int = 1) -> str:
+    """CUDA header text that gives the kernel `__launch_bounds__(threads, min_blocks)`.
+
+    MLX writes the kernel's signature itself, starting with `__global__`; the bounds reach it through that
+    macro. The compiler then keeps to 65536 / (threads * min_blocks) registers per thread (at most 255).
+    """
+    return (f"\n#undef __global__\n"
+            f"#define __global__ __location__(global) __launch_bounds__({threads}, {min_blocks})\n")
+
+
 def kernel_source(backend: str, body: str) -> tuple[str, str]:
     """(header, source) for `backend` ("cuda" or "metal"): the same body behind its preamble.
 

@@ -14,7 +14,8 @@ bf16 operands, float32 accumulators), operand tiles staged in shared memory:
     1. S = Q K^T over DQK, gated in registers (float32), kept in shared memory as bf16;
     2. q^T C over DQK, C rounded to bf16 as it is staged (the reference rounds it the same way);
     3. S V over the chunk's steps, added to w_j q^T C.
-Row statistics (m_j, w_j, q . n, the denominator) are float32. What it saves against the reference:
+Global loads run a k slice ahead into registers, so the products do not wait for them; launch bounds keep
+three blocks on a multiprocessor. Row statistics (m_j, w_j, q . n, the denominator) are float32. What it saves against the reference:
 the cast copy of every chunk's C, and the L x L gate, product and sum intermediates of each chunk, in
 device memory. bf16 inputs only (the tensor-core operand type); float32 and float16 inputs run the
 reference. CUDA only: the matrix instructions are NVIDIA's.
@@ -27,7 +28,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .device import DeviceKernel
+from .device import DeviceKernel, launch_bounds
 from .mlstm import State
 from .registry import Unsupported, register_variant
 
@@ -264,16 +265,15 @@ OUTPUTS_BODY = """
     }
 """
 
+
 @functools.lru_cache(maxsize=None)
 def outputs_kernel(min_blocks: int) -> DeviceKernel:
-    bounds = (f"#undef __global__\n#define __global__ __location__(global) __launch_bounds__({THREADS}, {min_blocks})\n"
-              if min_blocks else "")
     return DeviceKernel(
         f"mad_mlstm_chunk_outputs_{min_blocks}",
         inputs=["qc", "kc", "vc", "b", "ic", "C", "n", "m", "eps"],
         outputs=["hout"],
         body=OUTPUTS_BODY,
-        header=MMA_HEADER + bounds,
+        header=MMA_HEADER + (launch_bounds(THREADS, min_blocks) if min_blocks else ""),
     )
 
 

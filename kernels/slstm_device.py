@@ -47,7 +47,7 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .device import DeviceKernel
+from .device import DeviceKernel, launch_bounds
 from .registry import Unsupported, register_variant
 from .slstm import State, _check, zero_state
 
@@ -229,15 +229,6 @@ SEQUENCE_BODY = """
     }
 """
 
-# MLX writes the kernel's signature itself; launch bounds reach it through the `__global__` macro that
-# the signature starts with. With them the compiler keeps to REGISTERS / threads registers per thread (at
-# most 255), so that a block of that many threads can launch at all and the weights stay in registers.
-LAUNCH_BOUNDS_HEADER = """
-#undef __global__
-#define __global__ __location__(global) __launch_bounds__({threads}, 1)
-"""
-
-
 @functools.lru_cache(maxsize=None)
 def sequence_kernel(threads: int) -> DeviceKernel:
     return DeviceKernel(
@@ -245,7 +236,7 @@ def sequence_kernel(threads: int) -> DeviceKernel:
         inputs=["xi", "xf", "xz", "xo", "R", "bias", "y0", "c0", "n0", "m0"],
         outputs=["hout", "y1", "c1", "n1", "m1", "exchange"],
         body=SEQUENCE_BODY,
-        header=LAUNCH_BOUNDS_HEADER.format(threads=threads),
+        header=launch_bounds(threads),      # registers: 65536 / threads, so the weights stay in them
     )
 
 
