@@ -229,6 +229,7 @@ SEQUENCE_BODY = """
     }
 """
 
+
 @functools.lru_cache(maxsize=None)
 def sequence_kernel(threads: int) -> DeviceKernel:
     return DeviceKernel(
