@@ -195,6 +195,10 @@ def _set_override(tree: YDict, assignment: str, diags: Diagnostics) -> None:
         diags.error("expected --set key=value (e.g. dims.D=512)", where)
         return
     parts = key.strip().split(".")
+    dims = tree.get("dims")
+    if len(parts) == 1 and parts[0] not in tree and isinstance(dims, dict) and parts[0] in dims:
+        diags.error(f"--set: '{parts[0]}' is a dim: write dims.{parts[0]}={value}", where)
+        return
     node: Any = tree
     while len(parts) > 1:  # keys may contain dots (node names): take the longest key that matches
         if not isinstance(node, dict):

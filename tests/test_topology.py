@@ -540,6 +540,7 @@ def test_set_a_dotted_node_name_in_a_resolved_file(tmp_path):
     ("nodez.x=5", "--set nodez.x=5: error: --set: 'nodez' not found in 'nodez.x'\n  did you mean 'nodes'?"),
     ("dims.D", "--set dims.D: error: expected --set key=value (e.g. dims.D=512)"),
     ("name.x=1", "--set name.x=1: error: --set: 'name.x' does not name a field"),
+    ("D=32", "--set D=32: error: --set: 'D' is a dim: write dims.D=32"),
 ])
 def test_set_errors(assignment, message):
     with pytest.raises(MadError) as info:
