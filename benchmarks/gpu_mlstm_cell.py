@@ -77,7 +77,7 @@ def main() -> None:
     import numpy as np
 
     from mad.kernels import mlstm_chunk_device, mlstm_device  # noqa: F401  (register the device kernels)
-    from mad.kernels.mlstm import _chunk_outputs, _chunk_states, _split_chunks, _zero_state, mlstm_sequence
+    from mad.kernels.mlstm import _chunk_states, _split_chunks, _zero_state, chunk_outputs, mlstm_sequence
     from mad.kernels.registry import dispatch
 
     B, NH, T, DQK, DV = a.batch, a.heads, a.tokens, a.dqk, a.dv
@@ -120,7 +120,7 @@ def main() -> None:
                     qc, kc, vc, ic, b = _split_chunks(q * scale, k, v, i, f, L)
                     return _chunk_states(kc, vc, b, ic, _zero_state(B, NH, DQK, DV))
 
-                def outputs(q, k, v, i, f, s_in, L=L, fn=_chunk_outputs):
+                def outputs(q, k, v, i, f, s_in, L=L, fn=chunk_outputs):
                     qc, kc, vc, ic, b = _split_chunks(q * scale, k, v, i, f, L)
                     return fn(qc, kc, vc, b, ic, s_in, 1e-6)
 
@@ -128,7 +128,7 @@ def main() -> None:
                 s_in, _ = states_c(q, k, v, i, f)
                 mx.eval(s_in)
                 row["states_s"] = statistics.median(clock(lambda: states_c(q, k, v, i, f), a.trials))
-                for name, fn in (("outputs_reference_s", _chunk_outputs),
+                for name, fn in (("outputs_reference_s", chunk_outputs),
                                  ("outputs_s", dispatch("mlstm_chunk_outputs"))):
                     outputs_c = mx.compile(lambda q, k, v, i, f, s_in, fn=fn: outputs(q, k, v, i, f, s_in, fn=fn))
                     row[name] = statistics.median(clock(lambda: outputs_c(q, k, v, i, f, s_in), a.trials))

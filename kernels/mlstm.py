@@ -181,11 +181,12 @@ def chunk_recurrence(
     return stacked, (C, n, m)
 
 
-def _chunk_outputs(
+def chunk_outputs(
     qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
     state_in: Optional[State], eps: float,
 ) -> mx.array:
-    """Intra-chunk parallel part: h for every position of every chunk, all chunks at once.
+    """Intra-chunk parallel part (kernel "mlstm_chunk_outputs"; reference): h for every position of every
+    chunk, all chunks at once.
 
     With logD_jl = b_j - b_l + i~_l (l <= j) and the entering state (C, n, m) of the chunk:
         mi_j = b_j + m;   m_j = max(mi_j, max_l logD_jl)
@@ -229,14 +230,6 @@ def _chunk_outputs(
     return num / den[..., None]
 
 
-def chunk_outputs(
-    qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
-    state_in: Optional[State], eps: float,
-) -> mx.array:
-    """The intra-chunk outputs (kernel "mlstm_chunk_outputs"; reference): see ``_chunk_outputs``."""
-    return _chunk_outputs(qc, kc, vc, b, ic, state_in, eps)
-
-
 def _split_chunks(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array, L: int,
 ) -> Tuple[mx.array, ...]:
@@ -258,7 +251,7 @@ def mlstm_chunkwise(
     """Chunkwise mLSTM: inter-chunk state recurrence plus intra-chunk parallel outputs.
 
     Equal to stepping the recurrence T times (to float32 rounding), final state included.
-    See ``_chunk_states`` and ``_chunk_outputs`` for the formulas.
+    See ``_chunk_states`` and ``chunk_outputs`` for the formulas.
 
     Args:
         q: Queries (B, NH, T, DQK), T a multiple of chunk_size.
@@ -318,7 +311,7 @@ def mlstm_parallel(
     DV = v.shape[-1]
     qc, kc, vc, ic, b = _split_chunks(q, k, v, i, f, T)        # one chunk of length T
     _, state_out = _chunk_states(kc, vc, b, ic, _zero_state(B, NH, DQK, DV))
-    h = _chunk_outputs(qc, kc, vc, b, ic, None, eps)
+    h = chunk_outputs(qc, kc, vc, b, ic, None, eps)
     return h.reshape(B, NH, T, DV).astype(v.dtype), state_out
 
 

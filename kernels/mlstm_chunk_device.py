@@ -2,7 +2,7 @@
 reference `kernels.mlstm.chunk_outputs` (same arguments, same results to bf16 rounding).
 
 For every chunk of L steps with entering state (C, n, m), row j of the chunk gets (see
-`kernels.mlstm._chunk_outputs` for the derivation):
+`kernels.mlstm.chunk_outputs` for the derivation):
 
     logD_jl = (b_j - b_l) + i~_l (l <= j),  m_j = max(max_l logD_jl, b_j + m),  w_j = exp(b_j + m - m_j)
     S_jl = (q_j . k_l) exp(logD_jl - m_j)
