@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -26,6 +27,23 @@ def throughput(times: list[float], tokens: int) -> dict:
     med = statistics.median(times)
     return {"median_s": med, "tokens_per_s": tokens / med, "ms_per_token": med / tokens * 1e3,
             "trials": len(times), "tokens_per_trial": tokens, "times_s": times}
+
+
+def timed(fn: Callable, trials: int) -> tuple[object, list[float]]:
+    """MLX work timed on the device: `fn()` once untimed (warm-up: traces and compiles), then `trials`
+    times, each evaluated and clocked from a synchronised start. Returns the last result and the seconds."""
+    import mlx.core as mx
+
+    out = fn()
+    mx.eval(out)
+    times = []
+    for _ in range(trials):
+        mx.synchronize()
+        t = time.perf_counter()
+        out = fn()
+        mx.eval(out)
+        times.append(time.perf_counter() - t)
+    return out, times
 
 
 def write_json(results: dict, dest: str | None) -> None:

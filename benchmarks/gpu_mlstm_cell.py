@@ -23,22 +23,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
-from common import write_json
-
-
-def clock(fn, trials: int) -> list[float]:
-    import mlx.core as mx
-
-    mx.eval(fn())                                   # warm-up: compiles
-    times = []
-    for _ in range(trials):
-        mx.synchronize()
-        t = time.perf_counter()
-        mx.eval(fn())
-        times.append(time.perf_counter() - t)
-    return times
+from common import timed, write_json
 
 
 def ceilings(trials: int) -> dict:
@@ -47,13 +33,13 @@ def ceilings(trials: int) -> dict:
     out = {}
     a = mx.random.normal((512 * 1024 * 1024,))       # 2 GiB float32
     inc = mx.compile(lambda x: x + 1)
-    t = statistics.median(clock(lambda: inc(a), trials))
+    t = statistics.median(timed(lambda: inc(a), trials)[1])
     out["copy_TBps"] = 2 * a.nbytes / t / 1e12
     del a
     for dtype in ("bfloat16", "float32"):
         n = 8192
         x, y = (mx.random.normal((n, n)).astype(getattr(mx, dtype)) for _ in range(2))
-        t = statistics.median(clock(lambda: x @ y, trials))
+        t = statistics.median(timed(lambda: x @ y, trials)[1])
         out[f"matmul_{dtype}_TFLOPs"] = 2 * n ** 3 / t / 1e12
     return out
 
@@ -95,8 +81,7 @@ def main() -> None:
         mx.eval(q, k, v, i, f)
         for L in a.chunks:
             cell = mx.compile(lambda q, k, v, i, f, L=L: mlstm_sequence(q, k, v, i, f, chunk_size=L))
-            times = clock(lambda: cell(q, k, v, i, f), a.trials)
-            h, (C, n, m) = cell(q, k, v, i, f)
+            (h, (C, n, m)), times = timed(lambda: cell(q, k, v, i, f), a.trials)
             finite = bool(mx.all(mx.isfinite(h)).item()) and bool(mx.all(mx.isfinite(C)).item())
             s = statistics.median(times)
             NC = T // L
@@ -127,11 +112,11 @@ def main() -> None:
                 states_c = mx.compile(states)
                 s_in, _ = states_c(q, k, v, i, f)
                 mx.eval(s_in)
-                row["states_s"] = statistics.median(clock(lambda: states_c(q, k, v, i, f), a.trials))
+                row["states_s"] = statistics.median(timed(lambda: states_c(q, k, v, i, f), a.trials)[1])
                 for name, fn in (("outputs_reference_s", chunk_outputs),
                                  ("outputs_s", dispatch("mlstm_chunk_outputs"))):
                     outputs_c = mx.compile(lambda q, k, v, i, f, s_in, fn=fn: outputs(q, k, v, i, f, s_in, fn=fn))
-                    row[name] = statistics.median(clock(lambda: outputs_c(q, k, v, i, f, s_in), a.trials))
+                    row[name] = statistics.median(timed(lambda: outputs_c(q, k, v, i, f, s_in), a.trials)[1])
                 print(f"  chunk states alone {row['states_s'] * 1e3:.3f} ms; outputs alone (states given) "
                       f"{row['outputs_s'] * 1e3:.3f} ms ({dispatch('mlstm_chunk_outputs').__name__}), "
                       f"pure MLX {row['outputs_reference_s'] * 1e3:.3f} ms", flush=True)

@@ -25,7 +25,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import write_json
+from common import timed, write_json
 
 NH, DH = 4, 512          # the ~1.3B stack's sLSTM heads
 CONFIG_1_3B = {
@@ -51,34 +51,22 @@ def layer(a) -> dict:
     b = mx.array(rng.normal(0, 1, (4 * NH * DH,)).astype(np.float32))
     mx.eval(gates, R, b)
 
-    def timed(fn, trials):
-        out = fn()                                      # warm-up (compiles)
-        mx.eval(out)
-        times = []
-        for _ in range(trials):
-            mx.synchronize()
-            t = time.perf_counter()
-            out = fn()
-            mx.eval(out)
-            times.append(time.perf_counter() - t)
-        return out, times
-
     if a.kernel_only:                                   # one launch, for a profiler
         mx.eval(slstm_sequence_device(*gates, R, b))
         return {}
     (h_r, s_r), t_loop = timed(lambda: slstm_sequence(*gates, R, b), max(1, a.trials // 2))
     groups = {}
-    for bg, lb in ((bg, lb) for lb in (True, False) for bg in a.groups):
-        slstm_device.BATCH_GROUP, slstm_device.SPLIT = bg, lb   # batch rows per pass; halves taking turns
+    for bg, split in ((bg, split) for split in (True, False) for bg in a.groups):
+        slstm_device.BATCH_GROUP, slstm_device.SPLIT = bg, split   # batch rows per pass; halves taking turns
         try:
             (h_k, s_k), times = timed(lambda: slstm_sequence_device(*gates, R, b), a.trials)
         except RuntimeError as e:
-            print(f"  batch group {bg}, split {lb}: {e}")
+            print(f"  batch group {bg}, split {split}: {e}")
             continue
-        groups[bg, lb] = {"kernel_s": times, "rel_diff_h": float(mx.linalg.norm(h_k - h_r) / mx.linalg.norm(h_r)),
+        groups[bg, split] = {"kernel_s": times, "rel_diff_h": float(mx.linalg.norm(h_k - h_r) / mx.linalg.norm(h_r)),
                       "max_abs_diff_h": float(mx.max(mx.abs(h_k - h_r)))}
-        print(f"  batch group {bg}, split {lb}: {statistics.median(times) * 1e3:.2f} ms, relative diff "
-              f"{groups[bg, lb]['rel_diff_h']:.1e}")
+        print(f"  batch group {bg}, split {split}: {statistics.median(times) * 1e3:.2f} ms, relative diff "
+              f"{groups[bg, split]['rel_diff_h']:.1e}")
     best = min(groups, key=lambda g: statistics.median(groups[g]["kernel_s"]))
     t_kernel, diff, rel = groups[best]["kernel_s"], groups[best]["max_abs_diff_h"], groups[best]["rel_diff_h"]
     p = plan(NH, DH, multiprocessors())
@@ -86,7 +74,7 @@ def layer(a) -> dict:
     limit_s = flops / (a.fp32_tflops * 1e12)
     k, r = statistics.median(t_kernel), statistics.median(t_loop)
     out = {"batch": B, "tokens": T, "heads": NH, "head_dim": DH, "plan": p.__dict__, "batch_group_split": best,
-           "variants": {f"group {g}, split {lb}": v for (g, lb), v in groups.items()},
+           "variants": {f"group {g}, split {sp}": v for (g, sp), v in groups.items()},
            "multiprocessors": multiprocessors(), "kernel_s": t_kernel, "loop_s": t_loop,
            "kernel_median_s": k, "loop_median_s": r, "speedup": r / k, "us_per_step_kernel": k / T * 1e6,
            "us_per_step_loop": r / T * 1e6, "flops": flops, "tflops_kernel": flops / k / 1e12,

@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
-import time
 
-from common import write_json
+from common import timed, write_json
 
 NH, DH = 4, 512
 
@@ -94,13 +93,7 @@ def main() -> None:
         for B in a.batches:
             gates = [mx.array(rng.normal(0, 1, (B, NH, a.tokens, DH)).astype(np.float32)) for _ in range(4)]
             mx.eval(gates)
-            mx.eval(sd.slstm_sequence_device(*gates, R, bias))          # compile, warm up
-            times = []
-            for _ in range(a.trials):
-                mx.synchronize()
-                t = time.perf_counter()
-                mx.eval(sd.slstm_sequence_device(*gates, R, bias))
-                times.append(time.perf_counter() - t)
+            _, times = timed(lambda: sd.slstm_sequence_device(*gates, R, bias), a.trials)
             us = statistics.median(times) / a.tokens * 1e6
             results[f"{name} split {split} rows {rpt} B{B}"] = {
                 "variant": name, "split": split, "rows_per_thread": rpt, "batch": B, "seconds": times, "us_per_step": us}
