@@ -270,21 +270,16 @@ def test_chunk_outputs_kernel_matches_reference(B, NH, NC, L, DQK, DV):
 def test_chunk_outputs_kernel_declines_what_it_does_not_handle():
     from mad.kernels.mlstm_chunk_device import chunk_outputs_device
 
-    q = mx.zeros((1, 1, 2, 64, 64), mx.bfloat16)
-    v = mx.zeros((1, 1, 2, 64, 64), mx.bfloat16)
-    g = mx.zeros((1, 1, 2, 64))
-    state = (mx.zeros((1, 1, 2, 64, 64)), mx.zeros((1, 1, 2, 64)), mx.zeros((1, 1, 2)))
-    cases = [dict(backend="metal"), dict(state=None), dict(q=q.astype(mx.float32)),
-             dict(q=mx.zeros((1, 1, 2, 64, 40), mx.bfloat16)), dict(L=160)]
-    for case in cases:
-        L = case.get("L", 64)
-        qq = case.get("q", q)[..., :L, :] if L <= 64 else mx.zeros((1, 1, 2, L, 64), mx.bfloat16)
-        kk = qq.astype(mx.bfloat16)
-        vv = v if L <= 64 else mx.zeros((1, 1, 2, L, 64), mx.bfloat16)
-        gg = g if L <= 64 else mx.zeros((1, 1, 2, L))
+    def call(L=64, DQK=64, q_dtype=mx.bfloat16, given=True, backend="cuda"):
+        q = mx.zeros((1, 1, 2, L, DQK), q_dtype)
+        k, v = mx.zeros((1, 1, 2, L, DQK), mx.bfloat16), mx.zeros((1, 1, 2, L, 64), mx.bfloat16)
+        gates = mx.zeros((1, 1, 2, L))
+        state = (mx.zeros((1, 1, 2, DQK, 64)), mx.zeros((1, 1, 2, DQK)), mx.zeros((1, 1, 2))) if given else None
+        return chunk_outputs_device(q, k, v, gates, gates, state, 1e-6, backend=backend)
+
+    for case in (dict(backend="metal"), dict(given=False), dict(q_dtype=mx.float32), dict(DQK=40), dict(L=160)):
         with pytest.raises(registry.Unsupported):
-            chunk_outputs_device(qq, kk, vv, gg, gg, case.get("state", state), 1e-6,
-                                 backend=case.get("backend", "cuda"))
+            call(**case)
 
 
 # ------------------------------------------------------------------------------------ sLSTM sequence kernel
