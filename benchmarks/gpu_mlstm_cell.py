@@ -10,7 +10,7 @@ Bytes counted two ways:
     chunked   the minimum plus the per-chunk states this formulation materialises (float32 C of every
               chunk: the chunk sums written and read, the entering states written and read).
 With `--parts`, the two halves of the chunkwise form are also timed alone: the chunk states (the chunk
-sums K^T V and the recurrence kernel) and the intra-chunk outputs (Q K^T, S V and q C, given the states).
+sums K^T V and the recurrence, as the registry dispatches them) and the intra-chunk outputs (Q K^T, S V and q C, given the states).
 Limits measured here: a device copy (compiled `a + 1` over 2 GiB float32, bytes read + written) and
 a large matrix product in the input dtype (MLX's matmul; float32 runs in TF32 unless
 MLX_ENABLE_TF32=0, as in the model).
@@ -63,7 +63,7 @@ def main() -> None:
     import numpy as np
 
     from mad.kernels import mlstm_chunk_device, mlstm_device  # noqa: F401  (register the device kernels)
-    from mad.kernels.mlstm import _chunk_states, _split_chunks, _zero_state, chunk_outputs, mlstm_sequence
+    from mad.kernels.mlstm import _split_chunks, _zero_state, chunk_outputs, mlstm_sequence
     from mad.kernels.registry import dispatch
 
     B, NH, T, DQK, DV = a.batch, a.heads, a.tokens, a.dqk, a.dv
@@ -96,14 +96,14 @@ def main() -> None:
                    "bytes_min": bytes_min, "bytes_chunked": bytes_chunked,
                    "TBps_min": bytes_min / s / 1e12, "TBps_chunked": bytes_chunked / s / 1e12,
                    "floor_s": max(flops / matmul, bytes_min / (limits["copy_TBps"] * 1e12)),
-                   "recurrence_kernel": getattr(dispatch("mlstm_chunk_recurrence"), "__name__", "?"),
+                   "states_kernel": getattr(dispatch("mlstm_chunk_states"), "__name__", "?"),
                    "outputs_kernel": getattr(dispatch("mlstm_chunk_outputs"), "__name__", "?")}
             if a.parts:
                 scale = DQK ** -0.5
 
                 def states(q, k, v, i, f, L=L):
                     qc, kc, vc, ic, b = _split_chunks(q * scale, k, v, i, f, L)
-                    return _chunk_states(kc, vc, b, ic, _zero_state(B, NH, DQK, DV))
+                    return dispatch("mlstm_chunk_states")(kc, vc, b, ic, _zero_state(B, NH, DQK, DV))
 
                 def outputs(q, k, v, i, f, s_in, L=L, fn=chunk_outputs):
                     qc, kc, vc, ic, b = _split_chunks(q * scale, k, v, i, f, L)

@@ -113,10 +113,10 @@ def mlstm_step(
     return (num / den).astype(v.dtype), (C_new, n_new, m_new)
 
 
-def _chunk_states(
+def chunk_states(
     kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State,
 ) -> Tuple[State, State]:
-    """Inter-chunk recurrence: the state at the end of every chunk.
+    """Inter-chunk recurrence (kernel "mlstm_chunk_states"; reference): the state at the end of every chunk.
 
     Within chunk c (length L), with b the inclusive cumsum of lf and g = b_L:
         a_j = g - b_j + i~_j                      (log weight of step j in the chunk's end state)
@@ -202,7 +202,7 @@ def chunk_outputs(
         vc: Values (B, NH, NC, L, DV).
         b: Within-chunk inclusive cumsum of logsigmoid(f~), float32 (B, NH, NC, L).
         ic: Input-gate pre-activations, float32 (B, NH, NC, L).
-        state_in: States entering each chunk as returned by ``_chunk_states``, or None.
+        state_in: States entering each chunk as returned by ``chunk_states``, or None.
         eps: Added to the denominator.
 
     Returns:
@@ -251,7 +251,7 @@ def mlstm_chunkwise(
     """Chunkwise mLSTM: inter-chunk state recurrence plus intra-chunk parallel outputs.
 
     Equal to stepping the recurrence T times (to float32 rounding), final state included.
-    See ``_chunk_states`` and ``chunk_outputs`` for the formulas.
+    See ``chunk_states`` and ``chunk_outputs`` for the formulas.
 
     Args:
         q: Queries (B, NH, T, DQK), T a multiple of chunk_size.
@@ -276,7 +276,7 @@ def mlstm_chunkwise(
     if state is None:
         state = _zero_state(B, NH, DQK, DV)
     qc, kc, vc, ic, b = _split_chunks(q, k, v, i, f, chunk_size)
-    state_in, state_out = _chunk_states(kc, vc, b, ic, state)
+    state_in, state_out = dispatch("mlstm_chunk_states")(kc, vc, b, ic, state)
     h = dispatch("mlstm_chunk_outputs")(qc, kc, vc, b, ic, state_in, eps)
     return h.reshape(B, NH, T, DV).astype(v.dtype), state_out
 
@@ -310,7 +310,7 @@ def mlstm_parallel(
     B, NH, T, DQK = q.shape
     DV = v.shape[-1]
     qc, kc, vc, ic, b = _split_chunks(q, k, v, i, f, T)        # one chunk of length T
-    _, state_out = _chunk_states(kc, vc, b, ic, _zero_state(B, NH, DQK, DV))
+    _, state_out = dispatch("mlstm_chunk_states")(kc, vc, b, ic, _zero_state(B, NH, DQK, DV))
     h = chunk_outputs(qc, kc, vc, b, ic, None, eps)
     return h.reshape(B, NH, T, DV).astype(v.dtype), state_out
 
@@ -372,5 +372,6 @@ def mlstm_sequence(
 
 
 register_kernel("mlstm_step", mlstm_step)
+register_kernel("mlstm_chunk_states", chunk_states)
 register_kernel("mlstm_chunk_recurrence", chunk_recurrence)
 register_kernel("mlstm_chunk_outputs", chunk_outputs)

@@ -1,7 +1,17 @@
-"""The intra-chunk part of the chunkwise mLSTM on tensor cores (CUDA), registered next to its pure-MLX
-reference `kernels.mlstm.chunk_outputs` (same arguments, same results to bf16 rounding).
+"""The two halves of the chunkwise mLSTM on tensor cores (CUDA): the chunk states (`mlstm_chunk_states`,
+reference `kernels.mlstm.chunk_states`) and the intra-chunk outputs (`mlstm_chunk_outputs`, reference
+`kernels.mlstm.chunk_outputs`); same arguments as the references.
 
-For every chunk of L steps with entering state (C, n, m), row j of the chunk gets (see
+The chunk states: one launch walks the chunks in order. Block (row tile, column tile, batch * head) keeps
+a 64 x 64 tile of C in its mma accumulators (float32) from the first chunk to the last, writes the state
+entering every chunk (the outputs kernel reads them) and the final one. Per chunk it scales the tile by
+the chunk's decay and adds K^T diag(exp(a - m_c)) V on the tensor cores, with the gated keys as two bf16
+halves (hi + lo): the sums are float32-accurate (tested at 1e-5), not bf16. n is one more column (V
+extended by ones); m is a scalar recurrence every thread repeats. It replaces, per chunk, a float32 K^T V
+matmul into device memory plus the recurrence kernel that read it back.
+
+The intra-chunk outputs:
+for every chunk of L steps with entering state (C, n, m), row j of the chunk gets (see
 `kernels.mlstm.chunk_outputs` for the derivation):
 
     logD_jl = (b_j - b_l) + i~_l (l <= j),  m_j = max(max_l logD_jl, b_j + m),  w_j = exp(b_j + m - m_j)
@@ -17,8 +27,10 @@ bf16 operands, float32 accumulators), operand tiles staged in shared memory:
 Global loads run a k slice ahead into registers, so the products do not wait for them; launch bounds keep
 three blocks on a multiprocessor. Row statistics (m_j, w_j, q . n, the denominator) are float32. What it saves against the reference:
 the cast copy of every chunk's C, and the L x L gate, product and sum intermediates of each chunk, in
-device memory. bf16 inputs only (the tensor-core operand type); float32 and float16 inputs run the
-reference. CUDA only: the matrix instructions are NVIDIA's.
+device memory.
+
+Both: bf16 inputs only (the tensor-core operand type); float32 and float16 inputs run the references.
+CUDA only: the matrix instructions are NVIDIA's.
 """
 
 from __future__ import annotations
@@ -35,6 +47,7 @@ from .registry import Unsupported, register_variant
 RT, CT, THREADS = 64, 128, 128     # rows and columns of h per block; 4 warps of 16 rows
 MAX_L = 128                        # chunk length bound (shared memory: S is RT x L bf16)
 MIN_BLOCKS = 3                     # blocks per multiprocessor the compiler must fit (0: its choice)
+STATES_RT, STATES_CT = 64, 64      # rows (DQK) and columns (DV) of the state tile a chunk-states block carries
 
 MMA_HEADER = """
 __device__ inline void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
@@ -47,6 +60,13 @@ __device__ inline void mma_bf16(float* d, const unsigned* a, unsigned b0, unsign
 __device__ inline void b_frag_trans(unsigned& b0, unsigned& b1, const unsigned short* row) {
     const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
     asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(at));
+}
+// the A fragment of an m16 x k16 slice stored [k][m] (m contiguous): lane l gives the address of stored row
+// (l % 8) + (l / 16) * 8 at column ((l / 8) % 2) * 8 (the four 8 x 8 matrices in a0..a3 order)
+__device__ inline void a_frag_trans(unsigned* a, const unsigned short* row) {
+    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(at));
 }
 __device__ inline unsigned short bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
 __device__ inline unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
@@ -266,6 +286,150 @@ OUTPUTS_BODY = """
 """
 
 
+STATES_BODY = """
+    // block (row tile of DQK, column tile of DV, batch * head) walks the chunks in order with its RT x CT
+    // tile of C in the mma accumulators (float32); warp w owns rows w*16 .. w*16+15. Per chunk c:
+    //   m_c = max(g_c + m, a_max_c);  C = exp(g_c + m - m_c) C + (K^T diag(exp(a - m_c)) V)
+    // with the gated K split into two bf16 halves (hi + lo carries the float32 product to ~2^-17), so the
+    // sum is float32-accurate. n rides along as one more column of V that is all ones (column tile 0 only).
+    constexpr int KT = 32;                          // chunk steps per stage
+    constexpr int RS = RT + 8;                      // stride (halves) of the K tiles, [step][row]
+    constexpr int NS = CT + 8;                      // stride (halves) of the V tile, [step][column]
+    constexpr int NT = CT / 8;                      // n-tiles of the C tile
+    constexpr int SPC = (L + KT - 1) / KT;          // stages per chunk
+    constexpr int KPER = KT * RT / 8 / THREADS;     // 8-element groups of K a thread stages per stage
+    constexpr int VPER = KT * CT / 8 / THREADS;     // and of V
+    static_assert(KPER * THREADS * 8 == KT * RT && VPER * THREADS * 8 == KT * CT, "tile / thread mismatch");
+    const int r0 = BLOCK_X * RT, c0 = BLOCK_Y * CT, bh = BLOCK_Z;
+    const int tid = THREAD_X, warp = tid / 32, lane = tid % 32, g4 = lane / 4, t = lane % 4, rw = warp * 16;
+    const bool with_n = BLOCK_Y == 0;
+
+    SHARED __align__(16) unsigned short khi[KT * RS], klo[KT * RS], tv[KT * NS];
+    const unsigned short* kg = reinterpret_cast<const unsigned short*>(kc) + (size_t)bh * NC * L * DQK;
+    const unsigned short* vg = reinterpret_cast<const unsigned short*>(vc) + (size_t)bh * NC * L * DV;
+
+    // the entering state into the accumulators (D fragment: rows rw + g4 (+8), columns i*8 + 2t (+1))
+    float acc[NT][4], nacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+    for (int i = 0; i < NT; ++i)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+            const int row = r0 + rw + g4 + (e / 2) * 8, col = c0 + i * 8 + 2 * t + e % 2;
+            acc[i][e] = row < DQK && col < DV ? C0[((size_t)bh * DQK + row) * DV + col] : 0.0f;
+        }
+    if (with_n && t == 0) {
+        const int row = r0 + rw + g4;
+        nacc[0] = row < DQK ? n0[(size_t)bh * DQK + row] : 0.0f;
+        nacc[2] = row + 8 < DQK ? n0[(size_t)bh * DQK + row + 8] : 0.0f;
+    }
+    float m = m0[bh];
+
+    // one stage (KT steps of chunk c) of K, its log gates a and V, loaded into registers a stage ahead
+    uint4 pk[KPER], pv[VPER];
+    float pa[KPER];
+    auto load_stage = [&](int c, int s) {
+#pragma unroll
+        for (int p = 0; p < KPER; ++p) {
+            const int e = tid + p * THREADS, j = s * KT + e / (RT / 8), row = r0 + (e % (RT / 8)) * 8;
+            pk[p] = make_uint4(0, 0, 0, 0);
+            pa[p] = 0.0f;
+            if (j < L && row < DQK) {
+                pk[p] = *reinterpret_cast<const uint4*>(kg + ((size_t)c * L + j) * DQK + row);
+                pa[p] = a[((size_t)bh * NC + c) * L + j];
+            }
+        }
+#pragma unroll
+        for (int p = 0; p < VPER; ++p) {
+            const int e = tid + p * THREADS, j = s * KT + e / (CT / 8), col = c0 + (e % (CT / 8)) * 8;
+            pv[p] = make_uint4(0, 0, 0, 0);
+            if (j < L && col < DV) pv[p] = *reinterpret_cast<const uint4*>(vg + ((size_t)c * L + j) * DV + col);
+        }
+    };
+    // the accumulators out to a [DQK][DV] state (and n, m)
+    auto write_state = [&](float* Cd, float* nd, float* md) {
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
+#pragma unroll
+            for (int h2 = 0; h2 < 2; ++h2) {
+                const int row = r0 + rw + g4 + h2 * 8, col = c0 + i * 8 + 2 * t;
+                if (row < DQK && col < DV)
+                    *reinterpret_cast<float2*>(Cd + (size_t)row * DV + col) = make_float2(acc[i][2 * h2], acc[i][2 * h2 + 1]);
+            }
+        if (with_n && t == 0) {
+            const int row = r0 + rw + g4;
+            if (row < DQK) nd[row] = nacc[0];
+            if (row + 8 < DQK) nd[row + 8] = nacc[2];
+        }
+        if (with_n && BLOCK_X == 0 && tid == 0) md[0] = m;
+    };
+    const unsigned ones = g4 == 0 ? 0x3F803F80u : 0u;  // B fragment of the all-ones column (bf16 1.0 pairs)
+
+    load_stage(0, 0);
+    for (int c = 0; c < NC; ++c) {
+        const size_t chunk = (size_t)bh * NC + c;
+        write_state(C_in + chunk * DQK * DV, n_in + chunk * DQK, m_in + chunk);
+        const float gc = g[chunk], am = a_max[chunk];
+        const float m_new = FMAX(gc + m, am), decay = EXP(gc + m - m_new);
+        m = m_new;
+#pragma unroll
+        for (int i = 0; i < NT; ++i)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][e] *= decay;
+#pragma unroll
+        for (int e = 0; e < 4; ++e) nacc[e] *= decay;
+        for (int s = 0; s < SPC; ++s) {
+            SYNC();
+#pragma unroll
+            for (int p = 0; p < KPER; ++p) {            // K gated by exp(a_j - m_c), split into hi + lo
+                const int e = tid + p * THREADS, jj = e / (RT / 8), rr = (e % (RT / 8)) * 8;
+                const float gate = EXP(pa[p] - m);
+                const unsigned short* kv = reinterpret_cast<const unsigned short*>(&pk[p]);
+                unsigned hi[4], lo[4];
+#pragma unroll
+                for (int q2 = 0; q2 < 4; ++q2) {
+                    const float x0 = __bfloat162float(__ushort_as_bfloat16(kv[2 * q2])) * gate;
+                    const float x1 = __bfloat162float(__ushort_as_bfloat16(kv[2 * q2 + 1])) * gate;
+                    const unsigned short h0 = bf16_bits(x0), h1 = bf16_bits(x1);
+                    hi[q2] = h0 | ((unsigned)h1 << 16);
+                    lo[q2] = bf16_bits(x0 - __bfloat162float(__ushort_as_bfloat16(h0)))
+                             | ((unsigned)bf16_bits(x1 - __bfloat162float(__ushort_as_bfloat16(h1))) << 16);
+                }
+                *reinterpret_cast<uint4*>(khi + jj * RS + rr) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+                *reinterpret_cast<uint4*>(klo + jj * RS + rr) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+            }
+#pragma unroll
+            for (int p = 0; p < VPER; ++p) {
+                const int e = tid + p * THREADS;
+                *reinterpret_cast<uint4*>(tv + (e / (CT / 8)) * NS + (e % (CT / 8)) * 8) = pv[p];
+            }
+            SYNC();
+            if (s + 1 < SPC) load_stage(c, s + 1);
+            else if (c + 1 < NC) load_stage(c + 1, 0);
+#pragma unroll
+            for (int kk = 0; kk < KT; kk += 16) {
+                if (s * KT + kk >= L) break;
+                const int al = lane % 8 + (lane / 16) * 8, ar = rw + ((lane / 8) % 2) * 8;
+                unsigned ah[4], alo[4];
+                a_frag_trans(ah, khi + (kk + al) * RS + ar);
+                a_frag_trans(alo, klo + (kk + al) * RS + ar);
+#pragma unroll
+                for (int i = 0; i < NT; ++i) {
+                    unsigned b0, b1;
+                    b_frag_trans(b0, b1, tv + (kk + lane % 16) * NS + i * 8);
+                    mma_bf16(acc[i], ah, b0, b1);
+                    mma_bf16(acc[i], alo, b0, b1);
+                }
+                if (with_n) {
+                    mma_bf16(nacc, ah, ones, ones);
+                    mma_bf16(nacc, alo, ones, ones);
+                }
+            }
+        }
+    }
+    write_state(C_out + (size_t)bh * DQK * DV, n_out + (size_t)bh * DQK, m_out + bh);
+"""
+
+
 @functools.lru_cache(maxsize=None)
 def outputs_kernel(min_blocks: int) -> DeviceKernel:
     return DeviceKernel(
@@ -305,3 +469,43 @@ def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, 
 
 
 register_variant("mlstm_chunk_outputs", "cuda", chunk_outputs_device)
+
+
+STATES_KERNEL = DeviceKernel(
+    "mad_mlstm_chunk_states",
+    inputs=["kc", "vc", "a", "g", "a_max", "C0", "n0", "m0"],
+    outputs=["C_in", "n_in", "m_in", "C_out", "n_out", "m_out"],
+    body=STATES_BODY,
+    header=MMA_HEADER,
+)
+
+
+def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State, *,
+                        backend: str = "cuda", poison: Optional[float] = None) -> tuple[State, State]:
+    """Same arguments and results as `kernels.mlstm.chunk_states`; bf16 k/v."""
+    if backend != "cuda":
+        raise Unsupported("mlstm_chunk_states: tensor-core kernel, CUDA only")
+    if not (kc.dtype == vc.dtype == mx.bfloat16):
+        raise Unsupported(f"mlstm_chunk_states: bf16 k/v only, got {kc.dtype}, {vc.dtype}")
+    B, NH, NC, L, DQK = kc.shape
+    DV = vc.shape[-1]
+    if DQK % 16 or DV % 8:
+        raise Unsupported(f"mlstm_chunk_states: DQK {DQK} (multiple of 16), DV {DV} (multiple of 8)")
+    b, ic = b.astype(mx.float32), ic.astype(mx.float32)
+    g = b[..., -1]                                              # as in the reference
+    a = g[..., None] - b + ic
+    a_max = mx.max(a, axis=-1)
+    C, n, m = (x.astype(mx.float32) for x in state)
+    outs = STATES_KERNEL(
+        backend,
+        inputs=[kc, vc, a, g, a_max, C, n, m],
+        template=[("L", L), ("NC", NC), ("DQK", DQK), ("DV", DV), ("RT", STATES_RT), ("CT", STATES_CT),
+                  ("THREADS", THREADS)],
+        grid=(-(-DQK // STATES_RT) * THREADS, -(-DV // STATES_CT), B * NH), threadgroup=(THREADS, 1, 1),
+        output_shapes=[(B, NH, NC, DQK, DV), (B, NH, NC, DQK), (B, NH, NC), (B, NH, DQK, DV), (B, NH, DQK), (B, NH)],
+        output_dtypes=[mx.float32] * 6, init_value=poison,
+    )
+    return tuple(outs[:3]), tuple(outs[3:])
+
+
+register_variant("mlstm_chunk_states", "cuda", chunk_states_device)

@@ -267,7 +267,36 @@ def test_chunk_outputs_kernel_matches_reference(B, NH, NC, L, DQK, DV):
     assert rel_err(h, want) < 1e-2
 
 
-def test_chunk_outputs_kernel_declines_what_it_does_not_handle():
+@pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+@pytest.mark.parametrize("B,NH,NC,L,DQK,DV", [(1, 8, 3, 64, 256, 512), (2, 3, 5, 64, 64, 96), (1, 2, 3, 128, 32, 256),
+                                              (2, 1, 2, 5, 16, 40), (1, 2, 2, 77, 48, 136)])
+def test_chunk_states_kernel_matches_reference(B, NH, NC, L, DQK, DV):
+    """The tensor-core chunk-states kernel (chunk sums and the recurrence in one launch) against the pure-MLX
+    form on the same bf16 k/v (computed in float32 on the CPU): chunk lengths 5 to 128, row and column tails,
+    spread gates, a random entering state. The gated keys go through the tensor cores as two bf16 halves, so
+    the states agree to float32 accuracy, not bf16."""
+    from mad.kernels.mlstm import chunk_states
+    from mad.kernels.mlstm_chunk_device import chunk_states_device
+
+    rng = np.random.default_rng(B * 100 + L + DV + 1)
+    k = mx.array(rng.normal(0, 0.7, (B, NH, NC, L, DQK)).astype(np.float32)).astype(mx.bfloat16)
+    v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(mx.bfloat16)
+    lf = -np.logaddexp(0, -rng.normal(2, 2, (B, NH, NC, L)))
+    b = mx.array(np.cumsum(lf, axis=-1).astype(np.float32))
+    ic = mx.array(rng.normal(0, 3, (B, NH, NC, L)).astype(np.float32))
+    state = (mx.array(rng.normal(0, 1, (B, NH, DQK, DV)).astype(np.float32)),
+             mx.array(rng.normal(0, 1, (B, NH, DQK)).astype(np.float32)),
+             mx.array(rng.normal(0, 2, (B, NH)).astype(np.float32)))
+    got = chunk_states_device(k, v, b, ic, state, poison=float("nan"))
+    with mx.stream(mx.cpu):
+        want = chunk_states(k.astype(mx.float32), v.astype(mx.float32), b, ic, state)
+        mx.eval(want)
+    for got_part, want_part in zip(got, want):
+        for x, y in zip(got_part, want_part):
+            assert x.shape == y.shape and x.dtype == mx.float32 and rel_err(x, y) < 1e-5
+
+
+def test_chunk_kernels_decline_what_they_do_not_handle():
     from mad.kernels.mlstm_chunk_device import chunk_outputs_device
 
     def call(L=64, DQK=64, q_dtype=mx.bfloat16, given=True, backend="cuda"):
@@ -280,6 +309,14 @@ def test_chunk_outputs_kernel_declines_what_it_does_not_handle():
     for case in (dict(backend="metal"), dict(given=False), dict(q_dtype=mx.float32), dict(DQK=40), dict(L=160)):
         with pytest.raises(registry.Unsupported):
             call(**case)
+    from mad.kernels.mlstm_chunk_device import chunk_states_device
+
+    state = (mx.zeros((1, 1, 64, 64)), mx.zeros((1, 1, 64)), mx.zeros((1, 1)))
+    gates = mx.zeros((1, 1, 2, 8))
+    for dtype, DQK, backend in ((mx.bfloat16, 64, "metal"), (mx.float32, 64, "cuda"), (mx.bfloat16, 40, "cuda")):
+        kv = mx.zeros((1, 1, 2, 8, DQK), dtype)
+        with pytest.raises(registry.Unsupported):
+            chunk_states_device(kv, kv, gates, gates, state, backend=backend)
 
 
 # ------------------------------------------------------------------------------------ sLSTM sequence kernel
