@@ -5,8 +5,8 @@ reference `kernels.mlstm.chunk_states`) and the intra-chunk outputs (`mlstm_chun
 The chunk states: one launch walks the chunks in order. Block (row tile, column tile, batch * head) keeps
 a 64 x 64 tile of C in its mma accumulators (float32) from the first chunk to the last, writes the state
 entering every chunk (the outputs kernel reads them) and the final one. Per chunk it scales the tile by
-the chunk's decay and adds K^T diag(exp(a - m_c)) V on the tensor cores, with the gated keys as two bf16
-halves (hi + lo): the sums are float32-accurate (tested at 1e-5), not bf16. n is one more column (V
+the chunk's decay and adds K^T diag(exp(a - m_c)) V on the tensor cores, with the gated keys kept to
+float32 accuracy (bf16 inputs: as two bf16 halves, hi + lo; tested at 1e-5). n is one more column (V
 extended by ones); m is a scalar recurrence every thread repeats. It replaces, per chunk, a float32 K^T V
 matmul into device memory plus the recurrence kernel that read it back.
 
@@ -19,23 +19,28 @@ for every chunk of L steps with entering state (C, n, m), row j of the chunk get
     h_j  = (S_j V + w_j q_j^T C) / (max(|sum_l S_jl + w_j q_j . n|, exp(-m_j)) + eps)
 
 One launch does all chunks: block (chunk, row tile, column tile) holds 64 rows of a chunk and 128
-columns of h; its 4 warps own 16 rows each. Three products on the tensor cores (mma.sync m16n8k16,
-bf16 operands, float32 accumulators), operand tiles staged in shared memory:
-    1. S = Q K^T over DQK, gated in registers (float32), kept in shared memory as bf16;
-    2. q^T C over DQK, C rounded to bf16 as it is staged (the reference rounds it the same way);
+columns of h; its 4 warps own 16 rows each. Three products on the tensor cores (float32 accumulators),
+operand tiles staged in shared memory:
+    1. S = Q K^T over DQK, gated in registers (float32), kept in shared memory in q's type;
+    2. q^T C over DQK, C rounded to q's type as it is staged (the reference rounds it the same way);
     3. S V over the chunk's steps, added to w_j q^T C.
 Global loads run a k slice ahead into registers, so the products do not wait for them; launch bounds keep
 three blocks on a multiprocessor. Row statistics (m_j, w_j, q . n, the denominator) are float32. What it saves against the reference:
 the cast copy of every chunk's C, and the L x L gate, product and sum intermediates of each chunk, in
 device memory.
 
-Both: bf16 inputs only (the tensor-core operand type); float32 and float16 inputs run the references.
-CUDA only: the matrix instructions are NVIDIA's.
+Both kernels take bf16 or float32 inputs through an operand policy (`Bf16`, `Tf32x3` in the header):
+bf16 operands go through mma.sync m16n8k16 as they are; float32 operands are split as they are read into
+a TF32 high part and the TF32 rest, and each product is three m16n8k8 products (lo.hi + hi.lo + hi.hi),
+which comes close to float32 accuracy (~2^-21 per operand). They run while MLX takes float32 products in
+TF32 (its default), where they beat the reference's own accuracy; with MLX_ENABLE_TF32=0 the reference runs
+(IEEE float32, see `_float32_operands`). float16 inputs run the references. CUDA only: the matrix instructions are NVIDIA's.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Optional
 
 import mlx.core as mx
@@ -50,37 +55,122 @@ MIN_BLOCKS = 3                     # blocks per multiprocessor the compiler must
 STATES_RT, STATES_CT = 64, 64      # rows (DQK) and columns (DV) of the state tile a chunk-states block carries
 
 MMA_HEADER = """
-__device__ inline void mma_bf16(float* d, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-                 "{%8,%9}, {%0,%1,%2,%3};"
-                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-// the B fragment of a k16 x n8 slice of a row-major [k][n] tile: lane l gives the address of row l % 16
-__device__ inline void b_frag_trans(unsigned& b0, unsigned& b1, const unsigned short* row) {
-    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];" : "=r"(b0), "=r"(b1) : "r"(at));
-}
-// the A fragment of an m16 x k16 slice stored [k][m] (m contiguous): lane l gives the address of stored row
-// (l % 8) + (l / 16) * 8 at column ((l / 8) % 2) * 8 (the four 8 x 8 matrices in a0..a3 order)
-__device__ inline void a_frag_trans(unsigned* a, const unsigned short* row) {
-    const unsigned at = static_cast<unsigned>(__cvta_generic_to_shared(row));
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
-                 : "=r"(a[0]), "=r"(a[1]), "=r"(a[2]), "=r"(a[3]) : "r"(at));
-}
 __device__ inline unsigned short bf16_bits(float x) { return __bfloat16_as_ushort(__float2bfloat16_rn(x)); }
+__device__ inline float bf16_value(unsigned short x) { return __bfloat162float(__ushort_as_bfloat16(x)); }
 __device__ inline unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
+__device__ inline unsigned shared_at(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
+__device__ inline unsigned tf32_bits(float x) { unsigned r; asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x)); return r; }
+template <bool C, typename X, typename Y> struct pick { using type = X; };
+template <typename X, typename Y> struct pick<false, X, Y> { using type = Y; };
+
+// Operand policies: how tiles of one element type are stored in shared memory, read into mma fragments
+// and multiplied. Fragment layouts (PTX mma.sync, g = lane / 4, t = lane % 4): A regs hold A[g][k..],
+// A[g+8][k..], A[g][k+KH..], A[g+8][k+KH..]; B regs hold B[k..][g], B[k+KH..][g]; D holds D[g][2t, 2t+1],
+// D[g+8][2t, 2t+1]. Tiles are named by their index order: [m][k] (k contiguous), [k][m], [n][k], [k][n].
+// bf16: one m16n8k16 product (k = 2t, 2t+1; KH = 8).
+struct Bf16 {
+    using E = unsigned short;
+    static constexpr int K = 16, PAD_MK = 8, PAD_KN = 8;   // k per product; row padding (elements)
+    struct A { unsigned r[4]; };
+    struct B { unsigned r[2]; };
+    __device__ static E store(float x) { return bf16_bits(x); }
+    __device__ static float value(E x) { return bf16_value(x); }
+    __device__ static void a_mk(A& a, const E* tile, int stride, int m0, int k0, int lane) {
+        const int g = lane / 4, t = lane % 4;
+        a.r[0] = pair_at(tile + (m0 + g) * stride + k0 + 2 * t);
+        a.r[1] = pair_at(tile + (m0 + g + 8) * stride + k0 + 2 * t);
+        a.r[2] = pair_at(tile + (m0 + g) * stride + k0 + 2 * t + 8);
+        a.r[3] = pair_at(tile + (m0 + g + 8) * stride + k0 + 2 * t + 8);
+    }
+    // the four 8 x 8 matrices of a [k][m] slice by ldmatrix.trans: lane l names stored row
+    // k0 + l % 8 + (l / 16) * 8 at column m0 + ((l / 8) % 2) * 8
+    __device__ static void a_km(A& a, const E* tile, int stride, int m0, int k0, int lane) {
+        const E* row = tile + (k0 + lane % 8 + (lane / 16) * 8) * stride + m0 + ((lane / 8) % 2) * 8;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];"
+                     : "=r"(a.r[0]), "=r"(a.r[1]), "=r"(a.r[2]), "=r"(a.r[3]) : "r"(shared_at(row)));
+    }
+    __device__ static void b_nk(B& b, const E* tile, int stride, int n0, int k0, int lane) {
+        const int g = lane / 4, t = lane % 4;
+        b.r[0] = pair_at(tile + (n0 + g) * stride + k0 + 2 * t);
+        b.r[1] = pair_at(tile + (n0 + g) * stride + k0 + 2 * t + 8);
+    }
+    // ldmatrix.trans of a [k][n] slice: lane l names stored row k0 + l % 16
+    __device__ static void b_kn(B& b, const E* tile, int stride, int n0, int k0, int lane) {
+        const E* row = tile + (k0 + lane % 16) * stride + n0;
+        asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];"
+                     : "=r"(b.r[0]), "=r"(b.r[1]) : "r"(shared_at(row)));
+    }
+    // B of a column that is all ones (column 0 of the n-tile)
+    __device__ static void b_ones(B& b, int lane) { b.r[0] = b.r[1] = lane / 4 == 0 ? 0x3F803F80u : 0u; }
+    __device__ static void mma(float* d, const A& a, const B& b) {
+        asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+    }
+};
+// float32: every operand split into a TF32 high part and the TF32 rest as it is read; three m16n8k8 products
+// (lo.hi + hi.lo + hi.hi, the lo.lo term dropped) carry the float32 operands to ~2^-21 (k = t; KH = 4).
+struct Tf32x3 {
+    using E = float;
+    static constexpr int K = 8, PAD_MK = 4, PAD_KN = 8;
+    struct A { unsigned hi[4], lo[4]; };
+    struct B { unsigned hi[2], lo[2]; };
+    __device__ static E store(float x) { return x; }
+    __device__ static float value(E x) { return x; }
+    __device__ static void split(float x, unsigned& hi, unsigned& lo) {
+        hi = tf32_bits(x);
+        lo = tf32_bits(x - __uint_as_float(hi));
+    }
+    __device__ static void a_at(A& a, const E* tile, int at0, int at1, int at2, int at3) {
+        split(tile[at0], a.hi[0], a.lo[0]); split(tile[at1], a.hi[1], a.lo[1]);
+        split(tile[at2], a.hi[2], a.lo[2]); split(tile[at3], a.hi[3], a.lo[3]);
+    }
+    __device__ static void a_mk(A& a, const E* tile, int stride, int m0, int k0, int lane) {
+        const int g = lane / 4, t = lane % 4, r = (m0 + g) * stride + k0 + t;
+        a_at(a, tile, r, r + 8 * stride, r + 4, r + 8 * stride + 4);
+    }
+    __device__ static void a_km(A& a, const E* tile, int stride, int m0, int k0, int lane) {
+        const int g = lane / 4, t = lane % 4, r = (k0 + t) * stride + m0 + g;
+        a_at(a, tile, r, r + 8, r + 4 * stride, r + 4 * stride + 8);
+    }
+    __device__ static void b_nk(B& b, const E* tile, int stride, int n0, int k0, int lane) {
+        const int at = (n0 + lane / 4) * stride + k0 + lane % 4;
+        split(tile[at], b.hi[0], b.lo[0]); split(tile[at + 4], b.hi[1], b.lo[1]);
+    }
+    __device__ static void b_kn(B& b, const E* tile, int stride, int n0, int k0, int lane) {
+        const int at = (k0 + lane % 4) * stride + n0 + lane / 4;
+        split(tile[at], b.hi[0], b.lo[0]); split(tile[at + 4 * stride], b.hi[1], b.lo[1]);
+    }
+    __device__ static void b_ones(B& b, int lane) {
+        b.hi[0] = b.hi[1] = lane / 4 == 0 ? __float_as_uint(1.0f) : 0u;
+        b.lo[0] = b.lo[1] = 0u;
+    }
+    __device__ static void mma1(float* d, const unsigned* a, const unsigned* b) {
+        asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+                     "{%8,%9}, {%0,%1,%2,%3};"
+                     : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                     : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+    }
+    __device__ static void mma(float* d, const A& a, const B& b) {
+        mma1(d, a.lo, b.hi);
+        mma1(d, a.hi, b.lo);
+        mma1(d, a.hi, b.hi);
+    }
+};
 """
 
 OUTPUTS_BODY = """
     // block (chunk ch, row tile, column tile); warp w owns rows w*16 .. w*16+15 of the tile.
-    // Fragment layouts (PTX m16n8k16): g = lane / 4, t = lane % 4; A regs hold A[g][2t..], A[g+8][2t..],
-    // A[g][2t+8..], A[g+8][2t+8..]; B regs hold B[2t..][g], B[2t+8..][g]; D holds D[g][2t..], D[g+8][2t..].
-    constexpr int KT = 32;                        // k slice per stage
-    constexpr int KS = KT + 8;                    // stride (halves) of the k-contiguous tiles (Q, K)
-    constexpr int NS = CT + 8;                    // stride (halves) of the n-contiguous tiles (C, V)
+    // Operands of type E (bf16 bits or float32) through the policy Op (see the header).
+    using Op = typename pick<F32, Tf32x3, Bf16>::type;
+    using E = typename Op::E;
+    constexpr int VEC = 16 / sizeof(E);           // elements per 16-byte load
+    constexpr int KT = sizeof(E) == 2 ? 32 : (L > 64 ? 8 : 16);   // k slice per stage (float32: shared memory)
+    constexpr int KS = KT + Op::PAD_MK;           // stride of the k-contiguous tiles (Q, K)
+    constexpr int NS = CT + Op::PAD_KN;           // stride of the n-contiguous tiles (C, V)
     constexpr int SL = (L + 15) / 16 * 16;        // chunk steps padded to whole k16 slices
-    constexpr int SS = SL + 8;                    // stride (halves) of S
+    constexpr int SS = SL + Op::PAD_MK;           // stride of S
     constexpr int NTS = SL / 8;                   // n-tiles of S
     constexpr int NT = CT / 8;                    // n-tiles of h
     constexpr int CPRE = KT * CT / 4 / THREADS;   // float4 of C a thread stages per slice
@@ -90,12 +180,12 @@ OUTPUTS_BODY = """
 
     SHARED float sb[SL], sic[SL];                 // the chunk's b and i~
     SHARED float sm[RT], sw[RT], sqn[RT], sden[RT];
-    SHARED __align__(16) unsigned short S[RT * SS];                      // gated S, bf16, row-major
-    SHARED __align__(16) unsigned short tq[RT * KS];                     // Q tile: RT rows x KT k
-    SHARED __align__(16) unsigned short tb[(SL * KS > KT * NS ? SL * KS : KT * NS)];  // K, C or V tile
-    const unsigned short* qg = reinterpret_cast<const unsigned short*>(qc) + (size_t)ch * L * DQK;
-    const unsigned short* kg = reinterpret_cast<const unsigned short*>(kc) + (size_t)ch * L * DQK;
-    const unsigned short* vg = reinterpret_cast<const unsigned short*>(vc) + (size_t)ch * L * DV;
+    SHARED __align__(16) E S[RT * SS];                                   // gated S, row-major
+    SHARED __align__(16) E tq[RT * KS];                                  // Q tile: RT rows x KT k
+    SHARED __align__(16) E tb[(SL * KS > KT * NS ? SL * KS : KT * NS)];  // K, C or V tile
+    const E* qg = reinterpret_cast<const E*>(qc) + (size_t)ch * L * DQK;
+    const E* kg = reinterpret_cast<const E*>(kc) + (size_t)ch * L * DQK;
+    const E* vg = reinterpret_cast<const E*>(vc) + (size_t)ch * L * DV;
     const float* Cg = C + (size_t)ch * DQK * DV;
     const float* ng = n + (size_t)ch * DQK;
 
@@ -118,34 +208,30 @@ OUTPUTS_BODY = """
         sm[tid] = mj; sw[tid] = wj; sqn[tid] = 0.0f;
     }
 
-    // rows x KT k of a [row][DQK] bf16 matrix, through registers (loaded a slice ahead) into a
+    // rows x KT k of a [row][DQK] matrix, through registers (loaded a slice ahead) into a
     // k-contiguous tile (zero past `rows` and DQK)
-    constexpr int QPER = (RT * (KT / 8) + THREADS - 1) / THREADS, KPER = (SL * (KT / 8) + THREADS - 1) / THREADS;
-    auto load_rows = [&](uint4* dst, int per, const unsigned short* src, int r_begin, int rows, int count, int k0) {
+    constexpr int QPER = (RT * (KT / VEC) + THREADS - 1) / THREADS, KPER = (SL * (KT / VEC) + THREADS - 1) / THREADS;
+    auto load_rows = [&](uint4* dst, int per, const E* src, int r_begin, int rows, int count, int k0) {
 #pragma unroll
         for (int p = 0; p < per; ++p) {
-            const int e = tid + p * THREADS, row = e / (KT / 8), k = k0 + (e % (KT / 8)) * 8;
+            const int e = tid + p * THREADS, row = e / (KT / VEC), k = k0 + (e % (KT / VEC)) * VEC;
             dst[p] = make_uint4(0, 0, 0, 0);
-            if (e < count * (KT / 8) && r_begin + row < rows && k < DQK)
+            if (e < count * (KT / VEC) && r_begin + row < rows && k < DQK)
                 dst[p] = *reinterpret_cast<const uint4*>(src + (size_t)(r_begin + row) * DQK + k);
         }
     };
-    auto store_rows = [&](unsigned short* tile, const uint4* from, int per, int count) {
+    auto store_rows = [&](E* tile, const uint4* from, int per, int count) {
 #pragma unroll
         for (int p = 0; p < per; ++p) {
-            const int e = tid + p * THREADS, row = e / (KT / 8), part = e % (KT / 8);
-            if (e < count * (KT / 8)) {
-                *reinterpret_cast<uint2*>(tile + row * KS + part * 8) = make_uint2(from[p].x, from[p].y);
-                *reinterpret_cast<uint2*>(tile + row * KS + part * 8 + 4) = make_uint2(from[p].z, from[p].w);
+            const int e = tid + p * THREADS, row = e / (KT / VEC), part = e % (KT / VEC);
+            if (e < count * (KT / VEC)) {
+                *reinterpret_cast<uint2*>(tile + row * KS + part * VEC) = make_uint2(from[p].x, from[p].y);
+                *reinterpret_cast<uint2*>(tile + row * KS + part * VEC + VEC / 2) = make_uint2(from[p].z, from[p].w);
             }
         }
     };
-    auto a_frag = [&](unsigned* a, const unsigned short* tile, int stride, int k) {
-        a[0] = pair_at(tile + (rw + g) * stride + k + 2 * t);
-        a[1] = pair_at(tile + (rw + g + 8) * stride + k + 2 * t);
-        a[2] = pair_at(tile + (rw + g) * stride + k + 2 * t + 8);
-        a[3] = pair_at(tile + (rw + g + 8) * stride + k + 2 * t + 8);
-    };
+    typename Op::A af;
+    typename Op::B bf;
 
     // 1. S = Q K^T (and q . n on the side), over DQK in slices of KT
     float s[NTS][4];
@@ -166,20 +252,21 @@ OUTPUTS_BODY = """
         if (tid < RT) {
             float acc = sqn[tid];
             for (int kk = 0; kk < KT && k0 + kk < DQK; ++kk)
-                acc = fmaf(__bfloat162float(__ushort_as_bfloat16(tq[tid * KS + kk])), ng[k0 + kk], acc);
+                acc = fmaf(Op::value(tq[tid * KS + kk]), ng[k0 + kk], acc);
             sqn[tid] = acc;
         }
 #pragma unroll
-        for (int kk = 0; kk < KT; kk += 16) {
-            unsigned a[4];
-            a_frag(a, tq, KS, kk);
+        for (int kk = 0; kk < KT; kk += Op::K) {
+            Op::a_mk(af, tq, KS, rw, kk, lane);
 #pragma unroll
-            for (int i = 0; i < NTS; ++i)
-                mma_bf16(s[i], a, pair_at(tb + (i * 8 + g) * KS + kk + 2 * t), pair_at(tb + (i * 8 + g) * KS + kk + 2 * t + 8));
+            for (int i = 0; i < NTS; ++i) {
+                Op::b_nk(bf, tb, KS, i * 8, kk, lane);
+                Op::mma(s[i], af, bf);
+            }
         }
     }
     SYNC();
-    // gate S in float32, keep it as bf16; the row sums of the gated S (float32) go to the denominator
+    // gate S in float32, keep it as E; the row sums of the gated S (float32) go to the denominator
     float dsum[2] = {0.0f, 0.0f};
 #pragma unroll
     for (int i = 0; i < NTS; ++i)
@@ -189,7 +276,7 @@ OUTPUTS_BODY = """
             float v = 0.0f;
             if (j < L && l <= j) v = s[i][e] * EXP(((sb[j] - sb[l]) + sic[l]) - sm[row]);
             dsum[e / 2] += v;
-            S[row * SS + l] = bf16_bits(v);
+            S[row * SS + l] = Op::store(v);
         }
 #pragma unroll
     for (int h2 = 0; h2 < 2; ++h2) {
@@ -198,7 +285,7 @@ OUTPUTS_BODY = """
     }
     if (t == 0) { sden[rw + g] = dsum[0]; sden[rw + g + 8] = dsum[1]; }
 
-    // 2. q^T C over DQK (C rounded to bf16 as the reference does), columns c0 .. c0 + CT - 1. The next
+    // 2. q^T C over DQK (C rounded to q's type as the reference does), columns c0 .. c0 + CT - 1. The next
     // slice of C is loaded into registers while the tensor cores work on this one.
     float acc[NT][4];
 #pragma unroll
@@ -220,9 +307,13 @@ OUTPUTS_BODY = """
 #pragma unroll
         for (int p = 0; p < CPRE; ++p) {
             const int e = tid + p * THREADS, kk = e / (CT / 4), nq = (e % (CT / 4)) * 4;
-            const unsigned lo = bf16_bits(pre[p].x) | ((unsigned)bf16_bits(pre[p].y) << 16);
-            const unsigned hi = bf16_bits(pre[p].z) | ((unsigned)bf16_bits(pre[p].w) << 16);
-            *reinterpret_cast<uint2*>(tb + kk * NS + nq) = make_uint2(lo, hi);
+            if constexpr (sizeof(E) == 2) {
+                const unsigned lo = bf16_bits(pre[p].x) | ((unsigned)bf16_bits(pre[p].y) << 16);
+                const unsigned hi = bf16_bits(pre[p].z) | ((unsigned)bf16_bits(pre[p].w) << 16);
+                *reinterpret_cast<uint2*>(tb + kk * NS + nq) = make_uint2(lo, hi);
+            } else {
+                *reinterpret_cast<float4*>(tb + kk * NS + nq) = pre[p];
+            }
         }
         SYNC();
         if (k0 + KT < DQK) {
@@ -230,14 +321,12 @@ OUTPUTS_BODY = """
             load_rows(pq, QPER, qg, r0, L, RT, k0 + KT);
         }
 #pragma unroll
-        for (int kk = 0; kk < KT; kk += 16) {
-            unsigned a[4];
-            a_frag(a, tq, KS, kk);
+        for (int kk = 0; kk < KT; kk += Op::K) {
+            Op::a_mk(af, tq, KS, rw, kk, lane);
 #pragma unroll
             for (int i = 0; i < NT; ++i) {
-                unsigned b0, b1;
-                b_frag_trans(b0, b1, tb + (kk + lane % 16) * NS + i * 8);
-                mma_bf16(acc[i], a, b0, b1);
+                Op::b_kn(bf, tb, NS, i * 8, kk, lane);
+                Op::mma(acc[i], af, bf);
             }
         }
     }
@@ -249,23 +338,21 @@ OUTPUTS_BODY = """
     const int lmax = min(L, r0 + RT);
     for (int l0 = 0; l0 < lmax; l0 += KT) {
         SYNC();
-        for (int e = tid; e < KT * CT / 8; e += THREADS) {       // V[l0 + ll][c0 + 8q ..] -> tb[ll][n]
-            const int ll = e / (CT / 8), nq = (e % (CT / 8)) * 8;
+        for (int e = tid; e < KT * CT / VEC; e += THREADS) {     // V[l0 + ll][c0 + nq ..] -> tb[ll][n]
+            const int ll = e / (CT / VEC), nq = (e % (CT / VEC)) * VEC;
             uint4 v = make_uint4(0, 0, 0, 0);
             if (l0 + ll < L && c0 + nq < DV) v = *reinterpret_cast<const uint4*>(vg + (size_t)(l0 + ll) * DV + c0 + nq);
             *reinterpret_cast<uint4*>(tb + ll * NS + nq) = v;
         }
         SYNC();
 #pragma unroll
-        for (int kk = 0; kk < KT; kk += 16) {
+        for (int kk = 0; kk < KT; kk += Op::K) {
             if (l0 + kk >= SL) break;
-            unsigned a[4];
-            a_frag(a, S, SS, l0 + kk);
+            Op::a_mk(af, S, SS, rw, l0 + kk, lane);
 #pragma unroll
             for (int i = 0; i < NT; ++i) {
-                unsigned b0, b1;
-                b_frag_trans(b0, b1, tb + (kk + lane % 16) * NS + i * 8);
-                mma_bf16(acc[i], a, b0, b1);
+                Op::b_kn(bf, tb, NS, i * 8, kk, lane);
+                Op::mma(acc[i], af, bf);
             }
         }
     }
@@ -290,23 +377,28 @@ STATES_BODY = """
     // block (row tile of DQK, column tile of DV, batch * head) walks the chunks in order with its RT x CT
     // tile of C in the mma accumulators (float32); warp w owns rows w*16 .. w*16+15. Per chunk c:
     //   m_c = max(g_c + m, a_max_c);  C = exp(g_c + m - m_c) C + (K^T diag(exp(a - m_c)) V)
-    // with the gated K split into two bf16 halves (hi + lo carries the float32 product to ~2^-17), so the
-    // sum is float32-accurate. n rides along as one more column of V that is all ones (column tile 0 only).
+    // The gated keys keep float32 accuracy: with bf16 k/v they are staged as two bf16 tiles (hi + lo
+    // carries the float32 product to ~2^-17) and multiplied twice; with float32 k/v the Tf32x3 policy
+    // splits every operand as it is read. n rides along as one more column of V, all ones (column tile 0).
+    using Op = typename pick<F32, Tf32x3, Bf16>::type;
+    using E = typename Op::E;
+    constexpr bool SPLIT_K = sizeof(E) == 2;        // the gated keys as hi and lo bf16 tiles
+    constexpr int VEC = 16 / sizeof(E);             // elements per 16-byte load
     constexpr int KT = 32;                          // chunk steps per stage
-    constexpr int RS = RT + 8;                      // stride (halves) of the K tiles, [step][row]
-    constexpr int NS = CT + 8;                      // stride (halves) of the V tile, [step][column]
+    constexpr int RS = RT + Op::PAD_KN;             // stride of the K tiles, [step][row]
+    constexpr int NS = CT + Op::PAD_KN;             // stride of the V tile, [step][column]
     constexpr int NT = CT / 8;                      // n-tiles of the C tile
     constexpr int SPC = (L + KT - 1) / KT;          // stages per chunk
-    constexpr int KPER = KT * RT / 8 / THREADS;     // 8-element groups of K a thread stages per stage
-    constexpr int VPER = KT * CT / 8 / THREADS;     // and of V
-    static_assert(KPER * THREADS * 8 == KT * RT && VPER * THREADS * 8 == KT * CT, "tile / thread mismatch");
+    constexpr int KPER = KT * RT / VEC / THREADS;   // 16-byte groups of K a thread stages per stage
+    constexpr int VPER = KT * CT / VEC / THREADS;   // and of V
+    static_assert(KPER * THREADS * VEC == KT * RT && VPER * THREADS * VEC == KT * CT, "tile / thread mismatch");
     const int r0 = BLOCK_X * RT, c0 = BLOCK_Y * CT, bh = BLOCK_Z;
     const int tid = THREAD_X, warp = tid / 32, lane = tid % 32, g4 = lane / 4, t = lane % 4, rw = warp * 16;
     const bool with_n = BLOCK_Y == 0;
 
-    SHARED __align__(16) unsigned short khi[KT * RS], klo[KT * RS], tv[KT * NS];
-    const unsigned short* kg = reinterpret_cast<const unsigned short*>(kc) + (size_t)bh * NC * L * DQK;
-    const unsigned short* vg = reinterpret_cast<const unsigned short*>(vc) + (size_t)bh * NC * L * DV;
+    SHARED __align__(16) E khi[KT * RS], klo[SPLIT_K ? KT * RS : 1], tv[KT * NS];
+    const E* kg = reinterpret_cast<const E*>(kc) + (size_t)bh * NC * L * DQK;
+    const E* vg = reinterpret_cast<const E*>(vc) + (size_t)bh * NC * L * DV;
 
     // the entering state into the accumulators (D fragment: rows rw + g4 (+8), columns i*8 + 2t (+1))
     float acc[NT][4], nacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -330,7 +422,7 @@ STATES_BODY = """
     auto load_stage = [&](int c, int s) {
 #pragma unroll
         for (int p = 0; p < KPER; ++p) {
-            const int e = tid + p * THREADS, j = s * KT + e / (RT / 8), row = r0 + (e % (RT / 8)) * 8;
+            const int e = tid + p * THREADS, j = s * KT + e / (RT / VEC), row = r0 + (e % (RT / VEC)) * VEC;
             pk[p] = make_uint4(0, 0, 0, 0);
             pa[p] = 0.0f;
             if (j < L && row < DQK) {
@@ -340,7 +432,7 @@ STATES_BODY = """
         }
 #pragma unroll
         for (int p = 0; p < VPER; ++p) {
-            const int e = tid + p * THREADS, j = s * KT + e / (CT / 8), col = c0 + (e % (CT / 8)) * 8;
+            const int e = tid + p * THREADS, j = s * KT + e / (CT / VEC), col = c0 + (e % (CT / VEC)) * VEC;
             pv[p] = make_uint4(0, 0, 0, 0);
             if (j < L && col < DV) pv[p] = *reinterpret_cast<const uint4*>(vg + ((size_t)c * L + j) * DV + col);
         }
@@ -362,7 +454,9 @@ STATES_BODY = """
         }
         if (with_n && BLOCK_X == 0 && tid == 0) md[0] = m;
     };
-    const unsigned ones = g4 == 0 ? 0x3F803F80u : 0u;  // B fragment of the all-ones column (bf16 1.0 pairs)
+    typename Op::A ah, al;
+    typename Op::B bv, ones;
+    Op::b_ones(ones, lane);
 
     load_stage(0, 0);
     for (int c = 0; c < NC; ++c) {
@@ -380,48 +474,48 @@ STATES_BODY = """
         for (int s = 0; s < SPC; ++s) {
             SYNC();
 #pragma unroll
-            for (int p = 0; p < KPER; ++p) {            // K gated by exp(a_j - m_c), split into hi + lo
-                const int e = tid + p * THREADS, jj = e / (RT / 8), rr = (e % (RT / 8)) * 8;
+            for (int p = 0; p < KPER; ++p) {            // K gated by exp(a_j - m_c)
+                const int e = tid + p * THREADS, jj = e / (RT / VEC), rr = (e % (RT / VEC)) * VEC;
                 const float gate = EXP(pa[p] - m);
-                const unsigned short* kv = reinterpret_cast<const unsigned short*>(&pk[p]);
-                unsigned hi[4], lo[4];
+                const E* kv = reinterpret_cast<const E*>(&pk[p]);
+                if constexpr (SPLIT_K) {
+                    unsigned hi[4], lo[4];
 #pragma unroll
-                for (int q2 = 0; q2 < 4; ++q2) {
-                    const float x0 = __bfloat162float(__ushort_as_bfloat16(kv[2 * q2])) * gate;
-                    const float x1 = __bfloat162float(__ushort_as_bfloat16(kv[2 * q2 + 1])) * gate;
-                    const unsigned short h0 = bf16_bits(x0), h1 = bf16_bits(x1);
-                    hi[q2] = h0 | ((unsigned)h1 << 16);
-                    lo[q2] = bf16_bits(x0 - __bfloat162float(__ushort_as_bfloat16(h0)))
-                             | ((unsigned)bf16_bits(x1 - __bfloat162float(__ushort_as_bfloat16(h1))) << 16);
+                    for (int q2 = 0; q2 < 4; ++q2) {
+                        const float x0 = bf16_value(kv[2 * q2]) * gate, x1 = bf16_value(kv[2 * q2 + 1]) * gate;
+                        const unsigned short h0 = bf16_bits(x0), h1 = bf16_bits(x1);
+                        hi[q2] = h0 | ((unsigned)h1 << 16);
+                        lo[q2] = bf16_bits(x0 - bf16_value(h0)) | ((unsigned)bf16_bits(x1 - bf16_value(h1)) << 16);
+                    }
+                    *reinterpret_cast<uint4*>(khi + jj * RS + rr) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
+                    *reinterpret_cast<uint4*>(klo + jj * RS + rr) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
+                } else {
+                    *reinterpret_cast<float4*>(khi + jj * RS + rr) =
+                        make_float4(Op::value(kv[0]) * gate, Op::value(kv[1]) * gate, Op::value(kv[2]) * gate, Op::value(kv[3]) * gate);
                 }
-                *reinterpret_cast<uint4*>(khi + jj * RS + rr) = make_uint4(hi[0], hi[1], hi[2], hi[3]);
-                *reinterpret_cast<uint4*>(klo + jj * RS + rr) = make_uint4(lo[0], lo[1], lo[2], lo[3]);
             }
 #pragma unroll
             for (int p = 0; p < VPER; ++p) {
                 const int e = tid + p * THREADS;
-                *reinterpret_cast<uint4*>(tv + (e / (CT / 8)) * NS + (e % (CT / 8)) * 8) = pv[p];
+                *reinterpret_cast<uint4*>(tv + (e / (CT / VEC)) * NS + (e % (CT / VEC)) * VEC) = pv[p];
             }
             SYNC();
             if (s + 1 < SPC) load_stage(c, s + 1);
             else if (c + 1 < NC) load_stage(c + 1, 0);
 #pragma unroll
-            for (int kk = 0; kk < KT; kk += 16) {
+            for (int kk = 0; kk < KT; kk += Op::K) {
                 if (s * KT + kk >= L) break;
-                const int al = lane % 8 + (lane / 16) * 8, ar = rw + ((lane / 8) % 2) * 8;
-                unsigned ah[4], alo[4];
-                a_frag_trans(ah, khi + (kk + al) * RS + ar);
-                a_frag_trans(alo, klo + (kk + al) * RS + ar);
+                Op::a_km(ah, khi, RS, rw, kk, lane);
+                if constexpr (SPLIT_K) Op::a_km(al, klo, RS, rw, kk, lane);
 #pragma unroll
                 for (int i = 0; i < NT; ++i) {
-                    unsigned b0, b1;
-                    b_frag_trans(b0, b1, tv + (kk + lane % 16) * NS + i * 8);
-                    mma_bf16(acc[i], ah, b0, b1);
-                    mma_bf16(acc[i], alo, b0, b1);
+                    Op::b_kn(bv, tv, NS, i * 8, kk, lane);
+                    Op::mma(acc[i], ah, bv);
+                    if constexpr (SPLIT_K) Op::mma(acc[i], al, bv);
                 }
                 if (with_n) {
-                    mma_bf16(nacc, ah, ones, ones);
-                    mma_bf16(nacc, alo, ones, ones);
+                    Op::mma(nacc, ah, ones);
+                    if constexpr (SPLIT_K) Op::mma(nacc, al, ones);
                 }
             }
         }
@@ -441,16 +535,35 @@ def outputs_kernel(min_blocks: int) -> DeviceKernel:
     )
 
 
+def mlx_uses_tf32() -> bool:
+    """Whether MLX runs float32 matrix products in TF32 on this GPU (its default; MLX_ENABLE_TF32=0 turns it off)."""
+    return os.environ.get("MLX_ENABLE_TF32", "1").strip() != "0"
+
+
+def _float32_operands(name: str, backend: str, *arrays: mx.array) -> bool:
+    """Whether the operands are float32 (Tf32x3) rather than bf16; Unsupported for anything else.
+
+    float32 operands run here only while MLX itself would take their products in TF32 (~2^-11): the kernel's
+    split products (~2^-21) are then the more accurate choice. With MLX_ENABLE_TF32=0 the user asked for
+    IEEE float32 products, which the reference gives and the tensor cores do not quite (their float32
+    accumulation does not round to nearest), so the reference runs."""
+    if backend != "cuda":
+        raise Unsupported(f"{name}: tensor-core kernel, CUDA only")
+    dtypes = {x.dtype for x in arrays}
+    if len(dtypes) != 1 or not dtypes <= {mx.bfloat16, mx.float32}:
+        raise Unsupported(f"{name}: bf16 or float32 operands of one dtype, got {[x.dtype for x in arrays]}")
+    if dtypes == {mx.float32} and not mlx_uses_tf32():
+        raise Unsupported(f"{name}: float32 operands with MLX_ENABLE_TF32=0 run the reference in full float32")
+    return dtypes == {mx.float32}
+
+
 def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
                          state_in: Optional[State], eps: float, *, backend: str = "cuda",
                          poison: Optional[float] = None) -> mx.array:
-    """Same arguments and result as `kernels.mlstm.chunk_outputs`; bf16 q/k/v with states given only."""
-    if backend != "cuda":
-        raise Unsupported("mlstm_chunk_outputs: tensor-core kernel, CUDA only")
+    """Same arguments and result as `kernels.mlstm.chunk_outputs`; bf16 or float32 q/k/v, states given."""
+    f32 = _float32_operands("mlstm_chunk_outputs", backend, qc, kc, vc)
     if state_in is None:
         raise Unsupported("mlstm_chunk_outputs: the parallel form (no entering state) runs the reference")
-    if not (qc.dtype == kc.dtype == vc.dtype == mx.bfloat16):
-        raise Unsupported(f"mlstm_chunk_outputs: bf16 q/k/v only, got {qc.dtype}, {kc.dtype}, {vc.dtype}")
     B, NH, NC, L, DQK = qc.shape
     DV = vc.shape[-1]
     if DQK % 16 or DV % 8 or L > MAX_L:
@@ -461,7 +574,7 @@ def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, 
     (h,) = outputs_kernel(MIN_BLOCKS)(
         backend,
         inputs=[qc, kc, vc, b.astype(mx.float32), ic.astype(mx.float32), C, n, m, mx.array([eps], mx.float32)],
-        template=[("L", L), ("DQK", DQK), ("DV", DV), ("RT", RT), ("CT", CT), ("THREADS", THREADS)],
+        template=[("F32", f32), ("L", L), ("DQK", DQK), ("DV", DV), ("RT", RT), ("CT", CT), ("THREADS", THREADS)],
         grid=(chunks * THREADS, -(-L // RT), -(-DV // CT)), threadgroup=(THREADS, 1, 1),
         output_shapes=[(B, NH, NC, L, DV)], output_dtypes=[mx.float32], init_value=poison,
     )
@@ -482,11 +595,8 @@ STATES_KERNEL = DeviceKernel(
 
 def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State, *,
                         backend: str = "cuda", poison: Optional[float] = None) -> tuple[State, State]:
-    """Same arguments and results as `kernels.mlstm.chunk_states`; bf16 k/v."""
-    if backend != "cuda":
-        raise Unsupported("mlstm_chunk_states: tensor-core kernel, CUDA only")
-    if not (kc.dtype == vc.dtype == mx.bfloat16):
-        raise Unsupported(f"mlstm_chunk_states: bf16 k/v only, got {kc.dtype}, {vc.dtype}")
+    """Same arguments and results as `kernels.mlstm.chunk_states`; bf16 or float32 k/v."""
+    f32 = _float32_operands("mlstm_chunk_states", backend, kc, vc)
     B, NH, NC, L, DQK = kc.shape
     DV = vc.shape[-1]
     if DQK % 16 or DV % 8:
@@ -499,7 +609,7 @@ def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, s
     outs = STATES_KERNEL(
         backend,
         inputs=[kc, vc, a, g, a_max, C, n, m],
-        template=[("L", L), ("NC", NC), ("DQK", DQK), ("DV", DV), ("RT", STATES_RT), ("CT", STATES_CT),
+        template=[("F32", f32), ("L", L), ("NC", NC), ("DQK", DQK), ("DV", DV), ("RT", STATES_RT), ("CT", STATES_CT),
                   ("THREADS", THREADS)],
         grid=(-(-DQK // STATES_RT) * THREADS, -(-DV // STATES_CT), B * NH), threadgroup=(THREADS, 1, 1),
         output_shapes=[(B, NH, NC, DQK, DV), (B, NH, NC, DQK), (B, NH, NC), (B, NH, DQK, DV), (B, NH, DQK), (B, NH)],

@@ -239,20 +239,24 @@ def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
 
 
 @pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+@pytest.mark.parametrize("dtype,tol", [(mx.bfloat16, 1e-2), (mx.float32, 1e-5)])
 @pytest.mark.parametrize("B,NH,NC,L,DQK,DV", [(1, 8, 4, 64, 256, 512), (2, 3, 5, 64, 64, 96), (1, 2, 3, 128, 32, 256),
                                               (2, 1, 2, 5, 16, 40), (1, 2, 2, 77, 48, 136)])
-def test_chunk_outputs_kernel_matches_reference(B, NH, NC, L, DQK, DV):
-    """The tensor-core intra-chunk kernel against the pure-MLX form on the same bf16 inputs (computed in
-    float32 on the CPU): chunk lengths 5 to 128 (one or two row tiles), column tails, spread gates and a
-    given entering state per chunk. The kernel rounds C and the gated S to bf16 (the reference rounds C
-    the same way and q k^T more), so they agree to bf16 rounding."""
+def test_chunk_outputs_kernel_matches_reference(B, NH, NC, L, DQK, DV, dtype, tol, monkeypatch):
+    """The tensor-core intra-chunk kernel against the pure-MLX form on the same inputs (computed in float32
+    on the CPU): chunk lengths 5 to 128 (one or two row tiles), column tails, spread gates and a given
+    entering state per chunk. With bf16 inputs the kernel rounds C and the gated S to bf16 (the reference
+    rounds C the same way and q k^T more), so they agree to bf16 rounding; float32 inputs go through three
+    TF32 products each and agree to float32 accuracy (they run while MLX takes float32 products in TF32, its
+    default, which the tests turn off for MLX: the kernel is told it is on)."""
+    monkeypatch.setenv("MLX_ENABLE_TF32", "1")
     from mad.kernels.mlstm import chunk_outputs
     from mad.kernels.mlstm_chunk_device import chunk_outputs_device
 
     rng = np.random.default_rng(B * 100 + L + DV)
-    q, k = (mx.array(rng.normal(0, s, (B, NH, NC, L, DQK)).astype(np.float32)).astype(mx.bfloat16)
+    q, k = (mx.array(rng.normal(0, s, (B, NH, NC, L, DQK)).astype(np.float32)).astype(dtype)
             for s in (DQK ** -0.5, 0.7))
-    v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(mx.bfloat16)
+    v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(dtype)
     lf = -np.logaddexp(0, -rng.normal(2, 2, (B, NH, NC, L)))
     b = mx.array(np.cumsum(lf, axis=-1).astype(np.float32))
     ic = mx.array(rng.normal(0, 1, (B, NH, NC, L)).astype(np.float32))
@@ -264,23 +268,25 @@ def test_chunk_outputs_kernel_matches_reference(B, NH, NC, L, DQK, DV):
         want = chunk_outputs(*(x.astype(mx.float32) for x in (q, k, v)), b, ic, state, 1e-6)
         mx.eval(want)
     assert h.shape == want.shape and h.dtype == mx.float32
-    assert rel_err(h, want) < 1e-2
+    assert rel_err(h, want) < tol
 
 
 @pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
 @pytest.mark.parametrize("B,NH,NC,L,DQK,DV", [(1, 8, 3, 64, 256, 512), (2, 3, 5, 64, 64, 96), (1, 2, 3, 128, 32, 256),
                                               (2, 1, 2, 5, 16, 40), (1, 2, 2, 77, 48, 136)])
-def test_chunk_states_kernel_matches_reference(B, NH, NC, L, DQK, DV):
+def test_chunk_states_kernel_matches_reference(B, NH, NC, L, DQK, DV, dtype, monkeypatch):
     """The tensor-core chunk-states kernel (chunk sums and the recurrence in one launch) against the pure-MLX
-    form on the same bf16 k/v (computed in float32 on the CPU): chunk lengths 5 to 128, row and column tails,
-    spread gates, a random entering state. The gated keys go through the tensor cores as two bf16 halves, so
-    the states agree to float32 accuracy, not bf16."""
+    form on the same k/v (computed in float32 on the CPU): chunk lengths 5 to 128, row and column tails,
+    spread gates, a random entering state. The gated keys keep float32 accuracy on the tensor cores (bf16: as
+    two bf16 halves; float32: three TF32 products), so the states agree to float32 accuracy for both."""
+    monkeypatch.setenv("MLX_ENABLE_TF32", "1")
     from mad.kernels.mlstm import chunk_states
     from mad.kernels.mlstm_chunk_device import chunk_states_device
 
     rng = np.random.default_rng(B * 100 + L + DV + 1)
-    k = mx.array(rng.normal(0, 0.7, (B, NH, NC, L, DQK)).astype(np.float32)).astype(mx.bfloat16)
-    v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(mx.bfloat16)
+    k = mx.array(rng.normal(0, 0.7, (B, NH, NC, L, DQK)).astype(np.float32)).astype(dtype)
+    v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(dtype)
     lf = -np.logaddexp(0, -rng.normal(2, 2, (B, NH, NC, L)))
     b = mx.array(np.cumsum(lf, axis=-1).astype(np.float32))
     ic = mx.array(rng.normal(0, 3, (B, NH, NC, L)).astype(np.float32))
@@ -306,17 +312,33 @@ def test_chunk_kernels_decline_what_they_do_not_handle():
         state = (mx.zeros((1, 1, 2, DQK, 64)), mx.zeros((1, 1, 2, DQK)), mx.zeros((1, 1, 2))) if given else None
         return chunk_outputs_device(q, k, v, gates, gates, state, 1e-6, backend=backend)
 
-    for case in (dict(backend="metal"), dict(given=False), dict(q_dtype=mx.float32), dict(DQK=40), dict(L=160)):
+    for case in (dict(backend="metal"), dict(given=False), dict(q_dtype=mx.float32), dict(q_dtype=mx.float16),
+                 dict(DQK=40), dict(L=160)):
         with pytest.raises(registry.Unsupported):
             call(**case)
     from mad.kernels.mlstm_chunk_device import chunk_states_device
 
     state = (mx.zeros((1, 1, 64, 64)), mx.zeros((1, 1, 64)), mx.zeros((1, 1)))
     gates = mx.zeros((1, 1, 2, 8))
-    for dtype, DQK, backend in ((mx.bfloat16, 64, "metal"), (mx.float32, 64, "cuda"), (mx.bfloat16, 40, "cuda")):
+    for dtype, DQK, backend in ((mx.bfloat16, 64, "metal"), (mx.float16, 64, "cuda"), (mx.bfloat16, 40, "cuda")):
         kv = mx.zeros((1, 1, 2, 8, DQK), dtype)
         with pytest.raises(registry.Unsupported):
             chunk_states_device(kv, kv, gates, gates, state, backend=backend)
+
+
+def test_float32_chunk_kernels_follow_mlx_tf32_setting(monkeypatch):
+    """float32 operands go to the tensor-core kernels only while MLX would take float32 products in TF32;
+    with MLX_ENABLE_TF32=0 (full float32 asked for) both decline and the reference runs."""
+    from mad.kernels.mlstm_chunk_device import _float32_operands, mlx_uses_tf32
+
+    x = mx.zeros((1, 1, 1, 8, 16))
+    monkeypatch.setenv("MLX_ENABLE_TF32", "0")
+    assert not mlx_uses_tf32()
+    with pytest.raises(registry.Unsupported, match="MLX_ENABLE_TF32=0"):
+        _float32_operands("mlstm_chunk_states", "cuda", x, x)
+    assert _float32_operands("mlstm_chunk_states", "cuda", x.astype(mx.bfloat16), x.astype(mx.bfloat16)) is False
+    monkeypatch.delenv("MLX_ENABLE_TF32")
+    assert mlx_uses_tf32() and _float32_operands("mlstm_chunk_outputs", "cuda", x, x, x) is True
 
 
 # ------------------------------------------------------------------------------------ sLSTM sequence kernel
