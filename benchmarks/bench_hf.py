@@ -35,7 +35,7 @@ import torch
 
 from mad.loading import load
 
-from common import interleave, throughput, write_json
+from common import interleave, mad_timers, throughput, write_json
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_heads=4, vocab_size=50304)
 WARM_FULL_S = 10.0  # warm up at the timed length when one run is estimated to take less than this
@@ -132,11 +132,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prompt_mx, long_mx = mx.array(prompt.numpy()).astype(mx.int32), mx.array(long.numpy()).astype(mx.int32)
 
     # ---------------------------------------------------------------- prompt states (shared by all trials)
-    t0 = time.perf_counter()
-    logits, mad_state = lm(prompt_mx)
-    mad_tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
-    mx.eval(mad_tok, mad_state)
-    t_prompt_mad = time.perf_counter() - t0
+    mad_decode, mad_prefill, t_prompt_mad = mad_timers(lm, prompt_mx, long_mx, a.steps)
     with torch.no_grad():
         t0 = time.perf_counter()
         logits_hf, hf_cache = hf_forward(hf, prompt)
@@ -144,15 +140,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
         hf_tok = logits_hf[:, -1].argmax(-1, keepdim=True)
     hf_saved = {layer: tuple(t.clone() for t in s) for layer, s in hf_cache.rnn_state.items()}
     hf_offset = hf_cache.seqlen_offset.clone()
-
-    def mad_decode() -> float:
-        tok, state = mad_tok, mad_state
-        t = time.perf_counter()
-        for _ in range(a.steps):
-            logits, state = lm(tok, state)
-            tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
-            mx.eval(tok, state)
-        return time.perf_counter() - t
 
     def hf_decode() -> float:
         for layer, s in hf_saved.items():  # back to the prompt state
@@ -172,12 +159,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     decode_times = interleave(decode, a.trials)
 
     # ---------------------------------------------------------------- prefill
-    def mad_prefill() -> float:
-        t = time.perf_counter()
-        logits, state = lm(long_mx)
-        mx.eval(logits, state)
-        return time.perf_counter() - t
-
     def hf_prefill() -> float:
         with torch.no_grad():
             t = time.perf_counter()

@@ -37,7 +37,7 @@ import torch
 
 from mad.loading import load
 
-from common import interleave, throughput, write_json
+from common import interleave, mad_timers, throughput, write_json
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reference"))
 from make_nxai_fixtures import build_model, randomise_, state_dict  # noqa: E402
@@ -150,24 +150,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prompt_mx, long_mx = mx.array(prompt.numpy()).astype(mx.int32), mx.array(long.numpy()).astype(mx.int32)
 
     # ---------------------------------------------------------------- prompt states (shared by all trials)
-    logits, mad_state = lm(prompt_mx)
-    mad_tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
-    mx.eval(mad_tok, mad_state)
+    mad_decode, mad_prefill, _ = mad_timers(lm, prompt_mx, long_mx, a.steps)
     with torch.no_grad():
         nx_state = None
         for t in range(a.prompt):
             lg, nx_state = nx.step(prompt[:, t:t + 1], nx_state)
         nx_tok = lg[:, -1].argmax(-1, keepdim=True)
     nx_saved = clone_state(nx_state)
-
-    def mad_decode() -> float:
-        tok, state = mad_tok, mad_state
-        t = time.perf_counter()
-        for _ in range(a.steps):
-            logits, state = lm(tok, state)
-            tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
-            mx.eval(tok, state)
-        return time.perf_counter() - t
 
     def nx_decode() -> float:
         state, tok = clone_state(nx_saved), nx_tok
@@ -183,12 +172,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
     decode_times = interleave(decode, a.trials)
 
     # ---------------------------------------------------------------- prefill
-    def mad_prefill() -> float:
-        t = time.perf_counter()
-        logits, state = lm(long_mx)
-        mx.eval(logits, state)
-        return time.perf_counter() - t
-
     def nx_prefill() -> float:
         with torch.no_grad():
             t = time.perf_counter()

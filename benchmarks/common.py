@@ -46,6 +46,35 @@ def timed(fn: Callable, trials: int) -> tuple[object, list[float]]:
     return out, times
 
 
+def mad_timers(lm, prompt, long, steps: int) -> tuple[Callable[[], float], Callable[[], float], float]:
+    """MAD's side of the comparison scripts (bench_hf, bench_nxai): the prompt's state, computed once and
+    timed; then a decode timer (`steps` greedy steps from that state, each evaluated) and a prefill timer
+    (`long` in one call). Returns (decode, prefill, prompt seconds); the timers return their seconds."""
+    import mlx.core as mx
+
+    t0 = time.perf_counter()
+    logits, state0 = lm(prompt)
+    tok0 = mx.argmax(logits[:, -1], axis=-1)[:, None]
+    mx.eval(tok0, state0)
+    t_prompt = time.perf_counter() - t0
+
+    def decode() -> float:
+        tok, state = tok0, state0
+        t = time.perf_counter()
+        for _ in range(steps):
+            logits, state = lm(tok, state)
+            tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
+            mx.eval(tok, state)
+        return time.perf_counter() - t
+
+    def prefill() -> float:
+        t = time.perf_counter()
+        mx.eval(lm(long))
+        return time.perf_counter() - t
+
+    return decode, prefill, t_prompt
+
+
 def write_json(results: dict, dest: str | None) -> None:
     """`--json -` prints the results; `--json PATH` writes them; no `--json`, nothing."""
     if not dest:
