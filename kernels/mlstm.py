@@ -113,6 +113,14 @@ def mlstm_step(
     return (num / den).astype(v.dtype), (C_new, n_new, m_new)
 
 
+def chunk_log_weights(b: mx.array, ic: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
+    """Per chunk: the total log decay g = b_L (B, NH, NC), the log weight a_j = g - b_j + i~_j of each step
+    in the chunk's end state (B, NH, NC, L) and its chunk maximum a_max (B, NH, NC)."""
+    g = b[..., -1]
+    a = g[..., None] - b + ic
+    return g, a, mx.max(a, axis=-1)
+
+
 def chunk_states(
     kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State,
 ) -> Tuple[State, State]:
@@ -137,9 +145,7 @@ def chunk_states(
         The states entering each chunk, stacked on axis 2 (C (B, NH, NC, DQK, DV),
         n (B, NH, NC, DQK), m (B, NH, NC)), and the state after the last chunk.
     """
-    g = b[..., -1]                                              # (B, NH, NC) total log decay
-    a = g[..., None] - b + ic                                   # (B, NH, NC, L)
-    a_max = mx.max(a, axis=-1)                                  # (B, NH, NC)
+    g, a, a_max = chunk_log_weights(b, ic)
     k_gated = kc.astype(_F32) * mx.exp(a - a_max[..., None])[..., None]
     C_loc = k_gated.swapaxes(-1, -2) @ vc.astype(_F32)          # (B, NH, NC, DQK, DV)
     n_loc = mx.sum(k_gated, axis=-2)                            # (B, NH, NC, DQK)

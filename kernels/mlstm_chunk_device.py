@@ -46,7 +46,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .device import DeviceKernel, launch_bounds
-from .mlstm import State
+from .mlstm import State, chunk_log_weights
 from .registry import Unsupported, register_variant
 
 RT, CT, THREADS = 64, 128, 128     # rows and columns of h per block; 4 warps of 16 rows
@@ -601,10 +601,7 @@ def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, s
     DV = vc.shape[-1]
     if DQK % 16 or DV % 8:
         raise Unsupported(f"mlstm_chunk_states: DQK {DQK} (multiple of 16), DV {DV} (multiple of 8)")
-    b, ic = b.astype(mx.float32), ic.astype(mx.float32)
-    g = b[..., -1]                                              # as in the reference
-    a = g[..., None] - b + ic
-    a_max = mx.max(a, axis=-1)
+    g, a, a_max = chunk_log_weights(b.astype(mx.float32), ic.astype(mx.float32))
     C, n, m = (x.astype(mx.float32) for x in state)
     outs = STATES_KERNEL(
         backend,

@@ -238,6 +238,14 @@ def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
             assert rel_err(a, b) < (1e-5 if dtype == mx.float32 else 1e-2)
 
 
+def chunk_gates(rng, shape, i_std):
+    """Within-chunk gates as the chunk kernels take them: the cumsum b of logsigmoid(f~) with f~ ~ N(2, 2),
+    and i~ ~ N(0, i_std), float32 of `shape` (B, NH, NC, L)."""
+    lf = -np.logaddexp(0, -rng.normal(2, 2, shape))
+    return (mx.array(np.cumsum(lf, axis=-1).astype(np.float32)),
+            mx.array(rng.normal(0, i_std, shape).astype(np.float32)))
+
+
 @pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
 @pytest.mark.parametrize("dtype,tol", [(mx.bfloat16, 1e-2), (mx.float32, 1e-5)])
 @pytest.mark.parametrize("B,NH,NC,L,DQK,DV", [(1, 8, 4, 64, 256, 512), (2, 3, 5, 64, 64, 96), (1, 2, 3, 128, 32, 256),
@@ -257,9 +265,7 @@ def test_chunk_outputs_kernel_matches_reference(B, NH, NC, L, DQK, DV, dtype, to
     q, k = (mx.array(rng.normal(0, s, (B, NH, NC, L, DQK)).astype(np.float32)).astype(dtype)
             for s in (DQK ** -0.5, 0.7))
     v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(dtype)
-    lf = -np.logaddexp(0, -rng.normal(2, 2, (B, NH, NC, L)))
-    b = mx.array(np.cumsum(lf, axis=-1).astype(np.float32))
-    ic = mx.array(rng.normal(0, 1, (B, NH, NC, L)).astype(np.float32))
+    b, ic = chunk_gates(rng, (B, NH, NC, L), i_std=1)
     state = (mx.array(rng.normal(0, 1, (B, NH, NC, DQK, DV)).astype(np.float32)),
              mx.array(rng.normal(0, 1, (B, NH, NC, DQK)).astype(np.float32)),
              mx.array(rng.normal(0, 2, (B, NH, NC)).astype(np.float32)))
@@ -287,9 +293,7 @@ def test_chunk_states_kernel_matches_reference(B, NH, NC, L, DQK, DV, dtype, mon
     rng = np.random.default_rng(B * 100 + L + DV + 1)
     k = mx.array(rng.normal(0, 0.7, (B, NH, NC, L, DQK)).astype(np.float32)).astype(dtype)
     v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(dtype)
-    lf = -np.logaddexp(0, -rng.normal(2, 2, (B, NH, NC, L)))
-    b = mx.array(np.cumsum(lf, axis=-1).astype(np.float32))
-    ic = mx.array(rng.normal(0, 3, (B, NH, NC, L)).astype(np.float32))
+    b, ic = chunk_gates(rng, (B, NH, NC, L), i_std=3)
     state = (mx.array(rng.normal(0, 1, (B, NH, DQK, DV)).astype(np.float32)),
              mx.array(rng.normal(0, 1, (B, NH, DQK)).astype(np.float32)),
              mx.array(rng.normal(0, 2, (B, NH)).astype(np.float32)))
