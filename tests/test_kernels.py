@@ -366,6 +366,7 @@ def test_slstm_plan_keeps_weights_in_registers_and_blocks_resident():
 
 
 def test_slstm_dispatch_on_cpu_is_the_reference():
+    from mad.kernels import slstm_device  # noqa: F401  (registers the variant, as the sLSTM block does)
     from mad.kernels.slstm import slstm_sequence
 
     with mx.stream(mx.cpu):
