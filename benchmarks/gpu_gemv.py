@@ -1,4 +1,4 @@
-"""Decode-sized products y = x W^T on the GPU: MLX's matmul against MAD's `matmul_wt` kernel.
+"""Decode-sized products y = x W^T on the GPU: MLX's matmul against MAD's `linear` kernel.
 
 For the weight shapes of one xLSTM-7B block (and the head), M = 1..8 rows of x, bf16: checks the
 kernel against a float32 CPU product (||y - ref|| / ||ref||, outputs poisoned with NaN first), then
@@ -18,7 +18,7 @@ import time
 import mlx.core as mx
 import numpy as np
 
-from mad.kernels.linear_device import matmul_wt_device
+from mad.kernels.linear_device import linear_device
 
 SHAPES = {  # (N, K)
     "q|k|v|o|i|f": (12304, 4096), "q": (2048, 4096), "v": (4096, 4096), "out_proj": (4096, 4096),
@@ -53,13 +53,13 @@ def main() -> None:
         mx.eval(ws)
         for M in (1, 4, 8):
             x = mx.random.normal((M, K)).astype(mx.bfloat16)
-            y = matmul_wt_device(x, ws[0], poison=float("nan"))
+            (y,) = linear_device(x, ws[0], poison=float("nan"))
             with mx.stream(mx.cpu):
                 ref = x.astype(mx.float32) @ ws[0].astype(mx.float32).T
             a, b = np.array(y.astype(mx.float32)), np.array(ref)
             err = float(np.linalg.norm(a - b) / np.linalg.norm(b)) if np.isfinite(a).all() else float("nan")
             t_mlx = time_chain(lambda x, w: x @ w.T, ws, x)
-            t_mad = time_chain(lambda x, w: matmul_wt_device(x, w), ws, x)
+            t_mad = time_chain(lambda x, w: linear_device(x, w)[0], ws, x)
             gb = N * K * 2 / 1e9
             rows.append(dict(shape=name, N=N, K=K, M=M, rel_err=err, mlx_us=t_mlx * 1e6, mad_us=t_mad * 1e6,
                              mlx_TBps=gb / t_mlx / 1e3, mad_TBps=gb / t_mad / 1e3))

@@ -5,7 +5,7 @@ thread in flight): microseconds per step from a chain of `--chain` dependent ste
 difference of h and C to the first layout after the chain (the results must not change).
 Picks `kernels.mlstm_device.TX, TY, UNROLL`.
 
-    python benchmarks/sweep_mlstm_step.py [--batch 1,32] [--chain 20] [--trials 20]
+    python benchmarks/sweep_mlstm_step.py [--batch 1,32] [--chain 20] [--trials 20] [--layouts 64x8x32,16x32x8]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import mad.kernels.mlstm_device as d
 from common import timed
 
 LAYOUTS = [(32, 32, 8), (32, 16, 16), (32, 8, 32), (32, 4, 64), (64, 8, 32), (64, 4, 64), (128, 4, 16), (128, 4, 64),
-           (128, 2, 128)]
+           (128, 2, 128), (16, 32, 8), (16, 16, 16), (8, 32, 8), (8, 64, 4)]
 
 
 def main() -> None:
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--batch", type=lambda v: [int(x) for x in v.split(",")], default=[1, 32])
     ap.add_argument("--chain", type=int, default=20)
     ap.add_argument("--trials", type=int, default=20)
+    ap.add_argument("--layouts", type=lambda v: [tuple(int(x) for x in t.split("x")) for t in v.split(",")],
+                    default=LAYOUTS, help="TXxTYxUNROLL,... (default: all)")
     a = ap.parse_args()
     NH, DQK, DV = 8, 256, 512
     rng = np.random.default_rng(0)
@@ -45,7 +47,7 @@ def main() -> None:
             return h, state[0]
 
         first = None
-        for layout in LAYOUTS:
+        for layout in a.layouts:
             d.TX, d.TY, d.UNROLL = layout
             compiled = mx.compile(chain)            # as in the model: one graph, constants folded
             (h, C), times = timed(lambda: compiled(q, k, v, i, f, *state0), a.trials)

@@ -8,7 +8,7 @@ from typing import Callable, Literal, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.kernels.linear_device import matmul_wt
+from mad.kernels import linear_device  # noqa: F401  (registers the device variant)
 from mad.kernels.registry import dispatch
 from mad.block import (Block, Dim, OptDim, ShapeError, TensorType, expect_float, expect_last, register, same_types,
                        with_last)
@@ -22,11 +22,6 @@ ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     "identity": lambda x: x,
 }
 Activation = Literal["sigmoid", "silu", "gelu", "gelu_tanh", "relu", "identity"]
-
-
-def softcap(x: mx.array, cap: float) -> mx.array:
-    """cap * tanh(x / cap): bounds values to (-cap, cap) smoothly."""
-    return cap * mx.tanh(x / cap)
 
 
 # --------------------------------------------------------------------------------- embedding
@@ -65,14 +60,8 @@ class LinearModule(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         w = self._tied_weight() if self._tied_weight is not None else self.weight
-        matmul = dispatch("matmul_wt")  # a decode-sized device kernel where there is one
-        if "bias" in self and matmul is matmul_wt:
-            y = mx.addmm(self.bias, x, w.T)
-        else:
-            y = matmul(x, w)
-            if "bias" in self:
-                y = y + self.bias
-        return softcap(y, self._cap) if self._cap else y
+        # a decode-sized device kernel (bias and soft-cap included) where there is one
+        return dispatch("linear")(x, w, self.bias if "bias" in self else None, (), (self._cap,))[0]
 
 
 @register("linear")

@@ -42,7 +42,7 @@ class MLSTMCell(nn.Module):
             nh = self.heads
             h, (c, n, m) = dispatch("mlstm_step")(
                 q.reshape(b, nh, 1, -1), k.reshape(b, nh, 1, -1), v.reshape(b, nh, 1, -1),
-                i.reshape(b, nh, 1).astype(mx.float32), f.reshape(b, nh, 1).astype(mx.float32),
+                i.reshape(b, nh, 1), f.reshape(b, nh, 1),  # gates in any float dtype: read as float32
                 cell_state, eps=self.eps, scale=self.scale)
             return h.reshape(b, 1, -1), {"C": c, "n": n, "m": m}
         gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
@@ -95,7 +95,7 @@ class MLSTMCellBlock(Block):
 
 
 class MultiHeadNorm(nn.Module):
-    """Per-head LayerNorm of (B, T, NH*DH) in float32, then an elementwise (offset +) weight."""
+    """Per-head LayerNorm of (B, T, NH*DH) computed in float32, then an elementwise (offset +) weight."""
 
     def __init__(self, heads: int, dim: int, eps: float, bias: bool, weight_offset: float):
         super().__init__()
@@ -106,8 +106,9 @@ class MultiHeadNorm(nn.Module):
 
     def __call__(self, x: mx.array) -> mx.array:
         b, t, d = x.shape
-        xh = x.reshape(b, t, self.heads, d // self.heads).astype(mx.float32)
-        y = mx.fast.layer_norm(xh, None, None, self.eps).reshape(b, t, d).astype(x.dtype)
+        # statistics and normalisation in float32 inside the kernel, one rounding to x's dtype at the end
+        # (the same numbers as normalising x cast to float32, then casting back: tests/test_xlstm_hf.py)
+        y = mx.fast.layer_norm(x.reshape(b, t, self.heads, d // self.heads), None, None, self.eps).reshape(b, t, d)
         y = y * (self.weight + self.offset if self.offset else self.weight)
         return y + self.bias if "bias" in self else y
 

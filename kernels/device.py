@@ -11,7 +11,7 @@ Macros a body may use:
     THREAD_X, THREAD_Y, THREAD_Z  index of the thread in its block
     SHARED                        storage class of block-shared arrays: `SHARED float buf[256];`
     SYNC()                        barrier over the block, shared memory visible after it
-    EXP LOG LOG1P SQRT FABS FMAX FMIN   float math
+    EXP LOG LOG1P SQRT TANH FABS FMAX FMIN   float math
     WARP_SUM(v)                   sum of v over the 32 lanes of a warp (SIMD-group), in every lane
     load8(ptr, out)               out[0..7] = float(ptr[0..7]) (16-byte loads for 2-byte types on CUDA;
                                   ptr 16-byte aligned)
@@ -39,6 +39,7 @@ CUDA_PREAMBLE = """
 #define LOG(x) logf(x)
 #define LOG1P(x) log1pf(x)
 #define SQRT(x) sqrtf(x)
+#define TANH(x) tanhf(x)
 #define FABS(x) fabsf(x)
 #define FMAX(a, b) fmaxf(a, b)
 #define FMIN(a, b) fminf(a, b)
@@ -77,6 +78,7 @@ METAL_PREAMBLE = """
 #define LOG(x) metal::precise::log(x)
 #define LOG1P(x) metal::precise::log(1.0f + (x))
 #define SQRT(x) metal::precise::sqrt(x)
+#define TANH(x) metal::precise::tanh(x)
 #define FABS(x) metal::fabs(x)
 #define FMAX(a, b) metal::fmax(a, b)
 #define FMIN(a, b) metal::fmin(a, b)

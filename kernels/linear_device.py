@@ -1,26 +1,34 @@
-"""Device kernel for decode-sized matrix products: y = x W^T with few rows in x.
+"""Device kernel for decode-sized linear layers: y = softcap(x W^T + b) with few rows in x.
 
 At decode, x has B (1..MAX_ROWS) rows and every weight is read once per step, so a step's time is the time
 to stream the weights: the kernel must run at memory bandwidth. One warp per output feature n reads
 W[n, :] with 16-byte loads (consecutive lanes on consecutive addresses), multiplies it with each row
-of x (small, served from cache) and sums across the warp. float32 accumulation; y in W's dtype.
+of x (small, served from cache) and sums across the warp in float32. The bias and the soft-cap of the
+feature's part are applied to that float32 sum, which is then rounded once to W's dtype: one launch
+per linear (or fused group of linears) where a matmul, a bias add and a soft-cap would be three to
+five. (The reference rounds after the matmul and after each op of the soft-cap: in bf16 the two agree
+to a few units of the last place, and the kernel's figure is the closer one.)
 
-Reference: `x @ w.T` (MLX). The variant takes x (M, K) and w (N, K) of one dtype with M <= MAX_ROWS
-and K a multiple of 8; anything else runs the reference.
+Same call as the reference `kernels.linear.linear`. The variant takes x (M, K) and w (N, K) of one dtype
+with M <= MAX_ROWS and K a multiple of 8; anything else runs the reference.
 """
 
 from __future__ import annotations
 
+import functools
+from typing import Optional, Sequence
+
 import mlx.core as mx
 
 from .device import DeviceKernel
-from .registry import Unsupported, register_device_kernel, register_kernel
+from .linear import linear  # noqa: F401  (registers the reference the variant is tested against)
+from .registry import Unsupported, register_device_kernel
 
 MAX_ROWS = 4  # on an H200: faster or within 5% of MLX up to 4 rows, slower at 8 (benchmarks/RESULTS.md)
 WARPS = 4  # output features per block (one warp each)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
-GEMV_BODY = """
+LINEAR_BODY = """
     const int lane = THREAD_X;                  // 0..31
     const int n = BLOCK_X * WARPS + THREAD_Y;   // output feature of this warp
     if (n < N) {
@@ -40,37 +48,57 @@ GEMV_BODY = """
                 for (int e = 0; e < 8; ++e) acc[r] += wv[e] * xv[e];
             }
         }
+        const float b = HAS_BIAS ? static_cast<float>(bias[n]) : 0.0f;
+        const float c = HAS_CAP ? cap[n] : 0.0f;   // 0: this feature's part is not capped
 #pragma unroll
         for (int r = 0; r < M; ++r) {
-            const float total = WARP_SUM(acc[r]);
+            float total = WARP_SUM(acc[r]) + b;
+            if (c > 0.0f) total = c * TANH(total / c);
             if (lane == 0) y[(size_t)r * N + n] = static_cast<T>(total);
         }
     }
 """
 
-GEMV_KERNEL = DeviceKernel("mad_gemv", inputs=["x", "w"], outputs=["y"], body=GEMV_BODY)
+LINEAR_KERNEL = DeviceKernel("mad_linear", inputs=["x", "w", "bias", "cap"], outputs=["y"], body=LINEAR_BODY)
 
 
-def matmul_wt(x: mx.array, w: mx.array) -> mx.array:
-    """x @ w.T (the reference)."""
-    return x @ w.T
+@functools.lru_cache(maxsize=None)
+def _cap_vector(n: int, splits: tuple[int, ...], caps: tuple[Optional[float], ...]) -> mx.array:
+    """Each output feature's soft-cap (float32, 0 where its part has none)."""
+    bounds = [0, *splits, n]
+    values = []
+    for j, c in enumerate(caps):
+        values += [float(c or 0.0)] * (bounds[j + 1] - bounds[j])
+    return mx.array(values, mx.float32)
 
 
-def matmul_wt_device(x: mx.array, w: mx.array, *, backend: str = "cuda", poison=None) -> mx.array:
-    """x (..., K) @ w (N, K)^T with the decode kernel; Unsupported for shapes it does not handle."""
+_UNUSED = mx.zeros((1,), mx.float32)  # stands in for a missing bias or cap vector (never read)
+
+
+def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
+                  caps: Sequence[Optional[float]] = (None,), *, backend: str = "cuda",
+                  poison: Optional[float] = None) -> list[mx.array]:
+    """`kernels.linear.linear` with the decode kernel; Unsupported for shapes it does not handle."""
     *lead, K = x.shape
     N = w.shape[0]
     M = 1
     for d in lead:
         M *= d
     if M > MAX_ROWS or K % 8 or w.ndim != 2 or w.shape[1] != K or x.dtype != w.dtype or x.dtype not in DTYPES:
-        raise Unsupported(f"matmul_wt: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
-    (y,) = GEMV_KERNEL(backend, inputs=[x.reshape(M, K), w],
-                       template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS)],
-                       grid=(-(-N // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
-                       output_shapes=[(M, N)], output_dtypes=[w.dtype], init_value=poison)
-    return y.reshape(*lead, N)
+        raise Unsupported(f"linear: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
+    if len(caps) != len(splits) + 1:
+        raise ValueError(f"linear: {len(splits)} splits give {len(splits) + 1} parts, got {len(caps)} caps")
+    has_cap = any(caps)
+    (y,) = LINEAR_KERNEL(
+        backend,
+        inputs=[x.reshape(M, K), w, _UNUSED if bias is None else bias,
+                _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED],
+        template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS),
+                  ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap)],
+        grid=(-(-N // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
+        output_shapes=[(M, N)], output_dtypes=[w.dtype], init_value=poison)
+    y = y.reshape(*lead, N)
+    return mx.split(y, list(splits), axis=-1) if splits else [y]
 
 
-register_kernel("matmul_wt", matmul_wt)
-register_device_kernel("matmul_wt", matmul_wt_device)
+register_device_kernel("linear", linear_device)

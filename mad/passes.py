@@ -42,6 +42,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from .graph import Graph
+from .kernels.registry import dispatch
 
 
 @dataclass(frozen=True)
@@ -117,14 +118,15 @@ def find_sibling_linears(graph: Graph, by_stage: bool = False) -> list[FusionGro
 class FusedLinear(nn.Module):
     """One `FusionGroup` as one matmul: `x -> [y_1, ..., y_n]`, the members' outputs in order.
 
-    The matmul is a `LinearModule` (`self.linear`, no soft-cap) over the concatenation, so it computes
-    exactly what each member's own `linear` would (the same matmul kernel, the same bias handling),
-    only for all members at once. Its parameters: `linear.weight` [sum of widths, d_in], the members'
+    It runs the `linear` kernel that each member's own `linear` node runs (`kernels.linear`: matmul, bias,
+    soft-cap), once for all members: the output is split back at the members' bounds and each part gets
+    its member's soft-cap, so every output element is computed as unfused. Its parameters live in a
+    `LinearModule` (`self.linear`, no soft-cap): `linear.weight` [sum of widths, d_in], the members'
     weights stacked by rows, and, when any member has a bias, `linear.bias` [sum of widths], the
-    members' biases end to end with zeros for the members without one. The bias is added as `linear`
-    adds it (inside `addmm`), so each output is rounded once, as unfused (an add after a bfloat16
-    matmul would round twice), and adding zero changes nothing for the members without a bias.
-    Soft-caps apply per member, to its slice of the output.
+    members' biases end to end with zeros for the members without one. The bias is added inside the
+    matmul (`addmm`, or the device kernel's float32 sum), so each output is rounded once, as unfused
+    (an add after a bfloat16 matmul would round twice), and adding zero changes nothing for the
+    members without a bias.
     """
 
     def __init__(self, group: FusionGroup, weights: list[mx.array], biases: dict[int, mx.array]):
@@ -142,9 +144,9 @@ class FusedLinear(nn.Module):
         return cls(group, [m.weight for m in modules], {i: m.bias for i, m in enumerate(modules) if "bias" in m})
 
     def __call__(self, x: mx.array) -> list[mx.array]:
-        softcap = _basic().softcap
-        parts = mx.split(self.linear(x), [stop for _, stop in self.group.bounds[:-1]], axis=-1)
-        return [softcap(part, cap) if cap else part for part, cap in zip(parts, self.group.softcap)]
+        lin = self.linear
+        return dispatch("linear")(x, lin.weight, lin.bias if "bias" in lin else None,
+                                  [stop for _, stop in self.group.bounds[:-1]], self.group.softcap)
 
     # ------------------------------------------------------------------ the members' names
     def named_parameters(self) -> dict[str, mx.array]:

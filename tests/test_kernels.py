@@ -17,7 +17,8 @@ import pytest
 from mad.kernels import registry
 from mad.kernels.device import CUDA_PREAMBLE, METAL_HEADER, METAL_PREAMBLE, kernel_source
 from mad.kernels.mlstm import chunk_recurrence, mlstm_sequence, mlstm_step
-from mad.kernels.linear_device import matmul_wt_device
+from mad.kernels.linear import linear
+from mad.kernels.linear_device import linear_device
 from mad.kernels.mlstm_device import STEP_BODY, chunk_recurrence_device, mlstm_step_device
 
 GPU = "cuda" if mx.cuda.is_available() else ("metal" if mx.metal.is_available() else None)
@@ -113,7 +114,7 @@ def step_inputs(rng, B, NH, DQK, DV, dtype):
     n = rng.normal(0, 1, (B, NH, DQK))
     m = rng.normal(0, 2, (B, NH))
     qkv = [mx.array(x.astype(np.float32)).astype(dtype) for x in (q, k, v)]
-    rest = [mx.array(x.astype(np.float32)) for x in (i, f)]
+    rest = [mx.array(x.astype(np.float32)).astype(dtype) for x in (i, f)]  # gates in the model's dtype
     state = tuple(mx.array(x.astype(np.float32)) for x in (C, n, m))
     return qkv, rest, state
 
@@ -154,7 +155,7 @@ def test_model_decode_uses_the_kernels_and_matches_the_cpu():
     from mad import load
 
     assert registry.dispatch("mlstm_step").__name__ == f"mlstm_step[{GPU}]"
-    assert registry.dispatch("matmul_wt").__name__ == f"matmul_wt[{GPU}]"
+    assert registry.dispatch("linear").__name__ == f"linear[{GPU}]"
     weights, logits = None, {}
     for name, device in (("gpu", mx.gpu), ("cpu", mx.cpu)):  # a model per device: a compiled graph keeps its streams
         mx.set_default_device(device)
@@ -173,29 +174,66 @@ def test_model_decode_uses_the_kernels_and_matches_the_cpu():
     assert rel_err(logits["gpu"], logits["cpu"]) < 1e-5
 
 
+def test_linear_reference_adds_the_bias_and_caps_each_part():
+    rng = np.random.default_rng(3)
+    x = mx.array(rng.normal(0, 1, (2, 3, 16)).astype(np.float32))
+    w = mx.array(rng.normal(0, 1, (10, 16)).astype(np.float32))
+    b = mx.array(rng.normal(0, 1, (10,)).astype(np.float32))
+    parts = linear(x, w, b, (4, 7), (None, 2.0, 0.5))
+    y = x @ w.T + b
+    expected = [y[..., :4], 2.0 * mx.tanh(y[..., 4:7] / 2.0), 0.5 * mx.tanh(y[..., 7:] / 0.5)]
+    assert [p.shape for p in parts] == [(2, 3, 4), (2, 3, 3), (2, 3, 3)]
+    for p, e in zip(parts, expected):
+        assert rel_err(p, e) < 1e-6
+    with pytest.raises(ValueError, match="2 caps"):
+        linear(x, w, b, (4, 7), (None, 2.0))
+
+
 @needs_gpu
 @pytest.mark.parametrize("M,K,N", [(1, 4096, 333), (3, 64, 7), (4, 1000, 4096), (2, 10944, 129), (1, 8, 1)])
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2), (mx.float16, 1e-2)])
-def test_matmul_wt_kernel_matches_reference(M, K, N, dtype, tol):
+def test_linear_kernel_matches_reference(M, K, N, dtype, tol):
     rng = np.random.default_rng(M * 7 + K + N)
     x = mx.array(rng.normal(0, 1, (M, K)).astype(np.float32)).astype(dtype)
     w = mx.array(rng.normal(0, 0.05, (N, K)).astype(np.float32)).astype(dtype)
-    y = matmul_wt_device(x, w, backend=GPU, poison=float("nan"))
+    (y,) = linear_device(x, w, backend=GPU, poison=float("nan"))
     with mx.stream(mx.cpu):
         ref = x.astype(mx.float32) @ w.astype(mx.float32).T
     assert y.dtype == dtype and y.shape == (M, N)
     assert rel_err(y, ref) < tol
-    y3 = matmul_wt_device(x.reshape(1, M, K), w, backend=GPU)  # leading dims are flattened
+    (y3,) = linear_device(x.reshape(1, M, K), w, backend=GPU)  # leading dims are flattened
     assert y3.shape == (1, M, N) and rel_err(y3[0], ref) < tol
 
 
 @needs_gpu
-def test_matmul_wt_declines_what_it_does_not_handle():
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2)])
+@pytest.mark.parametrize("M", [1, 4])
+def test_linear_kernel_adds_the_bias_and_caps_each_part(M, dtype, tol):
+    """A fused group's call: parts of widths 16, 8, 8, 9 with a bias over all of them, caps on two
+    parts (one small enough that tanh saturates) and none on the others."""
+    rng = np.random.default_rng(M)
+    K, splits, caps = 512, (16, 24, 32), (None, 15.0, None, 0.5)
+    x = mx.array(rng.normal(0, 1, (M, 1, K)).astype(np.float32)).astype(dtype)
+    w = mx.array(rng.normal(0, 0.2, (41, K)).astype(np.float32)).astype(dtype)
+    b = mx.array(rng.normal(0, 3, (41,)).astype(np.float32)).astype(dtype)
+    parts = linear_device(x, w, b, splits, caps, backend=GPU, poison=float("nan"))
+    with mx.stream(mx.cpu):
+        refs = linear(*(a.astype(mx.float32) for a in (x, w, b)), splits, caps)
+    assert [p.shape for p in parts] == [(M, 1, 16), (M, 1, 8), (M, 1, 8), (M, 1, 9)]
+    for p, r in zip(parts, refs):
+        assert p.dtype == dtype and rel_err(p, r) < tol
+    (no_bias,) = linear_device(x, w, None, (), (None,), backend=GPU)
+    with mx.stream(mx.cpu):
+        assert rel_err(no_bias, x.astype(mx.float32) @ w.astype(mx.float32).T) < tol
+
+
+@needs_gpu
+def test_linear_declines_what_it_does_not_handle():
     w = mx.random.normal((16, 24))
     for x in (mx.random.normal((5, 24)), mx.random.normal((2, 24)).astype(mx.bfloat16)):
         with pytest.raises(registry.Unsupported):
-            matmul_wt_device(x, w, backend=GPU)
-        assert rel_err(registry.dispatch("matmul_wt")(x, w), x.astype(mx.float32) @ w.T) < 1e-2
+            linear_device(x, w, backend=GPU)
+        assert rel_err(registry.dispatch("linear")(x, w)[0], x.astype(mx.float32) @ w.T) < 1e-2
 
 
 @needs_gpu

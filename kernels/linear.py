@@ -1,0 +1,36 @@
+"""Linear layers, as one kernel: parts of y = softcap(x W^T + b), split by columns (pure MLX reference).
+
+    linear(x, w, bias=None, splits=(), caps=(None,)) -> [part_0, ..., part_n]
+
+y = x W^T, plus the bias inside the matmul (`addmm`: each element rounded once), split at the column
+indices `splits` into len(splits) + 1 parts (one part when `splits` is empty); part j is soft-capped
+by caps[j] (None: left as it is): cap * tanh(part / cap). A `linear` node is one part; a group of
+sibling linears fused into one matmul (`mad.passes.FusedLinear`) is one call with a part per member.
+Device variants (`kernels/linear_device.py`) take the same arguments.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import mlx.core as mx
+
+from .registry import register_kernel
+
+
+def softcap(x: mx.array, cap: float) -> mx.array:
+    """cap * tanh(x / cap): bounds values to (-cap, cap) smoothly."""
+    return cap * mx.tanh(x / cap)
+
+
+def linear(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
+           caps: Sequence[Optional[float]] = (None,)) -> list[mx.array]:
+    """The parts of softcap(x @ w.T + bias); see the module docstring."""
+    if len(caps) != len(splits) + 1:
+        raise ValueError(f"linear: {len(splits)} splits give {len(splits) + 1} parts, got {len(caps)} caps")
+    y = x @ w.T if bias is None else mx.addmm(bias, x, w.T)
+    parts = mx.split(y, list(splits), axis=-1) if splits else [y]
+    return [softcap(p, c) if c else p for p, c in zip(parts, caps)]
+
+
+register_kernel("linear", linear)
