@@ -72,7 +72,9 @@ def _cap_vector(n: int, splits: tuple[int, ...], caps: tuple[Optional[float], ..
     return mx.array(values, mx.float32)
 
 
-_UNUSED = mx.zeros((1,), mx.float32)  # stands in for a missing bias or cap vector (never read)
+# stands in for a missing bias or cap vector (never read); an array with data (a broadcast zero would be
+# materialised by a copy kernel at every call)
+_UNUSED = mx.array([0.0], mx.float32)
 
 
 def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
