@@ -230,7 +230,7 @@ def test_linear_kernel_adds_the_bias_and_caps_each_part(M, dtype, tol):
 
 
 @needs_gpu
-@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 5, 100), (2, 64), (1, 7)])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 5, 100), (2, 64), (1, 7), (2, 5000)])
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-6), (mx.bfloat16, 1e-2), (mx.float16, 1e-2)])
 @pytest.mark.parametrize("with_weight", [True, False])
 def test_add_rms_norm_kernel_matches_reference(shape, dtype, tol, with_weight):
