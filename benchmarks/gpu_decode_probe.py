@@ -10,7 +10,7 @@ Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 s
 Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU machine:
 
     python benchmarks/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
-        [--compare fuse|add-norm]
+        [--compare fuse]
 """
 
 from __future__ import annotations
@@ -58,15 +58,12 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
 
 def compare(args) -> None:
     """Decode ms/step of two programs on the same weights, 5 interleaved rounds: `--compare fuse` the
-    fused against the unfused program, `--compare add-norm` the program with and without its residual
-    add + RMS norm kernels (sibling linears fused in both)."""
+    fused against the unfused program."""
     from mad.generate import LanguageModel
 
     models = {}
     for variant in (True, False):
-        program = mad.build(args.topology, args.overrides, dtype="bfloat16", fuse=variant or args.compare != "fuse")
-        if not variant and args.compare == "add-norm":
-            program._norm_of_add, program._norm_with_add = {}, set()  # before the first call traces it
+        program = mad.build(args.topology, args.overrides, dtype="bfloat16", fuse=variant)
         if models:
             program.load_weights(next(iter(models.values())).program.parameters())
         mx.eval(program.parameters())
@@ -94,7 +91,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--json")
-    ap.add_argument("--compare", choices=["fuse", "add-norm"],
+    ap.add_argument("--compare", choices=["fuse"],
                     help="only time decode with and without a rewrite (same weights), interleaved")
     args = ap.parse_args()
     set_policy(args.kernels)

@@ -145,7 +145,7 @@ class LayerNormBlock(Block):
 
 
 # --------------------------------------------------------------------------------- elementwise
-def add_values(*xs: mx.array) -> mx.array:
+def _add(*xs: mx.array) -> mx.array:
     out = xs[0]
     for x in xs[1:]:
         out = out + x
@@ -167,7 +167,7 @@ class AddBlock(Block):
         return same_types(xs, "add inputs")
 
     def build(self, *xs: TensorType) -> Callable:
-        return add_values
+        return _add
 
 
 @register("gate")

@@ -31,17 +31,6 @@ A node joins a group when
 Reading exactly the same value implies the same input width. Other block types that read the same
 value (a norm, a `swiglu` with its own projections inside) are not touched: their weights are internal
 to their module, not separate nodes of the graph.
-
-Residual add + RMS norm
------------------------
-A pre-norm block adds a layer's output to the residual stream and normalises the sum for the next layer:
-an `add` of two values whose result an `rmsnorm` node reads (and nothing else feeds that norm).
-`find_add_norms` finds such pairs in any graph; the Program runs each pair at the add, through the
-`add_rms_norm` kernel (`kernels/norm.py`: the same two ops on the reference path, one launch on a GPU),
-and puts the sum under the add's name and the normalised sum under the norm's. The norm keeps its own
-module and weight: nothing about checkpoints changes.
-
-Both rewrites are on when the Program fuses (`Program(fuse=...)`, `MAD_FUSE`).
 """
 
 from __future__ import annotations
@@ -179,22 +168,3 @@ class FusedLinear(nn.Module):
                 current = self.linear[name]
                 self.linear[name] = mx.concatenate([pieces.get(f"{m}.{name}", current[start:stop])
                                                     for m, (start, stop) in zip(self.group.members, self.group.bounds)])
-
-
-def find_add_norms(graph: Graph, by_stage: bool = False) -> list[tuple[str, str]]:
-    """(add, norm) pairs: an `add` node of two inputs and an `rmsnorm` node (module exactly the
-    `rmsnorm` block's) that reads only that add; with `by_stage`, both in the same stage. An add read by
-    several such norms pairs with the first; each norm pairs at most once. In execution order."""
-    g = graph.g
-    basic = _basic()
-    pairs = []
-    for norm in graph.blocks():
-        data = g.nodes[norm]
-        if type(data.get("module")) is not basic.RMSNormModule or len(data["inputs"]) != 1:
-            continue
-        add = data["inputs"][0]
-        if (g.nodes[add].get("kind") == "block" and g.nodes[add].get("module") is basic.add_values
-                and len(g.nodes[add]["inputs"]) == 2 and add not in {a for a, _ in pairs}
-                and (not by_stage or g.nodes[add]["stage"] == data["stage"])):
-            pairs.append((add, norm))
-    return pairs

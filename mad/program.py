@@ -7,9 +7,8 @@ dispatch and no host synchronisation.
 
 State is a plain dict `{node: {name: array}}` of float32 arrays, owned by the recurrent nodes.
 
-With `fuse` on, sibling `linear` nodes that read the same value run as one matmul, and a residual add
-with the RMS norm that reads it as one kernel (`mad.passes`); the weights keep their per-node names and
-shapes for `parameters()` and `load_weights`.
+With `fuse` on, sibling `linear` nodes that read the same value run as one matmul (`mad.passes`); the
+weights keep their per-node names and shapes for `parameters()` and `load_weights`.
 """
 
 from __future__ import annotations
@@ -26,9 +25,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 from .dims import Sym, shape_str
 from .errors import Diagnostics, MadError
 from .graph import Graph, check_state
-from .kernels import norm_device  # noqa: F401  (registers the add + RMS norm device variant)
-from .kernels.registry import dispatch
-from .passes import FusedLinear, FusionGroup, find_add_norms, find_sibling_linears
+from .passes import FusedLinear, FusionGroup, find_sibling_linears
 
 Mode = Literal["auto", "step", "chunkwise", "parallel"]
 CompileMode = Literal["program", "stage", "none"]
@@ -88,9 +85,8 @@ class Program:
         graph: a checked graph (`mad.build_graph`).
         dtype: compute and weight dtype for float tensors; recurrent state stays float32.
         compile: "program" (one compiled function, the default), "stage" (one per stage) or "none".
-        fuse: run sibling `linear` nodes that read the same value as one matmul, and residual adds with
-            the RMS norm of their sum as one kernel (`mad.passes`): True, False or "auto" (the measured
-            default per device, `AUTO_FUSE`). `MAD_FUSE=0/1` overrides it.
+        fuse: run sibling `linear` nodes that read the same value as one matmul (`mad.passes`): True,
+            False or "auto" (the measured default per device, `AUTO_FUSE`). `MAD_FUSE=0/1` overrides it.
 
     Weights: `root` holds every node's module at the node's name (flattened names are weight names),
     except fused nodes, whose weights live once, concatenated, in the `FusedLinear`s at `root["<fused>"]`.
@@ -122,11 +118,6 @@ class Program:
         self._fused: dict[str, FusedLinear] = {
             grp.members[0]: FusedLinear.from_modules(grp, [self._own_module(m) for m in grp.members])
             for grp in active}
-
-        # residual add + RMS norm pairs (`mad.passes.find_add_norms`), run as one kernel when fusing
-        self.add_norms: list[tuple[str, str]] = find_add_norms(graph, by_stage=compile == "stage")
-        self._norm_of_add = dict(self.add_norms) if self.fused else {}
-        self._norm_with_add = set(self._norm_of_add.values())
 
         self.root = nn.Module()
         for n in self.nodes:
@@ -181,8 +172,7 @@ class Program:
             ],
             "outputs": self.graph.outputs,
             "fuse": {"setting": self.fuse, "MAD_FUSE": self._fuse_env, "enabled": self.fused,
-                     "groups": [grp.describe() for grp in self.fusion_groups],
-                     "add_norms": [list(pair) for pair in self.add_norms]},
+                     "groups": [grp.describe() for grp in self.fusion_groups]},
         }
 
     # ------------------------------------------------------------------ weights
@@ -266,15 +256,8 @@ class Program:
                 if n == group.members[0]:
                     env.update(zip(group.members, self._fused[n](env[group.source])))
                 continue
-            if n in self._norm_with_add:  # computed with its add
-                continue
             xs = [env[s] for s in self.reads[n]]
-            norm = self._norm_of_add.get(n)
-            if norm is not None:  # a residual add and the RMS norm of its sum, in one kernel
-                module = self.fns[norm]
-                env[n], env[norm] = dispatch("add_rms_norm")(*xs, module.weight if "weight" in module else None,
-                                                             module.eps)
-            elif n in self.stateful:
+            if n in self.stateful:
                 env[n], new_state[n] = self.fns[n](*xs, state=None if mode == "parallel" else state[n], mode=mode)
             else:
                 env[n] = self.fns[n](*xs)

@@ -19,8 +19,6 @@ from mad.kernels.device import CUDA_PREAMBLE, METAL_HEADER, METAL_PREAMBLE, kern
 from mad.kernels.mlstm import chunk_recurrence, mlstm_sequence, mlstm_step
 from mad.kernels.linear import linear
 from mad.kernels.linear_device import linear_device
-from mad.kernels.norm import add_rms_norm
-from mad.kernels.norm_device import add_rms_norm_device
 from mad.kernels.mlstm_device import STEP_BODY, chunk_recurrence_device, mlstm_step_device
 
 GPU = "cuda" if mx.cuda.is_available() else ("metal" if mx.metal.is_available() else None)
@@ -227,35 +225,6 @@ def test_linear_kernel_adds_the_bias_and_caps_each_part(M, dtype, tol):
     (no_bias,) = linear_device(x, w, None, (), (None,), backend=GPU)
     with mx.stream(mx.cpu):
         assert rel_err(no_bias, x.astype(mx.float32) @ w.astype(mx.float32).T) < tol
-
-
-@needs_gpu
-@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 5, 100), (2, 64), (1, 7), (2, 5000)])
-@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-6), (mx.bfloat16, 1e-2), (mx.float16, 1e-2)])
-@pytest.mark.parametrize("with_weight", [True, False])
-def test_add_rms_norm_kernel_matches_reference(shape, dtype, tol, with_weight):
-    """Sum and normalised sum against the reference (float32 on the CPU, from the sum rounded as the
-    kernel rounds it); rows of different scales, so a wrong row's statistics show."""
-    rng = np.random.default_rng(shape[-1])
-    scale = rng.uniform(0.1, 10, shape[:-1] + (1,))
-    a, b = (mx.array((rng.normal(0, 1, shape) * scale).astype(np.float32)).astype(dtype) for _ in range(2))
-    w = mx.array(rng.normal(1, 0.3, shape[-1:]).astype(np.float32)).astype(dtype) if with_weight else None
-    s, y = add_rms_norm_device(a, b, w, 1e-5, backend=GPU, poison=float("nan"))
-    with mx.stream(mx.cpu):
-        s_ref = (a.astype(mx.float32) + b.astype(mx.float32)).astype(dtype)
-        _, y_ref = add_rms_norm(s_ref.astype(mx.float32), mx.zeros(shape), None if w is None else w.astype(mx.float32),
-                                1e-5)
-    assert s.dtype == y.dtype == dtype and s.shape == y.shape == a.shape
-    assert mx.array_equal(s, s_ref).item()
-    assert rel_err(y, y_ref) < tol
-
-
-@needs_gpu
-def test_add_rms_norm_declines_what_it_does_not_handle():
-    a = mx.random.normal((2, 8))
-    for b, w in ((a.astype(mx.bfloat16), None), (a, mx.ones((7,))), (a, mx.ones((8,), mx.bfloat16))):
-        with pytest.raises(registry.Unsupported):
-            add_rms_norm_device(a, b, w, 1e-6, backend=GPU)
 
 
 @needs_gpu

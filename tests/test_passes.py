@@ -13,7 +13,7 @@ from mlx.utils import tree_flatten
 
 from mad.errors import MadError
 from mad.graph import build_graph
-from mad.passes import FusedLinear, find_add_norms, find_sibling_linears
+from mad.passes import FusedLinear, find_sibling_linears
 from mad.program import FUSED, Program, fuse_enabled
 from mad.topology import load_topology
 
@@ -153,48 +153,6 @@ def test_groups_of_mixed_siblings():
     g = find_sibling_linears(graph)[0]
     assert g.widths == (16, 5, 3, 16) and g.bias == (False, True, False, True)
     assert g.softcap == (None, None, CAPS["c"], CAPS["d"])
-
-
-def test_add_norm_pairs_of_xlstm_tiny():
-    """Each residual add pairs with the RMS norm that reads it: the block's own norm_ffn, the next block's
-    norm_mlstm, and after the last block the output norm; compiled stage by stage (a block per stage),
-    only the pairs inside one block."""
-    graph = xlstm_graph()
-    blk = "backbone.blocks.{}.".format
-    pairs = [(blk(0) + "mlstm_residual", blk(0) + "norm_ffn"), (blk(0) + "ffn_residual", blk(1) + "norm_mlstm"),
-             (blk(1) + "mlstm_residual", blk(1) + "norm_ffn"), (blk(1) + "ffn_residual", "backbone.out_norm")]
-    assert find_add_norms(graph) == pairs
-    assert find_add_norms(graph, by_stage=True) == [pairs[0], pairs[2]]
-    fused = Program(graph, fuse=True)
-    assert fused.plan()["fuse"]["add_norms"] == [list(p) for p in pairs]
-
-
-def test_add_norm_needs_an_add_of_two_read_by_an_rmsnorm_alone():
-    topo = """\
-mad: 1
-name: add_norms
-dims: {B: batch, T: seq, V: 32, D: 16}
-inputs:
-  tokens: {shape: [B, T], dtype: int32}
-nodes:
-  emb: {type: embedding, vocab: V, dim: D}
-  a: {type: linear, out: D, in: emb}
-  b: {type: linear, out: D, in: emb}
-  three: {type: add, in: [emb, a, b]}
-  n3: {type: rmsnorm, eps: 1.0e-5, in: three}
-  two: {type: add, in: [a, b]}
-  ln: {type: layernorm, in: two}
-  n2: {type: rmsnorm, eps: 1.0e-5, in: two}
-  n2_again: {type: rmsnorm, eps: 1.0e-5, in: two}
-  head: {type: linear, out: V, in: [n2]}
-outputs: {logits: head, x: n3, y: ln, z: n2_again}
-"""
-    graph = build_graph(load_topology("add_norms.yaml", text=topo))
-    assert find_add_norms(graph) == [("two", "n2")]
-    fused, plain = Program(graph, fuse=True), Program(graph, fuse=False)
-    fused.load_weights(plain.parameters())
-    tokens = mx.array(RNG.integers(0, 32, (2, 3)), dtype=mx.int32)
-    assert_same(fused(tokens)[0], plain(tokens)[0], **EXACT)
 
 
 # ----------------------------------------------------------------------------------------- same results
