@@ -13,6 +13,7 @@ import re
 import mlx.core as mx
 import numpy as np
 import pytest
+from test_mlstm_kernels import assert_h_close, assert_state_close, reference, to_np
 
 from mad.kernels import registry
 from mad.kernels.device import CUDA_PREAMBLE, METAL_HEADER, METAL_PREAMBLE, kernel_source
@@ -258,7 +259,11 @@ def test_chunk_recurrence_kernel_matches_reference(B, NH, NC, DQK, DV):
 @pytest.mark.parametrize("dtype,tol,i_std", [(mx.float32, 1e-5, 3.0), (mx.bfloat16, 1e-2, 1.0)])
 def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
     """Float32 with large, spread input gates (h is a ratio of sums that nearly cancel at some
-    positions, so any error shows); bf16 with milder gates, where bf16 products stay within 1e-2."""
+    positions, so any error shows); bf16 with milder gates, where bf16 products stay within 1e-2.
+
+    Float32 is also held, element by element, to the float64 recurrence with the error scale of
+    tests/test_mlstm_kernels.py (the bound the CPU cell meets): at chunk 128 the CPU's own float32 is
+    5.7e-5 from float64 (norm-wise), so the GPU's is compared with the truth rather than with the CPU's."""
     rng = np.random.default_rng(T + chunk)
     B, NH, DQK, DV = 2, 4, 64, 96
     qkv, _, state = step_inputs(rng, B, NH, DQK, DV, dtype)
@@ -268,12 +273,18 @@ def test_chunkwise_on_gpu_matches_cpu_reference(T, chunk, dtype, tol, i_std):
     f = mx.array(rng.normal(2, 2, (B, NH, T)).astype(np.float32))
     for given in (state, None):
         h, final = mlstm_sequence(q, k, v, i, f, given, chunk_size=chunk)
+        if dtype == mx.float32:
+            h64, final64, scale = reference(tuple(to_np(x) for x in (q, k, v, i, f)),
+                                            None if given is None else tuple(to_np(x) for x in given))
+            assert_h_close(h, h64, scale)
+            assert_state_close(final, final64)
+            continue
         with mx.stream(mx.cpu):
             h_ref, final_ref = mlstm_sequence(*(x.astype(mx.float32) for x in (q, k, v)), i, f, given, chunk_size=chunk)
             mx.eval(h_ref, final_ref)
         assert rel_err(h, h_ref) < tol
         for a, b in zip(final, final_ref):
-            assert rel_err(a, b) < (1e-5 if dtype == mx.float32 else 1e-2)
+            assert rel_err(a, b) < 1e-2
 
 
 def chunk_gates(rng, shape, i_std):

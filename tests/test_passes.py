@@ -157,7 +157,10 @@ def test_groups_of_mixed_siblings():
 
 # ----------------------------------------------------------------------------------------- same results
 @pytest.mark.parametrize("compile", ["program", "stage", "none"])
-def test_fused_equals_unfused_on_xlstm_tiny(compile):
+def test_fused_equals_unfused_on_xlstm_tiny(compile, on_cpu):
+    """Equal on the CPU, where a product's sums do not depend on how many columns the matmul has. On a GPU
+    the fused and unfused products are matmuls of different widths, run by different kernels with other
+    summation orders, and the mLSTM cells amplify that rounding (seen on an H200: logits 3e-6 apart)."""
     plain, fused = pair(xlstm_graph, compile, seed=1)
     assert fused.fused and not plain.fused and len(fused.fusion_groups) == 4
     ids = tokens(2, 37, 256, seed=2)  # 37 tokens, chunk size 16: the chunkwise path with a remainder
@@ -244,7 +247,7 @@ def test_fused_weights_are_stored_once():
     assert "backbone.blocks.0.mlstm_layer.q.weight" not in inputs
 
 
-def test_load_round_trip_through_a_file(tmp_path):
+def test_load_round_trip_through_a_file(tmp_path, on_cpu):  # compares fused with unfused: see above
     plain, _ = pair(xlstm_graph, seed=12)
     path = tmp_path / "model.safetensors"
     mx.save_safetensors(str(path), plain.parameters())

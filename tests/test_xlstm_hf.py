@@ -6,6 +6,12 @@
 single steps with HF's cache. Keys ending in 64 are the same HF model run in float64; HF's own float32
 result is 4.0e-4 from those on this fixture (the gates make the denominators ill-conditioned), so MAD's
 float32 is held to the reference math (the *64 keys) at the issue's 2e-4.
+
+These tests check the model's definition against HF's, and run on the CPU device on every machine: on this
+fixture the spread between float32 evaluation orders exceeds the 2e-4 bound (MAD on the CPU: 7.5e-5 from
+the float64 logits; on an H200 GPU: 4.2e-4, like HF's own float32; `benchmarks/gpu_float32_trace.py` shows
+the difference entering as float32 rounding of the projections, 2e-7 relative, and growing through the two
+cells). The GPU kernels are held to the CPU in tests/test_kernels.py on well-conditioned inputs.
 """
 
 from __future__ import annotations
@@ -33,8 +39,11 @@ def golden():
     return load_file(str(HF_TINY / "golden.safetensors"))
 
 
+pytestmark = pytest.mark.usefixtures("on_cpu_module")
+
+
 @pytest.fixture(scope="module")
-def model():
+def model(on_cpu_module):
     m, tok = load(HF_TINY)
     return m
 
