@@ -276,6 +276,9 @@ def test_large_gates_no_nan():
     i[1, 2, :] = -300.0  # a head that never writes
     arrs = (q, k, v, i, f)
     h_ref, s_ref, scale = reference(arrs)
+    # The state's terms are exponentials of those sums too: relative errors up to ~|b| 2^-24 each (1.0e-4
+    # here; a GPU's float32 was seen at 9.2e-5 in n, a CPU's under 1e-5), twice that allowed.
+    state_rtol = max(STATE_TOL, 2 * np.abs(np.cumsum(np_logsigmoid(f), -1)).max() * 2.0 ** -24)
     args = to_mx(arrs)
     for mode in ("auto", "step", "parallel"):
         h, s = mlstm_sequence(*args, chunk_size=16, mode=mode)
@@ -283,7 +286,7 @@ def test_large_gates_no_nan():
         assert all(np.all(np.isfinite(to_np(x))) for x in s), mode
         assert_h_close(h, h_ref, scale, rel=1e-4, extra=EPS * np.abs(h_ref) + 1e-30)
         if mode != "parallel":
-            assert_state_close(s, s_ref)
+            assert_state_close(s, s_ref, rtol=state_rtol)
 
 
 @pytest.mark.parametrize("T", [1, 37])

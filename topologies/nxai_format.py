@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+import mlx.core as mx
+
 from mad.errors import Diagnostic, MadError, did_you_mean
 from mad.generate import HFTokenizer
 from mad.loading import CheckpointFormat, register_format
@@ -276,7 +278,8 @@ def nxai_sanitize(weights: dict, config: dict) -> dict:
         nh = c.slstm["heads"] if c.slstm else 0
         dh = c.dim // nh if nh else 0
         if tuple(kernel.shape) == (nh, dh, 4 * dh) and dh > 0:  # CUDA: (NH, DH_in, 4*DH_out), bias head-major
-            kernel = kernel.transpose(0, 2, 1)
+            # stored row-major like a vanilla-layout weight (a transposed view would run other kernels)
+            kernel = mx.contiguous(kernel.transpose(0, 2, 1))
             if bias is not None and bias.size == 4 * nh * dh:
                 bias = bias.reshape(nh, 4, dh).transpose(1, 0, 2).reshape(-1)
         out[prefix + "recurrent_kernel"] = kernel
