@@ -515,6 +515,7 @@ def test_v1_model_with_slstm_kernel_matches_the_cpu():
     from mlx.utils import tree_map
 
     from mad import load
+    from mad.kernels import slstm_device  # noqa: F401  (registers the variant; the model would, later)
 
     assert registry.dispatch("slstm_sequence").__name__ == "slstm_sequence[cuda]"
     weights, logits = None, {}
