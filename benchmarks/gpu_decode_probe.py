@@ -10,7 +10,7 @@ Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 s
 Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU machine:
 
     python benchmarks/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
-        [--compare fuse]
+        [--compare-fuse]
 """
 
 from __future__ import annotations
@@ -56,18 +56,17 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-def compare(args) -> None:
-    """Decode ms/step of two programs on the same weights, 5 interleaved rounds: `--compare fuse` the
-    fused against the unfused program."""
+def compare_fuse(args) -> None:
+    """Decode ms/step of the fused and the unfused program on the same weights, 5 interleaved rounds."""
     from mad.generate import LanguageModel
 
     models = {}
-    for variant in (True, False):
-        program = mad.build(args.topology, args.overrides, dtype="bfloat16", fuse=variant)
+    for fuse in (True, False):
+        program = mad.build(args.topology, args.overrides, dtype="bfloat16", fuse=fuse)
         if models:
             program.load_weights(next(iter(models.values())).program.parameters())
         mx.eval(program.parameters())
-        models[f"{args.compare}-{'on' if variant else 'off'}"] = LanguageModel(program)
+        models["fused" if fuse else "unfused"] = LanguageModel(program)
     B = args.batch
     tokens = mx.random.randint(0, 1000, (B, 16)).astype(mx.int32)
     states = {k: m(tokens)[1] for k, m in models.items()}
@@ -91,12 +90,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--json")
-    ap.add_argument("--compare", choices=["fuse"],
-                    help="only time decode with and without a rewrite (same weights), interleaved")
+    ap.add_argument("--compare-fuse", action="store_true",
+                    help="only time fused vs unfused decode (same weights), interleaved")
     args = ap.parse_args()
     set_policy(args.kernels)
-    if args.compare:
-        return compare(args)
+    if args.compare_fuse:
+        return compare_fuse(args)
 
     model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
     program = model.program

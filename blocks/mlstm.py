@@ -107,7 +107,7 @@ class MultiHeadNorm(nn.Module):
     def __call__(self, x: mx.array) -> mx.array:
         b, t, d = x.shape
         # statistics and normalisation in float32 inside the kernel, one rounding to x's dtype at the end
-        # (the same numbers as normalising x cast to float32, then casting back: tests/test_xlstm_hf.py)
+        # (the same numbers as normalising x cast to float32, then casting back: tests/test_kernels.py)
         y = mx.fast.layer_norm(x.reshape(b, t, self.heads, d // self.heads), None, None, self.eps).reshape(b, t, d)
         y = y * (self.weight + self.offset if self.offset else self.weight)
         return y + self.bias if "bias" in self else y

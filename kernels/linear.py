@@ -23,14 +23,23 @@ def softcap(x: mx.array, cap: float) -> mx.array:
     return cap * mx.tanh(x / cap)
 
 
+def check_parts(splits: Sequence[int], caps: Sequence[Optional[float]]) -> None:
+    """A cap (or None) for each of the len(splits) + 1 parts."""
+    if len(caps) != len(splits) + 1:
+        raise ValueError(f"linear: {len(splits)} splits give {len(splits) + 1} parts, got {len(caps)} caps")
+
+
+def split_parts(y: mx.array, splits: Sequence[int]) -> list[mx.array]:
+    """y's columns split at `splits` (views)."""
+    return mx.split(y, list(splits), axis=-1) if splits else [y]
+
+
 def linear(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
            caps: Sequence[Optional[float]] = (None,)) -> list[mx.array]:
     """The parts of softcap(x @ w.T + bias); see the module docstring."""
-    if len(caps) != len(splits) + 1:
-        raise ValueError(f"linear: {len(splits)} splits give {len(splits) + 1} parts, got {len(caps)} caps")
+    check_parts(splits, caps)
     y = x @ w.T if bias is None else mx.addmm(bias, x, w.T)
-    parts = mx.split(y, list(splits), axis=-1) if splits else [y]
-    return [softcap(p, c) if c else p for p, c in zip(parts, caps)]
+    return [softcap(p, c) if c else p for p, c in zip(split_parts(y, splits), caps)]
 
 
 register_kernel("linear", linear)

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from .device import DeviceKernel
-from .linear import linear  # noqa: F401  (registers the reference the variant is tested against)
+from .linear import check_parts, split_parts  # (the module registers the reference the variant is tested against)
 from .registry import Unsupported, register_device_kernel
 
 MAX_ROWS = 4  # on an H200: faster or within 5% of MLX up to 4 rows, slower at 8 (benchmarks/RESULTS.md)
@@ -88,8 +88,7 @@ def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, spl
         M *= d
     if M > MAX_ROWS or K % 8 or w.ndim != 2 or w.shape[1] != K or x.dtype != w.dtype or x.dtype not in DTYPES:
         raise Unsupported(f"linear: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
-    if len(caps) != len(splits) + 1:
-        raise ValueError(f"linear: {len(splits)} splits give {len(splits) + 1} parts, got {len(caps)} caps")
+    check_parts(splits, caps)
     has_cap = any(caps)
     (y,) = LINEAR_KERNEL(
         backend,
@@ -99,8 +98,7 @@ def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, spl
                   ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap)],
         grid=(-(-N // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
         output_shapes=[(M, N)], output_dtypes=[w.dtype], init_value=poison)
-    y = y.reshape(*lead, N)
-    return mx.split(y, list(splits), axis=-1) if splits else [y]
+    return split_parts(y.reshape(*lead, N), splits)
 
 
 register_device_kernel("linear", linear_device)
