@@ -39,10 +39,9 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
+import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
 import mlx.core as mx
 import mlx.nn as nn
-
-import mad
 from mad.generate import LanguageModel
 from mad.graph import build_graph
 from mad.topology import load_topology

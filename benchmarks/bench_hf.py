@@ -30,8 +30,9 @@ import tempfile
 import time
 from typing import Optional
 
+import torch  # first: PyTorch keeps its own MKL (mad would otherwise serve its BLAS calls too)
+import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
 import mlx.core as mx
-import torch
 
 from mad.loading import load
 
@@ -119,7 +120,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"{'external xlstm package path' if info['external_xlstm'] else 'built-in path (no xlstm package)'} "
           f"(chunkwise '{info['chunkwise_kernel']}', step '{info['step_kernel']}'), torch threads "
           f"{info['torch_threads']}", file=log)
-    print(f"MAD: mlx {mx.__version__} on {mx.default_device()}, {lm.program.graph.name} topology, "
+    print(f"MAD: mlx {mx.__version__} on {mx.default_device()} (CPU BLAS: {mad.blas.LOADED or 'bundled with MLX'}), "
+          f"{lm.program.graph.name} topology, "
           f"compile '{lm.program.compile_mode}'", file=log)
 
     check = check_same(hf, lm, CONFIG["vocab_size"], a.seed)
@@ -181,7 +183,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prefill_times = interleave({"mad": mad_prefill, "hf": hf_prefill}, n_prefill)
 
     results = {"config": CONFIG, "params": n_params, "dtype": "float32", "hf": info, "mlx": mx.__version__,
-               "mlx_device": str(mx.default_device()), "machine": platform.machine(), "processor": platform.processor(),
+               "mlx_device": str(mx.default_device()), "cpu_blas": mad.blas.LOADED, "machine": platform.machine(), "processor": platform.processor(),
                "check": check, "prefill_warmup": warm, "benchmarks": {}}
     rows = []
     for bench, times, tokens in ((f"decode (after {a.prompt})", decode_times, a.steps),

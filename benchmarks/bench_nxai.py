@@ -31,9 +31,10 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import torch  # first: PyTorch keeps its own MKL (mad would otherwise serve its BLAS calls too)
+import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
 import mlx.core as mx
 import numpy as np
-import torch
 
 from mad.loading import load
 
@@ -127,7 +128,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"float32, batch 1", file=log)
     print(f"NX-AI: xlstm {xlstm.__version__}, torch {torch.__version__}, sLSTM backend vanilla, torch threads "
           f"{torch.get_num_threads()}", file=log)
-    print(f"MAD: mlx {mx.__version__} on {mx.default_device()}, {lm.program.graph.name} topology, "
+    print(f"MAD: mlx {mx.__version__} on {mx.default_device()} (CPU BLAS: {mad.blas.LOADED or 'bundled with MLX'}), "
+          f"{lm.program.graph.name} topology, "
           f"compile '{lm.program.compile_mode}'", file=log)
 
     gen = torch.Generator().manual_seed(a.seed + 1)
@@ -187,7 +189,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     results = {"config": cfg, "params": n_params, "dtype": "float32", "torch": torch.__version__,
                "xlstm": xlstm.__version__, "torch_threads": torch.get_num_threads(), "mlx": mx.__version__,
-               "mlx_device": str(mx.default_device()), "machine": platform.machine(),
+               "mlx_device": str(mx.default_device()), "cpu_blas": mad.blas.LOADED, "machine": platform.machine(),
                "processor": platform.processor(), "check": check, "benchmarks": {},
                "slstm_only_max_abs_diff_h": slstm["max_abs_diff_h"], "prefill_first_call_s": first}
     rows = []

@@ -9,15 +9,21 @@ from pathlib import Path
 from typing import Callable
 
 
-def interleave(fns: dict[str, Callable[[], float]], trials: int) -> dict[str, list[float]]:
+PAUSE_S = 0.5  # between trials: OpenMP workers spin up to 200 ms (Intel's KMP_BLOCKTIME) after their last job
+
+
+def interleave(fns: dict[str, Callable[[], float]], trials: int, pause: float = PAUSE_S) -> dict[str, list[float]]:
     """Run each function `trials` times, alternating which goes first (ABBA...).
 
     Each function returns the seconds it measured itself (so it can leave set-up out of the clock).
+    A `pause` before each trial lets the previous one's BLAS threads go to sleep, so that one library's
+    spinning workers do not take the cores from the other's trial.
     """
     times: dict[str, list[float]] = {k: [] for k in fns}
     names = list(fns)
     for t in range(trials):
         for name in (names if t % 2 == 0 else names[::-1]):
+            time.sleep(pause)
             times[name].append(fns[name]())
     return times
 

@@ -1,5 +1,9 @@
 """MAD: declarative block wiring for recurrent language models on MLX."""
 
+from . import blas
+
+blas.select()  # before any matmul: see mad/blas.py
+
 from .block import Block, Dim, OptDim, ShapeError, TensorType, register
 from .errors import MadError
 from .graph import Graph, build_graph

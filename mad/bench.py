@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import mlx.core as mx
 
+from . import blas
 from .generate import PREFILL_STEP, LanguageModel
 
 KEYS = ("prompt_tps", "generation_tps", "peak_memory")
@@ -68,4 +69,4 @@ def bench(model: LanguageModel, prompt_tokens: int = 512, generation_tokens: int
     return {"prompt_tokens": prompt_tokens, "generation_tokens": generation_tokens, "batch_size": batch,
             "prefill_step": prefill_step,
             "trials": [asdict(r) for r in results], "averages": mean, "medians": median,
-            "mlx": mx.__version__, "device": str(mx.default_device())}
+            "mlx": mx.__version__, "device": str(mx.default_device()), "cpu_blas": blas.LOADED}
