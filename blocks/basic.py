@@ -29,6 +29,8 @@ Activation = Literal["sigmoid", "silu", "gelu", "gelu_tanh", "relu", "identity"]
 class EmbeddingBlock(Block):
     """Token ids (B, T) int32 -> vectors (B, T, dim). Weight `weight` [vocab, dim]."""
 
+    positionwise = True
+
     vocab: Dim
     dim: Dim
 
@@ -68,6 +70,8 @@ class LinearModule(nn.Module):
 class LinearBlock(Block):
     """(..., D_in) -> (..., out). Weight `weight` [out, D_in], optional `bias` [out]."""
 
+    positionwise = True
+
     out: Dim
     bias: bool = False
     softcap: Optional[float] = None
@@ -96,6 +100,8 @@ class RMSNormModule(nn.Module):
 @register("rmsnorm")
 class RMSNormBlock(Block):
     """x * rsqrt(mean(x^2) + eps) * weight, over the last dim (accumulated in float32)."""
+
+    positionwise = True
 
     eps: float = 1e-6
     weight: bool = True
@@ -129,6 +135,8 @@ class LayerNormModule(nn.Module):
 class LayerNormBlock(Block):
     """(x - mean) / sqrt(var + eps) * (weight_offset + weight) (+ bias), over the last dim."""
 
+    positionwise = True
+
     eps: float = 1e-5
     bias: bool = True
     weight_offset: float = 0.0
@@ -156,6 +164,8 @@ def _add(*xs: mx.array) -> mx.array:
 class AddBlock(Block):
     """Sum of two or more inputs of the same shape (a residual connection)."""
 
+    positionwise = True
+
     ports = ("x",)
     variadic = True
 
@@ -173,6 +183,8 @@ class AddBlock(Block):
 @register("gate")
 class GateBlock(Block):
     """act(gate) * x: output gates (sigmoid) and GLU-style feed-forwards (silu, gelu)."""
+
+    positionwise = True
 
     ports = ("gate", "x")
     act: Activation = "sigmoid"

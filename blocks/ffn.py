@@ -31,6 +31,8 @@ class GatedFFN(nn.Module):
 
 
 class _GatedFFNBlock(Block):
+    positionwise = True
+
     hidden: OptDim = None
     factor: Optional[float] = None
     round_to: int = 1

@@ -118,6 +118,8 @@ class MultiHeadLayerNormBlock(Block):
     """LayerNorm over each head's slice of the last dim (mean-centred, biased variance, float32),
     times a weight over the whole dim. With `weight_offset: 1` the scale is (1 + weight) (NX-AI)."""
 
+    positionwise = True
+
     heads: Dim
     eps: float = 1e-6
     bias: bool = False

@@ -36,6 +36,8 @@ from .basic import ACTIVATIONS, Activation
 class SliceBlock(Block):
     """x[..., start:start+size]: one part of a fused projection (e.g. NX-AI's proj_up -> x_mlstm, z)."""
 
+    positionwise = True
+
     start: Dim = 0
     size: Dim
 
@@ -55,6 +57,8 @@ class SliceBlock(Block):
 class ConcatBlock(Block):
     """Concatenation of two or more inputs along the last dim (other dims equal)."""
 
+    positionwise = True
+
     variadic = True
 
     def infer(self, *xs: TensorType) -> TensorType:
@@ -73,6 +77,8 @@ class ConcatBlock(Block):
 @register("activation")
 class ActivationBlock(Block):
     """act(x) elementwise: sigmoid, silu, gelu (exact, as torch's default), gelu_tanh, relu, identity."""
+
+    positionwise = True
 
     act: Activation = "silu"
 
@@ -96,6 +102,8 @@ class ScaleModule(nn.Module):
 @register("channel_scale")
 class ScaleBlock(Block):
     """x * weight over the last dim (a learnable elementwise scale, e.g. NX-AI's learnable_skip)."""
+
+    positionwise = True
 
     def infer(self, x: TensorType) -> TensorType:
         expect_float(x)
@@ -138,6 +146,8 @@ class HeadwiseLinearBlock(Block):
     """(..., D_in) -> (..., out) with a block-diagonal weight: `heads` independent (out/heads, D_in/heads)
     matrices on consecutive slices of the last dim. Weight `weight` [heads, out/heads, D_in/heads],
     optional `bias` [out]. `out` defaults to D_in."""
+
+    positionwise = True
 
     heads: Dim
     out: OptDim = None

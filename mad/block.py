@@ -69,6 +69,10 @@ class Block(BaseModel):
     """If true the block takes any number (>= 1) of inputs on its single port."""
     modes: ClassVar[tuple[str, ...]] = ()
     """Evaluation modes a recurrent block offers, e.g. ("step", "chunkwise", "parallel")."""
+    positionwise: ClassVar[bool] = False
+    """True if each output position depends only on the same position of the inputs (linears, norms,
+    gates, adds). A program asked for its outputs at the last position only (`last_only`, as when
+    reading a prompt) runs the positionwise nodes that feed only those outputs on that position alone."""
 
     def infer(self, *inputs: TensorType) -> TensorType:
         """Output type for the given input types; raise ShapeError if they do not fit."""

@@ -38,8 +38,10 @@ class LanguageModel:
         self.output_name = "logits" if "logits" in g.outputs else next(iter(g.outputs))
         self.vocab_size = int(g.g.nodes[g.outputs[self.output_name]]["type"].shape[-1])
 
-    def __call__(self, tokens: mx.array, state: Optional[dict] = None, mode: str = "auto") -> tuple[mx.array, dict]:
-        outputs, state = self.program({self.input_name: tokens}, state, mode=mode)
+    def __call__(self, tokens: mx.array, state: Optional[dict] = None, mode: str = "auto",
+                 last_only: bool = False) -> tuple[mx.array, dict]:
+        """logits (B, T, V), or (B, 1, V) at the last position with `last_only`, and the new state."""
+        outputs, state = self.program({self.input_name: tokens}, state, mode=mode, last_only=last_only)
         return outputs[self.output_name].astype(mx.float32), state
 
     def init_state(self, batch: int = 1) -> dict:
@@ -51,10 +53,12 @@ class LanguageModel:
 
         Returns the last position's logits (B, V) and the state. Each segment but the last is
         evaluated before the next is queued, so memory is bounded by one segment, whatever T is.
+        Only the last position goes through the head (`last_only`): a prompt's other logits are
+        never needed.
         """
         total = tokens.shape[1]
         for start in range(0, total, step_size):
-            logits, state = self(tokens[:, start:start + step_size], state)
+            logits, state = self(tokens[:, start:start + step_size], state, last_only=True)
             if start + step_size < total:
                 mx.eval(state)
         return logits[:, -1], state

@@ -9,6 +9,10 @@ State is a plain dict `{node: {name: array}}` of float32 arrays, owned by the re
 
 With `fuse` on, sibling `linear` nodes that read the same value run as one matmul (`mad.passes`); the
 weights keep their per-node names and shapes for `parameters()` and `load_weights`.
+
+`last_only=True` returns the outputs at the last position only, as reading a prompt needs: the
+positionwise nodes that feed only the outputs (a language model's final norm and head, the last block's
+feed-forward) then run on that position alone.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_unflatten
 
+from .block import TensorType
 from .dims import Sym, shape_str
 from .errors import Diagnostics, MadError
 from .graph import Graph, check_state
@@ -50,6 +55,15 @@ def dtype_of(name: str | mx.Dtype) -> mx.Dtype:
 # kernel launches, where this is what hand-fused checkpoints give; revise the GPU entry if a GPU
 # measurement (prefill especially) says otherwise.
 AUTO_FUSE = {"cpu": True, "gpu": True}
+
+
+def seq_axis(t: TensorType) -> int | None:
+    """The axis of the sequence dim in a value's shape, or None if it has none."""
+    return next((i for i, d in enumerate(t.shape) if isinstance(d, Sym) and d.kind == "seq"), None)
+
+
+def last_position(x: mx.array, axis: int) -> mx.array:
+    return x[(slice(None),) * axis + (slice(-1, None),)]
 
 
 def fuse_enabled(fuse: FuseMode, device: mx.Device | None = None) -> bool:
@@ -134,6 +148,32 @@ class Program:
         self.stages = self._plan()
         self.compile_mode = compile
         self._compiled: dict[Any, Callable] = {}
+        self.tail = self._last_only_nodes(active)
+        self._types = {**graph.inputs, **{n: g.nodes[n]["type"] for n in self.nodes}}
+
+    def _last_only_nodes(self, groups: list[FusionGroup]) -> frozenset[str]:
+        """The nodes that `last_only` runs on the last position alone: positionwise, with a sequence
+        dim, and read only by such nodes (or an output). The members of a fused group run on one input,
+        so they are in or out together."""
+        g = self.graph.g
+        outputs = set(self.graph.outputs.values())
+        readers: dict[str, list[str]] = {n: [] for n in self.nodes}
+        for n in self.nodes:
+            for src in self.reads[n]:
+                if src in readers:
+                    readers[src].append(n)
+        excluded: set[str] = set()
+        while True:
+            tail: set[str] = set()
+            for n in reversed(self.nodes):
+                if (n not in excluded and g.nodes[n]["spec"].positionwise and n not in self.stateful
+                        and seq_axis(g.nodes[n]["type"]) is not None and (readers[n] or n in outputs)
+                        and all(r in tail for r in readers[n])):
+                    tail.add(n)
+            split = [m for grp in groups if 0 < len(tail & set(grp.members)) < len(grp.members) for m in grp.members]
+            if not split:
+                return frozenset(tail)
+            excluded.update(split)
 
     def _own_module(self, node: str) -> nn.Module:
         """A new module for `node`, built from its spec as the graph built its own.
@@ -249,28 +289,45 @@ class Program:
         return state
 
     # ------------------------------------------------------------------ running
-    def _run_nodes(self, nodes: list[str], env: dict, state: dict, new_state: dict, mode: str) -> None:
+    def _read(self, env: dict, src: str, node: str, last_only: bool) -> mx.array:
+        """The value `node` reads from `src`: its last position when `node` runs on that alone."""
+        x = env[src]
+        if last_only and node in self.tail and src not in self.tail:
+            axis = seq_axis(self._types[src])
+            if axis is not None:
+                return last_position(x, axis)
+        return x
+
+    def _run_nodes(self, nodes: list[str], env: dict, state: dict, new_state: dict, mode: str,
+                   last_only: bool = False) -> None:
         for n in nodes:
             group = self._group_of.get(n)
             if group is not None:  # a fused group runs at its first member and yields every member's output
                 if n == group.members[0]:
-                    env.update(zip(group.members, self._fused[n](env[group.source])))
+                    env.update(zip(group.members, self._fused[n](self._read(env, group.source, n, last_only))))
                 continue
-            xs = [env[s] for s in self.reads[n]]
+            xs = [self._read(env, s, n, last_only) for s in self.reads[n]]
             if n in self.stateful:
                 env[n], new_state[n] = self.fns[n](*xs, state=None if mode == "parallel" else state[n], mode=mode)
             else:
                 env[n] = self.fns[n](*xs)
 
-    def _stage_fn(self, stage: Stage, mode: str, inputs: dict, state: dict) -> tuple[dict, dict]:
+    def _stage_fn(self, stage: Stage, mode: str, last_only: bool, inputs: dict, state: dict) -> tuple[dict, dict]:
         env, new_state = dict(inputs), {}
-        self._run_nodes(stage.nodes, env, state, new_state, mode)
+        self._run_nodes(stage.nodes, env, state, new_state, mode, last_only)
         return {n: env[n] for n in stage.writes}, new_state
 
-    def _program_fn(self, mode: str, inputs: dict, state: dict) -> tuple[dict, dict]:
+    def _outputs(self, env: dict, last_only: bool) -> dict[str, mx.array]:
+        out = {}
+        for k, v in self.graph.outputs.items():
+            axis = seq_axis(self._types[v])
+            out[k] = last_position(env[v], axis) if last_only and v not in self.tail and axis is not None else env[v]
+        return out
+
+    def _program_fn(self, mode: str, last_only: bool, inputs: dict, state: dict) -> tuple[dict, dict]:
         env, new_state = dict(inputs), {}
-        self._run_nodes(self.nodes, env, state, new_state, mode)
-        return {k: env[v] for k, v in self.graph.outputs.items()}, new_state
+        self._run_nodes(self.nodes, env, state, new_state, mode, last_only)
+        return self._outputs(env, last_only), new_state
 
     def _fn(self, key: Any, fn: Callable) -> Callable:
         if key not in self._compiled:
@@ -344,10 +401,12 @@ class Program:
         self._run_nodes(self.nodes, env, state, {}, mode)
         return {n: env[n] for n in self.nodes}
 
-    def __call__(self, inputs: Any, state: dict | None = None, mode: Mode = "auto") -> tuple[dict, dict]:
+    def __call__(self, inputs: Any, state: dict | None = None, mode: Mode = "auto",
+                 last_only: bool = False) -> tuple[dict, dict]:
         """Run the program on `inputs` ({name: array} or one array) from `state` (None = zeros).
 
-        Returns (outputs {name: array}, new_state). Nothing is evaluated: MLX stays lazy.
+        Returns (outputs {name: array}, new_state). Nothing is evaluated: MLX stays lazy. With
+        `last_only`, each output that has a sequence dim holds its last position only (size 1 there).
         """
         inputs = self._check_inputs(inputs)
         if state is None:
@@ -357,15 +416,15 @@ class Program:
                 state[n].keys() != names for n, names in self._state_keys.items()):
             check_state(self.graph, state)  # explains what is wrong
         if self.compile_mode != "stage":
-            fn = self._compiled.get(mode)
+            fn = self._compiled.get((mode, last_only))
             if fn is None:
-                fn = self._fn(mode, partial(self._program_fn, mode))
+                fn = self._fn((mode, last_only), partial(self._program_fn, mode, last_only))
             return fn(inputs, state)
         env = dict(inputs)
         new_state: dict = {}
         for stage in self.stages:
-            fn = self._fn((stage.name, mode), partial(self._stage_fn, stage, mode))
+            fn = self._fn((stage.name, mode, last_only), partial(self._stage_fn, stage, mode, last_only))
             outs, st = fn({k: env[k] for k in stage.reads}, {n: state[n] for n in stage.nodes if n in self.stateful})
             env.update(outs)
             new_state.update(st)
-        return {k: env[v] for k, v in self.graph.outputs.items()}, new_state
+        return self._outputs(env, last_only), new_state

@@ -290,3 +290,63 @@ def test_tied_lm_head_uses_the_embedding_weight(tiny_graph):
     out, _ = q(ids)
     tr = q.trace(ids)
     np.testing.assert_allclose(np_(out["logits"]), np_(tr["out_norm"] @ E2.T), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------- last_only
+XLSTM_TINY = ROOT / "topologies" / "xlstm-tiny.yaml"
+V1_TINY = ROOT / "topologies" / "xlstm-v1-tiny.yaml"
+
+
+def test_last_only_runs_the_positionwise_tail_on_the_last_position(rec_graph):
+    p = Program(rec_graph)
+    # the last layer's mix/out and the head read only positionwise nodes; every acc reads all positions
+    assert p.tail == {"layers.1.mix", "layers.1.out", "out_norm", "lm_head"}
+    ids = tokens(2, 9, 32, seed=5)
+    full, full_state = p(ids)
+    last, state = p(ids, last_only=True)
+    assert last["logits"].shape == (2, 1, 32)
+    np.testing.assert_allclose(np_(last["logits"]), np_(full["logits"][:, -1:]), rtol=1e-6, atol=1e-6)
+    for n in full_state:
+        np.testing.assert_array_equal(np_(state[n]["s"]), np_(full_state[n]["s"]))
+
+
+@pytest.mark.parametrize("topology", [XLSTM_TINY, V1_TINY], ids=["xlstm-7b-family", "xlstm-v1"])
+@pytest.mark.parametrize("fuse", [False, True])
+@pytest.mark.parametrize("compile", ["program", "stage", "none"])
+def test_last_only_equals_the_last_position_of_a_full_call(topology, fuse, compile):
+    p = Program(build_graph(load_topology(topology)), compile=compile, fuse=fuse)
+    lm = LanguageModel(p)
+    ids = tokens(2, 37, lm.vocab_size, seed=1)
+    full, full_state = lm(ids)
+    last, state = lm(ids, last_only=True)
+    assert last.shape == (2, 1, lm.vocab_size) and p.tail
+    np.testing.assert_allclose(np_(last), np_(full[:, -1:]), rtol=1e-6, atol=1e-6)
+    for n in full_state:
+        for k in full_state[n]:
+            np.testing.assert_array_equal(np_(state[n][k]), np_(full_state[n][k]))
+    # reading a prompt: only the last position goes through the head
+    logits, pre_state = lm.prefill(ids, step_size=16)
+    np.testing.assert_allclose(np_(logits), np_(full[:, -1]), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_group_members_are_in_the_tail_together():
+    # the last block's ogate_preact reads the same norm as q, k, v and the gates (which feed the cell):
+    # unfused it runs on the last position only, fused it runs with its group on every position
+    g = build_graph(load_topology(XLSTM_TINY))
+    og = "backbone.blocks.1.mlstm_layer.ogate_preact"
+    assert og in Program(g, fuse=False).tail
+    fused = Program(build_graph(load_topology(XLSTM_TINY)), fuse=True)
+    assert any(og in grp.members for grp in fused.fusion_groups) and og not in fused.tail
+    assert "lm_head" in fused.tail
+
+
+def test_last_only_of_an_output_outside_the_tail(rec_graph, tmp_path):
+    # an output read straight from a recurrent node is sliced at the end
+    path = tmp_path / "rec2.yaml"
+    path.write_text(RECURRENT.replace("outputs: {logits: lm_head}", "outputs: {logits: lm_head, acc: layers.1.acc}"))
+    p = Program(build_graph(load_topology(path)))
+    ids = tokens(2, 9, 32, seed=2)
+    full, _ = p(ids)
+    last, _ = p(ids, last_only=True)
+    assert last["acc"].shape[1] == 1
+    np.testing.assert_array_equal(np_(last["acc"]), np_(full["acc"][:, -1:]))
