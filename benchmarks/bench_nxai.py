@@ -152,7 +152,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prompt_mx, long_mx = mx.array(prompt.numpy()).astype(mx.int32), mx.array(long.numpy()).astype(mx.int32)
 
     # ---------------------------------------------------------------- prompt states (shared by all trials)
-    mad_decode, mad_prefill, _ = mad_timers(lm, prompt_mx, long_mx, a.steps)
+    mad_decode, mad_prefill, _, _ = mad_timers(lm, prompt_mx, long_mx, a.steps)
     with torch.no_grad():
         nx_state = None
         for t in range(a.prompt):

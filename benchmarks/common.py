@@ -52,10 +52,13 @@ def timed(fn: Callable, trials: int) -> tuple[object, list[float]]:
     return out, times
 
 
-def mad_timers(lm, prompt, long, steps: int) -> tuple[Callable[[], float], Callable[[], float], float]:
+def mad_timers(lm, prompt, long, steps: int) -> tuple[Callable[[], float], Callable[[], float], Callable[[], float],
+                                                      float]:
     """MAD's side of the comparison scripts (bench_hf, bench_nxai): the prompt's state, computed once and
-    timed; then a decode timer (`steps` greedy steps from that state, each evaluated) and a prefill timer
-    (`long` in one call). Returns (decode, prefill, prompt seconds); the timers return their seconds."""
+    timed; then a decode timer (`steps` greedy steps from that state, each evaluated), a prefill timer
+    (`long` in one call, logits at every position) and a prompt timer (`long` read as generation reads a
+    prompt, `lm.prefill`: the state and the last position's logits). Returns (decode, prefill, prompt,
+    prompt seconds); the timers return their seconds."""
     import mlx.core as mx
 
     t0 = time.perf_counter()
@@ -78,7 +81,12 @@ def mad_timers(lm, prompt, long, steps: int) -> tuple[Callable[[], float], Calla
         mx.eval(lm(long))
         return time.perf_counter() - t
 
-    return decode, prefill, t_prompt
+    def read_prompt() -> float:
+        t = time.perf_counter()
+        mx.eval(lm.prefill(long))
+        return time.perf_counter() - t
+
+    return decode, prefill, read_prompt, t_prompt
 
 
 def write_json(results: dict, dest: str | None) -> None:

@@ -8,14 +8,15 @@ from typing import Callable, Literal, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.kernels import linear_device  # noqa: F401  (registers the device variant)
+from mad.kernels import activations, linear_device  # noqa: F401  (register the kernels and variants)
 from mad.kernels.registry import dispatch
 from mad.block import (Block, Dim, OptDim, ShapeError, TensorType, expect_float, expect_last, register, same_types,
                        with_last)
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
-    "sigmoid": mx.sigmoid,
-    "silu": nn.silu,
+    # kernels: the function is picked for the device when the model is traced (kernels/activations.py)
+    "sigmoid": lambda x: dispatch("sigmoid")(x),
+    "silu": lambda x: dispatch("silu")(x),
     "gelu": nn.gelu,
     "gelu_tanh": nn.gelu_approx,
     "relu": nn.relu,

@@ -1,12 +1,13 @@
 """Kernel registry: every device kernel next to the pure-MLX reference it is tested against.
 
-A kernel is registered under a name with its reference function; device variants register for a
-backend ("cuda" or "metal") with the same call signature. `dispatch(name)` returns the function to
-call, chosen when a model is traced (never per step at run time):
+A kernel is registered under a name with its reference function; variants register for a backend
+("cuda", "metal", or "cpu" for MLX's CPU device) with the same call signature. `dispatch(name)`
+returns the function to call, chosen when a model is traced (never per step at run time):
 
     policy "reference"  -> the reference, always (environment: MAD_KERNELS=reference)
-    policy "auto"       -> the variant of the backend that runs the default device when it is a
-                           GPU (mx.cuda.is_available() / mx.metal.is_available()), else the reference
+    policy "auto"       -> the variant of the backend that runs the default device (a GPU's
+                           mx.cuda.is_available() / mx.metal.is_available(), or "cpu"), else the
+                           reference
 
     from mad.kernels.registry import dispatch, use_reference
     step = dispatch("mlstm_step")             # same signature as kernels.mlstm.mlstm_step
@@ -31,7 +32,8 @@ import mlx.core as mx
 __all__ = ["Unsupported", "register_kernel", "register_variant", "register_device_kernel", "dispatch", "backend", "use_reference",
            "set_policy", "policy", "kernels"]
 
-BACKENDS = ("cuda", "metal")
+GPU_BACKENDS = ("cuda", "metal")
+BACKENDS = (*GPU_BACKENDS, "cpu")
 
 
 class Unsupported(Exception):
@@ -56,16 +58,16 @@ def register_kernel(name: str, reference: Callable) -> Kernel:
 
 
 def register_variant(name: str, backend_name: str, fn: Callable) -> None:
-    """Register a device variant of kernel `name` for backend "cuda" or "metal"."""
+    """Register a variant of kernel `name` for backend "cuda", "metal" or "cpu"."""
     if backend_name not in BACKENDS:
         raise ValueError(f"unknown backend {backend_name!r}; expected one of {BACKENDS}")
     _KERNELS[name].variants[backend_name] = fn
 
 
 def register_device_kernel(name: str, fn: Callable) -> None:
-    """Register `fn(..., backend=...)` as the variant of kernel `name` on every backend (the CUDA and
-    Metal builds of one kernel body)."""
-    for backend_name in BACKENDS:
+    """Register `fn(..., backend=...)` as the variant of kernel `name` on every GPU backend (the CUDA
+    and Metal builds of one kernel body)."""
+    for backend_name in GPU_BACKENDS:
         register_variant(name, backend_name, functools.partial(fn, backend=backend_name))
 
 
@@ -100,9 +102,9 @@ def use_reference(on: bool = True) -> Iterator[None]:
 
 
 def backend() -> Optional[str]:
-    """The device-kernel backend of the default device: "cuda", "metal", or None (CPU)."""
+    """The kernel backend of the default device: "cuda", "metal", "cpu", or None (a GPU of neither)."""
     if mx.default_device() != mx.gpu:
-        return None
+        return "cpu"
     if mx.cuda.is_available():
         return "cuda"
     if mx.metal.is_available():

@@ -12,6 +12,8 @@ The reference BLAS sums every dot product in one order; tests/test_blas.py runs 
 `on_cpu` / `on_cpu_module`: run a test (a module) on the CPU device on every machine, for checks whose
 bound is tighter than the spread between float32 evaluation orders on their inputs (each user says why);
 the GPU paths are held to the CPU on well-conditioned inputs in tests/test_kernels.py.
+`reference_kernels_module`: run a module with the kernels' pure-MLX references, for the same reason (the
+CPU variants, kernels/activations.py, are held to them in tests/test_kernels.py).
 """
 
 import os
@@ -35,3 +37,12 @@ def _cpu_default_device():
 
 on_cpu = pytest.fixture(_cpu_default_device, name="on_cpu")
 on_cpu_module = pytest.fixture(_cpu_default_device, scope="module", name="on_cpu_module")
+
+
+@pytest.fixture(scope="module")
+def reference_kernels_module():
+    """Run a module with every kernel's pure-MLX reference (the definition), not a device's variant."""
+    from mad.kernels.registry import use_reference
+
+    with use_reference():
+        yield

@@ -9,18 +9,25 @@ poisoned (NaN) before the launch so that an unwritten element fails.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from test_mlstm_kernels import assert_h_close, assert_state_close, reference, to_np
 
+import mad
+from mad.generate import LanguageModel
 from mad.kernels import registry
+from mad.kernels.activations import exp_poly, sigmoid_cpu, silu_cpu
 from mad.kernels.device import CUDA_PREAMBLE, METAL_HEADER, METAL_PREAMBLE, kernel_source
 from mad.kernels.mlstm import chunk_recurrence, mlstm_sequence, mlstm_step
 from mad.kernels.linear import linear
 from mad.kernels.linear_device import linear_device
 from mad.kernels.mlstm_device import STEP_BODY, chunk_recurrence_device, mlstm_step_device
+
+ROOT = Path(__file__).resolve().parents[1]
 
 GPU = "cuda" if mx.cuda.is_available() else ("metal" if mx.metal.is_available() else None)
 needs_gpu = pytest.mark.skipif(GPU is None, reason="needs MLX with a CUDA or Metal GPU")
@@ -73,15 +80,62 @@ def test_reference_is_forced_by_context_and_environment(fake_kernel, monkeypatch
         registry.set_policy("fast")
 
 
-def test_cpu_gets_the_reference():
+def test_cpu_gets_the_reference_or_its_cpu_variant():
     with mx.stream(mx.cpu):
         saved = mx.default_device()
         mx.set_default_device(mx.cpu)
         try:
-            assert registry.backend() is None
-            assert registry.dispatch("mlstm_step") is mlstm_step
+            assert registry.backend() == "cpu"
+            assert registry.dispatch("mlstm_step") is mlstm_step  # no CPU variant
+            assert registry.dispatch("silu").__name__ == "silu[cpu]"
+            with registry.use_reference():
+                assert registry.dispatch("silu") is nn.silu
         finally:
             mx.set_default_device(saved)
+
+
+# ----------------------------------------------------------------------------------------- CPU activations
+def test_exp_poly_is_mlx_exp_within_one_ulp(on_cpu):
+    x = mx.concatenate([mx.random.normal((1 << 16,), key=mx.random.key(s)) * scale
+                        for s, scale in enumerate((1e-3, 1.0, 8.0, 30.0))] + [mx.array([0.0, -87.0, 88.0, 1.0])])
+    got, want = np.array(exp_poly(x)), np.array(mx.exp(x))
+    finite = np.isfinite(want)
+    assert np.array_equal(got[~finite], want[~finite])  # inf above 88, as MLX's
+    ulp = np.spacing(np.abs(want[finite]))
+    assert np.all(np.abs(got[finite] - want[finite]) <= ulp), np.max(np.abs(got[finite] - want[finite]) / ulp)
+    assert np.array(exp_poly(mx.array([-200.0, 200.0, np.nan]))).tolist()[:2] == [0.0, np.inf]
+    assert np.isnan(np.array(exp_poly(mx.array([np.nan])))).all()
+
+
+@pytest.mark.parametrize("name, variant, reference", [("sigmoid", sigmoid_cpu, mx.sigmoid), ("silu", silu_cpu, nn.silu)])
+def test_cpu_activations_equal_mlx_within_float32_rounding(name, variant, reference, on_cpu):
+    x = mx.concatenate([mx.random.normal((1 << 16,), key=mx.random.key(7)) * scale for scale in (0.01, 1.0, 6.0, 40.0)])
+    got, want = np.array(mx.compile(variant)(x), dtype=np.float64), np.array(reference(x), dtype=np.float64)
+    # a few ulp (exp within 1, then 1 + e and the division), or below the smallest normal float32
+    assert np.all(np.abs(got - want) <= 4 * 2.0 ** -23 * np.abs(want) + np.finfo(np.float32).tiny)
+    # other dtypes go to the reference
+    xb = x.astype(mx.bfloat16)
+    with mx.stream(mx.cpu):
+        saved = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        try:
+            out = registry.dispatch(name)(xb)
+        finally:
+            mx.set_default_device(saved)
+    assert out.dtype == mx.bfloat16 and mx.array_equal(out, reference(xb))
+
+
+def test_cpu_variants_leave_a_model_unchanged_within_float32(on_cpu):
+    """The CPU variants against the references on a well-conditioned model (xlstm-tiny, its own init)."""
+    lm = LanguageModel(mad.build(ROOT / "topologies" / "xlstm-tiny.yaml"))
+    ids = mx.array(np.random.default_rng(0).integers(0, lm.vocab_size, (2, 37)), dtype=mx.int32)
+    with registry.use_reference():
+        want, _ = LanguageModel(lm.program)(ids)
+    fresh = LanguageModel(mad.Program(lm.program.graph))  # traced anew, with the CPU variants
+    fresh.program.load_weights(lm.program.parameters())
+    got, _ = fresh(ids)
+    assert registry.dispatch("silu").__name__ == "silu[cpu]"
+    np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=1e-5 * float(mx.abs(want).max()))
 
 
 def test_every_kernel_has_a_reference_and_known_backends():

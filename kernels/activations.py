@@ -1,0 +1,65 @@
+"""Sigmoid and SiLU (kernels "sigmoid", "silu"), with a CPU variant built from arithmetic.
+
+MLX's CPU `exp` (behind `mx.sigmoid` and `nn.silu`) costs about 26 ns per float32 element in the Linux
+wheel, whose kernels are built for the baseline x86-64 (its polynomial's `floor` and `fma` become library
+calls), while a compiled chain of multiplies and adds runs at about 0.5 ns per operation. In a feed-forward
+of the xLSTM-7B family that made the SiLU cost a third as much as the matrix products around it.
+
+`exp_poly` is MLX's own float32 exp (`mlx/backend/common/simd/math.h`: x log2(e) split into an integer n
+and a fraction f in [-1/2, 1/2], Cephes' degree-6 polynomial for 2^f, 2^n put into the exponent bits),
+written in MLX operations that `mx.compile` fuses into one loop; n is rounded with the 1.5 * 2^23 trick
+(no `floor`). It is within 1 ulp of `mx.exp` (tests/test_kernels.py). The CPU variants take float32
+arrays and hand other dtypes to the reference.
+
+    x = mx.random.normal((2**21,)) * 4        # SiLU times an up-projection, compiled, 2-core Xeon:
+    nn.silu(x) * y                             # 23.8 ns per element
+    silu_cpu(x) * y                            #  7.4 ns per element, max relative error 5.7e-7 (both)
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import mlx.nn as nn
+
+from .registry import Unsupported, register_kernel, register_variant
+
+__all__ = ["exp_poly", "sigmoid_cpu", "silu_cpu"]
+
+_LOG2E = 1.4426950408889634
+_ROUND = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32 of magnitude < 2^22 to an integer
+_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
+              2.402264791363012e-1, 6.931472028550421e-1, 1.0)  # 2^f on [-1/2, 1/2], highest power first
+
+
+def exp_poly(x: mx.array) -> mx.array:
+    """exp(x) for float32 x, in arithmetic only (see the module's doc). As MLX's: 0 below -88, inf
+    above 88 (the exponent bits are built from the argument clipped to that range)."""
+    y = mx.clip(x, -88.0, 88.0) * _LOG2E
+    n = (y + _ROUND) - _ROUND
+    f = y - n
+    p = _EXP2_POLY[0]
+    for c in _EXP2_POLY[1:]:
+        p = p * f + c
+    two_n = mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)
+    return mx.where(x > 88.0, mx.inf, mx.where(x < -88.0, 0.0, p * two_n))
+
+
+def _float32(x: mx.array) -> None:
+    if x.dtype != mx.float32:
+        raise Unsupported(f"the CPU variant computes in float32, got {x.dtype}")
+
+
+def sigmoid_cpu(x: mx.array) -> mx.array:
+    _float32(x)
+    return 1.0 / (1.0 + exp_poly(-x))
+
+
+def silu_cpu(x: mx.array) -> mx.array:
+    _float32(x)
+    return x / (1.0 + exp_poly(-x))
+
+
+register_kernel("sigmoid", mx.sigmoid)
+register_variant("sigmoid", "cpu", sigmoid_cpu)
+register_kernel("silu", nn.silu)
+register_variant("silu", "cpu", silu_cpu)
