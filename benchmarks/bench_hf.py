@@ -13,8 +13,9 @@ Timed, interleaving MAD and HF trials in one process (batch 1, torch.no_grad, de
             also reads the same tokens as a prompt (`lm.prefill`: the state and the last position's
             logits, row MAD*), which is how `mad run` reads one; HF's generate() has only the full forward
 Every MAD step/forward ends with `mx.eval`; PyTorch on CPU is synchronous. Figures are medians, trials
-interleaved with a pause before each (benchmarks/common.py). MAD uses the CPU BLAS `import mad` picked
-(mad/blas.py; printed), PyTorch its own MKL.
+interleaved with a pause before each (benchmarks/common.py). The timed MAD model runs in a process of
+its own (benchmarks/mad_worker.py says why), with the CPU BLAS `import mad` picks there (mad/blas.py;
+printed; MAD_BLAS is passed on); PyTorch uses its own MKL.
 
 Run with an environment that has torch, transformers and (optionally) xlstm, e.g.
 
@@ -28,19 +29,21 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import platform
 import sys
 import tempfile
 import time
 from typing import Optional
 
-import torch  # first: PyTorch keeps its own MKL (mad would otherwise serve its BLAS calls too)
-import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
-import mlx.core as mx
+from common import WORKER_BLAS, MadProcess, interleave, throughput, write_json  # noqa: I001 (reads MAD_BLAS first)
 
-from mad.loading import load
+os.environ["MAD_BLAS"] = "mlx"  # here MAD only checks agreement; the timed MAD runs in its own process
+import torch  # noqa: E402
+import mad  # noqa: E402
+import mlx.core as mx  # noqa: E402
 
-from common import interleave, mad_timers, throughput, write_json
+from mad.loading import load  # noqa: E402
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_heads=4, vocab_size=50304)
 WARM_FULL_S = 10.0  # warm up at the timed length when one run is estimated to take less than this
@@ -117,6 +120,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="mad-bench-hf-") as folder:
         hf.save_pretrained(folder)
         lm, _ = load(folder)
+        return run(a, log, t_start, hf, info, lm, folder)
+
+
+def run(a, log, t_start, hf, info, lm, folder) -> dict:
     n_params = sum(p.numel() for p in hf.parameters())
     print(f"xLSTM {n_params / 1e6:.1f}M parameters ({', '.join(f'{k}={v}' for k, v in CONFIG.items())}), float32, "
           f"batch 1", file=log)
@@ -124,9 +131,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"{'external xlstm package path' if info['external_xlstm'] else 'built-in path (no xlstm package)'} "
           f"(chunkwise '{info['chunkwise_kernel']}', step '{info['step_kernel']}'), torch threads "
           f"{info['torch_threads']}", file=log)
-    print(f"MAD: mlx {mx.__version__} on {mx.default_device()} (CPU BLAS: {mad.blas.LOADED or 'bundled with MLX'}), "
-          f"{lm.program.graph.name} topology, "
-          f"compile '{lm.program.compile_mode}'", file=log)
 
     check = check_same(hf, lm, CONFIG["vocab_size"], a.seed)
     print(f"logits agree: max |diff| prefill {check['prefill_logits']:.2e}, decode {check['decode_logits']:.2e} "
@@ -135,10 +139,14 @@ def main(argv: Optional[list[str]] = None) -> dict:
     gen = torch.Generator().manual_seed(a.seed + 1)
     prompt = torch.randint(0, CONFIG["vocab_size"], (1, a.prompt), generator=gen)
     long = torch.randint(0, CONFIG["vocab_size"], (1, a.prefill), generator=gen)
-    prompt_mx, long_mx = mx.array(prompt.numpy()).astype(mx.int32), mx.array(long.numpy()).astype(mx.int32)
 
     # ---------------------------------------------------------------- prompt states (shared by all trials)
-    mad_decode, mad_prefill, mad_prompt, t_prompt_mad = mad_timers(lm, prompt_mx, long_mx, a.steps)
+    worker = MadProcess(folder, prompt.numpy(), long.numpy(), a.steps)
+    mad_decode, mad_prefill, mad_prompt = (worker.timer(c) for c in ("decode", "prefill", "prompt"))
+    t_prompt_mad = worker.t_prompt
+    print(f"MAD: mlx {mx.__version__} on {mx.default_device()}, timed in its own process (CPU BLAS: "
+          f"{worker.blas or 'bundled with MLX'}; MAD_BLAS={WORKER_BLAS}), {lm.program.graph.name} topology, "
+          f"compile '{lm.program.compile_mode}'", file=log)
     with torch.no_grad():
         t0 = time.perf_counter()
         logits_hf, hf_cache = hf_forward(hf, prompt)
@@ -179,8 +187,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
             if name == "mad":
                 mad_prompt()
             warm[name] = "one full-length run"
-        elif name == "mad":  # trace and compile the full-length graph without running it; the evaluated
-            lm(long_mx)      # prompt run above already built the same kernels (chunkwise path)
+        elif name == "mad":      # trace and compile the full-length graph without running it; the evaluated
+            worker.ask("trace")  # prompt run above already built the same kernels (chunkwise path)
             warm[name] = f"full-length trace (not evaluated) + the evaluated {a.prompt}-token prompt run"
         else:
             hf_forward(hf, long[:, : a.prompt])
@@ -189,7 +197,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     prefill_times = interleave({"mad": mad_prefill, "mad-prompt": mad_prompt, "hf": hf_prefill}, n_prefill)
 
     results = {"config": CONFIG, "params": n_params, "dtype": "float32", "hf": info, "mlx": mx.__version__,
-               "mlx_device": str(mx.default_device()), "cpu_blas": mad.blas.LOADED, "machine": platform.machine(), "processor": platform.processor(),
+               "mlx_device": str(mx.default_device()), "cpu_blas": worker.blas, "machine": platform.machine(), "processor": platform.processor(),
                "check": check, "prefill_warmup": warm, "benchmarks": {}}
     rows = []
     for bench, times, tokens in ((f"decode (after {a.prompt})", decode_times, a.steps),
@@ -219,6 +227,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           "runs the full forward)", file=log)
     print(f"(decode: {a.steps} greedy steps per trial; prefill warm-up: MAD {warm['mad']}, HF {warm['hf']}; "
           f"total {results['runtime_s']:.0f} s)", file=log)
+    worker.close()
     write_json(results, a.json)
     return results
 

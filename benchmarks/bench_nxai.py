@@ -15,7 +15,9 @@ Timed, interleaving MAD and NX-AI trials in one process (torch.no_grad, default 
   sLSTM     the recurrence alone, one layer's shapes (B 1, 4 heads of 192), `--prefill` steps: MAD's
             `mad.kernels.slstm.slstm_sequence` (a loop over one compiled step) against NX-AI's vanilla
             `slstm_forward` (a Python loop of torch ops), same inputs
-Every MAD call ends with `mx.eval`; PyTorch on CPU is synchronous. Figures are medians.
+Every MAD call ends with `mx.eval`; PyTorch on CPU is synchronous. Figures are medians of interleaved
+trials. The timed MAD model runs in a process of its own (benchmarks/mad_worker.py says why), with the
+CPU BLAS `import mad` picks there (mad/blas.py; printed; MAD_BLAS is passed on).
 
     /tmp/ref/bin/python benchmarks/bench_nxai.py [--trials 3] [--steps 16] [--prefill 256] [--json [PATH]]
 """
@@ -24,6 +26,8 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
+import os
 import platform
 import sys
 import tempfile
@@ -31,14 +35,15 @@ import time
 from pathlib import Path
 from typing import Optional
 
-import torch  # first: PyTorch keeps its own MKL (mad would otherwise serve its BLAS calls too)
-import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
-import mlx.core as mx
-import numpy as np
+from common import WORKER_BLAS, MadProcess, interleave, throughput, write_json  # noqa: I001 (reads MAD_BLAS first)
 
-from mad.loading import load
+os.environ["MAD_BLAS"] = "mlx"  # here MAD only checks agreement; the timed MAD runs in its own process
+import torch  # noqa: E402
+import mad  # noqa: E402
+import mlx.core as mx  # noqa: E402
+import numpy as np  # noqa: E402
 
-from common import interleave, mad_timers, throughput, write_json
+from mad.loading import load  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reference"))
 from make_nxai_fixtures import build_model, randomise_, state_dict  # noqa: E402
@@ -60,29 +65,26 @@ def clone_state(state):
     return state.clone() if isinstance(state, torch.Tensor) else state
 
 
-def slstm_only(steps: int, trials: int) -> dict:
-    """The sLSTM recurrence alone at the 125M layer shapes: MAD's kernel vs NX-AI's vanilla loop."""
-    from xlstm.blocks.slstm.src.vanilla import slstm_forward, slstm_pointwise_function_registry
-
-    from mad.kernels.slstm import slstm_sequence
-
+def slstm_inputs(steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The sLSTM layer's inputs at the 125M shapes (batch 1, 4 heads of 192): gate pre-activations in
+    NX-AI's layout (S, B, 4*H), gate-major; recurrent weights (NH, 4*DH, DH); bias (4*H,)."""
     B, NH, DH = 1, 4, 192
     H = NH * DH
     rng = np.random.default_rng(0)
-    wx = rng.normal(size=(steps, B, 4 * H)).astype(np.float32)       # NX-AI input layout (S, B, 4*H), gate-major
+    wx = rng.normal(size=(steps, B, 4 * H)).astype(np.float32)
     R = (rng.normal(size=(NH, 4 * DH, DH)) * 0.05).astype(np.float32)
     b = rng.normal(size=(4 * H,)).astype(np.float32)
-    gates = [mx.array(g) for g in wx.reshape(steps, B, 4, NH, DH).transpose(2, 1, 3, 0, 4)]
-    R_mx, b_mx = mx.array(R), mx.array(b)
+    return wx, R, b
+
+
+def slstm_only(worker: MadProcess, steps: int, trials: int) -> dict:
+    """The sLSTM recurrence alone: MAD's kernel (in the worker) vs NX-AI's vanilla loop."""
+    from xlstm.blocks.slstm.src.vanilla import slstm_forward, slstm_pointwise_function_registry
+
+    wx, R, b = slstm_inputs(steps)
+    B, H = wx.shape[1], wx.shape[2] // 4
     wx_t, R_t, b_t = torch.tensor(wx), torch.tensor(R), torch.tensor(b)
     fn = slstm_pointwise_function_registry["slstm"]
-    mx.eval(gates, R_mx, b_mx)
-
-    def mad() -> float:
-        t = time.perf_counter()
-        h, s = slstm_sequence(*gates, R_mx, b_mx)
-        mx.eval(h, s)
-        return time.perf_counter() - t
 
     def nxai() -> float:
         with torch.no_grad():
@@ -90,12 +92,13 @@ def slstm_only(steps: int, trials: int) -> dict:
             slstm_forward(wx_t, torch.zeros(4, B, H), R_t, b_t, fn)
             return time.perf_counter() - t
 
-    h, _ = slstm_sequence(*gates, R_mx, b_mx)
     with torch.no_grad():
         ref = slstm_forward(wx_t, torch.zeros(4, B, H), R_t, b_t, fn)[0][0, 1:]
-    diff = float(np.abs(np.array(h).transpose(2, 0, 1, 3).reshape(steps, B, H) - ref.numpy()).max())
-    interleave({"mad": mad, "nxai": nxai}, 1)
-    return {"times": interleave({"mad": mad, "nxai": nxai}, trials), "max_abs_diff_h": diff}
+    np.save(worker.folder / "slstm_ref.npy", ref.numpy())
+    diff = json.loads(worker.ask(f"slstm-setup {steps}"))["max_abs_diff_h"]
+    timers = {"mad": worker.timer("slstm"), "nxai": nxai}
+    interleave(timers, 1)
+    return {"times": interleave(timers, trials), "max_abs_diff_h": diff}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -121,6 +124,10 @@ def main(argv: Optional[list[str]] = None) -> dict:
         Path(folder, "config.yaml").write_text(yaml.safe_dump(cfg))
         save_file(state_dict(nx), str(Path(folder, "model.safetensors")))
         lm, _ = load(folder)
+        return run(a, log, t_start, cfg, nx, lm, folder)
+
+
+def run(a, log, t_start, cfg, nx, lm, folder) -> dict:
     n_params = sum(p.numel() for p in nx.parameters())
     import xlstm
 
@@ -128,9 +135,6 @@ def main(argv: Optional[list[str]] = None) -> dict:
           f"float32, batch 1", file=log)
     print(f"NX-AI: xlstm {xlstm.__version__}, torch {torch.__version__}, sLSTM backend vanilla, torch threads "
           f"{torch.get_num_threads()}", file=log)
-    print(f"MAD: mlx {mx.__version__} on {mx.default_device()} (CPU BLAS: {mad.blas.LOADED or 'bundled with MLX'}), "
-          f"{lm.program.graph.name} topology, "
-          f"compile '{lm.program.compile_mode}'", file=log)
 
     gen = torch.Generator().manual_seed(a.seed + 1)
     check_ids = torch.randint(0, cfg["vocab_size"], (1, 21), generator=gen)
@@ -149,10 +153,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     prompt = torch.randint(0, cfg["vocab_size"], (1, a.prompt), generator=gen)
     long = torch.randint(0, cfg["vocab_size"], (1, a.prefill), generator=gen)
-    prompt_mx, long_mx = mx.array(prompt.numpy()).astype(mx.int32), mx.array(long.numpy()).astype(mx.int32)
 
     # ---------------------------------------------------------------- prompt states (shared by all trials)
-    mad_decode, mad_prefill, _, _ = mad_timers(lm, prompt_mx, long_mx, a.steps)
+    worker = MadProcess(folder, prompt.numpy(), long.numpy(), a.steps)
+    mad_decode, mad_prefill = worker.timer("decode"), worker.timer("prefill")
+    print(f"MAD: mlx {mx.__version__} on {mx.default_device()}, timed in its own process (CPU BLAS: "
+          f"{worker.blas or 'bundled with MLX'}; MAD_BLAS={WORKER_BLAS}), {lm.program.graph.name} topology, "
+          f"compile '{lm.program.compile_mode}'", file=log)
     with torch.no_grad():
         nx_state = None
         for t in range(a.prompt):
@@ -185,11 +192,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     # compiles the program for this shape once: the first call at a new length pays that)
     prefill_times = interleave(prefill, a.trials)
 
-    slstm = slstm_only(a.prefill, a.trials)
+    slstm = slstm_only(worker, a.prefill, a.trials)
 
     results = {"config": cfg, "params": n_params, "dtype": "float32", "torch": torch.__version__,
                "xlstm": xlstm.__version__, "torch_threads": torch.get_num_threads(), "mlx": mx.__version__,
-               "mlx_device": str(mx.default_device()), "cpu_blas": mad.blas.LOADED, "machine": platform.machine(),
+               "mlx_device": str(mx.default_device()), "cpu_blas": worker.blas, "machine": platform.machine(),
                "processor": platform.processor(), "check": check, "benchmarks": {},
                "slstm_only_max_abs_diff_h": slstm["max_abs_diff_h"], "prefill_first_call_s": first}
     rows = []
@@ -215,6 +222,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     print(f"(first prefill call, untimed warm-up: MAD {first['mad']:.1f} s incl. trace and compile, NX-AI "
           f"{first['nxai']:.1f} s; sLSTM-only outputs agree to {slstm['max_abs_diff_h']:.1e}; total "
           f"{results['runtime_s']:.0f} s)", file=log)
+    worker.close()
     write_json(results, a.json)
     return results
 

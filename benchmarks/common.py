@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import statistics
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Callable
+
+# What the MAD worker process loads as its CPU BLAS (mad/blas.py): the caller's choice, read before a
+# comparison script sets MAD_BLAS=mlx for itself (it runs PyTorch; MAD there only checks agreement).
+WORKER_BLAS = os.environ.get("MAD_BLAS", "auto")
 
 
 PAUSE_S = 0.5  # between trials: OpenMP workers spin up to 200 ms (Intel's KMP_BLOCKTIME) after their last job
@@ -98,3 +105,43 @@ def write_json(results: dict, dest: str | None) -> None:
         print(text)
     else:
         Path(dest).write_text(text + "\n")
+
+
+class MadProcess:
+    """MAD's timers (`mad_timers`) served by a child process, `mad_worker.py` (which says why).
+
+    Writes the token arrays next to the checkpoint in `folder`, starts the worker with MAD_BLAS set to
+    the caller's choice and waits until it has read the prompt. `timer(command)` returns a function that
+    asks the worker to run one trial and returns the seconds it measured.
+    """
+
+    def __init__(self, folder: str | Path, prompt, long, steps: int):
+        import numpy as np
+
+        self.folder = Path(folder)
+        np.save(self.folder / "prompt.npy", np.asarray(prompt, dtype=np.int32))
+        np.save(self.folder / "long.npy", np.asarray(long, dtype=np.int32))
+        env = dict(os.environ, MAD_BLAS=WORKER_BLAS)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("mad_worker.py")), str(folder),
+                                      str(steps)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                                     cwd=Path(__file__).parent)
+        ready = json.loads(self._line())
+        self.t_prompt, self.blas = ready["t_prompt"], ready["blas"]
+
+    def _line(self) -> str:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the MAD worker stopped (exit code {self.proc.wait()})")
+        return line
+
+    def ask(self, command: str) -> str:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        return self._line()
+
+    def timer(self, command: str) -> Callable[[], float]:
+        return lambda: float(self.ask(command))
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
