@@ -2,7 +2,9 @@
 
 A fresh tiny model with other sizes and seed than the golden fixture: weights re-randomised (HF's init
 zeroes the gates), saved with `save_pretrained`, loaded unchanged by MAD. MAD runs float32; HF runs the
-same weights in float64 (the reference math without float32 rounding, see test_xlstm_hf.py).
+same weights in float64 (the reference math without float32 rounding, see test_xlstm_hf.py). Like
+test_xlstm_hf.py these check the model's definition, so they run on the CPU device with the kernels'
+references and MLX's own BLAS (tests/conftest.py): this draw's cells amplify 1-ulp differences too.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
-pytestmark = pytest.mark.reference
+pytestmark = [pytest.mark.reference, pytest.mark.usefixtures("on_cpu_module", "reference_kernels_module")]
 
 sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from make_hf_fixtures import randomise_  # noqa: E402
