@@ -29,6 +29,7 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from . import activations  # noqa: F401  (registers the exp kernel)
 from .registry import dispatch, register_kernel
 
 State = Tuple[mx.array, mx.array, mx.array]
@@ -222,7 +223,9 @@ def chunk_outputs(
         C, n, m = state_in
         m_inter = b + m[..., None]                              # mi_j
         m_comb = mx.maximum(m_comb, m_inter)
-    D = mx.exp(log_D - m_comb[..., None])                       # (B, NH, NC, L, L), masked -> 0
+    # (B, NH, NC, L, L), masked -> 0; "exp": MLX's, or its polynomial in fused arithmetic on the CPU
+    # (kernels/activations.py), which clips arguments below -88, hence the mask applied again
+    D = mx.where(causal, dispatch("exp")(log_D - m_comb[..., None]), 0.0)
 
     q_hat = qc                                                  # scaled by the caller
     S = (q_hat @ kc.swapaxes(-1, -2)).astype(_F32) * D          # (q^_j . k_l) exp(logD_jl - m_j)

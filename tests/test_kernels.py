@@ -130,6 +130,21 @@ def test_cpu_activations_equal_mlx_within_float32_rounding(name, variant, refere
     assert out.dtype == mx.bfloat16 and mx.array_equal(out, reference(xb))
 
 
+def test_cpu_exp_kernel_is_exp_poly_for_float32_only(on_cpu):
+    x = mx.random.normal((4096,), key=mx.random.key(3)) * 10
+    with mx.stream(mx.cpu):
+        saved = mx.default_device()
+        mx.set_default_device(mx.cpu)
+        try:
+            exp = registry.dispatch("exp")
+            assert exp.__name__ == "exp[cpu]"
+            assert mx.array_equal(exp(x), exp_poly(x))
+            xb = x.astype(mx.bfloat16)
+            assert mx.array_equal(exp(xb), mx.exp(xb))
+        finally:
+            mx.set_default_device(saved)
+
+
 def test_cpu_variants_leave_a_model_unchanged_within_float32(on_cpu):
     """The CPU variants against the references on a well-conditioned model (xlstm-tiny, its own init)."""
     lm = LanguageModel(mad.build(ROOT / "topologies" / "xlstm-tiny.yaml"))
