@@ -18,8 +18,12 @@ the environment variable `MAD_BLAS`:
     a file path       that library, e.g. /usr/lib/x86_64-linux-gnu/libopenblas.so.0; it must export
                       `cblas_sgemm`
 
-`mad.blas.LOADED` is the path of the library in use (None for MLX's own), shown by `mad info` and the
-benchmarks. Elsewhere than Linux nothing is loaded: MLX uses Accelerate on macOS and cuBLAS on CUDA.
+`mad.blas.LOADED` is the path of the library in use (None for MLX's own), reported by `mad bench --json`
+and the benchmark scripts. Elsewhere than Linux nothing is loaded: MLX uses Accelerate on macOS and
+cuBLAS on CUDA.
+
+In a process that also runs PyTorch, MKL's OpenMP threads slow PyTorch's parallel work 2-4x once MKL has
+run (measured with NX-AI's xLSTM; benchmarks/mad_worker.py): such programs may prefer `MAD_BLAS=mlx`.
 """
 
 from __future__ import annotations
