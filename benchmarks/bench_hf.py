@@ -187,7 +187,7 @@ def run(a, log, t_start, hf, info, lm, folder) -> dict:
             if name == "mad":
                 mad_prompt()
             warm[name] = "one full-length run"
-        elif name == "mad":      # trace and compile the full-length graph without running it; the evaluated
+        elif name == "mad":      # trace and compile the full-length graphs without running them; the evaluated
             worker.ask("trace")  # prompt run above already built the same kernels (chunkwise path)
             warm[name] = f"full-length trace (not evaluated) + the evaluated {a.prompt}-token prompt run"
         else:

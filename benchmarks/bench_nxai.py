@@ -35,7 +35,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from common import WORKER_BLAS, MadProcess, interleave, throughput, write_json  # noqa: I001 (reads MAD_BLAS first)
+from common import (WORKER_BLAS, MadProcess, interleave, slstm_inputs, throughput,  # noqa: I001 (reads MAD_BLAS first)
+                    write_json)
 
 os.environ["MAD_BLAS"] = "mlx"  # here MAD only checks agreement; the timed MAD runs in its own process
 import torch  # noqa: E402
@@ -63,18 +64,6 @@ def clone_state(state):
     if isinstance(state, tuple):
         return tuple(clone_state(v) for v in state)
     return state.clone() if isinstance(state, torch.Tensor) else state
-
-
-def slstm_inputs(steps: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The sLSTM layer's inputs at the 125M shapes (batch 1, 4 heads of 192): gate pre-activations in
-    NX-AI's layout (S, B, 4*H), gate-major; recurrent weights (NH, 4*DH, DH); bias (4*H,)."""
-    B, NH, DH = 1, 4, 192
-    H = NH * DH
-    rng = np.random.default_rng(0)
-    wx = rng.normal(size=(steps, B, 4 * H)).astype(np.float32)
-    R = (rng.normal(size=(NH, 4 * DH, DH)) * 0.05).astype(np.float32)
-    b = rng.normal(size=(4 * H,)).astype(np.float32)
-    return wx, R, b
 
 
 def slstm_only(worker: MadProcess, steps: int, trials: int) -> dict:

@@ -59,41 +59,19 @@ def timed(fn: Callable, trials: int) -> tuple[object, list[float]]:
     return out, times
 
 
-def mad_timers(lm, prompt, long, steps: int) -> tuple[Callable[[], float], Callable[[], float], Callable[[], float],
-                                                      float]:
-    """MAD's side of the comparison scripts (bench_hf, bench_nxai): the prompt's state, computed once and
-    timed; then a decode timer (`steps` greedy steps from that state, each evaluated), a prefill timer
-    (`long` in one call, logits at every position) and a prompt timer (`long` read as generation reads a
-    prompt, `lm.prefill`: the state and the last position's logits). Returns (decode, prefill, prompt,
-    prompt seconds); the timers return their seconds."""
-    import mlx.core as mx
+def slstm_inputs(steps: int):
+    """bench_nxai's sLSTM layer inputs at the 125M shapes (batch 1, 4 heads of 192), for both of its
+    processes: gate pre-activations in NX-AI's layout (S, B, 4*H), gate-major; recurrent weights
+    (NH, 4*DH, DH); bias (4*H,)."""
+    import numpy as np
 
-    t0 = time.perf_counter()
-    logits, state0 = lm(prompt)
-    tok0 = mx.argmax(logits[:, -1], axis=-1)[:, None]
-    mx.eval(tok0, state0)
-    t_prompt = time.perf_counter() - t0
-
-    def decode() -> float:
-        tok, state = tok0, state0
-        t = time.perf_counter()
-        for _ in range(steps):
-            logits, state = lm(tok, state)
-            tok = mx.argmax(logits[:, -1], axis=-1)[:, None]
-            mx.eval(tok, state)
-        return time.perf_counter() - t
-
-    def prefill() -> float:
-        t = time.perf_counter()
-        mx.eval(lm(long))
-        return time.perf_counter() - t
-
-    def read_prompt() -> float:
-        t = time.perf_counter()
-        mx.eval(lm.prefill(long))
-        return time.perf_counter() - t
-
-    return decode, prefill, read_prompt, t_prompt
+    B, NH, DH = 1, 4, 192
+    H = NH * DH
+    rng = np.random.default_rng(0)
+    wx = rng.normal(size=(steps, B, 4 * H)).astype(np.float32)
+    R = (rng.normal(size=(NH, 4 * DH, DH)) * 0.05).astype(np.float32)
+    b = rng.normal(size=(4 * H,)).astype(np.float32)
+    return wx, R, b
 
 
 def write_json(results: dict, dest: str | None) -> None:
@@ -108,7 +86,7 @@ def write_json(results: dict, dest: str | None) -> None:
 
 
 class MadProcess:
-    """MAD's timers (`mad_timers`) served by a child process, `mad_worker.py` (which says why).
+    """MAD's timers served by a child process, `mad_worker.py` (which says why).
 
     Writes the token arrays next to the checkpoint in `folder`, starts the worker with MAD_BLAS set to
     the caller's choice and waits until it has read the prompt. `timer(command)` returns a function that

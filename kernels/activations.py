@@ -1,25 +1,26 @@
 """exp, sigmoid and SiLU (kernels "exp", "sigmoid", "silu"), with CPU variants built from arithmetic.
 
-MLX's CPU `exp` (behind `mx.sigmoid` and `nn.silu`) costs about 26 ns per float32 element in the Linux
-wheel, whose kernels are built for the baseline x86-64 (its polynomial's `floor` and `fma` become library
-calls), while a compiled chain of multiplies and adds runs at about 0.5 ns per operation. In a feed-forward
-of the xLSTM-7B family that made the SiLU cost a third as much as the matrix products around it.
+MLX's CPU `exp` (behind `mx.sigmoid` and `nn.silu`) is slow in the Linux wheel, whose kernels are built
+for the baseline x86-64 (its polynomial's `floor` and `fma` become library calls), while a compiled chain
+of multiplies and adds is cheap. In a feed-forward of the xLSTM-7B family the SiLU took 53-57 ms per
+1024-token block against 73-79 ms for all of the block's matrix products (benchmarks/cpu_parts.py).
 
 `exp_poly` is MLX's own float32 exp (`mlx/backend/common/simd/math.h`: x log2(e) split into an integer n
 and a fraction f in [-1/2, 1/2], Cephes' degree-6 polynomial for 2^f, 2^n put into the exponent bits),
-written in MLX operations that `mx.compile` fuses into one loop; n is rounded with the 1.5 * 2^23 trick
+written in MLX operations that `mx.compile` fuses; n is rounded with the 1.5 * 2^23 trick
 (no `floor`). It is within 1 ulp of `mx.exp` (tests/test_kernels.py). The CPU variants take float32
 arrays and hand other dtypes to the reference. The mLSTM cell's chunkwise form takes "exp" for its
-L x L decay matrix (kernels/mlstm.py; 24 -> 18 ms per 1024-token cell of the ~160M model).
+L x L decay matrix (kernels/mlstm.py).
 
 Not done: tanh (the soft-caps). A Cephes-style tanhf from `exp_poly` measured 26.7 against MLX's 40.3 ns
 per element, and its 1-2 ulp differences on the gates' soft-caps moved the HF fixture's ill-conditioned
 logits from 3.3e-4 to 6.1e-4 (tests/test_blas.py holds that path to 4e-4); the soft-cap's cost falls on
 all-position logits, which reading a prompt no longer computes (`last_only`).
 
-    x = mx.random.normal((2**21,)) * 4        # SiLU times an up-projection, compiled, 2-core Xeon:
-    nn.silu(x) * y                             # 23.8 ns per element
-    silu_cpu(x) * y                            #  7.4 ns per element, max relative error 5.7e-7 (both)
+    python benchmarks/cpu_parts.py          # 1024 tokens of the ~160M model, one block's parts, 2-core Xeon:
+      SiLU(gate) * up                auto  35.9-38.5 ms   reference  53.2-57.4 ms
+      sigmoid(o) * h (output gate)   auto   6.6-7.4 ms    reference  18.3-18.9 ms
+      mLSTM cell (chunk 64)          auto  16.6-21.6 ms   reference  19.9-25.3 ms
 """
 
 from __future__ import annotations

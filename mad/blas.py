@@ -1,7 +1,7 @@
 """A fast BLAS under MLX's CPU backend on Linux.
 
 The Linux `mlx[cpu]` wheel carries the reference (unoptimised) BLAS: a float32 1024 x 1024 matrix product
-runs at about 1.5 GFLOP/s on a 2-core Xeon where an optimised BLAS reaches 70-130. MLX's CPU matmul is a
+runs at 1.4-2.7 GFLOP/s on a 2-core Xeon where MKL reaches 115-155 (benchmarks/cpu_parts.py). MLX's CPU matmul is a
 call to `cblas_sgemm` (its linear algebra calls LAPACK's `sgetrf_` and the like), which the dynamic
 linker resolves when `mlx.core` is imported (Python loads extension modules with `RTLD_NOW`). A library
 loaded with `RTLD_GLOBAL` before that sits in the process's global symbol scope, which the linker searches
@@ -22,8 +22,8 @@ the environment variable `MAD_BLAS`:
 and the benchmark scripts. Elsewhere than Linux nothing is loaded: MLX uses Accelerate on macOS and
 cuBLAS on CUDA.
 
-In a process that also runs PyTorch, MKL's OpenMP threads slow PyTorch's parallel work 2-4x once MKL has
-run (measured with NX-AI's xLSTM; benchmarks/mad_worker.py): such programs may prefer `MAD_BLAS=mlx`.
+In a process that also runs PyTorch, PyTorch's work slows once MKL has run (NX-AI's xLSTM prefill 1.1-2.5x,
+benchmarks/probe_mkl_torch.py): such programs may prefer `MAD_BLAS=mlx`.
 """
 
 from __future__ import annotations

@@ -149,7 +149,6 @@ class Program:
         self.compile_mode = compile
         self._compiled: dict[Any, Callable] = {}
         self.tail = self._last_only_nodes(active)
-        self._types = {**graph.inputs, **{n: g.nodes[n]["type"] for n in self.nodes}}
 
     def _last_only_nodes(self, groups: list[FusionGroup]) -> frozenset[str]:
         """The nodes that `last_only` runs on the last position alone: positionwise, with a sequence
@@ -157,18 +156,14 @@ class Program:
         so they are in or out together."""
         g = self.graph.g
         outputs = set(self.graph.outputs.values())
-        readers: dict[str, list[str]] = {n: [] for n in self.nodes}
-        for n in self.nodes:
-            for src in self.reads[n]:
-                if src in readers:
-                    readers[src].append(n)
         excluded: set[str] = set()
         while True:
             tail: set[str] = set()
             for n in reversed(self.nodes):
+                readers = list(g.successors(n))
                 if (n not in excluded and g.nodes[n]["spec"].positionwise and n not in self.stateful
-                        and seq_axis(g.nodes[n]["type"]) is not None and (readers[n] or n in outputs)
-                        and all(r in tail for r in readers[n])):
+                        and seq_axis(g.nodes[n]["type"]) is not None and (readers or n in outputs)
+                        and all(r in tail for r in readers)):
                     tail.add(n)
             split = [m for grp in groups if 0 < len(tail & set(grp.members)) < len(grp.members) for m in grp.members]
             if not split:
@@ -293,7 +288,7 @@ class Program:
         """The value `node` reads from `src`: its last position when `node` runs on that alone."""
         x = env[src]
         if last_only and node in self.tail and src not in self.tail:
-            axis = seq_axis(self._types[src])
+            axis = seq_axis(self.graph.g.nodes[src]["type"])
             if axis is not None:
                 return last_position(x, axis)
         return x
@@ -320,7 +315,7 @@ class Program:
     def _outputs(self, env: dict, last_only: bool) -> dict[str, mx.array]:
         out = {}
         for k, v in self.graph.outputs.items():
-            axis = seq_axis(self._types[v])
+            axis = seq_axis(self.graph.g.nodes[v]["type"])
             out[k] = last_position(env[v], axis) if last_only and v not in self.tail and axis is not None else env[v]
         return out
 

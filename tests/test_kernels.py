@@ -120,29 +120,17 @@ def test_cpu_activations_equal_mlx_within_float32_rounding(name, variant, refere
     assert np.all(np.abs(got - want) <= 4 * 2.0 ** -23 * np.abs(want) + floor)
     # other dtypes go to the reference
     xb = x.astype(mx.bfloat16)
-    with mx.stream(mx.cpu):
-        saved = mx.default_device()
-        mx.set_default_device(mx.cpu)
-        try:
-            out = registry.dispatch(name)(xb)
-        finally:
-            mx.set_default_device(saved)
+    out = registry.dispatch(name)(xb)
     assert out.dtype == mx.bfloat16 and mx.array_equal(out, reference(xb))
 
 
 def test_cpu_exp_kernel_is_exp_poly_for_float32_only(on_cpu):
     x = mx.random.normal((4096,), key=mx.random.key(3)) * 10
-    with mx.stream(mx.cpu):
-        saved = mx.default_device()
-        mx.set_default_device(mx.cpu)
-        try:
-            exp = registry.dispatch("exp")
-            assert exp.__name__ == "exp[cpu]"
-            assert mx.array_equal(exp(x), exp_poly(x))
-            xb = x.astype(mx.bfloat16)
-            assert mx.array_equal(exp(xb), mx.exp(xb))
-        finally:
-            mx.set_default_device(saved)
+    exp = registry.dispatch("exp")
+    assert exp.__name__ == "exp[cpu]"
+    assert mx.array_equal(exp(x), exp_poly(x))
+    xb = x.astype(mx.bfloat16)
+    assert mx.array_equal(exp(xb), mx.exp(xb))
 
 
 def test_cpu_variants_leave_a_model_unchanged_within_float32(on_cpu):
