@@ -56,14 +56,14 @@ def main() -> None:
 
     q, k = mx.random.normal((1, NH, T, D // 2 // NH)), mx.random.normal((1, NH, T, D // 2 // NH))
     v, i, f = mx.random.normal((1, NH, T, D // NH)), mx.random.normal((1, NH, T)), mx.random.normal((1, NH, T)) + 2
-    g, u, h, wn = (mx.random.normal((1, T, F)), mx.random.normal((1, T, F)), mx.random.normal((1, T, D)),
-                   mx.random.normal((D,)))
+    # the feed-forward's gate and up projection: halves of one fused product's output, as in the model
+    gu, h, wn = mx.random.normal((1, T, 2 * F)), mx.random.normal((1, T, D)), mx.random.normal((D,))
     logits = mx.random.normal((1, T, V)) * 5
-    mx.eval(q, k, v, i, f, g, u, h, wn, logits)
+    mx.eval(q, k, v, i, f, gu, h, wn, logits)
     parts = {
         "mLSTM cell (chunk 64)": (lambda q, k, v, i, f: mlstm_sequence(q, k, v, i, f, chunk_size=64), (q, k, v, i, f)),
-        "SiLU(gate) * up": (lambda g, u: dispatch("silu")(g) * u, (g, u)),
-        "sigmoid(o) * h (output gate)": (lambda o, x: dispatch("sigmoid")(o) * x, (h, h)),
+        "SiLU(gate) * up": (lambda gu: dispatch("silu_mul")(gu[..., :F], gu[..., F:]), (gu,)),
+        "sigmoid(o) * h (output gate)": (lambda o, x: dispatch("sigmoid_mul")(o, x), (h, h)),
         "rms_norm": (lambda x, w: mx.fast.rms_norm(x, w, 1e-6), (h, wn)),
         "per-head layer_norm": (lambda x: mx.fast.layer_norm(x.reshape(1, T, NH, D // NH), None, None, 1e-6), (h,)),
         "residual add": (lambda x, y: x + y, (h, h)),

@@ -25,6 +25,15 @@ ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
 Activation = Literal["sigmoid", "silu", "gelu", "gelu_tanh", "relu", "identity"]
 
 
+def gated(act: str) -> Callable[[mx.array, mx.array], mx.array]:
+    """(g, x) -> act(g) * x: the kernel "sigmoid_mul" / "silu_mul" where there is one (on the CPU one
+    division, kernels/activations.py), else the activation then the product."""
+    if act in ("sigmoid", "silu"):
+        return lambda g, x: dispatch(f"{act}_mul")(g, x)
+    fn = ACTIVATIONS[act]
+    return lambda g, x: fn(g) * x
+
+
 # --------------------------------------------------------------------------------- embedding
 @register("embedding")
 class EmbeddingBlock(Block):
@@ -195,5 +204,4 @@ class GateBlock(Block):
         return same_types((gate, x), "gate and x")
 
     def build(self, gate: TensorType, x: TensorType) -> Callable:
-        act = ACTIVATIONS[self.act]
-        return lambda g, v: act(g) * v
+        return gated(self.act)

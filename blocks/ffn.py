@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mad.block import Block, OptDim, ShapeError, TensorType, expect_float, register
 from mad.dims import round_up
 
-from .basic import ACTIVATIONS
+from .basic import gated
 
 
 class GatedFFN(nn.Module):
@@ -24,10 +24,10 @@ class GatedFFN(nn.Module):
         self.gate_proj = nn.Linear(dim, hidden, bias=bias)
         self.up_proj = nn.Linear(dim, hidden, bias=bias)
         self.down_proj = nn.Linear(hidden, dim, bias=bias)
-        self._act = ACTIVATIONS[act]
+        self._gated = gated(act)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.down_proj(self._act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self._gated(self.gate_proj(x), self.up_proj(x)))
 
 
 class _GatedFFNBlock(Block):

@@ -1,26 +1,36 @@
-"""exp, sigmoid and SiLU (kernels "exp", "sigmoid", "silu"), with CPU variants built from arithmetic.
+"""exp, sigmoid and SiLU, alone and as gates (kernels "exp", "sigmoid", "silu", "sigmoid_mul",
+"silu_mul"), with CPU variants built from arithmetic that `mx.compile` fuses.
 
 MLX's CPU `exp` (behind `mx.sigmoid` and `nn.silu`) is slow in the Linux wheel, whose kernels are built
 for the baseline x86-64 (its polynomial's `floor` and `fma` become library calls), while a compiled chain
-of multiplies and adds is cheap. In a feed-forward of the xLSTM-7B family the SiLU took 53-57 ms per
-1024-token block against 73-79 ms for all of the block's matrix products (benchmarks/cpu_parts.py).
+of adds and multiplies is cheap: MLX writes it as one C++ loop that the compiler vectorises.
 
-`exp_poly` is MLX's own float32 exp (`mlx/backend/common/simd/math.h`: x log2(e) split into an integer n
-and a fraction f in [-1/2, 1/2], Cephes' degree-6 polynomial for 2^f, 2^n put into the exponent bits),
-written in MLX operations that `mx.compile` fuses; n is rounded with the 1.5 * 2^23 trick
-(no `floor`). It is within 1 ulp of `mx.exp` (tests/test_kernels.py). The CPU variants take float32
-arrays and hand other dtypes to the reference. The mLSTM cell's chunkwise form takes "exp" for its
-L x L decay matrix (kernels/mlstm.py).
+`exp_parts` is MLX's own float32 exp (`mlx/backend/common/simd/math.h`): y = x log2(e) split into an
+integer n and a fraction f in [-1/2, 1/2], Cephes' degree-6 polynomial for 2^f, 2^n put into the
+exponent bits. It is shaped for MLX's CPU fusion (`mlx/compile.cpp`), which fuses elementwise
+operations up to 11 levels deep, never fuses the bit cast (`view`) and materialises any array whose
+consumers fall in two fused kernels. So the work falls into three kernels per call:
+  1. y = clip(scale * x, +-88 log2(e))                        (x -> y)
+  2. 2^n from round(y), in the exponent bits                  (y -> 2^n, an int kernel, then the bit cast)
+  3. n = round(y), f = y - n, 2^f - 1 by Estrin's scheme, and the caller's arithmetic with it and 2^n
+Each kernel rounds y on its own ((y - c) + c in 2, (y + c) - c in 3, c = 1.5 * 2^23: the same integer,
+tested), since a shared n would be materialised as a fourth array; Estrin's scheme (depth 5, Horner's
+12) keeps kernel 3 within the depth limit, as does adding the polynomial's 1 last (see the callers). Plain selects, `minimum` and `maximum` are avoided inside
+the kernels (they compile to branches, which stop the vectorisation or mispredict on signs).
 
-Not done: tanh (the soft-caps). A Cephes-style tanhf from `exp_poly` measured 26.7 against MLX's 40.3 ns
+The results are within 1 ulp of `mx.exp` on [-88, 88] (arguments outside are clipped) and within a few
+ulp of the references for the others (tests/test_kernels.py). The CPU variants take float32 and hand
+other dtypes to the reference. The gate forms compute act(g) * x with one division: x / (1 + e^-g)
+and g x / (1 + e^-g) (the blocks' output gates and gated feed-forwards, blocks/basic.py, blocks/ffn.py).
+The mLSTM cell's chunkwise form takes "exp" for its L x L decay matrix (kernels/mlstm.py).
+
+Not done: tanh (the soft-caps). A Cephes-style tanhf from this exp measured 26.7 against MLX's 40.3 ns
 per element, and its 1-2 ulp differences on the gates' soft-caps moved the HF fixture's ill-conditioned
-logits from 3.3e-4 to 6.1e-4 (tests/test_blas.py holds that path to 4e-4); the soft-cap's cost falls on
-all-position logits, which reading a prompt no longer computes (`last_only`).
+logits from 3.3e-4 to 6.1e-4 with the previous form of these variants (tests/test_blas.py holds that path
+to 4e-4); the soft-cap's cost falls on
+all-position logits, which reading a prompt does not compute (`last_only`).
 
-    python benchmarks/cpu_parts.py          # 1024 tokens of the ~160M model, one block's parts, 2-core Xeon:
-      SiLU(gate) * up                auto  35.9-38.5 ms   reference  53.2-57.4 ms
-      sigmoid(o) * h (output gate)   auto   6.6-7.4 ms    reference  18.3-18.9 ms
-      mLSTM cell (chunk 64)          auto  16.6-21.6 ms   reference  19.9-25.3 ms
+    python benchmarks/cpu_parts.py          # 1024 tokens of the ~160M model, one block's parts, 2-core Xeon
 """
 
 from __future__ import annotations
@@ -30,31 +40,53 @@ import mlx.nn as nn
 
 from .registry import Unsupported, register_kernel, register_variant
 
-__all__ = ["exp_cpu", "exp_poly", "sigmoid_cpu", "silu_cpu"]
+__all__ = ["exp_cpu", "exp_parts", "exp_poly", "sigmoid_cpu", "silu_cpu", "sigmoid_mul_cpu", "silu_mul_cpu"]
 
 _LOG2E = 1.4426950408889634
+_Y_MAX = 126.95716094970703  # float32(88 * float32(log2(e))): y of exp(88), so clipping y clips x at +-88
 _ROUND = 12582912.0  # 1.5 * 2^23: adding and subtracting it rounds a float32 of magnitude < 2^22 to an integer
-_EXP2_POLY = (1.535336188319500e-4, 1.339887440266574e-3, 9.618437357674640e-3, 5.550332471162809e-2,
-              2.402264791363012e-1, 6.931472028550421e-1, 1.0)  # 2^f on [-1/2, 1/2], highest power first
+_C0, _C1, _C2, _C3, _C4, _C5, _C6 = (1.0, 6.931472028550421e-1, 2.402264791363012e-1, 5.550332471162809e-2,
+                                     9.618437357674640e-3, 1.339887440266574e-3, 1.535336188319500e-4)  # 2^f
+
+
+def _exp2_fraction_minus_one(f: mx.array) -> mx.array:
+    """2^f - 1 for f in [-1/2, 1/2]: Cephes' polynomial less its constant term, by Estrin's scheme. The
+    caller adds the 1 last (one rounding, which keeps the result within 1 ulp of MLX's Horner form)."""
+    f2 = f * f
+    return (_C1 * f + f2 * (_C2 + _C3 * f)) + (f2 * f2) * ((_C4 + _C5 * f) + f2 * _C6)
+
+
+def round_down_up(y: mx.array) -> mx.array:
+    """round(y) (to nearest, ties to even) as (y - c) + c; `round_up_down` is (y + c) - c. For |y| < 2^22
+    both give the same integer: c is even and both sums fall where float32's spacing is 1."""
+    return (y - _ROUND) + _ROUND
+
+
+def round_up_down(y: mx.array) -> mx.array:
+    return (y + _ROUND) - _ROUND
+
+
+def exp_parts(x: mx.array, scale: float = 1.0) -> tuple[mx.array, mx.array]:
+    """(s, 2^n) with exp(scale * x) = 2^n + s * 2^n, s = 2^f - 1 in [-0.3, 0.42], for float32 x (see the
+    module's doc); s * 2^n is exact (a power-of-2 scaling), so the sum rounds once.
+    scale is +-1. The argument is clipped to [-88, 88]: below -87.7 the result is 0 as MLX's (2^-127 is
+    not a normal float32), above 88 it stays at exp(88) = 1.65e38 (MLX: inf), so the callers below err
+    by less than the smallest normal float32 there (SiLU: times |x|). NaN gives NaN."""
+    y = mx.clip(x * (scale * _LOG2E), -_Y_MAX, _Y_MAX)
+    pow2 = mx.left_shift(round_down_up(y).astype(mx.int32) + 127, 23).view(mx.float32)
+    return _exp2_fraction_minus_one(y - round_up_down(y)), pow2
 
 
 def exp_poly(x: mx.array) -> mx.array:
-    """exp(x) for float32 x, in arithmetic only (see the module's doc). The argument is clipped to
-    [-88, 88], so values below stand at exp(-88) = 6.1e-39 and above at exp(88) = 1.65e38 (MLX: 0 and
-    inf): the callers below then err by less than the smallest normal float32 (SiLU: times |x|). Exact
-    0/inf would take two selects, which cost as much again as the rest here (measured)."""
-    y = mx.clip(x, -88.0, 88.0) * _LOG2E
-    n = (y + _ROUND) - _ROUND
-    f = y - n
-    p = _EXP2_POLY[0]
-    for c in _EXP2_POLY[1:]:
-        p = p * f + c
-    return p * mx.left_shift(n.astype(mx.int32) + 127, 23).view(mx.float32)
+    """exp(x) for float32 x, in arithmetic only (see `exp_parts`)."""
+    s, pow2 = exp_parts(x)
+    return pow2 + s * pow2
 
 
-def _float32(x: mx.array) -> None:
-    if x.dtype != mx.float32:
-        raise Unsupported(f"the CPU variant computes in float32, got {x.dtype}")
+def _float32(*xs: mx.array) -> None:
+    for x in xs:
+        if x.dtype != mx.float32:
+            raise Unsupported(f"the CPU variant computes in float32, got {x.dtype}")
 
 
 def exp_cpu(x: mx.array) -> mx.array:
@@ -62,14 +94,32 @@ def exp_cpu(x: mx.array) -> mx.array:
     return exp_poly(x)
 
 
+def _one_plus_exp_neg(g: mx.array) -> mx.array:
+    """1 + exp(-g), as (1 + 2^n) + s 2^n: a level less than 1 + (2^n + s 2^n) for kernel 3's depth."""
+    s, pow2 = exp_parts(g, -1.0)
+    return (1.0 + pow2) + s * pow2
+
+
 def sigmoid_cpu(x: mx.array) -> mx.array:
     _float32(x)
-    return 1.0 / (1.0 + exp_poly(-x))
+    return 1.0 / _one_plus_exp_neg(x)
 
 
 def silu_cpu(x: mx.array) -> mx.array:
     _float32(x)
-    return x / (1.0 + exp_poly(-x))
+    return x / _one_plus_exp_neg(x)
+
+
+def sigmoid_mul_cpu(g: mx.array, x: mx.array) -> mx.array:
+    """sigmoid(g) * x."""
+    _float32(g, x)
+    return x / _one_plus_exp_neg(g)
+
+
+def silu_mul_cpu(g: mx.array, x: mx.array) -> mx.array:
+    """silu(g) * x."""
+    _float32(g, x)
+    return g * x / _one_plus_exp_neg(g)
 
 
 register_kernel("exp", mx.exp)
@@ -78,3 +128,7 @@ register_kernel("sigmoid", mx.sigmoid)
 register_variant("sigmoid", "cpu", sigmoid_cpu)
 register_kernel("silu", nn.silu)
 register_variant("silu", "cpu", silu_cpu)
+register_kernel("sigmoid_mul", lambda g, x: mx.sigmoid(g) * x)
+register_variant("sigmoid_mul", "cpu", sigmoid_mul_cpu)
+register_kernel("silu_mul", lambda g, x: nn.silu(g) * x)
+register_variant("silu_mul", "cpu", silu_mul_cpu)

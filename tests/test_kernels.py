@@ -20,7 +20,8 @@ from test_mlstm_kernels import assert_h_close, assert_state_close, reference, to
 import mad
 from mad.generate import LanguageModel
 from mad.kernels import registry
-from mad.kernels.activations import exp_poly, sigmoid_cpu, silu_cpu
+from mad.kernels.activations import (exp_poly, round_down_up, round_up_down, sigmoid_cpu, sigmoid_mul_cpu,
+                                    silu_cpu, silu_mul_cpu)
 from mad.kernels.device import CUDA_PREAMBLE, METAL_HEADER, METAL_PREAMBLE, kernel_source
 from mad.kernels.mlstm import chunk_recurrence, mlstm_sequence, mlstm_step
 from mad.kernels.linear import linear
@@ -88,6 +89,7 @@ def test_cpu_gets_the_reference_or_its_cpu_variant():
             assert registry.backend() == "cpu"
             assert registry.dispatch("mlstm_step") is mlstm_step  # no CPU variant
             assert registry.dispatch("silu").__name__ == "silu[cpu]"
+            assert registry.dispatch("silu_mul").__name__ == "silu_mul[cpu]"
             with registry.use_reference():
                 assert registry.dispatch("silu") is nn.silu
         finally:
@@ -109,19 +111,49 @@ def test_exp_poly_is_mlx_exp_within_one_ulp(on_cpu):
     assert np.isnan(np.array(exp_poly(mx.array([np.nan])))).all()
 
 
+def _activation_inputs() -> mx.array:
+    return mx.concatenate([mx.random.normal((1 << 16,), key=mx.random.key(7)) * scale
+                           for scale in (1e-4, 0.01, 0.3, 1.0, 6.0, 40.0)] + [mx.array([0.0, 0.625, -0.625, 88.5, -90.0])])
+
+
 @pytest.mark.parametrize("name, variant, reference", [("sigmoid", sigmoid_cpu, mx.sigmoid), ("silu", silu_cpu, nn.silu)])
 def test_cpu_activations_equal_mlx_within_float32_rounding(name, variant, reference, on_cpu):
-    x = mx.concatenate([mx.random.normal((1 << 16,), key=mx.random.key(7)) * scale
-                        for scale in (1e-4, 0.01, 0.3, 1.0, 6.0, 40.0)] + [mx.array([0.0, 0.625, -0.625, 88.5, -90.0])])
+    x = _activation_inputs()
     got, want = np.array(mx.compile(variant)(x), dtype=np.float64), np.array(reference(x), dtype=np.float64)
     # a few ulp (exp within 1, then 1 + e and the division), or, where exp's argument is clipped, below
-    # the smallest normal float32 (SiLU: times |x|, see exp_poly)
+    # the smallest normal float32 (SiLU: times |x|, see exp_parts)
     floor = np.finfo(np.float32).tiny * (np.abs(np.array(x)) if name == "silu" else 1.0)
     assert np.all(np.abs(got - want) <= 4 * 2.0 ** -23 * np.abs(want) + floor)
     # other dtypes go to the reference
     xb = x.astype(mx.bfloat16)
     out = registry.dispatch(name)(xb)
     assert out.dtype == mx.bfloat16 and mx.array_equal(out, reference(xb))
+
+
+@pytest.mark.parametrize("name, variant, act", [("sigmoid_mul", sigmoid_mul_cpu, mx.sigmoid),
+                                                ("silu_mul", silu_mul_cpu, nn.silu)])
+def test_cpu_gates_equal_the_activation_times_x(name, variant, act, on_cpu):
+    """act(g) * x in one division (x / (1 + e^-g), g x / (1 + e^-g)): within a few ulp of the activation
+    and the product, on strided inputs as the blocks get them (halves of a fused projection)."""
+    g = _activation_inputs()
+    gx = mx.stack([g, mx.random.normal(g.shape, key=mx.random.key(8)) * 3], axis=-1)  # (N, 2): strided halves
+    g, x = gx[:, 0], gx[:, 1]
+    got = np.array(mx.compile(variant)(g, x), dtype=np.float64)
+    want = np.array(act(g) * x, dtype=np.float64)
+    floor = np.finfo(np.float32).tiny * np.abs(np.array(x)) * (np.abs(np.array(g)) if name == "silu_mul" else 1.0)
+    assert np.all(np.abs(got - want) <= 5 * 2.0 ** -23 * np.abs(want) + floor)
+    assert registry.dispatch(name).__name__ == f"{name}[cpu]"
+    xb, gb = x.astype(mx.bfloat16), g.astype(mx.bfloat16)
+    assert mx.array_equal(registry.dispatch(name)(gb, xb), act(gb) * xb)
+
+
+def test_the_two_roundings_of_exp_parts_agree():
+    """Kernels 2 and 3 of exp_parts round y each on its own: the same integer everywhere, ties included."""
+    ties = np.arange(-130, 130) + 0.5
+    rand = np.random.default_rng(0).uniform(-2.0 ** 22, 2.0 ** 22, 1 << 16)
+    y = mx.array(np.concatenate([ties, rand, np.arange(-130, 130)]).astype(np.float32))
+    assert mx.array_equal(round_down_up(y), round_up_down(y))
+    assert np.array_equal(np.array(round_up_down(y)), np.rint(np.array(y)))  # numpy: ties to even as well
 
 
 def test_cpu_exp_kernel_is_exp_poly_for_float32_only(on_cpu):
