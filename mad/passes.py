@@ -13,7 +13,9 @@ concatenation) whose output is split back into the members' outputs, each with i
 soft-cap. Fewer, larger matmuls mean fewer kernel launches and fewer compiled-function inputs, which
 is what decode (batch 1, one token, launch-bound on a GPU) needs; each output element is still the
 same dot product of one row of x with one row of W, so results agree with the unfused graph to
-rounding (equal, on the CPU).
+rounding (equal, on the CPU). On the CPU a multi-token call computes each member's part as a product of
+its own (the `linear` kernel's CPU variant, kernels/linear.py): the members' outputs are then
+contiguous arrays, which MLX's CPU elementwise kernels read much faster than split columns.
 
 Checkpoints do not change: a `FusedLinear` owns the concatenated weight and bias (one copy in
 memory), `named_parameters()` gives the members' weights and biases back under their own names and

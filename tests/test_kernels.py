@@ -24,7 +24,7 @@ from mad.kernels.activations import (exp_poly, round_down_up, round_up_down, sig
                                     silu_cpu, silu_mul_cpu)
 from mad.kernels.device import CUDA_PREAMBLE, METAL_HEADER, METAL_PREAMBLE, kernel_source
 from mad.kernels.mlstm import chunk_recurrence, mlstm_sequence, mlstm_step
-from mad.kernels.linear import linear
+from mad.kernels.linear import linear, linear_cpu
 from mad.kernels.linear_device import linear_device
 from mad.kernels.mlstm_device import STEP_BODY, chunk_recurrence_device, mlstm_step_device
 
@@ -300,6 +300,28 @@ def test_linear_reference_adds_the_bias_and_caps_each_part():
         assert rel_err(p, e) < 1e-6
     with pytest.raises(ValueError, match="2 caps"):
         linear(x, w, b, (4, 7), (None, 2.0))
+
+
+def test_linear_on_the_cpu_is_a_product_per_part(on_cpu):
+    """The CPU variant: each part is its own product with the part's rows of the weight (the unfused
+    layers' numbers, bit for bit), for several rows; one row keeps the single product."""
+    rng = np.random.default_rng(4)
+    w = mx.array(rng.normal(0, 1, (10, 16)).astype(np.float32))
+    b = mx.array(rng.normal(0, 1, (10,)).astype(np.float32))
+    assert registry.dispatch("linear").__name__ == "linear[cpu]"
+    for shape in ((2, 3, 16), (1, 1, 16)):
+        x = mx.array(rng.normal(0, 1, shape).astype(np.float32))
+        for bias in (None, b):
+            got = linear_cpu(x, w, bias, (4, 7), (None, 2.0, None))
+            want = linear(x, w, bias, (4, 7), (None, 2.0, None))
+            unfused = [mx.addmm(bias[a:z], x, w[a:z].T) if bias is not None else x @ w[a:z].T
+                       for a, z in ((0, 4), (4, 7), (7, 10))]
+            unfused[1] = 2.0 * mx.tanh(unfused[1] / 2.0)
+            for g, wt, u in zip(got, want, unfused):
+                assert g.shape == wt.shape and rel_err(g, wt) < 1e-6
+                if shape[1] > 1:
+                    assert mx.array_equal(g, u)
+    assert linear_cpu(x, w, None)[0].shape == (1, 1, 10)
 
 
 @needs_gpu
