@@ -9,7 +9,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mad.kernels import activations, linear_device  # noqa: F401  (register the kernels and variants)
-from mad.kernels.registry import dispatch
+from mad.kernels.registry import dispatch, kernels
 from mad.block import (Block, Dim, OptDim, ShapeError, TensorType, expect_float, expect_last, register, same_types,
                        with_last)
 
@@ -26,9 +26,9 @@ Activation = Literal["sigmoid", "silu", "gelu", "gelu_tanh", "relu", "identity"]
 
 
 def gated(act: str) -> Callable[[mx.array, mx.array], mx.array]:
-    """(g, x) -> act(g) * x: the kernel "sigmoid_mul" / "silu_mul" where there is one (on the CPU one
-    division, kernels/activations.py), else the activation then the product."""
-    if act in ("sigmoid", "silu"):
+    """(g, x) -> act(g) * x: the kernel "<act>_mul" where one is registered ("sigmoid_mul", "silu_mul": on
+    the CPU one division, kernels/activations.py), else the activation then the product."""
+    if f"{act}_mul" in kernels():
         return lambda g, x: dispatch(f"{act}_mul")(g, x)
     fn = ACTIVATIONS[act]
     return lambda g, x: fn(g) * x

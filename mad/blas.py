@@ -1,7 +1,7 @@
 """A fast BLAS under MLX's CPU backend on Linux.
 
 The Linux `mlx[cpu]` wheel carries the reference (unoptimised) BLAS: a float32 1024 x 1024 matrix product
-runs at 1.4-2.7 GFLOP/s on a 2-core Xeon where MKL reaches 115-155 (benchmarks/cpu_parts.py). MLX's CPU matmul is a
+runs at 1.4-2.7 GFLOP/s on a 2-core Xeon where MKL reaches 115-223 over runs of benchmarks/cpu_parts.py. MLX's CPU matmul is a
 call to `cblas_sgemm` (its linear algebra calls LAPACK's `sgetrf_` and the like), which the dynamic
 linker resolves when `mlx.core` is imported (Python loads extension modules with `RTLD_NOW`). A library
 loaded with `RTLD_GLOBAL` before that sits in the process's global symbol scope, which the linker searches

@@ -134,7 +134,7 @@ def test_cpu_activations_equal_mlx_within_float32_rounding(name, variant, refere
                                                 ("silu_mul", silu_mul_cpu, nn.silu)])
 def test_cpu_gates_equal_the_activation_times_x(name, variant, act, on_cpu):
     """act(g) * x in one division (x / (1 + e^-g), g x / (1 + e^-g)): within a few ulp of the activation
-    and the product, on strided inputs as the blocks get them (halves of a fused projection)."""
+    and the product, on strided inputs (split columns: MLX's strided loops, not only its contiguous ones)."""
     g = _activation_inputs()
     gx = mx.stack([g, mx.random.normal(g.shape, key=mx.random.key(8)) * 3], axis=-1)  # (N, 2): strided halves
     g, x = gx[:, 0], gx[:, 1]
