@@ -5,7 +5,14 @@ Both run the same computation on the same weights: the MAD `LanguageModel` built
 mlx-lm style model file (below) that loads the MAD program's weights under the same names. Both are
 compiled the same way: `mx.compile` of the whole forward `(tokens, state) -> (logits, new_state)` with
 the model's arrays as implicit inputs (`inputs=module.state`), exactly as `mad.program.Program` does.
-The hand-written model's cell is `mad.kernels.mlstm.mlstm_sequence`, so only the wiring differs.
+The hand-written model runs the kernels MAD's blocks run, from the same registry
+(`mad.kernels.registry.dispatch`: the mLSTM cell, the `sigmoid_mul` / `silu_mul` gates and the `linear`
+kernel), and fuses its sibling projections (q|k|v|o|i|f, up-gate|up) into one product each when the MAD
+program does (`Program.fused`: the CPU and GPU default), so only the wiring differs. It must: on the CPU
+the kernels' CPU variants are within an ulp or two of MLX's own functions, and MKL sums a fused product
+in another order than the separate ones, and twelve random blocks amplify such 1-ulp differences to
+1e-3 in the logits, so a model written with `nn.silu` and separate `nn.Linear`s is not the same
+computation (nor as fast) and fails the check below.
 
 First the logits (and the state) of the two are checked to agree on a short input, prefill and one
 decode step; then it times, interleaving MAD and hand-written trials in one process:
@@ -13,7 +20,7 @@ decode step; then it times, interleaving MAD and hand-written trials in one proc
                `mx.eval(logits, state)` (median of 5*trials steps)
   decode call  the same call without evaluating anything: the host-side cost of one call (checking
                inputs and state, flattening them, replaying the compiled graph), i.e. the framework
-               layer without the math (median of 200 calls)
+               layer without the math (median of `--calls` calls, 200)
   forward      a 512-token forward from the zero state (batch 1), ending in `mx.eval(logits, state)`,
                median of `trials` runs (fewer, at least 1, when they would not fit in `--budget` s)
 Warm-up: 5 decode steps each; for the forward one full-length run each, or, when one run is estimated
@@ -26,6 +33,7 @@ hand-written one, all on the same weights, to measure what fusing gains on this 
 
     python benchmarks/bench_framework.py [--topology FILE] [--set dims.D=1024 ...] [--dtype float32]
                                          [--fuse auto|on|off|both] [--trials 7] [--budget 120] [--json [PATH]]
+    python benchmarks/bench_framework.py --quick   # tiny sizes, no pauses, a few seconds (CI: tests/test_benchmarks.py)
 """
 
 from __future__ import annotations
@@ -46,8 +54,10 @@ from mad.generate import LanguageModel
 from mad.graph import build_graph
 from mad.topology import load_topology
 from mad.kernels.mlstm import mlstm_sequence
+from mad.kernels.registry import dispatch
+from mad.program import fuse_enabled
 
-from common import interleave, write_json
+from common import PAUSE_S, interleave, write_json
 
 TOPOLOGIES = Path(__file__).resolve().parent.parent / "topologies"
 TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2, "float16": 5e-2}
@@ -60,15 +70,53 @@ WARM_FULL_S = 10.0  # warm up at the timed length when one run is estimated to t
 class ModelArgs:
     def __init__(self, vocab_size: int, hidden_size: int, num_blocks: int, num_heads: int, qk_dim: int,
                  v_dim: int, ffn_dim: int, chunk_size: int = 64, norm_eps: float = 1e-6, cell_eps: float = 1e-6,
-                 gate_soft_cap: Optional[float] = 15.0, logit_soft_cap: Optional[float] = 30.0):
+                 gate_soft_cap: Optional[float] = 15.0, logit_soft_cap: Optional[float] = 30.0, fuse: bool = False):
         self.vocab_size, self.hidden_size, self.num_blocks, self.num_heads = vocab_size, hidden_size, num_blocks, num_heads
         self.qk_dim, self.v_dim, self.ffn_dim, self.chunk_size = qk_dim, v_dim, ffn_dim, chunk_size
         self.norm_eps, self.cell_eps = norm_eps, cell_eps
         self.gate_soft_cap, self.logit_soft_cap = gate_soft_cap, logit_soft_cap
+        self.fuse = fuse  # sibling projections as one product each (q|k|v|o|i|f, up-gate|up)
 
 
-def soft_cap(x: mx.array, cap: Optional[float]) -> mx.array:
-    return cap * mx.tanh(x / cap) if cap else x
+class Linear(nn.Module):
+    """`nn.Linear` (weight [out, in], optional bias) plus an optional soft-cap, computed by MAD's `linear`
+    kernel (on a GPU its decode kernel, with bias and cap in the epilogue), as MAD's `linear` block does."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool = False, cap: Optional[float] = None):
+        super().__init__()
+        scale = d_in ** -0.5
+        self.weight = mx.random.uniform(-scale, scale, (d_out, d_in))
+        if bias:
+            self.bias = mx.zeros((d_out,))
+        self.cap = cap
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return dispatch("linear")(x, self.weight, self.bias if "bias" in self else None, (), (self.cap,))[0]
+
+
+class Projections(nn.Module):
+    """Sibling projections of one input: separate `Linear`s, or (fused) one product over their weights
+    stacked by rows, split back by columns (`linear` kernel: each part with its bias and soft-cap; the
+    members without a bias get zeros). `Model.sanitize` stacks the checkpoint's per-member weights."""
+
+    def __init__(self, d_in: int, members: dict[str, tuple[int, bool, Optional[float]]], fuse: bool):
+        super().__init__()
+        self.names, self.fuse = list(members), fuse
+        self.widths = [w for w, _, _ in members.values()]
+        self.caps = [c for _, _, c in members.values()]
+        if fuse:
+            self.weight = mx.zeros((sum(self.widths), d_in))
+            if any(b for _, b, _ in members.values()):
+                self.bias = mx.zeros((sum(self.widths),))
+        else:
+            for name, (w, b, cap) in members.items():
+                setattr(self, name, Linear(d_in, w, b, cap))
+
+    def __call__(self, x: mx.array) -> list[mx.array]:
+        if self.fuse:
+            splits = [sum(self.widths[:j + 1]) for j in range(len(self.widths) - 1)]
+            return dispatch("linear")(x, self.weight, self.bias if "bias" in self else None, splits, self.caps)
+        return [getattr(self, name)(x) for name in self.names]
 
 
 class RMSNorm(nn.Module):
@@ -98,16 +146,13 @@ class MultiHeadLayerNorm(nn.Module):
 class MLSTMLayer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        d, nh = args.hidden_size, args.num_heads
-        self.q = nn.Linear(d, args.qk_dim, bias=False)
-        self.k = nn.Linear(d, args.qk_dim, bias=False)
-        self.v = nn.Linear(d, args.v_dim, bias=False)
-        self.ogate_preact = nn.Linear(d, args.v_dim, bias=False)
-        self.igate_preact = nn.Linear(d, nh, bias=True)
-        self.fgate_preact = nn.Linear(d, nh, bias=True)
+        d, nh, cap = args.hidden_size, args.num_heads, args.gate_soft_cap
+        self.in_proj = Projections(d, {"q": (args.qk_dim, False, None), "k": (args.qk_dim, False, None),
+                                       "v": (args.v_dim, False, None), "ogate_preact": (args.v_dim, False, None),
+                                       "igate_preact": (nh, True, cap), "fgate_preact": (nh, True, cap)}, args.fuse)
         self.multihead_norm = MultiHeadLayerNorm(nh, args.v_dim, args.norm_eps)
-        self.out_proj = nn.Linear(args.v_dim, d, bias=False)
-        self.heads, self.chunk_size, self.eps, self.cap = nh, args.chunk_size, args.cell_eps, args.gate_soft_cap
+        self.out_proj = Linear(args.v_dim, d)
+        self.heads, self.chunk_size, self.eps = nh, args.chunk_size, args.cell_eps
 
     def __call__(self, x: mx.array, state: tuple) -> tuple[mx.array, tuple]:
         b, t, _ = x.shape
@@ -115,23 +160,24 @@ class MLSTMLayer(nn.Module):
         def heads(y: mx.array) -> mx.array:  # (B, T, NH*DH) -> (B, NH, T, DH)
             return y.reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3)
 
-        i = soft_cap(self.igate_preact(x), self.cap).astype(mx.float32).transpose(0, 2, 1)
-        f = soft_cap(self.fgate_preact(x), self.cap).astype(mx.float32).transpose(0, 2, 1)
-        h, state = mlstm_sequence(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), i, f, state,
-                                  chunk_size=self.chunk_size, eps=self.eps)
+        q, k, v, o, i, f = self.in_proj(x)
+        i = i.astype(mx.float32).transpose(0, 2, 1)
+        f = f.astype(mx.float32).transpose(0, 2, 1)
+        h, state = mlstm_sequence(heads(q), heads(k), heads(v), i, f, state, chunk_size=self.chunk_size, eps=self.eps)
         h = h.transpose(0, 2, 1, 3).reshape(b, t, -1)
-        return self.out_proj(mx.sigmoid(self.ogate_preact(x)) * self.multihead_norm(h)), state
+        return self.out_proj(dispatch("sigmoid_mul")(o, self.multihead_norm(h))), state  # sigmoid(o) * norm(h)
 
 
 class FeedForward(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.proj_up_gate = nn.Linear(args.hidden_size, args.ffn_dim, bias=False)
-        self.proj_up = nn.Linear(args.hidden_size, args.ffn_dim, bias=False)
-        self.proj_down = nn.Linear(args.ffn_dim, args.hidden_size, bias=False)
+        self.up = Projections(args.hidden_size, {"proj_up_gate": (args.ffn_dim, False, None),
+                                                 "proj_up": (args.ffn_dim, False, None)}, args.fuse)
+        self.proj_down = Linear(args.ffn_dim, args.hidden_size)
 
     def __call__(self, x: mx.array) -> mx.array:
-        return self.proj_down(nn.silu(self.proj_up_gate(x)) * self.proj_up(x))
+        gate, up = self.up(x)
+        return self.proj_down(dispatch("silu_mul")(gate, up))  # silu(gate) * up
 
 
 class Block(nn.Module):
@@ -163,7 +209,7 @@ class Model(nn.Module):
         super().__init__()
         self.args = args
         self.backbone = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, cap=args.logit_soft_cap)
 
     def __call__(self, tokens: mx.array, cache: list) -> tuple[mx.array, list]:
         x = self.backbone.embeddings(tokens)
@@ -171,7 +217,32 @@ class Model(nn.Module):
         for block, state in zip(self.backbone.blocks, cache):
             x, state = block(x, state)
             new_cache.append(state)
-        return soft_cap(self.lm_head(self.backbone.out_norm(x)), self.args.logit_soft_cap), new_cache
+        return self.lm_head(self.backbone.out_norm(x)), new_cache
+
+    def sanitize(self, weights: dict[str, mx.array]) -> dict[str, mx.array]:
+        """Checkpoint names (`...mlstm_layer.q.weight`) -> this model's: the members of a `Projections` move
+        under it (`...mlstm_layer.in_proj.q.weight`), or, fused, are stacked into its weight and bias."""
+        out = dict(weights)
+        for prefix, attr, proj in self.projections():
+            take = lambda name, kind: out.pop(f"{prefix}.{name}.{kind}", None)  # noqa: E731
+            if not proj.fuse:
+                for name in proj.names:
+                    for kind in ("weight", "bias"):
+                        if (w := take(name, kind)) is not None:
+                            out[f"{prefix}.{attr}.{name}.{kind}"] = w
+                continue
+            weight = out[f"{prefix}.{attr}.weight"] = mx.concatenate([take(name, "weight") for name in proj.names])
+            biases = [take(name, "bias") for name in proj.names]
+            if "bias" in proj:  # zeros of the weights' dtype (a float32 zero would promote a bfloat16 product)
+                out[f"{prefix}.{attr}.bias"] = mx.concatenate([mx.zeros((w,), weight.dtype) if b is None else b
+                                                               for b, w in zip(biases, proj.widths)])
+        return out
+
+    def projections(self) -> list[tuple[str, str, Projections]]:
+        """(the checkpoint prefix of its members, its attribute, the module) for every `Projections`."""
+        return [(f"backbone.blocks.{i}.{part}", attr, getattr(getattr(block, part), attr))
+                for i, block in enumerate(self.backbone.blocks)
+                for part, attr in (("mlstm_layer", "in_proj"), ("ffn", "up"))]
 
     def make_cache(self, batch: int) -> list:
         a = self.args
@@ -194,8 +265,9 @@ class HandWritten:
         return logits.astype(mx.float32), cache
 
 
-def args_from_program(program: mad.Program) -> ModelArgs:
-    """The hand-written model's config, read from the MAD program (dims and node options)."""
+def args_from_program(program: mad.Program, fuse: bool) -> ModelArgs:
+    """The hand-written model's config, read from the MAD program (dims and node options); `fuse`: its
+    sibling projections as one product each."""
     dims, g = program.graph.dims, program.graph.g
     spec = lambda n: g.nodes[n]["spec"]  # noqa: E731
     layer = "backbone.blocks.0.mlstm_layer"
@@ -203,7 +275,15 @@ def args_from_program(program: mad.Program) -> ModelArgs:
         vocab_size=int(dims["V"]), hidden_size=int(dims["D"]), num_blocks=int(dims["L"]), num_heads=int(dims["NH"]),
         qk_dim=int(dims["QK"]), v_dim=int(dims["VD"]), ffn_dim=int(dims["F"]), chunk_size=int(dims["CHUNK"]),
         norm_eps=spec("backbone.blocks.0.norm_mlstm").eps, cell_eps=spec(f"{layer}.cell").eps,
-        gate_soft_cap=spec(f"{layer}.igate_preact").softcap, logit_soft_cap=spec("lm_head").softcap)
+        gate_soft_cap=spec(f"{layer}.igate_preact").softcap, logit_soft_cap=spec("lm_head").softcap, fuse=fuse)
+
+
+def hand_written(program: mad.Program, fuse: bool) -> HandWritten:
+    """The hand-written model on the MAD program's weights (the same values under the checkpoint's names)."""
+    model = Model(args_from_program(program, fuse))
+    model.load_weights(list(model.sanitize(program.parameters()).items()), strict=True)
+    mx.eval(model.parameters())
+    return HandWritten(model)
 
 
 # =========================================================================================
@@ -273,8 +353,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--prompt", type=int, default=64, help="prompt length before the timed decode step")
     ap.add_argument("--seq", type=int, default=512, help="length of the timed forward")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--calls", type=int, default=200, help="host-side decode calls timed per model")
+    ap.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of rest before each trial (common.interleave)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run in seconds, timings meaningless: dims D=64 L=2 V=256 (further --set apply after "
+                         "them), --prompt 8 --seq 32 --trials 1 --calls 10 --pause 0")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (stdout if no PATH)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.overrides = ["dims.D=64", "dims.L=2", "dims.V=256", *a.overrides]
+        a.prompt, a.seq, a.trials, a.calls, a.pause = 8, 32, 1, 10, 0.0
 
     t_start = time.perf_counter()
     fuse = {"auto": "auto", "on": True, "off": False, "both": False}[a.fuse]
@@ -285,11 +373,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     program = build(fuse)
     randomise(program, a.seed)
     mad_lm = LanguageModel(program)
-    args = args_from_program(program)
-    model = Model(args)
-    model.load_weights(list(program.parameters().items()), strict=True)  # the same arrays, same names
-    mx.eval(model.parameters())
-    hand = HandWritten(model)
+    args = args_from_program(program, program.fused)
     n_params = sum(v.size for v in program.parameters().values())
     log = sys.stderr if a.json == "-" else sys.stdout
     print(f"{program.graph.name}: {n_params / 1e6:.1f}M parameters, D={args.hidden_size} blocks={args.num_blocks} "
@@ -305,12 +389,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
     for name, m in models.items():
         groups = len(m.program.fusion_groups) if m.program.fused else 0
         print(f"{name}: fuse={m.program.fuse} -> {groups} fused groups", file=log)
+    # each MAD model against the hand-written model of the same layout (fused or not); with --fuse both,
+    # the timed hand-written model is the layout fuse="auto" picks on this device
+    hands = {fused: hand_written(program, fused) for fused in {m.program.fused for m in models.values()}}
+    hand_fused = fuse_enabled("auto") if a.fuse == "both" else program.fused
+    hand = hands.get(hand_fused) or hand_written(program, hand_fused)
     check = {}
     for name, m in models.items():
-        check[name] = c = check_same(m, hand, args.vocab_size, a.dtype)
-        print(f"{name} vs hand, same computation: max |logits diff| prefill {c['prefill_logits']:.2e}, decode "
-              f"{c['decode_logits']:.2e}, state {c['state']:.2e} (|logits| up to {c['logit_scale']:.1f})", file=log)
+        check[name] = c = check_same(m, hands[m.program.fused], args.vocab_size, a.dtype)
+        print(f"{name} vs hand ({'fused' if m.program.fused else 'unfused'}), same computation: max |logits diff| "
+              f"prefill {c['prefill_logits']:.2e}, decode {c['decode_logits']:.2e}, state {c['state']:.2e} "
+              f"(|logits| up to {c['logit_scale']:.1f})", file=log)
     check = check["mad"] if len(check) == 1 else check
+    print(f"hand: {'fused' if hand_fused else 'unfused'} projections", file=log)
     models["hand"] = hand
     mx.random.seed(a.seed + 1)
     prompt = mx.random.randint(0, args.vocab_size, (1, a.prompt)).astype(mx.int32)
@@ -332,13 +423,13 @@ def main(argv: Optional[list[str]] = None) -> dict:
         return run
 
     decode = {name: clocked(decode_fn(m, states[name])) for name, m in models.items()}
-    interleave(decode, 5)  # warm-up (traces and compiles the T=1 graph)
-    decode_times = interleave(decode, 5 * a.trials)
+    interleave(decode, 5, a.pause)  # warm-up (traces and compiles the T=1 graph)
+    decode_times = interleave(decode, 5 * a.trials, a.pause)
 
     # (a') the host side of a decode call alone: build the lazy outputs, evaluate nothing. This is the
     # framework layer (input/state handling, flattening, replaying the compiled graph) without the math.
     call = {name: clocked(lambda m=m, s=states[name]: m(token, s)) for name, m in models.items()}
-    call_times = interleave(call, 200)
+    call_times = interleave(call, a.calls, a.pause)
 
     # (b) forward of `seq` tokens from the zero state
     def forward_fn(m):
@@ -350,17 +441,17 @@ def main(argv: Optional[list[str]] = None) -> dict:
     forward = {name: clocked(forward_fn(m)) for name, m in models.items()}
     est = max(t_prompt.values()) * a.seq / a.prompt  # one run, estimated from the prompt runs
     if est < WARM_FULL_S:
-        interleave(forward, 1)
+        interleave(forward, 1, a.pause)
         warmup = "one full-length run each"
     else:  # trace + compile the full-length graph without running it; the evaluated prompt runs
         for m in models.values():  # above already built the same (chunkwise) kernels
             m(seq)
         warmup = f"full-length trace (not evaluated) + the evaluated {a.prompt}-token prompt runs"
     n_forward = max(1, min(a.trials, int(a.budget // (len(models) * est))))
-    forward_times = interleave(forward, n_forward)
+    forward_times = interleave(forward, n_forward, a.pause)
 
     results = {"model": program.graph.name, "topology": a.topology, "overrides": a.overrides, "dtype": a.dtype,
-               "fuse": {name: m.program.fused for name, m in models.items() if name != "hand"},
+               "fuse": {name: m.program.fused for name, m in models.items() if name != "hand"}, "hand_fused": hand_fused,
                "params": n_params, "mlx": mx.__version__, "device": str(mx.default_device()),
                "machine": platform.machine(), "check": check, "benchmarks": {}}
     rows = []

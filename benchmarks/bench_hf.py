@@ -20,6 +20,7 @@ printed; MAD_BLAS is passed on); PyTorch uses its own MKL.
 Run with an environment that has torch, transformers and (optionally) xlstm, e.g.
 
     /tmp/ref/bin/python benchmarks/bench_hf.py [--trials 5] [--steps 16] [--json [PATH]]
+    python benchmarks/bench_hf.py --quick     # a 2-layer model, tiny lengths, no pauses: a smoke run (CI)
 
 With the `xlstm` package installed, HF runs NX-AI's mLSTM blocks and `mlstm_kernels` native PyTorch
 kernels (the "external" path); without it, its own copy in `modeling_xlstm.py`. The script says which.
@@ -28,6 +29,7 @@ kernels (the "external" path); without it, its own copy in `modeling_xlstm.py`. 
 from __future__ import annotations
 
 import argparse
+import inspect
 import math
 import os
 import platform
@@ -36,7 +38,7 @@ import tempfile
 import time
 from typing import Optional
 
-from common import WORKER_BLAS, MadProcess, interleave, throughput, write_json  # noqa: I001 (reads MAD_BLAS first)
+from common import PAUSE_S, WORKER_BLAS, MadProcess, interleave, throughput, write_json  # noqa: I001 (reads MAD_BLAS first)
 
 os.environ["MAD_BLAS"] = "mlx"  # here MAD only checks agreement; the timed MAD runs in its own process
 import torch  # noqa: E402
@@ -46,17 +48,19 @@ import mlx.core as mx  # noqa: E402
 from mad.loading import load  # noqa: E402
 
 CONFIG = dict(hidden_size=768, num_hidden_layers=12, num_heads=4, vocab_size=50304)
+# --quick: HF sizes its cache with round_up(D * factor, 64), so qk and v dims stay multiples of 64
+QUICK_CONFIG = dict(hidden_size=128, num_hidden_layers=2, num_heads=4, vocab_size=256, chunk_size=8)
 WARM_FULL_S = 10.0  # warm up at the timed length when one run is estimated to take less than this
 
 
-def make_hf_model(seed: int):
+def make_hf_model(seed: int, config: dict):
     import transformers
     from transformers import xLSTMConfig, xLSTMForCausalLM
     from transformers.utils import logging as hf_logging
     from transformers.models.xlstm import modeling_xlstm
 
     hf_logging.disable_progress_bar()
-    config = xLSTMConfig(**CONFIG)
+    config = xLSTMConfig(**config)
     torch.manual_seed(seed)
     model = xLSTMForCausalLM(config).eval()
     gen = torch.Generator().manual_seed(seed)
@@ -76,8 +80,10 @@ def make_hf_model(seed: int):
 
 
 def hf_forward(model, ids: torch.Tensor, cache=None):
-    out = model(input_ids=ids, cache_params=cache, use_cache=True)
-    return out.logits, out.cache_params
+    # transformers 5.x renamed xLSTM's `cache_params` (argument and output) to `cache`; the old name goes in 5.40
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "cache_params"
+    out = model(input_ids=ids, use_cache=True, **{name: cache})
+    return out.logits, getattr(out, name)
 
 
 def check_same(hf, lm, vocab: int, seed: int) -> dict:
@@ -111,12 +117,19 @@ def main(argv: Optional[list[str]] = None) -> dict:
                     help="seconds for the timed prefills: fewer than --trials (at least 1) when one MAD+HF pair "
                          "is estimated to take longer than budget/trials")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of rest before each trial (common.interleave)")
+    ap.add_argument("--quick", action="store_true",
+                    help=f"a smoke run in seconds, timings meaningless: {QUICK_CONFIG}, --trials 1 --steps 2 --prompt 8 "
+                         "--prefill 32 --pause 0")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (stdout if no PATH)")
     a = ap.parse_args(argv)
+    a.config = QUICK_CONFIG if a.quick else CONFIG
+    if a.quick:
+        a.trials, a.steps, a.prompt, a.prefill, a.pause = 1, 2, 8, 32, 0.0
     log = sys.stderr if a.json == "-" else sys.stdout
     t_start = time.perf_counter()
 
-    hf, info = make_hf_model(a.seed)
+    hf, info = make_hf_model(a.seed, a.config)
     with tempfile.TemporaryDirectory(prefix="mad-bench-hf-") as folder:
         hf.save_pretrained(folder)
         lm, _ = load(folder)
@@ -125,20 +138,20 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
 def run(a, log, t_start, hf, info, lm, folder) -> dict:
     n_params = sum(p.numel() for p in hf.parameters())
-    print(f"xLSTM {n_params / 1e6:.1f}M parameters ({', '.join(f'{k}={v}' for k, v in CONFIG.items())}), float32, "
+    print(f"xLSTM {n_params / 1e6:.1f}M parameters ({', '.join(f'{k}={v}' for k, v in a.config.items())}), float32, "
           f"batch 1", file=log)
     print(f"HF: transformers {info['transformers']}, torch {info['torch']}, "
           f"{'external xlstm package path' if info['external_xlstm'] else 'built-in path (no xlstm package)'} "
           f"(chunkwise '{info['chunkwise_kernel']}', step '{info['step_kernel']}'), torch threads "
           f"{info['torch_threads']}", file=log)
 
-    check = check_same(hf, lm, CONFIG["vocab_size"], a.seed)
+    check = check_same(hf, lm, a.config["vocab_size"], a.seed)
     print(f"logits agree: max |diff| prefill {check['prefill_logits']:.2e}, decode {check['decode_logits']:.2e} "
           f"(|logits| up to {check['logit_scale']:.1f}; same argmax: {check['same_argmax_prefill']})", file=log)
 
     gen = torch.Generator().manual_seed(a.seed + 1)
-    prompt = torch.randint(0, CONFIG["vocab_size"], (1, a.prompt), generator=gen)
-    long = torch.randint(0, CONFIG["vocab_size"], (1, a.prefill), generator=gen)
+    prompt = torch.randint(0, a.config["vocab_size"], (1, a.prompt), generator=gen)
+    long = torch.randint(0, a.config["vocab_size"], (1, a.prefill), generator=gen)
 
     # ---------------------------------------------------------------- prompt states (shared by all trials)
     worker = MadProcess(folder, prompt.numpy(), long.numpy(), a.steps)
@@ -169,8 +182,8 @@ def run(a, log, t_start, hf, info, lm, folder) -> dict:
             return time.perf_counter() - t
 
     decode = {"mad": mad_decode, "hf": hf_decode}
-    interleave(decode, 1)  # warm-up
-    decode_times = interleave(decode, a.trials)
+    interleave(decode, 1, a.pause)  # warm-up
+    decode_times = interleave(decode, a.trials, a.pause)
 
     # ---------------------------------------------------------------- prefill
     def hf_prefill() -> float:
@@ -194,9 +207,9 @@ def run(a, log, t_start, hf, info, lm, folder) -> dict:
             hf_forward(hf, long[:, : a.prompt])
             warm[name] = f"a {a.prompt}-token run"
     n_prefill = max(1, min(a.trials, int(a.budget // max(est["mad"] + est["hf"], 1e-9))))
-    prefill_times = interleave({"mad": mad_prefill, "mad-prompt": mad_prompt, "hf": hf_prefill}, n_prefill)
+    prefill_times = interleave({"mad": mad_prefill, "mad-prompt": mad_prompt, "hf": hf_prefill}, n_prefill, a.pause)
 
-    results = {"config": CONFIG, "params": n_params, "dtype": "float32", "hf": info, "mlx": mx.__version__,
+    results = {"config": a.config, "params": n_params, "dtype": "float32", "hf": info, "mlx": mx.__version__,
                "mlx_device": str(mx.default_device()), "cpu_blas": worker.blas, "machine": platform.machine(), "processor": platform.processor(),
                "check": check, "prefill_warmup": warm, "benchmarks": {}}
     rows = []

@@ -20,6 +20,7 @@ trials. The timed MAD model runs in a process of its own (benchmarks/mad_worker.
 CPU BLAS `import mad` picks there (mad/blas.py; printed; MAD_BLAS is passed on).
 
     /tmp/ref/bin/python benchmarks/bench_nxai.py [--trials 3] [--steps 16] [--prefill 256] [--json [PATH]]
+    python benchmarks/bench_nxai.py --quick   # 4 blocks of width 64, tiny lengths, no pauses: a smoke run (CI)
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from common import (WORKER_BLAS, MadProcess, interleave, slstm_inputs, throughput,  # noqa: I001 (reads MAD_BLAS first)
+from common import (PAUSE_S, WORKER_BLAS, MadProcess, interleave, slstm_inputs, throughput,  # noqa: I001 (reads MAD_BLAS first)
                     write_json)
 
 os.environ["MAD_BLAS"] = "mlx"  # here MAD only checks agreement; the timed MAD runs in its own process
@@ -55,6 +56,7 @@ CONFIG = {
     "slstm_block": {"slstm": {"backend": "vanilla", "num_heads": 4, "conv1d_kernel_size": 4},
                     "feedforward": {"proj_factor": 1.3, "act_fn": "gelu"}},
 }
+QUICK_CONFIG = dict(CONFIG, vocab_size=256, embedding_dim=64, num_blocks=4, slstm_at=[1])  # --quick
 
 
 def clone_state(state):
@@ -66,7 +68,7 @@ def clone_state(state):
     return state.clone() if isinstance(state, torch.Tensor) else state
 
 
-def slstm_only(worker: MadProcess, steps: int, trials: int) -> dict:
+def slstm_only(worker: MadProcess, steps: int, trials: int, pause: float) -> dict:
     """The sLSTM recurrence alone: MAD's kernel (in the worker) vs NX-AI's vanilla loop."""
     from xlstm.blocks.slstm.src.vanilla import slstm_forward, slstm_pointwise_function_registry
 
@@ -86,8 +88,8 @@ def slstm_only(worker: MadProcess, steps: int, trials: int) -> dict:
     np.save(worker.folder / "slstm_ref.npy", ref.numpy())
     diff = json.loads(worker.ask(f"slstm-setup {steps}"))["max_abs_diff_h"]
     timers = {"mad": worker.timer("slstm"), "nxai": nxai}
-    interleave(timers, 1)
-    return {"times": interleave(timers, trials), "max_abs_diff_h": diff}
+    interleave(timers, 1, pause)
+    return {"times": interleave(timers, trials, pause), "max_abs_diff_h": diff}
 
 
 def main(argv: Optional[list[str]] = None) -> dict:
@@ -97,12 +99,18 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--prompt", type=int, default=64, help="prompt length before decoding")
     ap.add_argument("--prefill", type=int, default=256, help="length of the timed prefill (and of the sLSTM-only run)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of rest before each trial (common.interleave)")
+    ap.add_argument("--quick", action="store_true",
+                    help="a smoke run in seconds, timings meaningless: vocab 256, width 64, 4 blocks (sLSTM at 1), "
+                         "--trials 1 --steps 2 --prompt 8 --prefill 16 --pause 0")
     ap.add_argument("--json", nargs="?", const="-", metavar="PATH", help="write the results as JSON (stdout if no PATH)")
     a = ap.parse_args(argv)
+    if a.quick:
+        a.trials, a.steps, a.prompt, a.prefill, a.pause = 1, 2, 8, 16, 0.0
     log = sys.stderr if a.json == "-" else sys.stdout
     t_start = time.perf_counter()
 
-    cfg = dict(CONFIG, context_length=max(a.prefill, a.prompt + a.steps + 1, 32))
+    cfg = dict(QUICK_CONFIG if a.quick else CONFIG, context_length=max(a.prefill, a.prompt + a.steps + 1, 32))
     torch.manual_seed(a.seed)
     nx = build_model(cfg)
     randomise_(nx, seed=a.seed, width_scale=(24 / cfg["embedding_dim"]) ** 0.5)
@@ -120,8 +128,8 @@ def run(a, log, t_start, cfg, nx, lm, folder) -> dict:
     n_params = sum(p.numel() for p in nx.parameters())
     import xlstm
 
-    print(f"xLSTM[7:1] {n_params / 1e6:.1f}M parameters (width 768, 24 blocks, sLSTM at 7, 15, 23, vocab 50304), "
-          f"float32, batch 1", file=log)
+    print(f"xLSTM {n_params / 1e6:.1f}M parameters (width {cfg['embedding_dim']}, {cfg['num_blocks']} blocks, sLSTM at "
+          f"{', '.join(map(str, cfg['slstm_at']))}, vocab {cfg['vocab_size']}), float32, batch 1", file=log)
     print(f"NX-AI: xlstm {xlstm.__version__}, torch {torch.__version__}, sLSTM backend vanilla, torch threads "
           f"{torch.get_num_threads()}", file=log)
 
@@ -166,8 +174,8 @@ def run(a, log, t_start, cfg, nx, lm, folder) -> dict:
             return time.perf_counter() - t
 
     decode = {"mad": mad_decode, "nxai": nx_decode}
-    interleave(decode, 1)  # warm-up
-    decode_times = interleave(decode, a.trials)
+    interleave(decode, 1, a.pause)  # warm-up
+    decode_times = interleave(decode, a.trials, a.pause)
 
     # ---------------------------------------------------------------- prefill
     def nx_prefill() -> float:
@@ -177,11 +185,11 @@ def run(a, log, t_start, cfg, nx, lm, folder) -> dict:
             return time.perf_counter() - t
 
     prefill = {"mad": mad_prefill, "nxai": nx_prefill}
-    first = {k: v[0] for k, v in interleave(prefill, 1).items()}  # warm-up at the timed length (MAD traces and
+    first = {k: v[0] for k, v in interleave(prefill, 1, a.pause).items()}  # warm-up at the timed length (MAD traces and
     # compiles the program for this shape once: the first call at a new length pays that)
-    prefill_times = interleave(prefill, a.trials)
+    prefill_times = interleave(prefill, a.trials, a.pause)
 
-    slstm = slstm_only(worker, a.prefill, a.trials)
+    slstm = slstm_only(worker, a.prefill, a.trials, a.pause)
 
     results = {"config": cfg, "params": n_params, "dtype": "float32", "torch": torch.__version__,
                "xlstm": xlstm.__version__, "torch_threads": torch.get_num_threads(), "mlx": mx.__version__,

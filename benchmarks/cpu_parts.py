@@ -7,6 +7,7 @@ float32 1024 x 1024 product in GFLOP/s, which shows the BLAS in use (mad/blas.py
 own, where the block's products take minutes).
 
     python benchmarks/cpu_parts.py [--trials 9]
+    python benchmarks/cpu_parts.py --quick    # 32 tokens, hidden 64, 256 x 256 product, one trial: a smoke run (CI)
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ import mlx.core as mx
 from mad.kernels.mlstm import mlstm_sequence
 from mad.kernels.registry import dispatch, use_reference
 
-T, D, NH, F, V = 1024, 768, 4, 2048, 50304
-PRODUCTS = {"q|k|v|o|i|f": (D, 2 * (D // 2) + 2 * D + 2 * NH), "out_proj": (D, D), "up|gate": (D, 2 * F),
-            "down": (F, D)}
+SIZES = dict(T=1024, D=768, NH=4, F=2048, V=50304, N=1024)  # N: the square product of the GFLOP/s line
+QUICK = dict(T=32, D=64, NH=4, F=128, V=256, N=256)
+
+
+def products(D: int, NH: int, F: int) -> dict[str, tuple[int, int]]:
+    """One block's weight products, (in, out), fused siblings as one."""
+    return {"q|k|v|o|i|f": (D, 2 * (D // 2) + 2 * D + 2 * NH), "out_proj": (D, D), "up|gate": (D, 2 * F), "down": (F, D)}
 
 
 def median_s(fn, *args, trials: int) -> float:
@@ -40,14 +45,17 @@ def median_s(fn, *args, trials: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--trials", type=int, default=9)
-    n = ap.parse_args().trials
+    ap.add_argument("--quick", action="store_true", help=f"a smoke run, timings meaningless: {QUICK}, one trial")
+    args = ap.parse_args()
+    n = 1 if args.quick else args.trials
+    T, D, NH, F, V, N = (QUICK if args.quick else SIZES).values()
     mx.set_default_device(mx.cpu)
     print(f"mlx {mx.__version__}, CPU BLAS: {mad.blas.LOADED or 'bundled with MLX'}")
-    a = mx.random.normal((1024, 1024))
-    print(f"1024 x 1024 float32 product: {2 * 1024 ** 3 / median_s(lambda a: a @ a, a, trials=n) / 1e9:.0f} GFLOP/s")
+    a = mx.random.normal((N, N))
+    print(f"{N} x {N} float32 product: {2 * N ** 3 / median_s(lambda a: a @ a, a, trials=n) / 1e9:.0f} GFLOP/s")
 
     total_s = total_flop = 0.0
-    for name, (k, m) in PRODUCTS.items():
+    for name, (k, m) in products(D, NH, F).items():
         x, w = mx.random.normal((1, T, k)), mx.random.normal((m, k))
         s = median_s(lambda x, w: x @ w.T, x, w, trials=n)
         total_s, total_flop = total_s + s, total_flop + 2 * T * k * m
@@ -63,7 +71,8 @@ def main() -> None:
     logits = mx.random.normal((1, T, V)) * 5
     mx.eval(q, k, v, i, f, g, u, gu, h, wn, logits)
     parts = {
-        "mLSTM cell (chunk 64)": (lambda q, k, v, i, f: mlstm_sequence(q, k, v, i, f, chunk_size=64), (q, k, v, i, f)),
+        f"mLSTM cell (chunk {min(64, T)})": (lambda q, k, v, i, f: mlstm_sequence(q, k, v, i, f, chunk_size=min(64, T)),
+                                             (q, k, v, i, f)),
         "SiLU(gate) * up": (lambda g, u: dispatch("silu_mul")(g, u), (g, u)),
         "  the same on split columns": (lambda gu: dispatch("silu_mul")(gu[..., :F], gu[..., F:]), (gu,)),
         "sigmoid(o) * h (output gate)": (lambda o, x: dispatch("sigmoid_mul")(o, x), (h, h)),

@@ -10,8 +10,8 @@ import mlx.nn as nn
 
 from mad.kernels import activations, linear_device  # noqa: F401  (register the kernels and variants)
 from mad.kernels.registry import dispatch, kernels
-from mad.block import (Block, Dim, OptDim, ShapeError, TensorType, expect_float, expect_last, register, same_types,
-                       with_last)
+from mad.block import (Block, Dim, FiniteFloat, OptDim, PositiveFloat, ShapeError, TensorType, expect_float, expect_last,
+                       register, same_types, with_last)
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
     # kernels: the function is picked for the device when the model is traced (kernels/activations.py)
@@ -84,7 +84,7 @@ class LinearBlock(Block):
 
     out: Dim
     bias: bool = False
-    softcap: Optional[float] = None
+    softcap: Optional[PositiveFloat] = None  # c > 0: c * tanh(y / c)
     tie: Optional[str] = None  # node whose `weight` [out, D_in] this linear uses (e.g. the embedding)
 
     def infer(self, x: TensorType) -> TensorType:
@@ -113,7 +113,7 @@ class RMSNormBlock(Block):
 
     positionwise = True
 
-    eps: float = 1e-6
+    eps: PositiveFloat = 1e-6
     weight: bool = True
     dim: OptDim = None  # checked against the input when given
 
@@ -147,9 +147,9 @@ class LayerNormBlock(Block):
 
     positionwise = True
 
-    eps: float = 1e-5
+    eps: PositiveFloat = 1e-5
     bias: bool = True
-    weight_offset: float = 0.0
+    weight_offset: FiniteFloat = 0.0
     dim: OptDim = None
 
     def infer(self, x: TensorType) -> TensorType:

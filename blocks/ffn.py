@@ -12,7 +12,7 @@ from typing import ClassVar, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.block import Block, OptDim, ShapeError, TensorType, expect_float, register
+from mad.block import Block, OptDim, PositiveFloat, PositiveInt, ShapeError, TensorType, expect_float, register
 from mad.dims import round_up
 
 from .basic import gated
@@ -34,8 +34,8 @@ class _GatedFFNBlock(Block):
     positionwise = True
 
     hidden: OptDim = None
-    factor: Optional[float] = None
-    round_to: int = 1
+    factor: Optional[PositiveFloat] = None
+    round_to: PositiveInt = 1
     bias: bool = False
     act: ClassVar[str] = "silu"
 

@@ -17,7 +17,7 @@ from typing import Literal, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.block import Block, Dim, ShapeError, TensorType, expect_float, register
+from mad.block import Block, Dim, FiniteFloat, PositiveFloat, ShapeError, TensorType, expect_float, register
 from mad.kernels import mlstm_chunk_device, mlstm_device  # noqa: F401  (register the device variants)
 from mad.kernels.mlstm import mlstm_sequence
 from mad.kernels.registry import dispatch
@@ -63,7 +63,7 @@ class MLSTMCellBlock(Block):
     modes = ("step", "chunkwise", "parallel")
     heads: Dim
     chunk_size: Dim = 64
-    eps: float = 1e-6
+    eps: PositiveFloat = 1e-6
     mode: Literal["auto", "step", "chunkwise", "parallel"] = "auto"
     scale: Literal["q", "k"] = "q"
 
@@ -121,9 +121,9 @@ class MultiHeadLayerNormBlock(Block):
     positionwise = True
 
     heads: Dim
-    eps: float = 1e-6
+    eps: PositiveFloat = 1e-6
     bias: bool = False
-    weight_offset: float = 0.0
+    weight_offset: FiniteFloat = 0.0
 
     def infer(self, x: TensorType) -> TensorType:
         expect_float(x)

@@ -23,7 +23,8 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.block import Block, Dim, OptDim, ShapeError, TensorType, expect_float, register, same_types, with_last
+from mad.block import (Block, Dim, NonNegDim, OptDim, ShapeError, TensorType, expect_float, register, same_types,
+                       with_last)
 from mad.dims import shape_str
 from mad.kernels import slstm_device  # noqa: F401  (registers the device variant)
 from mad.kernels.registry import dispatch
@@ -38,7 +39,7 @@ class SliceBlock(Block):
 
     positionwise = True
 
-    start: Dim = 0
+    start: NonNegDim = 0
     size: Dim
 
     def infer(self, x: TensorType) -> TensorType:

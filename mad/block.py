@@ -3,7 +3,9 @@
 A block type is a pydantic model (its fields are what a topology file may write on a node) that also
 says, for concrete input types, what it outputs (`infer`), what recurrent state it owns (`state`) and
 which MLX module runs it (`build`). Register one with `@register("name")`; MAD's own blocks and a
-user's are registered the same way. Entry points in the group `mad.blocks` are imported on first use.
+user's are registered the same way. Entry points in the group `mad.blocks` are imported only when the
+caller trusts plugins (`block_types(trust_plugins=True)`): importing runs their code. No registration may
+replace one of MAD's own block types.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import importlib.metadata
 from dataclasses import dataclass
 from typing import Annotated, Any, Callable, ClassVar, Optional, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
+from pydantic_core import PydanticCustomError
 
-from .dims import DimError, Size, evaluate, shape_str
+from .dims import DimError, Size, evaluate, label, names_in, shape_str
+from .errors import MadError
 
 
 # ----------------------------------------------------------------------------------------- types
@@ -38,20 +42,56 @@ class ShapeError(ValueError):
     """Raised by `Block.infer` when inputs do not fit; the graph adds the edge and the source."""
 
 
-def _resolve_dim(value: Any, info: ValidationInfo) -> Any:
-    env = (info.context or {}).get("dims")
-    if env is None or value is None:
-        return value
-    try:
-        return evaluate(value, env)
-    except DimError as e:
-        raise ValueError(str(e)) from None
+BROKEN_DIM = "mad_broken_dim"
+"""Error type of a field that reads a dim which has an error of its own (reported once, at the dim)."""
 
 
-# A block field holding a dim: an int or an expression over the topology's dims ("D // NH").
-Dim = Annotated[Union[int, str], AfterValidator(_resolve_dim)]
-OptDim = Annotated[Optional[Union[int, str]], AfterValidator(_resolve_dim)]
+def _no_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a number, got {str(value).lower()}")
+    return value
+
+
+def _dim_field(minimum: int) -> Callable[[Any, ValidationInfo], Any]:
+    def resolve(value: Any, info: ValidationInfo) -> Any:
+        context = info.context or {}
+        env = context.get("dims")
+        if value is None:
+            return value
+        if env is None:
+            if isinstance(value, int) and value < minimum:
+                raise ValueError(f"must be at least {minimum}, got {value}")
+            return value
+        broken = context.get("broken") or ()
+        if broken and isinstance(value, str) and names_in(value) & set(broken):
+            raise PydanticCustomError(BROKEN_DIM, "reads a dim with an error")
+        try:
+            size = evaluate(value, env)
+        except DimError as e:
+            raise ValueError(str(e)) from None
+        if size < minimum:
+            raise ValueError(f"must be at least {minimum}, got {label(size)}")
+        return size
+
+    return resolve
+
+
+def _dim_input(value: Any) -> Any:
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size (an integer or a dim expression), got {str(value).lower()}")
+    return value
+
+
+# A block field holding a size: an int or an expression over the topology's dims ("D // NH"), at least 1.
+Dim = Annotated[Union[int, str], BeforeValidator(_dim_input), AfterValidator(_dim_field(1))]
+OptDim = Annotated[Optional[Union[int, str]], BeforeValidator(_dim_input), AfterValidator(_dim_field(1))]
+# A block field holding an offset or count that may be 0 (e.g. where a slice starts).
+NonNegDim = Annotated[Union[int, str], BeforeValidator(_dim_input), AfterValidator(_dim_field(0))]
 Inputs = Union[str, list[str], dict[str, str], None]
+# Float fields: finite, never a bool (`eps: true` is a mistake, not 1.0).
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False), BeforeValidator(_no_bool)]
+PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False), BeforeValidator(_no_bool)]
+PositiveInt = Annotated[int, Field(gt=0), BeforeValidator(_no_bool)]
 
 
 # ----------------------------------------------------------------------------------------- blocks
@@ -92,16 +132,39 @@ class Block(BaseModel):
 
 BLOCKS: dict[str, type[Block]] = {}
 _ENTRY_POINTS_LOADED = False
+_ENTRY_POINT_ERRORS: list[str] = []
+BUILTIN_MODULES = ("mad.blocks.basic", "mad.blocks.ffn", "mad.blocks.mlstm", "mad.blocks.xlstm_v1")
+
+
+class RegistrationError(MadError, ValueError):
+    """A block type registered twice (by a different class), or over one of MAD's own."""
+
+
+def is_builtin(cls: type) -> bool:
+    return cls.__module__.startswith("mad.blocks.")
 
 
 def register(name: str) -> Callable[[type[Block]], type[Block]]:
-    """Class decorator: make a Block subclass available as `type: name` in topology files."""
+    """Class decorator: make a Block subclass available as `type: name` in topology files.
+
+    A name can be registered once; registering the same class again (a module reloaded) is fine. MAD's
+    own block types cannot be replaced.
+    """
 
     def wrap(cls: type[Block]) -> type[Block]:
         if not (isinstance(cls, type) and issubclass(cls, Block)):
             raise TypeError(f"@register('{name}') needs a subclass of mad.Block")
-        if name in BLOCKS and BLOCKS[name] is not cls and BLOCKS[name].__qualname__ != cls.__qualname__:
-            raise ValueError(f"block type '{name}' is already registered by {BLOCKS[name].__module__}")
+        if not isinstance(name, str) or not name or not name.isprintable() or any(c.isspace() for c in name):
+            raise RegistrationError(f"@register({name!r}): a block type name must be a word (no spaces or "
+                                    f"control characters)")
+        old = BLOCKS.get(name)
+        if old is not None and old is not cls:
+            same = (old.__module__, old.__qualname__) == (cls.__module__, cls.__qualname__)
+            if not same:  # the same module and class again is a reload
+                what = "one of MAD's own block types" if is_builtin(old) else "already registered"
+                raise RegistrationError(
+                    f"block type '{name}' is already registered by {old.__module__} ({old.__qualname__}): "
+                    f"{cls.__module__} ({cls.__qualname__}) cannot replace it ({what}); choose another name")
         cls.block_type = name
         BLOCKS[name] = cls
         return cls
@@ -109,15 +172,27 @@ def register(name: str) -> Callable[[type[Block]], type[Block]]:
     return wrap
 
 
-def block_types() -> dict[str, type[Block]]:
-    """All registered block types: MAD's own, entry points (`mad.blocks`), and decorated classes."""
+def block_types(trust_plugins: bool = False) -> dict[str, type[Block]]:
+    """All registered block types: MAD's own and every class registered so far in this process; with
+    `trust_plugins`, also those of the installed entry points (group `mad.blocks`), imported on first
+    use. Entry points that fail to load are listed by `entry_point_errors()`."""
     global _ENTRY_POINTS_LOADED
-    importlib.import_module("mad.blocks")
-    if not _ENTRY_POINTS_LOADED:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    if trust_plugins and not _ENTRY_POINTS_LOADED:
         _ENTRY_POINTS_LOADED = True
         for ep in importlib.metadata.entry_points(group="mad.blocks"):
-            ep.load()
+            try:
+                ep.load()
+            except Exception as e:  # noqa: BLE001 - an installed plugin may fail in any way
+                _ENTRY_POINT_ERRORS.append(f"entry point '{ep.name}' ({ep.value}, group mad.blocks) failed to "
+                                           f"load: {type(e).__name__}: {e}")
     return BLOCKS
+
+
+def entry_point_errors() -> list[str]:
+    """Messages of the `mad.blocks` entry points that failed to load (after `block_types(trust_plugins=True)`)."""
+    return list(_ENTRY_POINT_ERRORS)
 
 
 # ----------------------------------------------------------------------------------------- helpers

@@ -19,11 +19,14 @@ def _model(model, defs: dict) -> dict:
     return schema
 
 
-def topology_schema() -> dict:
-    """A draft 2020-12 schema; node entries are a block (by `type`), a template instance or a group."""
+def topology_schema(trust_plugins: bool = False) -> dict:
+    """A draft 2020-12 schema; node entries are a block (by `type`), a template instance or a group.
+
+    The blocks are those registered in this process; with `trust_plugins`, also those of the installed
+    `mad.blocks` entry points (imported, which runs their code)."""
     defs: dict = {}
     schema = _model(TopologyFile, defs)
-    blocks = block_types()
+    blocks = block_types(trust_plugins=trust_plugins)
     node_kinds = []
     for name, cls in sorted(blocks.items()):
         s = _model(cls, defs)

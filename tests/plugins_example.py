@@ -1,7 +1,8 @@
 """An example plugin: a user's own block type, registered the documented way.
 
-Use it from a topology with `plugins: [plugins_example]` (the module must be importable), or import it
-before building. Its node is `{type: scaled_tanh, scale: 2.0}`; its weight is `<node>.weight` [D].
+Use it from a topology with `plugins: [plugins_example]` (the module must be importable, e.g. next to the
+topology file), which is imported only when the caller trusts the file (`--trust-plugins`,
+`load_topology(..., trust_plugins=True)`), or import it before building. Its node is `{type: scaled_tanh, scale: 2.0}`; its weight is `<node>.weight` [D].
 """
 
 from __future__ import annotations

@@ -90,8 +90,10 @@ from safetensors.numpy import load_file
 golden = load_file("{fixture}/golden.safetensors")
 model, _ = mad.load("{fixture}")
 logits, _ = model(mx.array(golden["tokens"]))
+err = np.abs(np.array(logits).astype(np.float64) - golden["logits64"])
 print("loaded", mad.blas.LOADED)
-print("mad", np.abs(np.array(logits) - golden["logits64"]).max())
+print("max", err.max())
+print("mean", err.mean())
 """
 
 
@@ -99,13 +101,19 @@ print("mad", np.abs(np.array(logits) - golden["logits64"]).max())
 @needs_mkl
 def test_default_cpu_path_on_the_hf_fixture():
     """The path a user gets on a Linux CPU (MKL, the CPU kernel variants) on the HF fixture, against HF's
-    float64 logits: within the float32-order bound of tests/test_xlstm_hf.py::test_modes_agree (the
-    fixture's ill-conditioned cells amplify any change of summation order or 1-ulp rounding: 2.0e-4
-    measured here, HF's own float32 2.7e-4; the definition, with MLX's BLAS and the references, 7.5e-5)."""
+    float64 logits, within the fixture's float32 spread over summation orders.
+
+    On this fixture the largest error is decided by summation order, not by the path: 600 random orders of
+    every contraction (benchmarks/probe_float32_orders.py, with MKL and with MLX's BLAS) put the max |diff|
+    anywhere from 4e-5 to 1.7e-3 (median 3.5e-4; HF's own float32 2.7e-4) and the mean from 3.9e-6 to
+    1.1e-5; a BLAS on any CPU sums in one such order, hence max <= 3e-3 and mean <= 2e-5. The former bound,
+    max <= 4e-4, held the 2.0e-4 this path gave before the `linear` kernel's CPU variant computed each part
+    of a fused product as a product of its own (491cd5c), which hands MKL other shapes and so other orders:
+    4.9e-4 since, on the AMD EPYC of CI (the commit before gives 2.05e-4 there, the figure the Intel gave)."""
     from pathlib import Path
     fixture = Path(__file__).parent / "fixtures" / "hf-tiny"
     r = python(PARITY.format(fixture=fixture), MAD_KERNELS="auto")
     assert r.returncode == 0, r.stderr
     out = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert "libmkl_rt" in out["loaded"]
-    assert float(out["mad"]) <= 4e-4, out
+    assert float(out["max"]) <= 3e-3 and float(out["mean"]) <= 2e-5, out

@@ -9,6 +9,7 @@ references and MLX's own BLAS (tests/conftest.py): this draw's cells amplify 1-u
 
 from __future__ import annotations
 
+import inspect
 import sys
 from pathlib import Path
 
@@ -24,6 +25,14 @@ sys.path.insert(0, str(Path(__file__).parent / "reference"))
 from make_hf_fixtures import randomise_  # noqa: E402
 
 from mad.loading import load  # noqa: E402
+
+
+# transformers 5.x renamed xLSTM's `cache_params` (argument and output) to `cache`; the old name goes in 5.40
+CACHE = "cache" if "cache" in inspect.signature(transformers.xLSTMForCausalLM.forward).parameters else "cache_params"
+
+
+def cache_of(out):
+    return getattr(out, CACHE)
 
 
 @pytest.fixture(scope="module")
@@ -49,10 +58,10 @@ def run(checkpoint):
     with torch.no_grad():
         full = hf(ids, use_cache=True).logits.numpy()
         pre = hf(ids[:, :t1], use_cache=True)
-        cache, steps = pre.cache_params, []
+        cache, steps = cache_of(pre), []
         for t in range(t1, ids.shape[1]):
-            out = hf(ids[:, t:t + 1], cache_params=cache, use_cache=True)
-            cache = out.cache_params
+            out = hf(ids[:, t:t + 1], use_cache=True, **{CACHE: cache})
+            cache = cache_of(out)
             steps.append(out.logits.numpy())
     model, _ = load(folder)
     return model, mx.array(ids.numpy().astype(np.int32)), t1, full, np.concatenate(steps, 1), cache

@@ -1,0 +1,138 @@
+"""The benchmark scripts run here, in their `--quick` mode (tiny sizes, one trial, no pauses), so that none
+can rot unnoticed; their timings mean nothing and are not checked, only that each runs to the end, that
+its correctness check passes (each script stops when MAD and its reference disagree) and what its JSON
+holds.
+
+Maintained (quoted in README.md, benchmarks/README.md or a test, CPU): bench_framework.py, bench_hf.py and
+bench_nxai.py (with mad_worker.py and common.py), cpu_parts.py, probe_mkl_torch.py, probe_float32_orders.py. The PyTorch ones run
+where torch, transformers and xlstm are installed (CI installs them) and carry the `reference` mark.
+GPU-only scripts (benchmarks/README.md's GPU table) run with small arguments where MLX has a GPU, and
+are skipped elsewhere; every script is at least compiled. A new script must be listed below.
+
+Each runs in a subprocess with the repository root first on PYTHONPATH (the checkout's MAD, installed
+or not) and the CPU BLAS a user gets (`MAD_BLAS` unset; tests/conftest.py pins MLX's own for this
+process only).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import py_compile
+import subprocess
+import sys
+from pathlib import Path
+
+import mlx.core as mx
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+
+# script -> the modules it needs besides MAD
+CPU = {"bench_framework.py": (), "cpu_parts.py": (), "probe_float32_orders.py": (),
+       "bench_hf.py": ("torch", "transformers"), "bench_nxai.py": ("torch", "xlstm"),
+       "probe_mkl_torch.py": ("torch", "xlstm")}
+HELPERS = {"common.py", "mad_worker.py"}
+# GPU-only scripts and small arguments for a smoke run
+GPU = {
+    "gpu_decode_probe.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--steps", "2"],
+    "gpu_float32_trace.py": [],
+    "gpu_gemv.py": [],
+    "gpu_long_context.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--tokens", "512",
+                            "--step", "256", "--prefix", "33"],
+    "gpu_mlstm_cell.py": ["--tokens", "256", "--heads", "2", "--dqk", "64", "--dv", "64", "--chunks", "64",
+                          "--dtypes", "float32", "--trials", "1", "--no-limits"],
+    "gpu_mlstm_float32.py": [],
+    "gpu_slstm.py": ["layer", "--batch", "1", "--tokens", "64", "--trials", "1"],
+    "gpu_step_kernels.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2"],
+    "gpu_tf32_probe.py": [],
+    "probe_slstm.py": ["--batches", "1", "--tokens", "64", "--trials", "1"],
+    "sweep_chunk_outputs.py": [],
+    "sweep_mlstm_step.py": ["--batch", "1", "--chain", "2", "--trials", "1"],
+}
+BY_HAND = {"gpu_hf_reference.py": "builds HF's xLSTM-7B in PyTorch on a CUDA GPU (minutes, ~15 GB): run by hand"}
+
+
+def has_gpu() -> bool:
+    return mx.metal.is_available() or (hasattr(mx, "cuda") and mx.cuda.is_available())
+
+
+def missing(modules) -> list[str]:
+    return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def run(script: str, *args: str, timeout: float = 180) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MAD_BLAS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=timeout)
+    assert r.returncode == 0, f"{script} {' '.join(args)} exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+def test_every_script_is_listed():
+    listed = set(CPU) | HELPERS | set(GPU) | set(BY_HAND)
+    assert {p.name for p in BENCH.glob("*.py")} == listed
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+def test_compiles(script, tmp_path):
+    py_compile.compile(str(BENCH / script), cfile=str(tmp_path / "x.pyc"), doraise=True)
+
+
+@pytest.mark.parametrize("args", [["--fuse", "both"], ["--dtype", "bfloat16"]], ids=["fuse-both", "bfloat16"])
+def test_bench_framework_quick(args, tmp_path):
+    out = tmp_path / "framework.json"
+    run("bench_framework.py", "--quick", *args, "--json", str(out))
+    res = json.loads(out.read_text())
+    checks = [res["check"]] if len(res["fuse"]) == 1 else list(res["check"].values())  # one per MAD model
+    assert len(checks) == (2 if "both" in args else 1)
+    if res["dtype"] == "float32":  # the same kernels, products and order as MAD: the same float32 results
+        assert all(c["prefill_logits"] == c["decode_logits"] == c["state"] == 0.0 for c in checks), checks
+    assert set(res["benchmarks"]) == {"decode", "decode call", "forward32"}
+
+
+def test_cpu_parts_quick():
+    r = run("cpu_parts.py", "--quick")
+    assert "GFLOP/s" in r.stdout and "mLSTM cell" in r.stdout
+
+
+def test_probe_float32_orders_quick():
+    r = run("probe_float32_orders.py", "--quick")
+    assert "2 random orders, max |diff|" in r.stdout
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(bool(missing(CPU["bench_hf.py"])), reason=f"needs {', '.join(CPU['bench_hf.py'])}")
+def test_bench_hf_quick(tmp_path):
+    out = tmp_path / "hf.json"
+    run("bench_hf.py", "--quick", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert res["check"]["prefill_logits"] < 1e-4 and res["check"]["decode_logits"] < 1e-4, res["check"]
+    assert res["check"]["same_argmax_prefill"]
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(bool(missing(CPU["bench_nxai.py"])), reason=f"needs {', '.join(CPU['bench_nxai.py'])}")
+def test_bench_nxai_quick(tmp_path):
+    out = tmp_path / "nxai.json"
+    run("bench_nxai.py", "--quick", "--json", str(out))
+    res = json.loads(out.read_text())
+    # MAD within a few times NX-AI's own float32 distance from its float64 logits
+    assert res["check"]["mad_vs_nxai_float64"] < 10 * max(res["check"]["nxai_float32_vs_float64"], 1e-6), res["check"]
+    assert res["slstm_only_max_abs_diff_h"] < 1e-5
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(bool(missing(CPU["probe_mkl_torch.py"])), reason=f"needs {', '.join(CPU['probe_mkl_torch.py'])}")
+def test_probe_mkl_torch_quick():
+    r = run("probe_mkl_torch.py", "--quick")
+    assert "after one MLX product" in r.stdout
+
+
+@pytest.mark.skipif(not has_gpu(), reason="GPU-only script (benchmarks/README.md, GPU scripts): MLX has no GPU here")
+@pytest.mark.parametrize("script", sorted(GPU))
+def test_gpu_script_smoke(script):
+    run(script, *GPU[script], timeout=600)
