@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 import mlx.core as mx
 
 from . import blas
+from .errors import MadError
 from .generate import PREFILL_STEP, LanguageModel
 
 KEYS = ("prompt_tps", "generation_tps", "peak_memory")
@@ -32,14 +33,14 @@ def _trial(model: LanguageModel, prompt: mx.array, generation_tokens: int, prefi
     mx.reset_peak_memory()
     batch, prompt_tokens = prompt.shape
     start = time.perf_counter()
-    logits, state = model.prefill(prompt, step_size=prefill_step)
+    logits, state = model.prefill(prompt, step_size=prefill_step, check_tokens=False)  # random ids in range
     token = mx.argmax(logits, axis=-1)
     mx.eval(token, state)
     prompt_time = time.perf_counter() - start
 
     start = time.perf_counter()
     for _ in range(generation_tokens):
-        logits, state = model(token[:, None], state)
+        logits, state = model(token[:, None], state, check_tokens=False)  # no sync between steps
         token = mx.argmax(logits[:, -1], axis=-1)
         mx.async_eval(token, state)
     mx.eval(token, state)
@@ -52,6 +53,12 @@ def _trial(model: LanguageModel, prompt: mx.array, generation_tokens: int, prefi
 def bench(model: LanguageModel, prompt_tokens: int = 512, generation_tokens: int = 128, batch: int = 1,
           trials: int = 5, prefill_step: int = PREFILL_STEP, seed: int = 0, echo=print) -> dict:
     """Run the benchmark; `echo` receives the mlx_lm-style lines. Returns the figures as a dict."""
+    for name, value, least in (("prompt_tokens", prompt_tokens, 1), ("generation_tokens", generation_tokens, 0),
+                               ("batch", batch, 1), ("trials", trials, 1), ("prefill_step", prefill_step, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise MadError(f"{name} must be an integer >= {least}, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise MadError(f"seed must be an integer in 0..2**64-1, got {seed!r}")
     mx.random.seed(seed)
     prompt = mx.random.randint(0, model.vocab_size, (batch, prompt_tokens)).astype(mx.int32)
     echo("Running warmup..")

@@ -23,14 +23,36 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show Python traceba
     DEBUG["on"] = debug
 
 
-def _setup(device: Optional[str], kernels: str = "auto") -> None:
-    """Apply --device and --kernels."""
-    from .kernels.registry import set_policy
+TF32_HELP = "allow TF32 for float32 matrix products on GPUs that have it (faster, ~1e-3 relative error)"
+TRUST_HELP = "import the Python modules a topology's `plugins:` names (runs their code)"
+MEMORY_HELP = "load even if the weights look larger than the available memory"
+TOKENIZER_HELP = "tokenizer.json, or 'bytes' (default: the checkpoint's; bytes for a topology)"
+SAMPLING_FLAGS = {"temp": "--temp", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
+                  "repetition_penalty": "--repetition-penalty", "max_tokens": "--max-tokens"}
 
-    if kernels not in ("auto", "reference"):
+
+def _setup(device: Optional[str], kernels: Optional[str] = None, tf32: bool = False) -> None:
+    """Apply --tf32, --device and (bench) --kernels, before anything is computed."""
+    if tf32:
+        import os
+
+        os.environ["MLX_ENABLE_TF32"] = "1"  # MLX reads it at the first float32 matrix product
+    if kernels is not None and kernels not in ("auto", "reference"):
         raise MadError(f"--kernels must be auto or reference, got '{kernels}'")
-    set_policy(kernels)
     _device(device)
+
+
+def gpu_available() -> bool:
+    import mlx.core as mx
+
+    if hasattr(mx, "is_available"):
+        try:
+            return bool(mx.is_available(mx.gpu))
+        except Exception:  # noqa: BLE001 - older MLX: ask the backends
+            pass
+    metal = getattr(getattr(mx, "metal", None), "is_available", lambda: False)
+    cuda = getattr(getattr(mx, "cuda", None), "is_available", lambda: False)
+    return bool(metal() or cuda())
 
 
 def _device(device: Optional[str]) -> None:
@@ -39,23 +61,98 @@ def _device(device: Optional[str]) -> None:
 
         if device not in ("cpu", "gpu"):
             raise MadError(f"--device must be cpu or gpu, got '{device}'")
+        if device == "gpu" and not gpu_available():
+            raise MadError("--device gpu: MLX finds no GPU here (no Metal device, or an MLX without its CUDA "
+                           "backend: pip install 'mlx[cuda13]'); use --device cpu")
         mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
+
+
+def _check_dtype(dtype: Optional[str]) -> None:
+    from .program import DTYPES
+
+    if dtype is not None and dtype not in DTYPES:
+        raise MadError(f"--dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
+
+
+def _check_seed(seed: int) -> None:
+    if not 0 <= seed < 2**64:
+        raise MadError(f"--seed must be an integer in 0..{2**64 - 1}, got {seed}")
+
+
+def _check_state_paths(save_state: Optional[Path], load_state: Optional[Path]) -> None:
+    """Before any work: the state to load exists, the one to save can be written."""
+    from .loading import check_state_target
+
+    if load_state is not None and not load_state.is_file():
+        raise MadError(f"--load-state {load_state}: " + ("is a folder" if load_state.is_dir() else "no such file"))
+    if save_state is not None:
+        check_state_target(save_state, "--save-state")
+
+
+def _decode(data: bytes, what: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise MadError(f"{what} is not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it as "
+                       "UTF-8, or give the ids with --prompt-ids") from None
+
+
+def _read_prompt(prompt: Optional[str], prompt_ids: Optional[str], prompt_file: Optional[Path]):
+    given = [p for p in (prompt, prompt_ids, prompt_file) if p is not None]
+    if len(given) > 1:
+        raise MadError("give only one of --prompt, --prompt-ids, --prompt-file")
+    if prompt_ids is not None:
+        try:
+            return [int(t) for t in prompt_ids.split(",") if t.strip()]
+        except ValueError:
+            raise MadError(f"--prompt-ids must be comma-separated integers, got '{prompt_ids}'") from None
+    if prompt_file is not None:
+        try:
+            data = prompt_file.read_bytes()
+        except IsADirectoryError:
+            raise MadError(f"cannot read --prompt-file {prompt_file}: it is a folder") from None
+        except OSError as e:
+            raise MadError(f"cannot read --prompt-file: {e.strerror}") from None
+        return _decode(data, f"--prompt-file {prompt_file}")
+    if prompt == "-":
+        stream = getattr(sys.stdin, "buffer", None)  # bytes, to report bad UTF-8 instead of raising
+        return _decode(stream.read(), "the prompt on standard input") if stream is not None else sys.stdin.read()
+    return prompt if prompt is not None else "Hello"
+
+
+def _tokenizer_for(path: Path, lm, tok, tokenizer: Optional[str]):
+    """The tokenizer a command uses: --tokenizer, else the checkpoint's, else bytes; a checkpoint with a
+    vocabulary larger than bytes and no tokenizer is an error (no silent fallback)."""
+    from .errors import Source
+    from .generate import ByteTokenizer
+    from .loading import is_checkpoint_folder
+
+    if tok is not None:
+        return tok
+    if is_checkpoint_folder(path) and lm.vocab_size > 256:
+        raise MadError(f"the checkpoint has no tokenizer.json and a vocabulary of {lm.vocab_size} ids (bytes cover "
+                       "256): pass --tokenizer FILE (a tokenizer.json), or --tokenizer bytes to use raw bytes "
+                       "anyway", Source(str(path)))
+    return ByteTokenizer()
 
 
 @app.command()
 def build(file: Path = typer.Argument(..., help="topology YAML"),
-          out: Optional[Path] = typer.Option(None, "-o", "--out", help="write resolved.yaml, graph.*, plan.json, summary.txt here"),
-          set_: List[str] = typer.Option([], "--set", help="override, e.g. dims.D=512 (repeatable)")) -> None:
+          out: Optional[Path] = typer.Option(None, "-o", "--out", help="write resolved.yaml, graph.*, plan.json, summary.txt here (a new or empty folder, or one `mad build` wrote)"),
+          set_: List[str] = typer.Option([], "--set", help="override, e.g. dims.D=512 (repeatable)"),
+          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP)) -> None:
     """Check a topology and print its summary (every node's shape, parameters and state)."""
+    from .loading import _load_topology
     from .program import Program
     from .graph import build_graph
-    from .report import build_files, summary_table, write_atomic_dir
-    from .topology import load_topology
+    from .report import build_files, check_build_target, summary_table, write_atomic_dir
 
-    program = Program(build_graph(load_topology(file, set_)))
+    if out is not None:
+        check_build_target(out, "-o")  # before the work: never build in vain, never touch a user's folder
+    program = Program(build_graph(_load_topology(file, set_, trust_plugins)))
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(summary_table(program.graph))
     if out is not None:
-        write_atomic_dir(out, build_files(program))
+        write_atomic_dir(out, build_files(program), "-o")
         print(f"wrote {out}/: resolved.yaml graph.json graph.mmd graph.dot plan.json summary.txt")
 
 
@@ -72,65 +169,55 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
         model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder (same as SOURCE)"),
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="prompt text, or - for stdin"),
         prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="comma-separated token ids"),
-        prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="read the prompt from a file"),
-        tokenizer: Optional[Path] = typer.Option(None, "--tokenizer", help="tokenizer.json (default: the checkpoint's, else bytes)"),
-        max_tokens: int = typer.Option(100, "--max-tokens", "-m"),
-        temp: float = typer.Option(0.0, "--temp"),
-        top_p: float = typer.Option(1.0, "--top-p"),
-        top_k: int = typer.Option(0, "--top-k"),
-        min_p: float = typer.Option(0.0, "--min-p"),
-        repetition_penalty: float = typer.Option(1.0, "--repetition-penalty"),
+        prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="read the prompt from a file (UTF-8)"),
+        tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+        max_tokens: int = typer.Option(100, "--max-tokens", "-m", help="tokens to generate (0: only read the prompt)"),
+        temp: float = typer.Option(0.0, "--temp", help=">= 0; 0 is greedy"),
+        top_p: float = typer.Option(1.0, "--top-p", help="in (0, 1]"),
+        top_k: int = typer.Option(0, "--top-k", help=">= 0; 0 is off"),
+        min_p: float = typer.Option(0.0, "--min-p", help="in [0, 1]"),
+        repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 0; 1 is off"),
         seed: int = typer.Option(0, "--seed"),
         dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16"),
-        set_: List[str] = typer.Option([], "--set", help="topology override (with a topology file)"),
-        save_state: Optional[Path] = typer.Option(None, "--save-state", help="save the final state (safetensors)"),
+        set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
+        save_state: Optional[Path] = typer.Option(None, "--save-state", help="save the final state (safetensors, any file name)"),
         load_state: Optional[Path] = typer.Option(None, "--load-state", help="continue from a saved state"),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu")) -> None:
+        device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
+        tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
+        trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
+        no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
     """Generate text (or ids) from a topology with fresh weights, or from a checkpoint."""
     import mlx.core as mx
 
-    from .generate import HFTokenizer, print_stats, stream_generate
+    from .generate import check_sampling, print_stats, stream_generate
     from .loading import load, load_state_file, save_state_file
 
-    _device(device)
-    mx.random.seed(seed)
+    _setup(device, tf32=tf32)
     path = model or source
     if path is None:
         raise MadError("give a topology file, a build folder or --model DIR")
-    lm, tok = load(path, dtype=dtype, overrides=set_)
-    if tokenizer is not None:
-        tok = HFTokenizer(tokenizer, getattr(tok, "eos_token_ids", ()))
-    given = [p for p in (prompt, prompt_ids, prompt_file) if p is not None]
-    if len(given) > 1:
-        raise MadError("give only one of --prompt, --prompt-ids, --prompt-file")
-    if prompt_ids is not None:
-        try:
-            text_or_ids = [int(t) for t in prompt_ids.split(",") if t.strip()]
-        except ValueError:
-            raise MadError(f"--prompt-ids must be comma-separated integers, got '{prompt_ids}'") from None
-    elif prompt_file is not None:
-        try:
-            text_or_ids = prompt_file.read_text()
-        except OSError as e:
-            raise MadError(f"cannot read --prompt-file: {e.strerror}") from None
-    elif prompt == "-":
-        text_or_ids = sys.stdin.read()
-    else:
-        text_or_ids = prompt if prompt is not None else "Hello"
+    _check_dtype(dtype)
+    _check_seed(seed)
+    check_sampling(SAMPLING_FLAGS, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
+                   repetition_penalty=repetition_penalty, max_tokens=max_tokens)
+    _check_state_paths(save_state, load_state)
+    text_or_ids = _read_prompt(prompt, prompt_ids, prompt_file)
+    mx.random.seed(seed)
+    lm, tok = load(path, dtype=dtype, overrides=set_, tokenizer=tokenizer, trust_plugins=trust_plugins,
+                   memory_check=not no_memory_check)
+    tok = _tokenizer_for(path, lm, tok, tokenizer)
     state = load_state_file(load_state, lm) if load_state else None
-    from .generate import ByteTokenizer
-
-    tok = tok or ByteTokenizer()
     show_ids = prompt_ids is not None and getattr(tok, "is_bytes", False)  # raw ids in, raw ids out
     last = None
     for last in stream_generate(lm, tok, text_or_ids, max_tokens=max_tokens, state=state, temp=temp,
                                 top_p=top_p, top_k=top_k, min_p=min_p, repetition_penalty=repetition_penalty):
-        print(f"{last.token} " if show_ids else last.text, end="", flush=True)
+        if last.token is not None:
+            print(f"{last.token} " if show_ids else last.text, end="", flush=True)
     print()
     if last is not None:
         print_stats(last)
         if save_state:
-            save_state_file(save_state, last.state)
+            save_state_file(save_state, last.state, "--save-state")
 
 
 @app.command()
@@ -142,15 +229,15 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
           num_trials: int = typer.Option(5, "--num-trials", "-n"),
           prefill_step: int = typer.Option(4096, "--prefill-step", help="prompt tokens per forward call"),
           dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16"),
-          set_: List[str] = typer.Option([], "--set", help="topology override (with a topology file)"),
+          set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
           kernels: str = typer.Option("auto", "--kernels", help="auto (device kernels) or reference (pure MLX)"),
           device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
-          json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of text")) -> None:
+          json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
+          tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
+          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
+          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
     """Measure prompt and generation tokens/s (random weights unless a checkpoint is given)."""
-    from .bench import bench as run_bench
-    from .loading import load
-
-    _setup(device, kernels)
+    _setup(device, kernels, tf32)
     path = model or source
     if path is None:
         raise MadError("give a topology file, a build folder or --model DIR")
@@ -160,7 +247,27 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
             raise MadError(f"{name} must be at least 1, got {value}")
     if generation_tokens < 0:
         raise MadError(f"--generation-tokens must be at least 0, got {generation_tokens}")
-    lm, _ = load(path, dtype=dtype, overrides=set_)
+    _check_dtype(dtype)
+    from .kernels.registry import use_reference
+
+    with use_reference(kernels == "reference"):  # the kernel policy for this command only
+        _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step, dtype, set_, kernels,
+               json_out, trust_plugins, no_memory_check)
+
+
+def _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step, dtype, set_, kernels,
+           json_out, trust_plugins, no_memory_check) -> None:
+    from .bench import bench as run_bench
+    from .loading import available_memory, load
+
+    lm, _ = load(path, dtype=dtype, overrides=set_, trust_plugins=trust_plugins, memory_check=not no_memory_check)
+    if not no_memory_check:  # the prompt ids and two states per sequence, beside the weights
+        need = batch_size * (prompt_tokens * 4 + 2 * lm.program.graph.state_bytes())
+        avail, where = available_memory()
+        if avail is not None and need > avail:
+            raise MadError(f"--batch-size {batch_size} x --prompt-tokens {prompt_tokens} need about {need / 1e9:.1f} GB "
+                           f"for the prompt and the states, but only {avail / 1e9:.1f} GB are available ({where}); "
+                           "--no-memory-check tries anyway")
     result = run_bench(lm, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step,
                        echo=(lambda line: None) if json_out else print)
     if json_out:
@@ -172,43 +279,65 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
 def chat(source: Optional[Path] = typer.Argument(None, help="topology file, build dir, or checkpoint dir"),
          model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder (same as SOURCE)"),
          max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="per reply"),
-         temp: float = typer.Option(0.0, "--temp"),
-         top_p: float = typer.Option(1.0, "--top-p"),
+         temp: float = typer.Option(0.0, "--temp", help=">= 0; 0 is greedy"),
+         top_p: float = typer.Option(1.0, "--top-p", help="in (0, 1]"),
          seed: int = typer.Option(0, "--seed"),
          dtype: Optional[str] = typer.Option(None, "--dtype"),
+         tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
          save_state: Optional[Path] = typer.Option(None, "--save-state", help="save the conversation state at exit"),
          load_state: Optional[Path] = typer.Option(None, "--load-state", help="resume a saved conversation"),
-         device: Optional[str] = typer.Option(None, "--device")) -> None:
+         device: Optional[str] = typer.Option(None, "--device"),
+         tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
+         trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
+         no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
     """Chat: each turn reads only the new text; the recurrent state carries the conversation."""
     import mlx.core as mx
 
-    from .generate import ByteTokenizer, stream_generate
+    from .generate import check_sampling, stream_generate
     from .loading import load, load_state_file, save_state_file
 
-    _device(device)
-    mx.random.seed(seed)
+    _setup(device, tf32=tf32)
     path = model or source
     if path is None:
         raise MadError("give a topology file, a build folder or --model DIR")
-    lm, tok = load(path, dtype=dtype)
-    tok = tok or ByteTokenizer()
+    _check_dtype(dtype)
+    _check_seed(seed)
+    check_sampling(SAMPLING_FLAGS, temp=temp, top_p=top_p, max_tokens=max_tokens)
+    _check_state_paths(save_state, load_state)
+    mx.random.seed(seed)
+    lm, tok = load(path, dtype=dtype, tokenizer=tokenizer, trust_plugins=trust_plugins,
+                   memory_check=not no_memory_check)
+    tok = _tokenizer_for(path, lm, tok, tokenizer)
     state = load_state_file(load_state, lm) if load_state else None
     interactive = sys.stdin.isatty()
+    n = 0
     while True:
         if interactive:
             print(">> ", end="", flush=True)
-        line = sys.stdin.readline()
+        stream = getattr(sys.stdin, "buffer", None)  # bytes, to report bad UTF-8 instead of raising
+        raw = stream.readline() if stream is not None else sys.stdin.readline().encode("utf-8", "surrogateescape")
+        n += 1
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            err_console.print(f"error: line {n} of standard input is not UTF-8 text (byte {raw[e.start]:#04x} at "
+                              f"offset {e.start}); skipped", markup=False)
+            continue
         if not line or line.strip() in ("q", "quit", "exit"):
             break
         if not line.strip():
             continue
-        for r in stream_generate(lm, tok, line.rstrip("\n") + "\n", max_tokens=max_tokens, state=state,
-                                 temp=temp, top_p=top_p):
-            print(r.text, end="", flush=True)
+        try:
+            for r in stream_generate(lm, tok, line.rstrip("\n") + "\n", max_tokens=max_tokens, state=state,
+                                     temp=temp, top_p=top_p):
+                print(r.text, end="", flush=True)
+        except MadError as e:  # e.g. a character the vocabulary lacks: this turn only; the conversation goes on
+            err_console.print(e.render(), markup=False, soft_wrap=True)
+            continue
         state = r.state
         print()
     if save_state and state is not None:
-        save_state_file(save_state, state)
+        save_state_file(save_state, state, "--save-state")
 
 
 def main() -> None:
@@ -221,6 +350,11 @@ def main() -> None:
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
+    except BrokenPipeError:  # `mad run ... | head`: the reader left; no traceback
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
     except SystemExit:
         raise
     except Exception as e:  # usage errors of the (possibly vendored) click under typer

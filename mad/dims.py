@@ -287,12 +287,13 @@ def resolve_dims(raw: Mapping[str, int | str]) -> tuple[dict[str, Size], dict[st
                             if isinstance(value, str) and value.strip() in RUNTIME_KINDS}
     errors: dict[str, str] = {}
     g = nx.DiGraph()
+    known = set(raw)
     for name, value in raw.items():
         if name in env:
             continue
         g.add_node(name)
         try:
-            deps = names_in(value, strict=True) & set(raw)
+            deps = names_in(value, strict=True) & known
         except DimError as e:
             errors[name] = str(e)
             continue

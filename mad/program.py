@@ -41,8 +41,10 @@ FUSED = "<fused>"  # the key of the fused modules in `Program.root`; not a valid
 
 def dtype_of(name: str | mx.Dtype) -> mx.Dtype:
     if isinstance(name, mx.Dtype):
+        if name not in DTYPES.values():
+            raise MadError(f"unsupported dtype {name} (choose from {', '.join(DTYPES)})")
         return name
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise MadError(f"unknown dtype '{name}' (choose from {', '.join(DTYPES)})")
     return DTYPES[name]
 
@@ -109,6 +111,8 @@ class Program:
 
     def __init__(self, graph: Graph, dtype: str | mx.Dtype = "float32", compile: CompileMode = "program",
                  fuse: FuseMode = "auto"):
+        if compile not in ("program", "stage", "none"):
+            raise MadError(f"compile must be 'program', 'stage' or 'none', got {compile!r}")
         self.graph = graph
         self.dtype = dtype_of(dtype)
         g = graph.g
@@ -238,15 +242,24 @@ class Program:
         diags = Diagnostics()
         missing = [k for k in own if k not in weights]
         unexpected = [k for k in weights if k not in own]
-        wrong = [k for k in weights if k in own and tuple(weights[k].shape) != tuple(own[k].shape)]
+        not_arrays = [k for k in weights if not isinstance(weights[k], mx.array)]
+        for k in not_arrays:
+            diags.error(f"{where}: weight '{k}' is a {type(weights[k]).__name__}, not an MLX array")
+        wrong = [k for k in weights if k in own and k not in not_arrays
+                 and tuple(weights[k].shape) != tuple(own[k].shape)]
         if strict:
             for k in missing:
                 diags.error(f"{where}: missing weight '{k}' {tuple(own[k].shape)}")
             for k in unexpected:
-                diags.error(f"{where}: unexpected weight '{k}' {tuple(weights[k].shape)}")
+                diags.error(f"{where}: unexpected weight '{k}' {tuple(getattr(weights[k], 'shape', ()))}")
         for k in wrong:
             diags.error(f"{where}: weight '{k}' has shape {tuple(weights[k].shape)}, the model expects "
                         f"{tuple(own[k].shape)}")
+        for k in weights:  # a float parameter needs float weights: ints and bools would be loaded as they are
+            if k in own and k not in not_arrays and mx.issubdtype(own[k].dtype, mx.floating) \
+                    and not mx.issubdtype(weights[k].dtype, mx.floating):
+                diags.error(f"{where}: weight '{k}' has dtype {weights[k].dtype}, the model expects floating-point "
+                            f"weights ({own[k].dtype})")
         diags.raise_if_any()
         by_node: dict[str, list] = {}
         by_group: dict[str, dict[str, mx.array]] = {}  # fused nodes' pieces, by the group's first member
@@ -351,14 +364,23 @@ class Program:
                 continue
             x = inputs[name]
             if not isinstance(x, mx.array):
-                x = mx.array(x)
+                try:
+                    x = mx.array(x)
+                except Exception as e:  # noqa: BLE001 - ragged lists, objects, strings, ...
+                    diags.error(f"input '{name}' cannot be read as an array: {e}")
+                    continue
             if x.ndim != len(t.shape) or any(not isinstance(s, Sym) and int(s) != d for s, d in zip(t.shape, x.shape)):
                 diags.error(f"input '{name}' has shape {tuple(x.shape)}, expected {shape_str(t.shape)}")
+            elif x.size == 0:
+                diags.error(f"input '{name}' is empty (shape {tuple(x.shape)})")
             if t.dtype == "int32":
-                if mx.issubdtype(x.dtype, mx.floating):
+                # the dtype is checked here; the values (ids inside the vocabulary) by `LanguageModel`
+                if x.dtype == mx.bool_ or not mx.issubdtype(x.dtype, mx.integer):
                     diags.error(f"input '{name}' must hold integer ids, got {x.dtype}")
                 x = x.astype(mx.int32)
             else:
+                if x.dtype == mx.bool_ or not (mx.issubdtype(x.dtype, mx.floating) or mx.issubdtype(x.dtype, mx.integer)):
+                    diags.error(f"input '{name}' must hold real numbers, got {x.dtype}")
                 x = x.astype(mx.float32 if t.dtype == "float32" else self.dtype)
             out[name] = x
         for name in inputs:
@@ -377,7 +399,7 @@ class Program:
             return None
         for name, ndim, fixed, dtype in self._inputs:
             x = inputs.get(name)
-            if type(x) is not mx.array or x.ndim != ndim:
+            if type(x) is not mx.array or x.ndim != ndim or x.size == 0:
                 return None
             want = mx.int32 if dtype == "int32" else mx.float32 if dtype == "float32" else self.dtype
             if x.dtype != want:

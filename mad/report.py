@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +18,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .dims import DimVal, shape_str
+from .errors import MadError
 from .graph import Graph, summary_rows
 from .program import Program
 
@@ -83,48 +87,232 @@ def _ids(graph: Graph) -> dict[str, str]:
     return {n: f"n{i}" for i, n in enumerate(graph.g.nodes)}
 
 
+_MERMAID_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 ._-:,=+*/()[]{}")
+
+
+def mermaid_text(text: str) -> str:
+    """`text` for inside a quoted Mermaid label: every character but plain ones as an entity code
+    (`#34;`), so quotes, `<`, `|`, `#`, backslashes and newlines show as written and break nothing."""
+    return "".join(c if c in _MERMAID_SAFE else f"#{ord(c)};" for c in str(text))
+
+
 def mermaid(graph: Graph) -> str:
     ids = _ids(graph)
     lines = ["flowchart TD"]
     for n, d in graph.g.nodes(data=True):
         kind = d.get("block_type", "input")
-        lines.append(f'  {ids[n]}["{n}<br/><i>{kind}</i>"]')
+        lines.append(f'  {ids[n]}["{mermaid_text(n)}<br/><i>{mermaid_text(kind)}</i>"]')
     for u, v, d in graph.g.edges(data=True):
-        lines.append(f'  {ids[u]} -->|"{shape_str(d["type"].shape)}"| {ids[v]}')
-    for name, node in graph.outputs.items():
-        lines.append(f'  out_{name}(["{name}"])')
-        lines.append(f"  {ids[node]} --> out_{name}")
+        lines.append(f'  {ids[u]} -->|"{mermaid_text(shape_str(d["type"].shape))}"| {ids[v]}')
+    for i, (name, node) in enumerate(graph.outputs.items()):
+        lines.append(f'  out{i}(["{mermaid_text(name)}"])')
+        lines.append(f"  {ids[node]} --> out{i}")
     return "\n".join(lines) + "\n"
 
 
+def dot_string(text: str) -> str:
+    """`text` as a Graphviz double-quoted string (an ID or an escString label): backslashes doubled,
+    quotes escaped, line breaks as \\n; other control characters (which Graphviz reads badly) as \\xNN
+    text, written with a doubled backslash so that distinct names stay distinct."""
+    out = []
+    for c in str(text):
+        if c == "\\":
+            out.append("\\\\")
+        elif c == '"':
+            out.append('\\"')
+        elif c == "\n":
+            out.append("\\n")
+        elif ord(c) < 32 or ord(c) == 127:
+            out.append(f"\\\\x{ord(c):02x}")
+        else:
+            out.append(c)
+    return '"' + "".join(out) + '"'
+
+
 def dot(graph: Graph) -> str:
-    lines = [f'digraph "{graph.name}" {{', "  rankdir=TB; node [shape=box, fontname=Helvetica];"]
+    lines = [f"digraph {dot_string(graph.name)} {{", "  rankdir=TB; node [shape=box, fontname=Helvetica];"]
     for n, d in graph.g.nodes(data=True):
-        lines.append(f'  "{n}" [label="{n}\\n{d.get("block_type", "input")}"];')
+        label = dot_string(f"{n}\n{d.get('block_type', 'input')}")
+        lines.append(f"  {dot_string(n)} [label={label}];")
     for u, v, d in graph.g.edges(data=True):
-        lines.append(f'  "{u}" -> "{v}" [label="{shape_str(d["type"].shape)}"];')
+        lines.append(f"  {dot_string(u)} -> {dot_string(v)} [label={dot_string(shape_str(d['type'].shape))}];")
     lines.append("}")
     return "\n".join(lines) + "\n"
 
 
-def write_atomic_dir(out: str | Path, files: dict[str, str]) -> None:
-    """Write files into a temp folder beside `out`, then swap it in: never a half-written build."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+# ----------------------------------------------------------------------------------------- atomic output
+MARKER = ".mad-build"
+MARKER_TAG = "mad build output, format 1"
+MARKER_TEXT = MARKER_TAG + "\nThis folder was written by `mad build -o`; the next build into it replaces it.\n"
+_TMP_TAG = ".mad-tmp."  # temp names: .<name>.mad-tmp.<pid>.<random>[suffix], beside the output
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _is_build_dir(path: Path) -> bool:
+    """A folder that `mad build` wrote (it holds the marker)."""
+    marker = path / MARKER
     try:
+        if marker.is_symlink() or not marker.is_file():
+            return False
+        with open(marker, "rb") as f:
+            return f.read(len(MARKER_TAG)) == MARKER_TAG.encode()
+    except OSError:
+        return False
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}{_TMP_TAG}{os.getpid()}."
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # exists (another user's), or unknown: leave it alone
+    return True
+
+
+def _clean_stale(parent: Path, name: str) -> None:
+    """Remove the temp folders and files that a killed MAD process left beside `parent/name`: only MAD's
+    own temp names (`.<name>.mad-tmp.<pid>.*`) of processes that no longer run, and of folders only
+    those holding the build marker (or nothing)."""
+    pattern = re.compile(rf"^\.{re.escape(name)}{re.escape(_TMP_TAG)}(\d+)\.[A-Za-z0-9_]+(\.[A-Za-z0-9_]+)?$")
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        path = Path(entry.path)
+        try:
+            if entry.is_symlink():
+                continue
+            if entry.is_dir():
+                inner = [p for p in path.iterdir()]
+                if not inner or _is_build_dir(path) or (len(inner) == 1 and _is_build_dir(inner[0])):
+                    shutil.rmtree(path, ignore_errors=True)
+            elif entry.is_file():
+                path.unlink()
+        except OSError:
+            pass
+
+
+def _out_error(flag: str, out: Path, why: str) -> MadError:
+    return MadError(f"{flag} {out}: {why}")
+
+
+def check_build_target(out: str | Path, flag: str = "-o") -> Path:
+    """Check that a build may write `out`: it is absent, an empty folder or a folder `mad build` wrote.
+    Anything else (a file, a folder of the user's, `.`, a path under a file) is a MadError naming
+    `flag`; nothing is touched. Returns `out` as a Path."""
+    out = Path(out)
+    if out.name in ("", ".", ".."):
+        raise _out_error(flag, out, "give a folder name for the build (not '.' or '..')")
+    try:
+        resolved = out.resolve()
+        cwd = Path.cwd().resolve()
+    except (OSError, RuntimeError) as e:
+        raise _out_error(flag, out, f"cannot resolve the path: {e}") from None
+    if resolved == cwd or resolved in cwd.parents:
+        raise _out_error(flag, out, "is the current folder or a folder above it; give a new folder")
+    if out.is_symlink():
+        raise _out_error(flag, out, "is a symbolic link; give the build folder itself")
+    for parent in out.parents:
+        if parent.exists() or parent.is_symlink():
+            if not parent.is_dir():
+                raise _out_error(flag, out, f"'{parent}' is not a folder")
+            break
+    if not out.exists():
+        return out
+    if not out.is_dir():
+        raise _out_error(flag, out, "exists and is not a folder; MAD replaces only folders that `mad build` "
+                                    "wrote (give another path, or remove it first)")
+    try:
+        with os.scandir(out) as entries:
+            empty = next(entries, None) is None
+    except FileNotFoundError:  # gone meanwhile (another build moving it aside)
+        return out
+    except OSError as e:
+        raise _out_error(flag, out, f"cannot read the folder: {e.strerror}") from None
+    if not empty and not _is_build_dir(out):
+        raise _out_error(flag, out, f"is a folder that `mad build` did not write (no {MARKER} marker in it); "
+                                    "MAD replaces only its own build folders: give a new or empty folder, "
+                                    "or remove this one first")
+    return out
+
+
+def write_atomic_dir(out: str | Path, files: dict[str, str], flag: str = "-o") -> None:
+    """Write files into a temp folder beside `out`, then swap it in: never a half-written build.
+
+    `out` may be replaced only if it is absent, an empty folder or a folder that `mad build` wrote (it
+    holds the `.mad-build` marker, which every build writes); anything else is a MadError naming `flag`
+    and nothing is touched. Concurrent builds into one folder each either succeed or fail cleanly;
+    temp folders that a killed build left beside `out` are removed by the next build.
+    """
+    out = check_build_target(out, flag)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _out_error(flag, out, f"cannot create the folder '{parent}': {e.strerror}") from None
+    _clean_stale(parent, out.name)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name), dir=parent))
+    except OSError as e:
+        raise _out_error(flag, out, f"cannot write in '{parent}': {e.strerror}") from None
+    try:
+        (tmp / MARKER).write_text(MARKER_TEXT)
         for name, text in files.items():
             (tmp / name).write_text(text)
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a build folder is like one mkdir makes
+        _swap_in(tmp, out, flag)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _out_error(flag, out, f"cannot write the build: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(tmp: Path, out: Path, flag: str) -> None:
+    """Rename `tmp` onto `out`. An absent or empty `out` is replaced in one rename (which never
+    replaces a non-empty folder); a build folder is first moved aside into a temp folder, then
+    deleted. Another build may get in between: then try again (its result is a build folder too)."""
+    for _ in range(100):
+        try:
+            os.replace(tmp, out)  # atomic; fails if out is a non-empty folder
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        check_build_target(out, flag)  # still MAD's own (another build may have written it meanwhile)
+        if not out.is_dir():
+            continue
+        old = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name), dir=out.parent))
+        try:
+            os.replace(out, old / out.name)
+        except FileNotFoundError:  # another build moved it aside first
+            pass
+        try:
+            os.replace(tmp, out)
+            return
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.EISDIR, errno.ENOTDIR):
+                raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+    raise _out_error(flag, out, "other processes keep writing this folder; try again")
 
 
 def build_files(program: Program) -> dict[str, str]:
@@ -139,17 +327,56 @@ def build_files(program: Program) -> dict[str, str]:
     }
 
 
-def write_atomic_file(path: str | Path, write) -> None:
-    """Call `write(tmp_path)` then rename onto `path`."""
+def check_output_file(path: str | Path, flag: str = "output") -> Path:
+    """Check, before any work, that a file can be written at `path`: it is not a folder, no folder
+    on the way is a file, and the nearest existing folder is writable. A MadError naming `flag`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    if path.name in ("", ".", ".."):
+        raise MadError(f"{flag} {path}: give a file name")
+    if path.is_dir():
+        raise MadError(f"{flag} {path}: is a folder; give a file name")
+    if path.exists() and not path.is_file():
+        raise MadError(f"{flag} {path}: exists and is not a regular file")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise MadError(f"{flag} {path}: '{parent}' is not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise MadError(f"{flag} {path}: the folder '{parent}' is not writable")
+            break
+    return path
+
+
+def write_atomic_file(path: str | Path, write, suffix: str | None = None, flag: str = "output") -> None:
+    """Call `write(tmp_path)` then rename onto `path`: the file is complete or absent, never half-written.
+
+    The temp file lies beside `path` and ends with `suffix` (default: `path`'s own), for writers that
+    pick the format by the name (`mx.save_safetensors` appends `.safetensors` to any other name). The
+    result has the mode a plain `open()` gives (the umask; or the replaced file's mode).
+    """
+    path = check_output_file(path, flag)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise MadError(f"{flag} {path}: cannot create the folder '{path.parent}': {e.strerror}") from None
+    _clean_stale(path.parent, path.name)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=_tmp_prefix(path.name), suffix=path.suffix if suffix is None else suffix,
+                                   dir=path.parent)
+    except OSError as e:
+        raise MadError(f"{flag} {path}: cannot write in '{path.parent}': {e.strerror}") from None
     os.close(fd)
     try:
         write(tmp)
+        try:
+            mode = stat.S_IMODE(os.stat(path).st_mode)
+        except OSError:
+            mode = 0o666 & ~_umask()
+        os.chmod(tmp, mode)  # mkstemp makes 0600
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise MadError(f"{flag} {path}: cannot write the file: {e.strerror or e}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-

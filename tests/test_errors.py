@@ -526,8 +526,8 @@ def test_cli_build_writes_all_files(tmp_path, monkeypatch, capsys):
     code, out, err = cli(monkeypatch, capsys, "build", TINY, "-o", out_dir)
     assert code == 0, err
     assert "blocks.1.residual" in out and "Parameters: 84,160" in out
-    names = {"resolved.yaml", "graph.json", "graph.mmd", "graph.dot", "plan.json", "summary.txt"}
-    assert {p.name for p in out_dir.iterdir()} == names
+    names = {"resolved.yaml", "graph.json", "graph.mmd", "graph.dot", "plan.json", "summary.txt", ".mad-build"}
+    assert {p.name for p in out_dir.iterdir()} == names  # .mad-build: the marker that lets a rebuild replace it
     graph = mad.build(TINY).graph
     g = nx.node_link_graph(json.loads((out_dir / "graph.json").read_text()), edges="edges")
     assert set(g.nodes) == set(graph.g.nodes)
@@ -556,7 +556,7 @@ def test_cli_rebuild_replaces_dir_atomically(tmp_path, monkeypatch, capsys):
     (out_dir / "stale.txt").write_text("old")
     assert cli(monkeypatch, capsys, "build", TINY, "-o", out_dir, "--set", "dims.D=32")[0] == 0
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        ["resolved.yaml", "graph.json", "graph.mmd", "graph.dot", "plan.json", "summary.txt"])
+        ["resolved.yaml", "graph.json", "graph.mmd", "graph.dot", "plan.json", "summary.txt", ".mad-build"])
     assert "  D: 32\n" in (out_dir / "resolved.yaml").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["build"]  # no temp or old folders left beside it
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import mlx.core as mx
@@ -83,3 +84,58 @@ def test_streaming_detokenizer_waits_for_whole_characters():
     pieces.append(detok.flush())
     assert "".join(pieces) == "héllo €"
     assert "\ufffd" not in "".join(pieces)
+
+
+# ----------------------------------------------------------------------------------------- checked arguments
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temp": -1.0}, "temp must be a number >= 0"),
+    ({"temp": float("nan")}, "temp must be"),
+    ({"top_p": 2.0}, "top_p must be a number in (0, 1]"),
+    ({"top_p": 0.0}, "top_p must be"),
+    ({"top_k": -5}, "top_k must be an integer >= 0"),
+    ({"min_p": 2.0}, "min_p must be a number in [0, 1]"),
+    ({"repetition_penalty": 0.0}, "repetition_penalty must be a number > 0"),
+    ({"repetition_penalty": float("inf")}, "repetition_penalty must be"),
+    ({"max_tokens": -1}, "max_tokens must be an integer >= 0"),
+    ({"nucleus": 0.5}, "unknown sampling argument 'nucleus'"),
+])
+def test_bad_sampling_arguments(loaded, kwargs, message):
+    model, tok = loaded
+    with pytest.raises(mad.MadError, match=re.escape(message)):
+        list(mad.stream_generate(model, tok, "Hi", **kwargs))
+
+
+def test_max_tokens_zero_reads_the_prompt(loaded):
+    model, tok = loaded
+    (only,) = list(mad.stream_generate(model, tok, "Hello", max_tokens=0))
+    assert only.token is None and only.text == "" and only.generation_tokens == 0 and only.finish_reason == "length"
+    _, state = model(mx.array([tok.encode("Hello")]))
+    for node, entries in state.items():
+        for name, arr in entries.items():
+            assert np.abs(np.array(only.state[node][name]) - np.array(arr)).max() < 1e-5
+
+
+def test_the_decode_loop_checks_tokens_once(loaded, monkeypatch):
+    """The prompt is checked (one host read); the tokens the loop feeds back are not (no sync per step)."""
+    from mad.generate import LanguageModel
+
+    model, tok = loaded
+    calls = []
+    real = LanguageModel.check_tokens
+    monkeypatch.setattr(LanguageModel, "check_tokens", lambda self, t, what="tokens": calls.append(what) or real(self, t, what))
+    list(mad.stream_generate(model, tok, "Hello", max_tokens=6, repetition_penalty=1.2))
+    assert calls == ["prompt"]
+    from mad.bench import bench
+
+    calls.clear()
+    bench(model, prompt_tokens=4, generation_tokens=3, trials=1, echo=lambda line: None)
+    assert calls == []
+
+
+def test_out_of_vocabulary_ids_never_reach_the_embedding(loaded):
+    model, _ = loaded
+    for bad in ([[1, 300]], [[-1]], [[2**31 - 1]]):
+        with pytest.raises(mad.MadError, match="outside the vocabulary"):
+            model(mx.array(bad))
+    with pytest.raises(mad.MadError, match=r"token id 9223372036854775807 is outside the vocabulary \(0..299, vocab size 300\)"):
+        model(mx.array([[2**63 - 1]], dtype=mx.int64))

@@ -19,6 +19,9 @@ from mad.loading import CheckpointFormat, register_format
 HERE = Path(__file__).parent
 
 
+_MISSING = object()
+
+
 def _get(config: dict, *names: str, default: Any = None) -> Any:
     for name in names:
         if config.get(name) is not None:
@@ -26,48 +29,102 @@ def _get(config: dict, *names: str, default: Any = None) -> Any:
     return default
 
 
+def _int(config: dict, *names: str, default: Any = _MISSING, least: int = 1) -> int:
+    """An integer field (the first of `names` that is set), >= `least`; else a MadError naming the field."""
+    value = _get(config, *names, default=default)
+    if value is _MISSING:
+        raise MadError(f"'{names[0]}' is missing (an integer >= {least})")
+    name = next((n for n in names if config.get(n) is not None), names[0])
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise MadError(f"'{name}' must be an integer >= {least}, got {value!r}")
+    return value
+
+
+def _real(config: dict, name: str, default: Any, positive: bool = True, nullable: bool = False) -> Any:
+    """A number field (finite; > 0 when `positive`); None allowed when `nullable`."""
+    import math
+
+    value = config.get(name, default)
+    if value is None and nullable:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            (positive and value <= 0):
+        what = "a number > 0" if positive else "a finite number"
+        raise MadError(f"'{name}' must be {what}{' or null' if nullable else ''}, got {value!r}")
+    return value
+
+
+def _flag(config: dict, name: str, default: bool) -> bool:
+    value = config.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise MadError(f"'{name}' must be true or false, got {value!r}")
+    return value
+
+
 def _hf_round_up(x: float, multiple: int) -> int:
     return int(((x + multiple - 1) // multiple) * multiple)
 
 
+class XLSTMDims:
+    """The sizes an HF xlstm config.json describes, each field checked (type, range) with its name."""
+
+    def __init__(self, config: dict):
+        unsupported = {"use_bias": True, "add_out_norm": False, "norm_reduction_force_float32": False}
+        for key, bad in unsupported.items():
+            if _flag(config, key, not bad) == bad:
+                raise MadError(f"config.json: {key}={bad} is not supported by the shipped xlstm topology")
+        self.vocab = _int(config, "vocab_size")
+        self.d = _int(config, "hidden_size", "embedding_dim")
+        self.layers = _int(config, "num_hidden_layers", "num_blocks")
+        self.heads = _int(config, "num_heads", default=8)
+        self.qk = int(self.d * _real(config, "qk_dim_factor", 0.5))
+        self.v = int(self.d * _real(config, "v_dim_factor", 1.0))
+        for name, size, factor in (("qk_dim_factor", self.qk, "QK"), ("v_dim_factor", self.v, "V")):
+            if size < 1:
+                raise MadError(f"'{name}' makes the {factor} dim {size} (hidden_size {self.d})")
+        self.ffn = _hf_round_up(self.d * _real(config, "ffn_proj_factor", 2.667),
+                                _int(config, "ffn_round_up_to_multiple_of", default=64))
+        self.chunk = _int(config, "chunk_size", default=64)
+        self.gate_cap = _real(config, "gate_soft_cap", 15.0, nullable=True)
+        self.eps = _real(config, "eps", 1e-6)
+        self.norm_eps = _real(config, "norm_eps", 1e-6)
+        self.logit_cap = _real(config, "output_logit_soft_cap", None, nullable=True) or None  # 0: none
+        self.tie = _flag(config, "tie_word_embeddings", False)
+
+
 def xlstm_topology(config: dict) -> tuple[Path, list[str]]:
-    unsupported = {"use_bias": True, "add_out_norm": False, "norm_reduction_force_float32": False}
-    for key, bad in unsupported.items():
-        if config.get(key, not bad) == bad:
-            raise MadError(f"config.json: {key}={bad} is not supported by the shipped xlstm topology")
-    d = int(_get(config, "hidden_size", "embedding_dim"))
-    heads = int(config.get("num_heads", 8))
-    norm_eps = config.get("norm_eps", 1e-6)
+    c = XLSTMDims(config)
     mlstm = "templates.mlstm_layer.nodes"
     block = "templates.mlstm_block.nodes"
-    gate_cap = config.get("gate_soft_cap", 15.0)
     overrides = [
-        f"dims.V={int(config['vocab_size'])}",
-        f"dims.D={d}",
-        f"dims.L={int(_get(config, 'num_hidden_layers', 'num_blocks'))}",
-        f"dims.NH={heads}",
-        f"dims.QK={int(d * config.get('qk_dim_factor', 0.5))}",
-        f"dims.VD={int(d * config.get('v_dim_factor', 1.0))}",
-        f"dims.F={_hf_round_up(d * config.get('ffn_proj_factor', 2.667), config.get('ffn_round_up_to_multiple_of', 64))}",
-        f"dims.CHUNK={int(config.get('chunk_size', 64))}",
-        f"{mlstm}.igate_preact.softcap={gate_cap if gate_cap is not None else 'null'}",
-        f"{mlstm}.fgate_preact.softcap={gate_cap if gate_cap is not None else 'null'}",
-        f"{mlstm}.cell.eps={config.get('eps', 1e-6)}",
-        f"{mlstm}.multihead_norm.eps={norm_eps}",
-        f"{block}.norm_mlstm.eps={norm_eps}",
-        f"{block}.norm_ffn.eps={norm_eps}",
-        f"nodes.backbone.out_norm.eps={norm_eps}",
-        f"nodes.lm_head.softcap={config.get('output_logit_soft_cap') or 'null'}",
+        f"dims.V={c.vocab}",
+        f"dims.D={c.d}",
+        f"dims.L={c.layers}",
+        f"dims.NH={c.heads}",
+        f"dims.QK={c.qk}",
+        f"dims.VD={c.v}",
+        f"dims.F={c.ffn}",
+        f"dims.CHUNK={c.chunk}",
+        f"{mlstm}.igate_preact.softcap={c.gate_cap if c.gate_cap is not None else 'null'}",
+        f"{mlstm}.fgate_preact.softcap={c.gate_cap if c.gate_cap is not None else 'null'}",
+        f"{mlstm}.cell.eps={c.eps}",
+        f"{mlstm}.multihead_norm.eps={c.norm_eps}",
+        f"{block}.norm_mlstm.eps={c.norm_eps}",
+        f"{block}.norm_ffn.eps={c.norm_eps}",
+        f"nodes.backbone.out_norm.eps={c.norm_eps}",
+        f"nodes.lm_head.softcap={c.logit_cap if c.logit_cap is not None else 'null'}",
     ]
-    if config.get("tie_word_embeddings"):
+    if c.tie:
         overrides.append("nodes.lm_head.tie=backbone.embeddings")
     return HERE / "xlstm-7b.yaml", overrides
 
 
 def _split(weights: dict, key: str, names: list[str], sizes: list[int]) -> None:
     w = weights.pop(key)
-    if w.shape[0] != sum(sizes):
-        raise MadError(f"checkpoint: fused weight '{key}' has {w.shape[0]} rows, expected {sum(sizes)}")
+    if w.ndim < 1 or w.shape[0] != sum(sizes):
+        raise MadError(f"checkpoint: fused weight '{key}' has shape {tuple(w.shape)}, expected {sum(sizes)} rows")
     offsets = [sum(sizes[:i]) for i in range(1, len(sizes))]
     for name, part in zip(names, mx.split(w, offsets, axis=0)):
         weights[name] = part
@@ -78,9 +135,8 @@ def xlstm_sanitize(weights: dict, config: dict) -> dict:
     weights = dict(weights)
     if "embedding.weight" in weights:  # NX-AI xlstm_large naming
         weights["backbone.embeddings.weight"] = weights.pop("embedding.weight")
-    d = int(_get(config, "hidden_size", "embedding_dim"))
-    heads = int(config.get("num_heads", 8))
-    qk, v = int(d * config.get("qk_dim_factor", 0.5)), int(d * config.get("v_dim_factor", 1.0))
+    c = XLSTMDims(config)
+    heads, qk, v = c.heads, c.qk, c.v
     for key in [k for k in weights if k.endswith(".qkv_opreact.weight")]:
         p = key[: -len("qkv_opreact.weight")]
         _split(weights, key, [p + n + ".weight" for n in ("q", "k", "v", "ogate_preact")], [qk, qk, v, v])
@@ -89,27 +145,35 @@ def xlstm_sanitize(weights: dict, config: dict) -> dict:
         _split(weights, key, [f"{p}.igate_preact.{leaf}", f"{p}.fgate_preact.{leaf}"], [heads, heads])
     for key in [k for k in weights if k.endswith(".proj_up_gate_z.weight")]:
         p = key[: -len("proj_up_gate_z.weight")]
-        half = weights[key].shape[0] // 2
+        half = weights[key].shape[0] // 2 if weights[key].ndim else 0
         _split(weights, key, [p + "proj_up_gate.weight", p + "proj_up.weight"], [half, half])
     return weights
+
+
+def hf_eos(config: dict) -> list[int]:
+    eos = config.get("eos_token_id")
+    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
+    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos_ids):
+        raise MadError(f"'eos_token_id' must be a token id or a list of them, got {eos!r}")
+    return eos_ids
 
 
 def hf_tokenizer(folder: Path, config: dict) -> HFTokenizer | None:
     file = folder / "tokenizer.json"
     if not file.is_file():
+        hf_eos(config)  # still checked
         return None
-    eos = config.get("eos_token_id")
-    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    return HFTokenizer(file, eos_ids)
+    return HFTokenizer(file, hf_eos(config))
 
 
 register_format(CheckpointFormat(
     name="xlstm (xLSTM-7B family)",
     detect=lambda c: c.get("model_type", "xlstm") == "xlstm" and (
-        "model_type" in c or "xLSTMForCausalLM" in c.get("architectures", [])),
+        "model_type" in c or (isinstance(c.get("architectures"), list) and "xLSTMForCausalLM" in c["architectures"])),
     topology=xlstm_topology,
     sanitize=xlstm_sanitize,
     tokenizer=hf_tokenizer,
+    eos_token_ids=hf_eos,
 ))
 
 

@@ -113,11 +113,20 @@ def _check_keys(section: str, mapping: Any, where: str) -> dict:
 
 
 def _num(mapping: dict, key: str, where: str, default: Any, kind: type = int) -> Any:
+    import math
+
     value = mapping.get(key, default)
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) if kind is float else \
-        isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) if kind is float \
+        else isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     if not ok:
         raise MadError(f"{where}.{key}: expected {kind.__name__}, got {value!r}".lstrip("."))
+    return value
+
+
+def _positive(mapping: dict, key: str, where: str, default: int) -> int:
+    value = _num(mapping, key, where, default)
+    if value < 1:
+        raise MadError(f"{where}.{key}: must be >= 1, got {value}".lstrip("."))
     return value
 
 
@@ -129,6 +138,8 @@ def proj_up_dim(factor: float, dim: int, round_up: bool, multiple: int) -> int:
     """NX-AI's UpProjConfigMixin._set_proj_up_dim, operation for operation."""
     import math
 
+    if multiple < 1:
+        raise MadError(f"round_proj_up_to_multiple_of: must be >= 1, got {multiple}")
     x = factor * dim / multiple
     return int((math.ceil(x) if round_up else math.floor(x)) * multiple)
 
@@ -164,7 +175,7 @@ def parse_config(config: dict) -> NXAIConfig:
         layer = _check_keys("mlstm", _check_keys("mlstm_block", mb, "mlstm_block").get("mlstm"), "mlstm_block.mlstm")
         w = "mlstm_block.mlstm"
         inner = proj_up_dim(_num(layer, "proj_factor", w, 2.0, float), dim, _flag(layer, "round_proj_up_dim_up", w, True),
-                            _num(layer, "round_proj_up_to_multiple_of", w, 64))
+                            _positive(layer, "round_proj_up_to_multiple_of", w, 64))
         mlstm = dict(heads=_num(layer, "num_heads", w, 4), inner=inner, qkv_block=_num(layer, "qkv_proj_blocksize", w, 4),
                      conv=_num(layer, "conv1d_kernel_size", w, 4))
         if inner < 1:
@@ -203,7 +214,7 @@ def parse_config(config: dict) -> NXAIConfig:
             if f.get("ff_type", "ffn_gated") != "ffn_gated":
                 raise MadError(f"{w}.ff_type: {f['ff_type']!r} is not supported (NX-AI knows only 'ffn_gated')")
             hidden = proj_up_dim(_num(f, "proj_factor", w, 1.3, float), dim, _flag(f, "round_proj_up_dim_up", w, True),
-                                 _num(f, "round_proj_up_to_multiple_of", w, 64))
+                                 _positive(f, "round_proj_up_to_multiple_of", w, 64))
             if hidden < 1:
                 raise MadError(f"{w}.proj_factor: the hidden dim rounds to {hidden} (embedding_dim {dim})")
             ffn = dict(hidden=hidden, act=FFN_ACTS[act], bias=_flag(f, "bias", w, False))
@@ -290,12 +301,16 @@ def nxai_sanitize(weights: dict, config: dict) -> dict:
     return out
 
 
+def nxai_eos(config: dict) -> list:
+    eos = model_mapping(config).get("eos_token_id", config.get("eos_token_id"))
+    return eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
+
+
 def nxai_tokenizer(folder: Path, config: dict) -> HFTokenizer | None:
     file = folder / "tokenizer.json"
     if not file.is_file():
         return None
-    eos = model_mapping(config).get("eos_token_id", config.get("eos_token_id"))
-    return HFTokenizer(file, eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else []))
+    return HFTokenizer(file, nxai_eos(config))
 
 
 register_format(CheckpointFormat(
@@ -304,6 +319,7 @@ register_format(CheckpointFormat(
     topology=nxai_topology,
     sanitize=nxai_sanitize,
     tokenizer=nxai_tokenizer,
+    eos_token_ids=nxai_eos,
     config_files=("config.json", "config.yaml", "config.yml"),
 ))
 
