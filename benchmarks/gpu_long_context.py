@@ -56,7 +56,7 @@ def main() -> None:
     mx.eval(logits_p, state_p)
     state_s, logits_s = None, None
     for t in range(args.prefix):
-        logits_s, state_s = model(tokens[:, t:t + 1], state_s)
+        logits_s, state_s = model(tokens[:, t:t + 1], state_s, check_tokens=False)
         mx.eval(state_s)
     worst = {name: max(rel(state_p[n][name], state_s[n][name]) for n in state_p) for name in ("C", "n", "m")}
     out["prefill_vs_steps"] = {"prefix": args.prefix, "overrides": args.overrides, "state_rel_max": worst,
@@ -76,7 +76,7 @@ def long_prompt(args, prompt: mx.array) -> dict:
     mx.eval(prompt)
     mx.reset_peak_memory()
     start = time.perf_counter()
-    logits, state = model.prefill(prompt, step_size=args.step)
+    logits, state = model.prefill(prompt, step_size=args.step, check_tokens=False)
     mx.eval(logits, state)
     seconds = time.perf_counter() - start
     result = {"tokens": args.tokens, "seconds": seconds, "tokens_per_s": args.tokens / seconds,
