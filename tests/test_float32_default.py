@@ -73,7 +73,7 @@ def test_tf32_is_an_opt_in():
 
 @pytest.mark.reference
 def test_float32_logits_match_transformers_float64(tmp_path):
-    """The issue's model: xLSTM-7B family, 3 blocks, hidden 768, 6 heads, 777 tokens (not a multiple of
+    """An xLSTM-7B-family model, 3 blocks, hidden 768, 6 heads, 777 tokens (not a multiple of
     the chunk size), re-randomised weights; MAD float32 on the default device against HF in float64."""
     torch = pytest.importorskip("torch")
     transformers = pytest.importorskip("transformers")
@@ -87,10 +87,14 @@ def test_float32_logits_match_transformers_float64(tmp_path):
     model.save_pretrained(str(tmp_path / "ckpt"))
     ids = torch.randint(0, 512, (1, 777), generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
+        hf32 = model(ids).logits.double().numpy()
         ref = model.double()(ids).logits.double().numpy()
     np.save(tmp_path / "tokens.npy", ids.numpy().astype(np.int32))
     got = _run(LOGITS, str(tmp_path / "ckpt"), str(tmp_path / "tokens.npy"), str(tmp_path / "logits.npy"))
     ours = np.load(tmp_path / "logits.npy")
-    err = float(np.abs(ours - ref).max() / np.abs(ref).max())
-    print(f"max |MAD - HF float64| / max |HF| = {err:.2e} (gpu: {got['gpu']})")
-    assert err < 2e-4, err
+    scale = np.abs(ref).max()
+    err, hf_err = float(np.abs(ours - ref).max() / scale), float(np.abs(hf32 - ref).max() / scale)
+    print(f"max |MAD - HF float64| / max |HF| = {err:.2e} (gpu: {got['gpu']}); HF float32 on the CPU: {hf_err:.2e}")
+    # float32 summation orders decide the last digits here (HF's own float32 is ~1e-4 from its float64 on
+    # this input), so the bound is a small multiple of the reference's own float32 error; TF32 is ~1e-2
+    assert err <= 3 * hf_err, (err, hf_err)
