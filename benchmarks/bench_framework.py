@@ -48,10 +48,10 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
+import mad  # before mlx.core: selects the CPU BLAS, see backends/cpu.py
 import mlx.core as mx
 import mlx.nn as nn
-from mad.generate import LanguageModel
+from mad.model import LanguageModel
 from mad.graph import build_graph
 from mad.topology import load_topology
 from mad.kernels.mlstm import mlstm_sequence

@@ -14,7 +14,7 @@ Timed, interleaving MAD and HF trials in one process (batch 1, torch.no_grad, de
             logits, row MAD*), which is how `mad run` reads one; HF's generate() has only the full forward
 Every MAD step/forward ends with `mx.eval`; PyTorch on CPU is synchronous. Figures are medians, trials
 interleaved with a pause before each (benchmarks/common.py). The timed MAD model runs in a process of
-its own (benchmarks/mad_worker.py says why), with the CPU BLAS `import mad` picks there (mad/blas.py;
+its own (benchmarks/mad_worker.py says why), with the CPU BLAS `import mad` picks there (backends/cpu.py;
 printed; MAD_BLAS is passed on); PyTorch uses its own MKL.
 
 Run with an environment that has torch, transformers and (optionally) xlstm, e.g.

@@ -17,7 +17,7 @@ Timed, interleaving MAD and NX-AI trials in one process (torch.no_grad, default 
             `slstm_forward` (a Python loop of torch ops), same inputs
 Every MAD call ends with `mx.eval`; PyTorch on CPU is synchronous. Figures are medians of interleaved
 trials. The timed MAD model runs in a process of its own (benchmarks/mad_worker.py says why), with the
-CPU BLAS `import mad` picks there (mad/blas.py; printed; MAD_BLAS is passed on).
+CPU BLAS `import mad` picks there (backends/cpu.py; printed; MAD_BLAS is passed on).
 
     /tmp/ref/bin/python benchmarks/bench_nxai.py [--trials 3] [--steps 16] [--prefill 256] [--json [PATH]]
     python benchmarks/bench_nxai.py --quick   # 4 blocks of width 64, tiny lengths, no pauses: a smoke run (CI)

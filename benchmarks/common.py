@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-# What the MAD worker process loads as its CPU BLAS (mad/blas.py): the caller's choice, read before a
+# What the MAD worker process loads as its CPU BLAS (backends/cpu.py): the caller's choice, read before a
 # comparison script sets MAD_BLAS=mlx for itself (it runs PyTorch; MAD there only checks agreement).
 WORKER_BLAS = os.environ.get("MAD_BLAS", "auto")
 

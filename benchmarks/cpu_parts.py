@@ -3,7 +3,7 @@
 Each part of one block runs alone at the model's shapes (batch 1, 1024 tokens, hidden 768, 4 heads,
 feed-forward 2048, vocab 50304), compiled, median of `--trials` evaluated runs; kernels with a CPU variant
 (kernels/activations.py) are timed with it ("auto") and with MLX's own function ("reference"). Also the
-float32 1024 x 1024 product in GFLOP/s, which shows the BLAS in use (mad/blas.py; `MAD_BLAS=mlx` for MLX's
+float32 1024 x 1024 product in GFLOP/s, which shows the BLAS in use (backends/cpu.py; `MAD_BLAS=mlx` for MLX's
 own, where the block's products take minutes).
 
     python benchmarks/cpu_parts.py [--trials 9]
@@ -16,7 +16,7 @@ import argparse
 import statistics
 import time
 
-import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
+import mad  # before mlx.core: selects the CPU BLAS, see backends/cpu.py
 import mlx.core as mx
 
 from mad.kernels.mlstm import mlstm_sequence
@@ -50,7 +50,7 @@ def main() -> None:
     n = 1 if args.quick else args.trials
     T, D, NH, F, V, N = (QUICK if args.quick else SIZES).values()
     mx.set_default_device(mx.cpu)
-    print(f"mlx {mx.__version__}, CPU BLAS: {mad.blas.LOADED or 'bundled with MLX'}")
+    print(f"mlx {mx.__version__}, CPU BLAS: {mad.backends.cpu.BLAS or 'bundled with MLX'}")
     a = mx.random.normal((N, N))
     print(f"{N} x {N} float32 product: {2 * N ** 3 / median_s(lambda a: a @ a, a, trials=n) / 1e9:.0f} GFLOP/s")
 

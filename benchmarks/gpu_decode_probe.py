@@ -58,7 +58,7 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
 
 def compare_fuse(args) -> None:
     """Decode ms/step of the fused and the unfused program on the same weights, 5 interleaved rounds."""
-    from mad.generate import LanguageModel
+    from mad.model import LanguageModel
 
     models = {}
     for fuse in (True, False):

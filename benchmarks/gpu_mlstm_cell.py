@@ -62,7 +62,6 @@ def main() -> None:
     import mlx.core as mx
     import numpy as np
 
-    from mad.kernels import mlstm_chunk_device, mlstm_device  # noqa: F401  (register the device kernels)
     from mad.kernels.mlstm import _split_chunks, _zero_state, chunk_outputs, mlstm_sequence
     from mad.kernels.registry import dispatch
 

@@ -20,7 +20,6 @@ import os
 import mlx.core as mx
 import numpy as np
 
-from mad.kernels import mlstm_chunk_device, mlstm_device  # noqa: F401  (register the device kernels)
 from mad.kernels.mlstm import mlstm_sequence
 from mad.kernels.registry import use_reference
 

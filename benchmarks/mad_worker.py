@@ -1,6 +1,6 @@
 """MAD's side of bench_hf.py and bench_nxai.py, in a process of its own (see `common.MadProcess`).
 
-A process that has loaded MAD's CPU BLAS (Intel MKL, mad/blas.py) and run a product slows PyTorch's
+A process that has loaded MAD's CPU BLAS (Intel MKL, backends/cpu.py) and run a product slows PyTorch's
 work in the same process (NX-AI's xLSTM prefill 1.1-2.5x, probe_mkl_torch.py), so the comparison scripts keep
 PyTorch and the timed MAD model in different processes, interleaving their trials as before.
 
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
+import mad  # before mlx.core: selects the CPU BLAS, see backends/cpu.py
 import mlx.core as mx
 import numpy as np
 
@@ -95,7 +95,7 @@ def main() -> None:
         return 0.0
 
     fns = {"decode": decode, "prefill": prefill, "prompt": read_prompt, "trace": trace}
-    print(json.dumps({"t_prompt": t_prompt, "blas": mad.blas.LOADED}), flush=True)
+    print(json.dumps({"t_prompt": t_prompt, "blas": mad.backends.cpu.BLAS}), flush=True)
     for line in sys.stdin:
         command, *args = line.split()
         if command == "slstm-setup":

@@ -20,7 +20,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import mad  # before mlx.core: selects the CPU BLAS, see mad/blas.py
+import mad  # before mlx.core: selects the CPU BLAS, see backends/cpu.py
 import mlx.core as mx
 import numpy as np
 from safetensors.numpy import load_file
@@ -91,7 +91,7 @@ def main() -> None:
         for name in ACTIVATIONS:
             kernels()[name].variants.pop("cpu", None)
     hf32 = np.abs(golden["logits"].astype(np.float64) - golden["logits64"])
-    print(f"mlx {mx.__version__}, CPU BLAS: {mad.blas.LOADED or 'bundled with MLX'}, activations: {a.kernels}")
+    print(f"mlx {mx.__version__}, CPU BLAS: {mad.backends.cpu.BLAS or 'bundled with MLX'}, activations: {a.kernels}")
     print(f"HF's own float32: max {hf32.max():.2e}, mean {hf32.mean():.2e}")
     print("MAD, the model's own order: max {:.2e}, mean {:.2e}".format(*errors(golden)))
     perms = permute_orders(np.random.default_rng(a.seed))

@@ -1,5 +1,5 @@
 """Does MAD's CPU BLAS slow PyTorch in the same process? NX-AI's xLSTM[7:1] prefill, before and after MLX
-has run one product with the BLAS `import mad` picked (mad/blas.py), in one process.
+has run one product with the BLAS `import mad` picked (backends/cpu.py), in one process.
 
     /tmp/ref/bin/python benchmarks/probe_mkl_torch.py                 # MKL (MAD_BLAS=auto)
     MAD_BLAS=mlx /tmp/ref/bin/python benchmarks/probe_mkl_torch.py    # MLX's own BLAS, for comparison
@@ -48,7 +48,7 @@ def main() -> None:
     randomise_(model, seed=0, width_scale=(24 / config["embedding_dim"]) ** 0.5)
     tokens = torch.randint(0, config["vocab_size"], (1, n))
     prefill_s(model, tokens, 1)  # warm-up
-    print(f"CPU BLAS of MAD: {mad.blas.LOADED or 'bundled with MLX'}")
+    print(f"CPU BLAS of MAD: {mad.backends.cpu.BLAS or 'bundled with MLX'}")
     print(f"NX-AI prefill of {n} tokens, before any MLX product: {prefill_s(model, tokens, trials):.2f} s")
     a = mx.random.normal((size, size))
     mx.eval(a @ a)

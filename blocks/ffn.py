@@ -15,7 +15,7 @@ import mlx.nn as nn
 from mad.block import Block, OptDim, PositiveFloat, PositiveInt, ShapeError, TensorType, expect_float, register
 from mad.dims import round_up
 
-from .basic import gated
+from .wiring import gated
 
 
 class GatedFFN(nn.Module):

@@ -1,11 +1,20 @@
-"""mLSTM blocks of the xLSTM-7B family (HF `xlstm`): the cell and the multi-head layer norm.
+"""mLSTM blocks: the cell and the multi-head layer norm around it.
 
-The layer around the cell is wired in the topology (`topologies/xlstm-7b.yaml`) from `linear` and
-`gate` nodes, so its weight names are the checkpoint's:
+Both xLSTM families wire the layer around the cell in the topology from `linear`, `gate` and wiring
+nodes, with the checkpoint's own names, so their weights load by name. xLSTM-7B (HF `xlstm`,
+`topologies/xlstm-7b.yaml`):
 
     q, k, v, o = Wq h, Wk h, Wv h, Wo h;  i~, f~ = 15 tanh((W h + b) / 15)      (linear, softcap)
     h_cell = mLSTM cell(q, k, v, i~, f~)                                          (mlstm_cell)
     y = W_out(sigmoid(o) * LayerNorm_per_head(h_cell))                            (multihead_layernorm, gate)
+
+The original mLSTM layer (NX-AI `xLSTMLMModel`, `topologies/xlstm-v1-125m.yaml`):
+
+    x_mlstm, z = split(proj_up(h));  x_c = silu(conv1d(x_mlstm))
+    q, k = q_proj(x_c), k_proj(x_c);  v = v_proj(x_mlstm)                         (headwise_linear)
+    i, f = igate([q k v]), fgate([q k v])                                         (concat, linear)
+    h_cell = outnorm(mLSTM cell(q, k, v, i, f)), 1/sqrt(DH) on k                  (mlstm_cell scale: k)
+    y = proj_down((h_cell + learnable_skip * x_c) * silu(z))                      (channel_scale, add, gate)
 
 The cell's math lives in `mad.kernels.mlstm` (pure MLX; device kernels are tested against it).
 """
@@ -18,7 +27,6 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mad.block import Block, Dim, FiniteFloat, PositiveFloat, ShapeError, TensorType, expect_float, register
-from mad.kernels import mlstm_chunk_device, mlstm_device  # noqa: F401  (register the device variants)
 from mad.kernels.mlstm import mlstm_sequence
 from mad.kernels.registry import dispatch
 
@@ -60,7 +68,6 @@ class MLSTMCellBlock(Block):
     original mLSTM layer): the same outputs, with C and n scaled by that factor."""
 
     ports = ("q", "k", "v", "i", "f")
-    modes = ("step", "chunkwise", "parallel")
     heads: Dim
     chunk_size: Dim = 64
     eps: PositiveFloat = 1e-6

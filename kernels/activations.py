@@ -4,7 +4,8 @@
 MLX's CPU `exp` (behind `mx.sigmoid` and `nn.silu`) is slow in the Linux wheel, whose kernels are built
 for the baseline x86-64 (its polynomial's `floor` and `fma` become library calls), while a compiled chain
 of adds and multiplies is cheap: MLX writes it as one C++ loop that the compiler vectorises (for
-contiguous inputs; see kernels/linear.py for why the blocks' inputs are contiguous).
+contiguous inputs; see kernels/linear.py for why the blocks' inputs are contiguous). The timings are in
+benchmarks/RESULTS.md (`python benchmarks/cpu_parts.py`).
 
 `exp_parts` is MLX's own float32 exp (`mlx/backend/common/simd/math.h`): y = x log2(e) split into an
 integer n and a fraction f in [-1/2, 1/2], Cephes' degree-6 polynomial for 2^f, 2^n put into the
@@ -17,23 +18,20 @@ consumers fall in two fused kernels. So the work falls into three kernels per ca
 Each kernel rounds y on its own ((y - c) + c in 2, (y + c) - c in 3, c = 1.5 * 2^23: the same integer,
 tested), since a shared n would be materialised as a fourth array; Estrin's scheme (depth 5, Horner's
 12) keeps kernel 3 within the depth limit, as does adding the polynomial's 1 last (see the callers).
-Selects are avoided (MLX's compiles to a branch: `where(x < 0, u, 1) * x` on 2M random-signed elements
-took 13 ms, unvectorised and mispredicting, where the `where` alone took 2.4), and the clip's `minimum`/`maximum`, branches too, sit in
-kernel 1 alone, where they are rarely taken.
+Selects are avoided (MLX compiles `where` to a branch, which the compiler does not vectorise and the
+CPU mispredicts on random signs), and the clip's `minimum`/`maximum`, branches too, sit in kernel 1
+alone, where they are rarely taken.
 
 The results are within 1 ulp of `mx.exp` on [-88, 88] (arguments outside are clipped) and within a few
 ulp of the references for the others (tests/test_kernels.py). The CPU variants take float32 and hand
 other dtypes to the reference. The gate forms compute act(g) * x with one division: x / (1 + e^-g)
-and g x / (1 + e^-g) (the blocks' output gates and gated feed-forwards, blocks/basic.py, blocks/ffn.py).
+and g x / (1 + e^-g) (the blocks' output gates and gated feed-forwards).
 The mLSTM cell's chunkwise form takes "exp" for its L x L decay matrix (kernels/mlstm.py).
 
-Not done: tanh (the soft-caps). A Cephes-style tanhf from this exp measured 26.7 against MLX's 40.3 ns
-per element, and its 1-2 ulp differences on the gates' soft-caps moved the HF fixture's ill-conditioned
-logits from 3.3e-4 to 6.1e-4 with an earlier form of these variants (tests/test_blas.py holds that path to
-4e-4); the soft-cap's cost falls on all-position logits, which reading a prompt does not compute
-(`last_only`).
-
-    python benchmarks/cpu_parts.py          # 1024 tokens of the ~160M model, one block's parts, 2-core Xeon
+Not done: tanh (the soft-caps). A tanh built from this exp is faster than MLX's (see
+benchmarks/RESULTS.md), but its ulp differences on the gates' soft-caps move the ill-conditioned logits
+of the HF fixture, which tests/test_blas.py holds to a bound, and the soft-cap's cost falls mostly on
+all-position logits, which reading a prompt does not compute (`last_only`).
 """
 
 from __future__ import annotations

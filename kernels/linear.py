@@ -11,9 +11,8 @@ Device variants (`kernels/linear_device.py`) take the same arguments.
 The CPU variant computes each part of a multi-token call as a product of its own (the weight's rows
 for that part, a view): the same products as the unfused layers, and contiguous outputs. Split
 columns of one product are strided arrays, for which MLX's CPU kernels run a loop with run-time
-strides that the compiler does not vectorise: the SiLU gate of a feed-forward took 19.2-25.9 ms on the
-halves of one [1024, 4096] product against 8.9 ms on contiguous arrays (2-core Xeon,
-`python benchmarks/cpu_parts.py`). A single row (decode) keeps the one product.
+strides that the compiler does not vectorise, so the elementwise work that follows (a feed-forward's
+SiLU gate) runs slower on them (see benchmarks/RESULTS.md, `python benchmarks/cpu_parts.py`). A single row (decode) keeps the one product.
 """
 
 from __future__ import annotations

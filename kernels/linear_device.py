@@ -21,10 +21,10 @@ from typing import Optional, Sequence
 import mlx.core as mx
 
 from .device import DeviceKernel
-from .linear import check_parts, split_parts  # (the module registers the reference the variant is tested against)
+from .linear import check_parts, split_parts
 from .registry import Unsupported, register_device_kernel
 
-MAX_ROWS = 4  # on an H200: faster or within 5% of MLX up to 4 rows, slower at 8 (benchmarks/RESULTS.md)
+MAX_ROWS = 4  # with more rows MLX's own matmul is faster (see benchmarks/RESULTS.md)
 WARPS = 4  # output features per block (one warp each)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 

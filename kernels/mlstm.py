@@ -29,7 +29,6 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
-from . import activations  # noqa: F401  (registers the exp kernel)
 from .registry import dispatch, register_kernel
 
 State = Tuple[mx.array, mx.array, mx.array]

@@ -45,7 +45,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .device import DeviceKernel, launch_bounds
+from mad.backends.cuda import launch_bounds
+
+from .device import DeviceKernel
 from .mlstm import State, chunk_log_weights
 from .registry import Unsupported, register_variant
 

@@ -24,9 +24,8 @@ from .registry import Unsupported, register_device_kernel
 
 TX, TY = 128, 4         # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
 UNROLL = 16             # rows of C each thread loads at once
-# chosen by benchmarks/sweep_mlstm_step.py on an H200 at the 7B head shapes (kernel time by Nsight Compute,
-# chained steps by the clock): batch 1 13.8 us (64 x 8 x 32: 16.4; 32 x 32 x 8: 24.7), batch 32 116 us
-# per chained step (64 x 8 x 32: 118; 32 x 32 x 8: 189). Wider column tiles read longer runs of each row.
+# the layout chosen by benchmarks/sweep_mlstm_step.py at the 7B head shapes, batch 1 and 32 (see
+# benchmarks/RESULTS.md): wider column tiles read longer runs of each row of C.
 MAX_DQK = 1024          # q and k are staged in shared memory
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 

@@ -1,5 +1,10 @@
 """Kernel registry: every device kernel next to the pure-MLX reference it is tested against.
 
+The registry owns the built-in kernels: `BUILTIN` lists their modules, and the first lookup (`dispatch`,
+`get`, `kernels`) imports them, so a caller asks the registry for a kernel by name and never imports a
+kernel module for what its import registers. (kernels/ has no `__init__.py`, see mad/__init__.py, so
+this module, not the package, is where loading happens.)
+
 A kernel is registered under a name with its reference function; variants register for a backend
 ("cuda", "metal", or "cpu" for MLX's CPU device) with the same call signature. `dispatch(name)`
 returns the function to call, chosen when a model is traced (never per step at run time):
@@ -23,17 +28,23 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Optional
 
 import mlx.core as mx
 
-__all__ = ["Unsupported", "register_kernel", "register_variant", "register_device_kernel", "dispatch", "backend", "use_reference",
-           "set_policy", "policy", "kernels"]
+__all__ = ["BUILTIN", "Unsupported", "register_kernel", "register_variant", "register_device_kernel", "dispatch", "get",
+           "backend", "use_reference", "set_policy", "policy", "kernels", "load_builtin"]
 
 GPU_BACKENDS = ("cuda", "metal")
 BACKENDS = (*GPU_BACKENDS, "cpu")
+
+# The modules of this package that register kernels (references first; a variant's module imports its
+# reference's module itself, so the order does not matter). tests/test_registry.py checks it names them all.
+BUILTIN = ("activations", "linear", "linear_device", "mlstm", "mlstm_device", "mlstm_chunk_device", "slstm",
+           "slstm_device")
 
 
 class Unsupported(Exception):
@@ -49,6 +60,20 @@ class Kernel:
 
 _KERNELS: dict[str, Kernel] = {}
 _POLICY: dict[str, Optional[str]] = {"policy": None}  # None: from the environment
+_LOADING = {"started": False}
+
+
+def load_builtin() -> None:
+    """Import the `BUILTIN` kernel modules (once; every lookup calls this first)."""
+    if _LOADING["started"]:
+        return  # loaded, or loading now: a module being imported may itself register or look up
+    _LOADING["started"] = True
+    try:
+        for module in BUILTIN:
+            importlib.import_module(f"{__package__}.{module}")
+    except BaseException:
+        _LOADING["started"] = False  # the next lookup raises the import error again
+        raise
 
 
 def register_kernel(name: str, reference: Callable) -> Kernel:
@@ -58,10 +83,11 @@ def register_kernel(name: str, reference: Callable) -> Kernel:
 
 
 def register_variant(name: str, backend_name: str, fn: Callable) -> None:
-    """Register a variant of kernel `name` for backend "cuda", "metal" or "cpu"."""
+    """Register a variant of kernel `name` (built in, or registered before) for backend "cuda", "metal" or
+    "cpu"."""
     if backend_name not in BACKENDS:
         raise ValueError(f"unknown backend {backend_name!r}; expected one of {BACKENDS}")
-    _KERNELS[name].variants[backend_name] = fn
+    (_KERNELS[name] if name in _KERNELS else get(name)).variants[backend_name] = fn
 
 
 def register_device_kernel(name: str, fn: Callable) -> None:
@@ -71,7 +97,17 @@ def register_device_kernel(name: str, fn: Callable) -> None:
         register_variant(name, backend_name, functools.partial(fn, backend=backend_name))
 
 
+def get(name: str) -> Kernel:
+    """Kernel `name`: its reference and its variants."""
+    load_builtin()
+    if name not in _KERNELS:
+        raise KeyError(f"no kernel {name!r}; registered: {', '.join(sorted(_KERNELS))}")
+    return _KERNELS[name]
+
+
 def kernels() -> dict[str, Kernel]:
+    """Every registered kernel by name."""
+    load_builtin()
     return dict(_KERNELS)
 
 
@@ -114,7 +150,7 @@ def backend() -> Optional[str]:
 
 def dispatch(name: str) -> Callable:
     """The function to run kernel `name` with under the current policy and device."""
-    kernel = _KERNELS[name]
+    kernel = get(name)
     chosen = backend() if policy() == "auto" else None
     variant = kernel.variants.get(chosen) if chosen else None
     if variant is None:

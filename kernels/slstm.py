@@ -1,7 +1,8 @@
 """Pure-MLX sLSTM cell: the reference implementation of the xLSTM scalar-memory cell.
 
 Device kernels of this project are tested against these functions. The math is NX-AI's vanilla backend
-(``xlstm/blocks/slstm/src/vanilla/slstm.py``, ``slstm_forward_pointwise``), per head h and unit o:
+(``xlstm/blocks/slstm/src/vanilla/slstm.py``, ``slstm_forward_pointwise``; ``docs/xlstm-reference.md``,
+"The sLSTM cell"), per head h and unit o:
 
     raw_g = Wx_g + (R_g y_{t-1}) + b_g              g in (i, f, z, o), in this order (NX-AI's gate order)
     lfm   = m_{t-1} + logsigmoid(f_raw)

@@ -47,7 +47,9 @@ from typing import Optional
 
 import mlx.core as mx
 
-from .device import DeviceKernel, launch_bounds
+from mad.backends.cuda import launch_bounds
+
+from .device import DeviceKernel
 from .registry import Unsupported, register_variant
 from .slstm import State, _check, zero_state
 

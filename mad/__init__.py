@@ -20,7 +20,7 @@ def _checkout_layout() -> None:
     repository root on sys.path (`python -m pytest`, `python -c` from the root) `import kernels` still
     finds the installed `kernels` package transformers imports; with none installed it yields an empty
     namespace (no `__file__`), which transformers' probe reports as not installed. For the same reason
-    the built-in block types are registered below, not by `blocks/__init__.py`."""
+    the built-in block types are registered by `mad.block.block_types()`, not by `blocks/__init__.py`."""
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(here)
     subpackages = ("blocks", "backends", "kernels", "topologies")
@@ -37,9 +37,9 @@ def _checkout_layout() -> None:
 
 _checkout_layout()
 
-from . import blas  # noqa: E402
+from .backends import cpu as _cpu  # noqa: E402
 
-blas.select()  # before any matmul: see mad/blas.py
+_cpu.select_blas()  # before mlx.core is imported: see backends/cpu.py
 
 from .block import Block, Dim, OptDim, ShapeError, TensorType, register  # noqa: E402
 from .errors import MadError  # noqa: E402
@@ -48,7 +48,6 @@ from .program import Program  # noqa: E402
 from .topology import load_topology  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402  (functions shadow the module name, as in mlx-lm)
 from .loading import load  # noqa: E402
-from .blocks import basic as _basic, ffn as _ffn, mlstm as _mlstm, xlstm_v1 as _xlstm_v1  # noqa: E402,F401  (register MAD's block types; blocks/ has no __init__.py, see above)
 
 __version__ = "0.1.0"
 

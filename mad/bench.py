@@ -5,6 +5,10 @@ reporting prompt_tps (B * P / time to the first sampled token), generation_tps (
 time of the G decode steps that follow) and peak_memory (GB). Generation is greedy and double-buffered
 (the next step is queued before the current token is read), as in `mad.generate`. Without a
 checkpoint the weights are random, so a 7B benchmark needs no download.
+
+`profile` (`mad bench --profile`) adds where a prompt's time goes: each stage compiled and timed on its
+own (`Program.profile`), and those times summed per block type, beside each stage's parameters and
+state bytes, so that a slow stage can be told from a large one.
 """
 
 from __future__ import annotations
@@ -12,12 +16,13 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import mlx.core as mx
 
-from . import blas
+from .backends import cpu
 from .errors import MadError
-from .generate import PREFILL_STEP, LanguageModel
+from .model import PREFILL_STEP, LanguageModel
 
 KEYS = ("prompt_tps", "generation_tps", "peak_memory")
 
@@ -76,4 +81,70 @@ def bench(model: LanguageModel, prompt_tokens: int = 512, generation_tokens: int
     return {"prompt_tokens": prompt_tokens, "generation_tokens": generation_tokens, "batch_size": batch,
             "prefill_step": prefill_step,
             "trials": [asdict(r) for r in results], "averages": mean, "medians": median,
-            "mlx": mx.__version__, "device": str(mx.default_device()), "cpu_blas": blas.LOADED}
+            "mlx": mx.__version__, "device": str(mx.default_device()), "cpu_blas": cpu.BLAS}
+
+
+def profile(model: LanguageModel, prompt_tokens: int = 512, batch: int = 1, repeats: int = 3, seed: int = 0) -> dict:
+    """Seconds per stage and per block type for a random prompt of `prompt_tokens` tokens (batch `batch`).
+
+    Returns {"prompt_tokens", "batch_size", "repeats", "stages": [{stage, nodes, block_types, seconds, params,
+    state_bytes}], "block_types": {type: {nodes, seconds, params, state_bytes}}, "seconds"}. A block type's
+    seconds are its stages' seconds shared by node count (`mad.program.block_type_totals`): exact where a
+    stage holds one type. Stage times are each stage run alone, so their sum exceeds the program's time.
+    """
+    from .program import block_type_totals
+
+    for name, value, least in (("prompt_tokens", prompt_tokens, 1), ("batch", batch, 1), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < least:
+            raise MadError(f"{name} must be an integer >= {least}, got {value!r}")
+    graph = model.program.graph
+    mx.random.seed(seed)
+    prompt = mx.random.randint(0, model.vocab_size, (batch, prompt_tokens)).astype(mx.int32)
+    stages = model.program.profile({model.input_name: prompt}, repeats=repeats)
+    for entry in stages:
+        entry["params"] = sum(graph.param_count(n) for n in entry["nodes"])
+        entry["state_bytes"] = sum(graph.state_bytes(n) for n in entry["nodes"])
+    types = block_type_totals(stages)
+    for kind, total in types.items():
+        nodes = [n for n in graph.blocks() if graph.g.nodes[n].get("block_type") == kind]
+        total["params"] = sum(graph.param_count(n) for n in nodes)
+        total["state_bytes"] = sum(graph.state_bytes(n) for n in nodes)
+    return {"prompt_tokens": prompt_tokens, "batch_size": batch, "repeats": repeats, "stages": stages,
+            "block_types": types, "seconds": sum(e["seconds"] for e in stages)}
+
+
+def _size(n: int) -> str:
+    """Bytes as B / KB / MB / GB (decimal, as the peak-memory figures)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
+def profile_tables(result: dict) -> list[Any]:
+    """The rich tables of a `profile` result: one row per stage, then one per block type."""
+    from rich.table import Table
+
+    total = result["seconds"] or 1e-12
+    title = (f"Time per stage: prompt of {result['prompt_tokens']} tokens, batch {result['batch_size']} "
+             f"(each stage compiled and run alone, median of {result['repeats']})")
+    stages = Table(title=title, title_justify="left")
+    for col, justify in (("stage", "left"), ("block types", "left"), ("params", "right"),
+                         ("state / seq", "right"), ("ms", "right"), ("%", "right")):
+        stages.add_column(col, justify=justify)
+    for e in result["stages"]:
+        kinds = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in e["block_types"].items())
+        stages.add_row(e["stage"], kinds, f"{e['params']:,}", _size(e["state_bytes"]) if e["state_bytes"] else "",
+                       f"{e['seconds'] * 1e3:.3f}", f"{100 * e['seconds'] / total:.1f}")
+    state = sum(e["state_bytes"] for e in result["stages"])
+    stages.add_row("total", "", f"{sum(e['params'] for e in result['stages']):,}", _size(state) if state else "",
+                   f"{total * 1e3:.3f}", "100.0", style="bold")
+    types = Table(title="Time per block type (sum over stages; a mixed stage's time shared by node count)",
+                  title_justify="left")
+    for col, justify in (("block type", "left"), ("nodes", "right"), ("params", "right"),
+                         ("state / seq", "right"), ("ms", "right"), ("%", "right")):
+        types.add_column(col, justify=justify)
+    for kind, t in result["block_types"].items():
+        types.add_row(kind, str(t["nodes"]), f"{t['params']:,}", _size(t["state_bytes"]) if t["state_bytes"] else "",
+                      f"{t['seconds'] * 1e3:.3f}", f"{100 * t['seconds'] / total:.1f}")
+    return [stages, types]

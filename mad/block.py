@@ -1,11 +1,12 @@
 """The block contract and the registry of block types.
 
 A block type is a pydantic model (its fields are what a topology file may write on a node) that also
-says, for concrete input types, what it outputs (`infer`), what recurrent state it owns (`state`) and
-which MLX module runs it (`build`). Register one with `@register("name")`; MAD's own blocks and a
-user's are registered the same way. Entry points in the group `mad.blocks` are imported only when the
-caller trusts plugins (`block_types(trust_plugins=True)`): importing runs their code. No registration may
-replace one of MAD's own block types.
+says, for concrete input types, what it outputs (`infer`), what recurrent state it owns (`state`),
+which MLX module runs it (`build`) and, optionally, that it is a plain linear map (`linear_form`), which
+lets graph passes rewrite it without knowing its class. Register one with `@register("name")`; MAD's own
+blocks and a user's are registered the same way. Entry points in the group `mad.blocks` are imported only
+when the caller trusts plugins (`block_types(trust_plugins=True)`): importing runs their code. No
+registration may replace one of MAD's own block types.
 """
 
 from __future__ import annotations
@@ -107,8 +108,6 @@ class Block(BaseModel):
     """Input port names, in call order."""
     variadic: ClassVar[bool] = False
     """If true the block takes any number (>= 1) of inputs on its single port."""
-    modes: ClassVar[tuple[str, ...]] = ()
-    """Evaluation modes a recurrent block offers, e.g. ("step", "chunkwise", "parallel")."""
     positionwise: ClassVar[bool] = False
     """True if each output position depends only on the same position of the inputs (linears, norms,
     gates, adds). A program asked for its outputs at the last position only (`last_only`, as when
@@ -126,14 +125,37 @@ class Block(BaseModel):
         """The MLX module (or pure function) that runs this node.
 
         Stateless: `fn(*xs) -> y`. Recurrent: `fn(*xs, state=dict, mode=str) -> (y, new_state)`.
+        A block with a `tie: <node>` field reads that node's weight: its module has `tie(source_module)`.
         """
         raise NotImplementedError
+
+    def linear_form(self, *inputs: TensorType) -> Optional["LinearForm"]:
+        """Declare that this node computes `y = softcap(x W^T + b)` over its single input, with its own
+        (untied) weights, so that passes may run it as part of a larger matmul (`mad.passes`); None
+        (the default) if it computes anything else. Only the declaration is read, never the module."""
+        return None
+
+
+@dataclass(frozen=True)
+class LinearForm:
+    """What `Block.linear_form` declares: y = x W^T (+ b), then c * tanh(y / c) if `softcap` is c.
+
+    `weight` and `bias` are the names of W [out, in] and b [out] among the module's parameters (as
+    `tree_flatten(module.parameters())` names them); `bias` is None when there is none. A fused program
+    reads the initial values there and gives the weights back under the node's own names.
+    """
+
+    weight: str = "weight"
+    bias: Optional[str] = None
+    softcap: Optional[float] = None
 
 
 BLOCKS: dict[str, type[Block]] = {}
 _ENTRY_POINTS_LOADED = False
 _ENTRY_POINT_ERRORS: list[str] = []
-BUILTIN_MODULES = ("mad.blocks.basic", "mad.blocks.ffn", "mad.blocks.mlstm", "mad.blocks.xlstm_v1")
+BUILTIN_MODULES = ("mad.blocks.core", "mad.blocks.wiring", "mad.blocks.conv", "mad.blocks.ffn", "mad.blocks.mlstm",
+                   "mad.blocks.slstm")
+"""MAD's own block modules: importing one registers its block types (`block_types()` imports them all)."""
 
 
 class RegistrationError(MadError, ValueError):
@@ -142,6 +164,11 @@ class RegistrationError(MadError, ValueError):
 
 def is_builtin(cls: type) -> bool:
     return cls.__module__.startswith("mad.blocks.")
+
+
+def _load_builtins() -> None:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
 
 
 def register(name: str) -> Callable[[type[Block]], type[Block]]:
@@ -154,6 +181,8 @@ def register(name: str) -> Callable[[type[Block]], type[Block]]:
     def wrap(cls: type[Block]) -> type[Block]:
         if not (isinstance(cls, type) and issubclass(cls, Block)):
             raise TypeError(f"@register('{name}') needs a subclass of mad.Block")
+        if not is_builtin(cls):
+            _load_builtins()  # MAD's own names are taken first, whatever the user imports first
         if not isinstance(name, str) or not name or not name.isprintable() or any(c.isspace() for c in name):
             raise RegistrationError(f"@register({name!r}): a block type name must be a word (no spaces or "
                                     f"control characters)")
@@ -177,8 +206,7 @@ def block_types(trust_plugins: bool = False) -> dict[str, type[Block]]:
     `trust_plugins`, also those of the installed entry points (group `mad.blocks`), imported on first
     use. Entry points that fail to load are listed by `entry_point_errors()`."""
     global _ENTRY_POINTS_LOADED
-    for module in BUILTIN_MODULES:
-        importlib.import_module(module)
+    _load_builtins()
     if trust_plugins and not _ENTRY_POINTS_LOADED:
         _ENTRY_POINTS_LOADED = True
         for ep in importlib.metadata.entry_points(group="mad.blocks"):

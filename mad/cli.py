@@ -23,7 +23,7 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show Python traceba
     DEBUG["on"] = debug
 
 
-TF32_HELP = "allow TF32 for float32 matrix products on GPUs that have it (faster, ~1e-3 relative error)"
+TF32_HELP = "allow TF32 for float32 matrix products on GPUs that have it (faster, at about 1e-3 relative error)"
 TRUST_HELP = "import the Python modules a topology's `plugins:` names (runs their code)"
 MEMORY_HELP = "load even if the weights look larger than the available memory"
 TOKENIZER_HELP = "tokenizer.json, or 'bytes' (default: the checkpoint's; bytes for a topology)"
@@ -124,7 +124,7 @@ def _tokenizer_for(path: Path, lm, tok, tokenizer: Optional[str]):
     """The tokenizer a command uses: --tokenizer, else the checkpoint's, else bytes; a checkpoint with a
     vocabulary larger than bytes and no tokenizer is an error (no silent fallback)."""
     from .errors import Source
-    from .generate import ByteTokenizer
+    from .tokenizers import ByteTokenizer
     from .loading import is_checkpoint_folder
 
     if tok is not None:
@@ -189,8 +189,9 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
     """Generate text (or ids) from a topology with fresh weights, or from a checkpoint."""
     import mlx.core as mx
 
-    from .generate import check_sampling, print_stats, stream_generate
+    from .generate import print_stats, stream_generate
     from .loading import load, load_state_file, save_state_file
+    from .sampling import check_sampling
 
     _setup(device, tf32=tf32)
     path = model or source
@@ -233,6 +234,8 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
           kernels: str = typer.Option("auto", "--kernels", help="auto (device kernels) or reference (pure MLX)"),
           device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
           json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
+          profile: bool = typer.Option(False, "--profile", help="also time each stage and block type on a prompt of "
+                                       "--prompt-tokens tokens, beside their parameters and state"),
           tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
           trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
           no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
@@ -252,12 +255,12 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
 
     with use_reference(kernels == "reference"):  # the kernel policy for this command only
         _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step, dtype, set_, kernels,
-               json_out, trust_plugins, no_memory_check)
+               json_out, trust_plugins, no_memory_check, profile)
 
 
 def _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step, dtype, set_, kernels,
-           json_out, trust_plugins, no_memory_check) -> None:
-    from .bench import bench as run_bench
+           json_out, trust_plugins, no_memory_check, profile=False) -> None:
+    from .bench import bench as run_bench, profile as run_profile, profile_tables
     from .loading import available_memory, load
 
     lm, _ = load(path, dtype=dtype, overrides=set_, trust_plugins=trust_plugins, memory_check=not no_memory_check)
@@ -270,6 +273,13 @@ def _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefi
                            "--no-memory-check tries anyway")
     result = run_bench(lm, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step,
                        echo=(lambda line: None) if json_out else print)
+    if profile:
+        result["profile"] = run_profile(lm, prompt_tokens, batch_size)
+        if not json_out:
+            console = Console(highlight=False, width=None if sys.stdout.isatty() else 200)
+            for table in profile_tables(result["profile"]):
+                console.print()
+                console.print(table)
     if json_out:
         result.update(model=str(path), dtype=str(lm.program.dtype), kernels=kernels)
         print(json.dumps(result, indent=1))
@@ -293,8 +303,9 @@ def chat(source: Optional[Path] = typer.Argument(None, help="topology file, buil
     """Chat: each turn reads only the new text; the recurrent state carries the conversation."""
     import mlx.core as mx
 
-    from .generate import check_sampling, stream_generate
+    from .generate import stream_generate
     from .loading import load, load_state_file, save_state_file
+    from .sampling import check_sampling
 
     _setup(device, tf32=tf32)
     path = model or source

@@ -84,3 +84,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """A 'did you mean ...?' hint, or '' when nothing is close."""
     close = difflib.get_close_matches(str(word), [str(c) for c in choices], n=1, cutoff=0.6)
     return f"did you mean '{close[0]}'?" if close else ""
+
+
+def printable(text: str) -> str:
+    """`text` with non-printable characters escaped, so that a message stays on its line."""
+    return text if text.isprintable() else text.encode("unicode_escape").decode("ascii")
+
+
+def short(text: str, n: int = 60) -> str:
+    """`printable(text)`, cut to `n` characters with '...' (a message quotes a value, never a page of it)."""
+    text = printable(text)
+    return text if len(text) <= n else text[: n - 3] + "..."

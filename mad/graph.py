@@ -4,6 +4,9 @@ Node key = fully qualified name (weight prefix, state key, where errors point). 
 (the validated block), `source`, `inputs` (source names in port order), `type` (output TensorType),
 `state` (name -> TensorType), `params` (weight name -> shape), `stage`. Input nodes have
 `kind="input"`. Edge data: `ports`, `type`.
+
+The graph holds no weights: a `mad.Program` builds and owns its modules from the specs, so any number of
+programs (dtypes, fused or not) can be built from one graph without sharing anything.
 """
 
 from __future__ import annotations
@@ -382,6 +385,8 @@ def _infer(graph: Graph, diags: Diagnostics, order: Optional[list[str]] = None) 
                 diags.error(f"node '{n}' ({data['block_type']}): {problem}", where, once=at + ("size", problem))
                 continue
             try:
+                # built only to learn the weights' names and shapes (MLX arrays are lazy: nothing is
+                # computed), then dropped: the Program builds its own
                 module = spec.build(*in_types)
             except (OverflowError, MemoryError) as e:  # MLX refuses the shape of a weight
                 diags.error(f"node '{n}' ({data['block_type']}): a weight is too large: {e}", where,
@@ -400,6 +405,7 @@ def _infer(graph: Graph, diags: Diagnostics, order: Optional[list[str]] = None) 
                         f"({type(spec).__module__}) failed: {type(e).__name__}: {e}", where, once=at + ("fail", str(e)))
             continue
         params = {k: tuple(v.shape) for k, v in tree_flatten(getattr(module, "parameters", dict)())}
+        del module
         problem = next((p for k, shape in params.items()
                         if (p := _too_big(TensorType(tuple(shape)), f"its weight '{k}'"))), "")
         if problem:
@@ -409,7 +415,6 @@ def _infer(graph: Graph, diags: Diagnostics, order: Optional[list[str]] = None) 
         data["type"] = out
         data["state"] = state
         data["params"] = params
-        data["module"] = module
         for s, t in zip(srcs, in_types):
             g.edges[s, n]["type"] = t
     if total > MAX_PARAMS:

@@ -1,8 +1,9 @@
 """Loading models: a topology file or build folder (fresh weights), or a checkpoint folder.
 
-A checkpoint folder is recognised by a `CheckpointFormat` (registered by a model family): it reads the
-folder's config, names the shipped topology and the `--set` overrides that describe this model, and
-maps the checkpoint's weight names to node names when they differ. Loading is strict.
+A checkpoint folder is read by its family's format module (`mad.formats.<model_type>`, see
+`mad/formats/__init__.py`): it reads the folder's config, names the shipped topology and the `--set`
+overrides that describe this model, and maps the checkpoint's weight names to node names when they
+differ. Loading is strict.
 """
 
 from __future__ import annotations
@@ -11,47 +12,19 @@ import json
 import os
 import sys
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import mlx.core as mx
 from mlx.utils import tree_flatten
 
 from .errors import Diagnostic, Diagnostics, MadError, Source
-from .generate import LanguageModel, check_state_arrays
+from .formats import CheckpointFormat, all_formats, config_files, find_format, register_format  # noqa: F401
 from .graph import build_graph
+from .model import LanguageModel, check_state_arrays
 from .program import Program, dtype_of
+from .tokenizers import tokenizer_of
 from .topology import load_topology
-
-
-@dataclass
-class CheckpointFormat:
-    """How to read one family's checkpoint folders.
-
-    Args:
-        name: shown in messages.
-        detect: config mapping -> True if this format reads it.
-        topology: config -> (topology file, overrides such as ["dims.D=4096"]).
-        sanitize: (weights, config) -> weights named as the topology's nodes (e.g. split fused weights).
-        tokenizer: (folder, config) -> tokenizer or None.
-    """
-
-    name: str
-    detect: Callable[[dict], bool]
-    topology: Callable[[dict], tuple[Path, list[str]]]
-    sanitize: Callable[[dict, dict], dict] = lambda weights, config: weights
-    tokenizer: Optional[Callable[[Path, dict], Any]] = None
-    config_files: tuple[str, ...] = ("config.json",)
-    eos_token_ids: Optional[Callable[[dict], list]] = None  # config -> eos ids (for a tokenizer given by the user)
-
-
-FORMATS: list[CheckpointFormat] = []
-
-
-def register_format(fmt: CheckpointFormat) -> CheckpointFormat:
-    FORMATS.append(fmt)
-    return fmt
 
 
 def _load_topology(file: Path, overrides: list[str], trust_plugins: bool):
@@ -88,7 +61,7 @@ def load(path: str | Path, dtype: Optional[str] = None, overrides: list[str] = (
     do not fit in the available memory, before anything is materialised.
     """
     path = _check_load_args(path, dtype, overrides, compile, fuse, tokenizer)
-    tok = _tokenizer(tokenizer)
+    tok = tokenizer_of(tokenizer)
     if path.is_file():
         model = _fresh(path, dtype, overrides, compile, fuse, trust_plugins, memory_check)
         model.tokenizer = tok
@@ -104,16 +77,6 @@ def load(path: str | Path, dtype: Optional[str] = None, overrides: list[str] = (
     model, own = load_checkpoint(path, dtype, compile, fuse, overrides=overrides, trust_plugins=trust_plugins,
                                  memory_check=memory_check, tokenizer=tok)
     return model, own
-
-
-def _tokenizer(tokenizer: Any) -> Any:
-    from .generate import ByteTokenizer, HFTokenizer
-
-    if tokenizer is None or (not isinstance(tokenizer, (str, os.PathLike))):
-        return tokenizer
-    if str(tokenizer) == "bytes":
-        return ByteTokenizer()
-    return HFTokenizer(tokenizer)
 
 
 def is_checkpoint_folder(path: str | Path) -> bool:
@@ -136,9 +99,8 @@ MAX_CONFIG_BYTES = 16 << 20  # a config is a few KB
 
 
 def read_config(folder: Path) -> tuple[dict, Path]:
-    import mad.topologies.formats  # noqa: F401 - the shipped families register their formats
-
-    names = dict.fromkeys(n for f in FORMATS for n in f.config_files) or {"config.json": None}
+    """The folder's config (the first file any format reads: config.json, config.yaml, ...) and its path."""
+    names = config_files()
     for name in names:
         file = folder / name
         if file.is_file():
@@ -251,13 +213,10 @@ def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "p
     config's), or None for the folder's own (None if it has none)."""
     folder = Path(folder)
     config, config_file = read_config(folder)
-    try:
-        fmt = next((f for f in FORMATS if f.detect(config)), None)
-    except Exception:  # noqa: BLE001 - a detector meeting a config of odd types: no format reads it
-        fmt = None
+    fmt = find_format(config)
     if fmt is None:
         kind = config.get("model_type", "unknown")
-        known = ", ".join(f.name for f in FORMATS) or "none"
+        known = ", ".join(f.name for f in all_formats()) or "none"
         raise MadError(f"unsupported model: model_type '{kind}' (MAD reads: {known})", Source(str(config_file)))
     with _located(config_file):
         topology, fmt_overrides = fmt.topology(config)
@@ -278,8 +237,8 @@ def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "p
     _materialise(program)
     with _located(config_file):
         if tokenizer is None:
-            tokenizer = fmt.tokenizer(folder, config) if fmt.tokenizer else None
-        elif fmt.eos_token_ids and not getattr(tokenizer, "is_bytes", False) and \
+            tokenizer = fmt.tokenizer(folder, config)
+        elif not getattr(tokenizer, "is_bytes", False) and \
                 not getattr(tokenizer, "eos_token_ids", None):
             tokenizer.eos_token_ids = tuple(fmt.eos_token_ids(config))
     return LanguageModel(program, tokenizer), tokenizer
@@ -327,7 +286,7 @@ def _located(file: Path):
                         for d in e.diagnostics]) from None
 
 
-MAX_INDEX_BYTES = 64 << 20  # a 7B model's index is ~30 KB
+MAX_INDEX_BYTES = 64 << 20  # far above a large model's index: a bound on what is read, not a format rule
 
 
 def _read_index(folder: Path, index: Path) -> dict[str, list[str]]:

@@ -2,20 +2,22 @@
 
 Sibling-linear fusion
 ---------------------
-Several `linear` nodes that read the same value, like q, k, v, the output gate and the i/f gates of an
+Several linear nodes that read the same value, like q, k, v, the output gate and the i/f gates of an
 mLSTM layer, or the up and gate projections of a feed-forward, are one matrix multiply in disguise:
 
     [y_1 | y_2 | ... | y_n] = x @ [W_1; W_2; ...; W_n]^T
 
-`find_sibling_linears` finds such groups in any graph (it knows no block or model names);
-`FusedLinear` runs one group as a single matmul (the `linear` block's own module, over the
-concatenation) whose output is split back into the members' outputs, each with its own bias and
-soft-cap. Fewer, larger matmuls mean fewer kernel launches and fewer compiled-function inputs, which
-is what decode (batch 1, one token, launch-bound on a GPU) needs; each output element is still the
-same dot product of one row of x with one row of W, so results agree with the unfused graph to
-rounding (equal, on the CPU). On the CPU a multi-token call computes each member's part as a product of
-its own (the `linear` kernel's CPU variant, kernels/linear.py): the members' outputs are then
-contiguous arrays, which MLX's CPU elementwise kernels read much faster than split columns.
+A block takes part by declaring it (`Block.linear_form` -> `LinearForm`: "I am y = softcap(x W^T + b),
+with W and b under these parameter names"); the pass reads only those declarations and the graph's
+parameter shapes, so it knows no block class. `find_sibling_linears` finds the groups;
+`FusedLinear` runs one group as a single matmul (the `linear` kernel over the concatenation) whose
+output is split back into the members' outputs, each with its own bias and soft-cap. Fewer, larger
+matmuls mean fewer kernel launches and fewer compiled-function inputs, which is what decode (batch 1,
+one token, launch-bound on a GPU) needs; each output element is still the same dot product of one row
+of x with one row of W, so results agree with the unfused graph to rounding (equal, on the CPU). On the
+CPU a multi-token call computes each member's part as a product of its own (the `linear` kernel's CPU
+variant, kernels/linear.py): the members' outputs are then contiguous arrays, which MLX's CPU
+elementwise kernels read faster than split columns (see benchmarks/RESULTS.md).
 
 Checkpoints do not change: a `FusedLinear` owns the concatenated weight and bias (one copy in
 memory), `named_parameters()` gives the members' weights and biases back under their own names and
@@ -24,10 +26,9 @@ named per member. `mad.program.Program(fuse=...)` decides whether the pass is ap
 runs a group at its first member and puts every member's output under the member's name.
 
 A node joins a group when
-  - its module is exactly `LinearModule` (the `linear` block: y = x W^T (+ b), optionally soft-capped;
-    a subclass might compute something else, so it is left alone),
-  - it is not tied (`tie:` reads another node's weight) and no node ties to it (its weight is someone
-    else's too), and
+  - its block declares a `LinearForm` for its inputs (one input, its own weights: a tied linear
+    declares none),
+  - no node ties to it (`tie:` on another node: its weight is someone else's too), and
   - with `by_stage` (a Program compiled stage by stage), it runs in the same stage as the others: a
     compiled stage can only produce its own nodes. A whole-program compile fuses across stages.
 Reading exactly the same value implies the same input width. Other block types that read the same
@@ -42,7 +43,10 @@ from typing import Optional
 
 import mlx.core as mx
 import mlx.nn as nn
+from mlx.utils import tree_flatten
 
+from .block import LinearForm
+from .errors import MadError
 from .graph import Graph
 from .kernels.registry import dispatch
 
@@ -57,6 +61,12 @@ class FusionGroup:
     d_in: int
     bias: tuple[bool, ...]               # which members have a bias
     softcap: tuple[Optional[float], ...]  # each member's soft-cap (None: none)
+    forms: tuple[LinearForm, ...]         # each member's declaration (its parameter names)
+
+    def names(self) -> list[tuple[str, Optional[str]]]:
+        """Each member's weight and bias names as `parameters()` gives them (`node.weight`, `node.bias`
+        or None)."""
+        return [(f"{m}.{f.weight}", f"{m}.{f.bias}" if f.bias else None) for m, f in zip(self.members, self.forms)]
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
@@ -73,25 +83,32 @@ class FusionGroup:
                 "out": list(self.widths), "in": self.d_in}
 
 
-def _basic():
-    import mad.blocks.basic  # the block library imports the core: import it when the pass runs
-
-    return mad.blocks.basic
+def linear_forms(graph: Graph) -> dict[str, LinearForm]:
+    """{node: its declared `LinearForm`} for the nodes the fusion pass may merge: a declaration, one
+    input, a 2-d weight [out, in] (and a bias [out]) among its parameters, and no node tying to it."""
+    g = graph.g
+    tie_sources = {getattr(g.nodes[n]["spec"], "tie", None) for n in graph.blocks()}
+    out = {}
+    for n in graph.blocks():
+        d = g.nodes[n]
+        if n in tie_sources or len(d["inputs"]) != 1:
+            continue
+        x = g.nodes[d["inputs"][0]]["type"]
+        form = d["spec"].linear_form(x)
+        if form is None:
+            continue
+        shape = d["params"].get(form.weight)
+        if shape is None or len(shape) != 2 or shape[1] != int(x.shape[-1]) or (
+                form.bias is not None and d["params"].get(form.bias) != (shape[0],)):
+            raise MadError(f"node '{n}' ({d['block_type']}) declares a linear form whose parameters do not fit: "
+                           f"weight '{form.weight}' {shape}, bias '{form.bias}' {d['params'].get(form.bias)}")
+        out[n] = form
+    return out
 
 
 def fusable_linears(graph: Graph) -> list[str]:
-    """Nodes the fusion pass may merge: untied `LinearModule`s that no other node ties to."""
-    g = graph.g
-    linear = _basic().LinearModule
-    tie_sources = {getattr(g.nodes[n]["spec"], "tie", None) for n in graph.blocks()}
-    out = []
-    for n in graph.blocks():
-        module = g.nodes[n].get("module")
-        if (type(module) is linear and "weight" in module and module._tied_weight is None
-                and getattr(g.nodes[n]["spec"], "tie", None) is None and n not in tie_sources
-                and len(g.nodes[n]["inputs"]) == 1):
-            out.append(n)
-    return out
+    """Nodes the fusion pass may merge, in execution order (see `linear_forms`)."""
+    return list(linear_forms(graph))
 
 
 def find_sibling_linears(graph: Graph, by_stage: bool = False) -> list[FusionGroup]:
@@ -102,71 +119,78 @@ def find_sibling_linears(graph: Graph, by_stage: bool = False) -> list[FusionGro
     where its first member would: every member only needs the shared input, computed before that.
     """
     g = graph.g
+    forms = linear_forms(graph)
     by_source: dict[tuple[str, str | None], list[str]] = {}
-    for n in fusable_linears(graph):  # graph.blocks() order = execution order
+    for n in forms:  # graph.blocks() order = execution order
         by_source.setdefault((g.nodes[n]["inputs"][0], g.nodes[n]["stage"] if by_stage else None), []).append(n)
     groups = []
     for (source, _), members in by_source.items():
         if len(members) < 2:
             continue
-        modules = [g.nodes[m]["module"] for m in members]
+        shapes = [g.nodes[m]["params"][forms[m].weight] for m in members]
         groups.append(FusionGroup(
             source=source, members=tuple(members),
-            widths=tuple(int(m.weight.shape[0]) for m in modules), d_in=int(modules[0].weight.shape[1]),
-            bias=tuple("bias" in m for m in modules), softcap=tuple(m._cap or None for m in modules)))
+            widths=tuple(int(s[0]) for s in shapes), d_in=int(shapes[0][1]),
+            bias=tuple(forms[m].bias is not None for m in members),
+            softcap=tuple(forms[m].softcap or None for m in members),
+            forms=tuple(forms[m] for m in members)))
     return groups
 
 
 class FusedLinear(nn.Module):
     """One `FusionGroup` as one matmul: `x -> [y_1, ..., y_n]`, the members' outputs in order.
 
-    It runs the `linear` kernel that each member's own `linear` node runs (`kernels.linear`: matmul, bias,
-    soft-cap), once for all members: the output is split back at the members' bounds and each part gets
-    its member's soft-cap, so every output element is computed as unfused. Its parameters live in a
-    `LinearModule` (`self.linear`, no soft-cap): `linear.weight` [sum of widths, d_in], the members'
-    weights stacked by rows, and, when any member has a bias, `linear.bias` [sum of widths], the
-    members' biases end to end with zeros for the members without one. The bias is added inside the
-    matmul (`addmm`, or the device kernel's float32 sum), so each output is rounded once, as unfused
-    (an add after a bfloat16 matmul would round twice), and adding zero changes nothing for the
-    members without a bias.
+    It runs the `linear` kernel (`kernels.linear`: matmul, bias, soft-cap) that a `linear` node runs,
+    once for all members: the output is split back at the members' bounds and each part gets its
+    member's soft-cap, so every output element is computed as unfused. Parameters: `weight`
+    [sum of widths, d_in], the members' weights stacked by rows, and, when any member has a bias,
+    `bias` [sum of widths], the members' biases end to end with zeros for the members without one. The
+    bias is added inside the matmul (`addmm`, or the device kernel's float32 sum), so each output is
+    rounded once, as unfused (an add after a bfloat16 matmul would round twice), and adding zero
+    changes nothing for the members without a bias.
     """
 
     def __init__(self, group: FusionGroup, weights: list[mx.array], biases: dict[int, mx.array]):
         super().__init__()
-        self.linear = _basic().LinearModule(group.d_in, sum(group.widths), bool(biases), None, False)
-        self.linear.weight = mx.concatenate(weights, axis=0)  # replaces the (lazy, never evaluated) init
+        self.weight = mx.concatenate(weights, axis=0)
         if biases:
-            self.linear.bias = mx.concatenate([biases[i] if i in biases else mx.zeros((w,), weights[0].dtype)
-                                               for i, w in enumerate(group.widths)])
+            self.bias = mx.concatenate([biases[i] if i in biases else mx.zeros((w,), weights[0].dtype)
+                                        for i, w in enumerate(group.widths)])
         self.group = group  # a frozen dataclass: kept as a plain attribute, not a parameter
 
     @classmethod
     def from_modules(cls, group: FusionGroup, modules: list[nn.Module]) -> "FusedLinear":
-        """Take over the weights of the members' (`LinearModule`) modules."""
-        return cls(group, [m.weight for m in modules], {i: m.bias for i, m in enumerate(modules) if "bias" in m})
+        """Take over the weights the members' modules hold under their declared names."""
+        weights, biases = [], {}
+        for i, (module, form) in enumerate(zip(modules, group.forms)):
+            params = dict(tree_flatten(module.parameters()))
+            weights.append(params[form.weight])
+            if form.bias is not None:
+                biases[i] = params[form.bias]
+        return cls(group, weights, biases)
 
     def __call__(self, x: mx.array) -> list[mx.array]:
-        lin = self.linear
-        return dispatch("linear")(x, lin.weight, lin.bias if "bias" in lin else None,
+        return dispatch("linear")(x, self.weight, self.bias if "bias" in self else None,
                                   [stop for _, stop in self.group.bounds[:-1]], self.group.softcap)
 
     # ------------------------------------------------------------------ the members' names
     def named_parameters(self) -> dict[str, mx.array]:
-        """{member.weight, member.bias (if it has one): slices (views) of the concatenations}, in
+        """{member's weight, member's bias (if it has one): slices (views) of the concatenations}, in
         member order: the members' own names and shapes."""
         out = {}
-        for member, (start, stop), has_bias in zip(self.group.members, self.group.bounds, self.group.bias):
-            out[f"{member}.weight"] = self.linear.weight[start:stop]
-            if has_bias:
-                out[f"{member}.bias"] = self.linear.bias[start:stop]
+        for (weight, bias), (start, stop) in zip(self.group.names(), self.group.bounds):
+            out[weight] = self.weight[start:stop]
+            if bias is not None:
+                out[bias] = self.bias[start:stop]
         return out
 
     def load(self, pieces: dict[str, mx.array]) -> None:
-        """Take the members' weights/biases from `{member.weight | member.bias: array}` (names and
+        """Take the members' weights/biases from `{member's weight or bias name: array}` (names and
         shapes checked by the caller): the concatenations are rebuilt from them. Members not in
         `pieces` keep their current values (and members without a bias their zeros)."""
-        for name in ("weight", "bias"):
-            if any(f"{m}.{name}" in pieces for m in self.group.members):
-                current = self.linear[name]
-                self.linear[name] = mx.concatenate([pieces.get(f"{m}.{name}", current[start:stop])
-                                                    for m, (start, stop) in zip(self.group.members, self.group.bounds)])
+        names = self.group.names()
+        for attr, keys in (("weight", [w for w, _ in names]), ("bias", [b for _, b in names])):
+            if any(k in pieces for k in keys if k is not None):
+                current = self[attr]
+                self[attr] = mx.concatenate([pieces[k] if k in pieces else current[start:stop]
+                                             for k, (start, stop) in zip(keys, self.group.bounds)])

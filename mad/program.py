@@ -7,6 +7,12 @@ dispatch and no host synchronisation.
 
 State is a plain dict `{node: {name: array}}` of float32 arrays, owned by the recurrent nodes.
 
+A Program builds its modules from the graph's specs and owns them (the graph holds no weights): two
+programs built from one graph never share a weight.
+
+Stages are the topology's units (`stage:`, or one per template instance); `plan()` lists them and
+`profile()` times each on its own.
+
 With `fuse` on, sibling `linear` nodes that read the same value run as one matmul (`mad.passes`); the
 weights keep their per-node names and shapes for `parameters()` and `load_weights`.
 
@@ -18,6 +24,9 @@ feed-forward) then run on that position alone.
 from __future__ import annotations
 
 import os
+import statistics
+import time
+from collections import Counter
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, Mapping, Union
@@ -49,16 +58,6 @@ def dtype_of(name: str | mx.Dtype) -> mx.Dtype:
     return DTYPES[name]
 
 
-# What fuse="auto" does on each kind of device. Measured (benchmarks/bench_framework.py --fuse both,
-# MLX 0.32.4 Linux CPU wheel, float32, batch 1, fused/unfused time): a decode step 0.89-0.93 (xlstm-125m
-# and D=128 L=12), a 128-token forward 0.999 (xlstm-125m) and 1.02 (D=128; runs of the same pair
-# vary by more than that). Fusing helps where calls are short: one matmul in place of six (an xLSTM
-# layer's q, k, v, o, i, f) and fewer compiled-function inputs. A GPU decode step at batch 1 is bound by
-# kernel launches, where this is what hand-fused checkpoints give; revise the GPU entry if a GPU
-# measurement (prefill especially) says otherwise.
-AUTO_FUSE = {"cpu": True, "gpu": True}
-
-
 def seq_axis(t: TensorType) -> int | None:
     """The axis of the sequence dim in a value's shape, or None if it has none."""
     return next((i for i, d in enumerate(t.shape) if isinstance(d, Sym) and d.kind == "seq"), None)
@@ -68,17 +67,18 @@ def last_position(x: mx.array, axis: int) -> mx.array:
     return x[(slice(None),) * axis + (slice(-1, None),)]
 
 
-def fuse_enabled(fuse: FuseMode, device: mx.Device | None = None) -> bool:
+def fuse_enabled(fuse: FuseMode) -> bool:
     """Whether sibling linears are fused: `MAD_FUSE=0` / `MAD_FUSE=1` in the environment forces it,
-    else True/False as given, and "auto" follows `AUTO_FUSE` for the (default) device's type.
-    Fused or not, outputs agree to rounding (float32: equal on the CPU)."""
+    else True/False as given; "auto" (MAD's default) is on for every device, because fusing was never
+    measurably slower on any device measured (see benchmarks/RESULTS.md). Fused or not, outputs agree to
+    rounding (float32: equal on the CPU)."""
     env = os.environ.get("MAD_FUSE", "")
     if env:
         if env not in ("0", "1"):
             raise MadError(f"MAD_FUSE must be 0 or 1, got '{env}'")
         return env == "1"
     if fuse == "auto":
-        return AUTO_FUSE["gpu" if (device or mx.default_device()).type == mx.DeviceType.gpu else "cpu"]
+        return True
     if isinstance(fuse, bool):
         return fuse
     raise MadError(f"fuse must be True, False or 'auto', got {fuse!r}")
@@ -101,12 +101,13 @@ class Program:
         graph: a checked graph (`mad.build_graph`).
         dtype: compute and weight dtype for float tensors; recurrent state stays float32.
         compile: "program" (one compiled function, the default), "stage" (one per stage) or "none".
-        fuse: run sibling `linear` nodes that read the same value as one matmul (`mad.passes`): True,
-            False or "auto" (the measured default per device, `AUTO_FUSE`). `MAD_FUSE=0/1` overrides it.
+        fuse: run sibling linear nodes that read the same value as one matmul (`mad.passes`): True,
+            False or "auto" (MAD's default: on). `MAD_FUSE=0/1` overrides it.
 
-    Weights: `root` holds every node's module at the node's name (flattened names are weight names),
-    except fused nodes, whose weights live once, concatenated, in the `FusedLinear`s at `root["<fused>"]`.
-    `parameters()` and `load_weights()` always speak the per-node names and shapes.
+    Weights: the program builds every node's module from its spec and owns it. `root` holds each module
+    at the node's name (flattened names are weight names), except fused nodes, whose weights live once,
+    concatenated, in the `FusedLinear`s at `root["<fused>"]`. `parameters()` and `load_weights()` always
+    speak the per-node names and shapes.
     """
 
     def __init__(self, graph: Graph, dtype: str | mx.Dtype = "float32", compile: CompileMode = "program",
@@ -117,7 +118,6 @@ class Program:
         self.dtype = dtype_of(dtype)
         g = graph.g
         self.nodes = graph.blocks()
-        self.fns: dict[str, Callable] = {n: g.nodes[n]["module"] for n in self.nodes}
         self.reads = {n: g.nodes[n]["inputs"] for n in self.nodes}
         self.stateful = {n for n in self.nodes if g.nodes[n]["state"]}
         self._state_keys = graph.state_keys()  # checked on every call: keep the check cheap
@@ -125,22 +125,27 @@ class Program:
                          t.dtype) for name, t in graph.inputs.items()]  # for the fast path of `_check_inputs`
 
         # sibling linears: `fusion_groups` are the candidates (listed in the plan), fused when `fused`.
-        # A fused node keeps its entry in `fns` (for names) but runs through its group's FusedLinear.
+        # A fused node has no entry in `fns`: it runs through its group's FusedLinear.
         self.fuse = fuse
         self.fused = fuse_enabled(fuse)
         self._fuse_env = os.environ.get("MAD_FUSE") or None  # shown in the plan when it decided
         self.fusion_groups: list[FusionGroup] = find_sibling_linears(graph, by_stage=compile == "stage")
         active = self.fusion_groups if self.fused else []
         self._group_of = {m: grp for grp in active for m in grp.members}
-        # the FusedLinear of each group, by its first member (where the group runs)
+        # every node's module, built in execution order whether fused or not (so a fused and an unfused
+        # program built from the same random seed start from the same weights)
+        modules = {n: self._build(n) for n in self.nodes}
+        self.fns: dict[str, Callable] = {n: m for n, m in modules.items() if n not in self._group_of}
+        # the FusedLinear of each group, by its first member (where the group runs); it takes over the
+        # members' initial weights, and their modules are dropped
         self._fused: dict[str, FusedLinear] = {
-            grp.members[0]: FusedLinear.from_modules(grp, [self._own_module(m) for m in grp.members])
-            for grp in active}
+            grp.members[0]: FusedLinear.from_modules(grp, [modules[m] for m in grp.members]) for grp in active}
+        del modules
 
         self.root = nn.Module()
-        for n in self.nodes:
-            if isinstance(self.fns[n], nn.Module) and n not in self._group_of:
-                self.root[n] = self.fns[n]
+        for n, fn in self.fns.items():
+            if isinstance(fn, nn.Module):
+                self.root[n] = fn
         if self._fused:
             self.root[FUSED] = list(self._fused.values())
         for n in self.nodes:
@@ -174,13 +179,8 @@ class Program:
                 return frozenset(tail)
             excluded.update(split)
 
-    def _own_module(self, node: str) -> nn.Module:
-        """A new module for `node`, built from its spec as the graph built its own.
-
-        A fused program takes over its members' weights. It must not take them from the graph's
-        modules: every Program built on this graph shares those (an unfused one still runs them), and
-        they would keep a second copy of each weight alive once it is evaluated.
-        """
+    def _build(self, node: str) -> Callable:
+        """A new module (or function) for `node`, built from its spec for its input types."""
         data = self.graph.g.nodes[node]
         return data["spec"].build(*(self.graph.g.nodes[s]["type"] for s in data["inputs"]))
 
@@ -224,7 +224,11 @@ class Program:
         out: dict[str, mx.array] = {}
         for n in self.nodes:
             if n in self._group_of:
-                out.update((k, fused[k]) for k in (f"{n}.weight", f"{n}.bias") if k in fused)
+                group = self._group_of[n]
+                weight, bias = group.names()[group.members.index(n)]
+                out[weight] = fused[weight]
+                if bias is not None:
+                    out[bias] = fused[bias]
             elif n in self.root:
                 out.update((f"{n}.{k}", v) for k, v in tree_flatten(self.root[n].parameters()))
         return out
@@ -279,7 +283,7 @@ class Program:
         parts = key.split(".")
         for i in range(len(parts) - 1, 0, -1):
             prefix = ".".join(parts[:i])
-            if prefix in self.fns:
+            if prefix in self.reads:
                 return prefix
         raise KeyError(key)
 
@@ -445,3 +449,86 @@ class Program:
             env.update(outs)
             new_state.update(st)
         return self._outputs(env, last_only), new_state
+
+    # ------------------------------------------------------------------ profiling
+    def profile(self, inputs: Any, state: dict | None = None, mode: Mode = "auto", repeats: int = 3) -> list[dict]:
+        """Time each stage on its own: one entry per stage, in execution order,
+        `{"stage": name, "nodes": [...], "block_types": {type: count}, "seconds": median}`.
+
+        Each stage is compiled by itself, fed the values it reads (computed by the stages before it, from
+        `inputs` and `state`, None = zeros), run once to compile, then `repeats` times, evaluated each
+        time; `seconds` is the median. A diagnostic, not the program's speed: one compiled program
+        overlaps and fuses across stages, and each stage here pays its own call and evaluation. A fused
+        group of linears is timed in the stage of its first member.
+        """
+        return self._profile([(s.name, s.nodes) for s in self.stages], inputs, state, mode, repeats)
+
+    def profile_block_types(self, inputs: Any, state: dict | None = None, mode: Mode = "auto",
+                            repeats: int = 3) -> dict[str, dict]:
+        """Seconds per block type: every node timed on its own (as `profile` times a stage; a fused group
+        as one), summed by block type (`block_type_totals`). Slower than `profile`: one compile per node."""
+        units = [(self.graph.g.nodes[n]["stage"], [n]) for n in self.nodes]
+        return block_type_totals(self._profile(units, inputs, state, mode, repeats))
+
+    def _profile(self, units: list[tuple[str, list[str]]], inputs: Any, state: dict | None, mode: str,
+                 repeats: int) -> list[dict]:
+        if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+            raise MadError(f"repeats must be an integer >= 1, got {repeats!r}")
+        inputs = self._check_inputs(inputs)
+        if state is None:
+            state = self.init_state(next(iter(inputs.values())).shape[0] if inputs else 1)
+        else:
+            check_state(self.graph, state)
+        g = self.graph.g
+        # a fused group runs at its first member, so all its members are timed in that member's unit
+        placed: list[tuple[str, list[str]]] = [(name, []) for name, _ in units]
+        unit_of_group: dict[str, int] = {}
+        for i, (_, nodes) in enumerate(units):
+            for n in nodes:
+                group = self._group_of.get(n)
+                j = i if group is None else unit_of_group.setdefault(group.members[0], i)
+                placed[j][1].append(n)
+        stages = []
+        for name, nodes in placed:
+            if nodes:
+                inside = set(nodes)
+                reads = list(dict.fromkeys(s for n in nodes for s in self.reads[n] if s not in inside))
+                stages.append(Stage(name, nodes, reads, []))
+        later = set(self.graph.outputs.values())
+        for stage in reversed(stages):
+            stage.writes = [n for n in stage.nodes if n in later]
+            later |= set(stage.reads)
+
+        env: dict[str, mx.array] = dict(inputs)
+        entries = []
+        for stage in stages:
+            fn = mx.compile(partial(self._stage_fn, stage, mode, False), inputs=self.root.state)
+            args = ({k: env[k] for k in stage.reads}, {n: state[n] for n in stage.nodes if n in self.stateful})
+            mx.eval(args)
+            outs, new_state = fn(*args)  # compiles
+            mx.eval(outs, new_state)
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                outs, new_state = fn(*args)
+                mx.eval(outs, new_state)
+                times.append(time.perf_counter() - start)
+            env.update(outs)
+            entries.append({"stage": stage.name, "nodes": list(stage.nodes),
+                            "block_types": dict(Counter(g.nodes[n]["block_type"] for n in stage.nodes)),
+                            "seconds": statistics.median(times)})
+        return entries
+
+
+def block_type_totals(entries: list[dict]) -> dict[str, dict]:
+    """`{block type: {"nodes": count, "seconds": total}}` from `Program.profile` entries, most seconds
+    first. An entry's seconds go to its block types in proportion to their node counts: exact for
+    entries of one type (as `Program.profile_block_types` times them), an estimate for a stage."""
+    totals: dict[str, dict] = {}
+    for entry in entries:
+        count = sum(entry["block_types"].values())
+        for kind, k in entry["block_types"].items():
+            t = totals.setdefault(kind, {"nodes": 0, "seconds": 0.0})
+            t["nodes"] += k
+            t["seconds"] += entry["seconds"] * k / count
+    return dict(sorted(totals.items(), key=lambda kv: -kv[1]["seconds"]))

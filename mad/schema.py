@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 
 from .block import block_types
-from .topology import GroupSpec, TemplateSpec, TopologyFile
+from .spec import GroupSpec, TemplateSpec, TopologyFile
 
 _IN = {"description": "source node(s): a name, a list, or {port: name}",
        "anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}},

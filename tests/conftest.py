@@ -4,7 +4,7 @@ MLX runs float32 matrix products in TF32 on GPUs that have it (CUDA, Apple M5) u
 MLX_ENABLE_TF32=0: the tests check float32 numerics, so they run in full float32 everywhere.
 
 MAD_BLAS=mlx (unless set): on Linux the tests run MLX's own CPU BLAS, not the optimised one `import mad`
-loads (mad/blas.py). The exactness checks hold MAD's definitions to bounds tighter than the spread
+loads (backends/cpu.py). The exactness checks hold MAD's definitions to bounds tighter than the spread
 between float32 summation orders on their inputs (tests/test_xlstm_hf.py says by how much), and an
 optimised BLAS picks its order by matrix shape (a fused and an unfused product differ in the last bit).
 The reference BLAS sums every dot product in one order; tests/test_blas.py runs the optimised one.
@@ -21,7 +21,7 @@ import os
 os.environ.setdefault("MLX_ENABLE_TF32", "0")
 os.environ.setdefault("MAD_BLAS", "mlx")
 
-import mad  # noqa: E402,F401  (before mlx.core: selects the CPU BLAS, see mad/blas.py)
+import mad  # noqa: E402,F401  (before mlx.core: selects the CPU BLAS, see backends/cpu.py)
 import mlx.core as mx  # noqa: E402  (after the environment it reads)
 import pytest  # noqa: E402
 

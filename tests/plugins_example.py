@@ -49,8 +49,6 @@ class RunningSum(mad.Block):
     and returns `(y, new_state)`.
     """
 
-    modes = ("step", "parallel")
-
     def infer(self, x: mad.TensorType) -> mad.TensorType:
         if x.dtype == "int32":
             raise mad.ShapeError(f"running_sum needs a float input, got {x}")

@@ -23,7 +23,7 @@ import yaml
 
 import mad
 from mad.errors import MadError
-from mad.generate import ByteTokenizer
+from mad.tokenizers import ByteTokenizer
 from mad.loading import load
 
 FIX = Path(__file__).parent / "fixtures"
@@ -466,3 +466,32 @@ def test_cli_memory_check_and_flag(monkeypatch, capsys):
         assert code == 2 and "the model needs about" in err and "--no-memory-check" in err and "Traceback" not in err
         code, out, err = cli(monkeypatch, capsys, command, HF_TINY, *extra, "--no-memory-check")
         assert code == 0, err
+
+
+# ----------------------------------------------------------------------------------------- formats by convention
+def test_formats_are_found_by_convention():
+    """`model_type: X` -> mad.formats.X; a config without one -> the module whose detect agrees; a model_type
+    that names no module (or a path) imports nothing and is reported with the formats MAD reads."""
+    from mad import formats
+
+    assert {"xlstm", "nxai_xlstm"} <= set(formats.module_names())
+    assert formats.find_format({"model_type": "xlstm"}) is formats.format_named("xlstm")
+    assert formats.find_format({"architectures": ["xLSTMForCausalLM"]}) is formats.format_named("xlstm")
+    assert formats.find_format({"mlstm_block": {}}) is formats.format_named("nxai_xlstm")
+    assert formats.find_format({"model": {"slstm_block": {}}}) is formats.format_named("nxai_xlstm")
+    for model_type in ("llama", "../xlstm", "os", "__init__", 5):
+        assert formats.find_format({"model_type": model_type}) is None
+    assert formats.config_files() == ["config.json", "config.yaml", "config.yml"]
+    for name in formats.module_names():  # every module offers the whole interface
+        fmt = formats.format_named(name)
+        assert fmt.name and callable(fmt.detect) and callable(fmt.topology) and callable(fmt.sanitize)
+        assert callable(fmt.tokenizer) and callable(fmt.eos_token_ids)
+
+
+def test_unknown_model_type_lists_the_formats(tmp_path):
+    folder = copy(tmp_path)
+    set_config(folder, model_type="llama")
+    with pytest.raises(MadError) as info:
+        load(folder)
+    text = info.value.render()
+    assert "unsupported model: model_type 'llama'" in text and "xLSTM-7B family" in text and "NX-AI" in text

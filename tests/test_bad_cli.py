@@ -491,7 +491,8 @@ def test_tf32_flag_sets_the_environment(monkeypatch, capsys):
 
 # ----------------------------------------------------------------------------------------- API arguments
 def test_sampling_arguments_through_the_api(xmodel):
-    from mad.generate import ByteTokenizer, make_sampler
+    from mad.sampling import make_sampler
+    from mad.tokenizers import ByteTokenizer
 
     tok = ByteTokenizer()
     for kwargs, message in (({"temp": -1}, "temp must be"), ({"top_p": 0}, "top_p must be"),

@@ -20,7 +20,9 @@ import yaml
 from mad.dims import DimError, evaluate, resolve_dims, round_up
 from mad.errors import MadError
 from mad.graph import build_graph
-from mad.topology import MAX_NODES, load_topology, parse_pattern
+from mad.pattern import parse_pattern
+from mad.spec import MAX_NODES
+from mad.topology import load_topology
 from mad.yamlio import MAX_FILE_BYTES, YDict, load_yaml, load_yaml_data
 from yaml_files import write
 

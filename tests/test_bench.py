@@ -47,3 +47,33 @@ def test_bench_bad_arguments(monkeypatch, capsys):
                           (("-g", "-1"), "--generation-tokens must be at least 0")):
         code, _, err = cli(monkeypatch, capsys, "bench", TINY, *args)
         assert code == 2 and message in err and "Traceback" not in err
+
+
+def test_bench_profile(monkeypatch, capsys):
+    """--profile: a table per stage and per block type after the figures; --json carries the same numbers,
+    whose parameters and state bytes add up to the graph's."""
+    from mad.graph import build_graph
+    from mad.topology import load_topology
+
+    code, out, err = cli(monkeypatch, capsys, "bench", TINY, "-p", "6", "-g", "2", "-n", "1", "--profile")
+    assert code == 0, err
+    assert out.index("Medians:") < out.index("Time per stage: prompt of 6 tokens") < out.index("Time per block type")
+    for name in ("embedding", "blocks.0", "lm_head", "swiglu", "rmsnorm", "total"):
+        assert name in out
+
+    topology = "topologies/xlstm-tiny.yaml"
+    code, out, err = cli(monkeypatch, capsys, "bench", topology, "-p", "5", "-g", "1", "-n", "1", "-b", "2",
+                         "--profile", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    profile = result["profile"]
+    graph = build_graph(load_topology(topology))
+    assert profile["prompt_tokens"] == 5 and profile["batch_size"] == 2 and result["medians"]
+    assert [e["stage"] for e in profile["stages"]] == [name for name, _ in graph.stages()]
+    assert sum(e["params"] for e in profile["stages"]) == graph.param_count()
+    assert sum(e["state_bytes"] for e in profile["stages"]) == graph.state_bytes() > 0
+    assert sum(t["params"] for t in profile["block_types"].values()) == graph.param_count()
+    assert sum(t["nodes"] for t in profile["block_types"].values()) == len(graph.blocks())
+    assert profile["block_types"]["mlstm_cell"]["state_bytes"] == graph.state_bytes()
+    assert all(e["seconds"] > 0 for e in profile["stages"])
+    assert abs(sum(t["seconds"] for t in profile["block_types"].values()) - profile["seconds"]) < 1e-9

@@ -295,9 +295,9 @@ def test_plugin_cannot_replace_a_builtin_block(tmp_path, monkeypatch):
         build_graph(load_topology(path, trust_plugins=True))
     text = info.value.render()
     assert text.startswith(f"{where(path, 'plugins:', 'impostor')}: error: plugin 'impostor_blocks' failed to import")
-    assert "block type 'rmsnorm' is already registered by mad.blocks.basic (RMSNormBlock)" in text
+    assert "block type 'rmsnorm' is already registered by mad.blocks.core (RMSNormBlock)" in text
     assert "impostor_blocks (RMSNormBlock) cannot replace it" in text
-    assert BLOCKS["rmsnorm"].__module__ == "mad.blocks.basic"
+    assert BLOCKS["rmsnorm"].__module__ == "mad.blocks.core"
 
 
 def test_register_same_name_from_another_module_is_refused():

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import mad
 from mad.errors import MadError
-from mad.generate import ByteTokenizer, make_sampler
+from mad.sampling import make_sampler
+from mad.tokenizers import ByteTokenizer
 from mad.loading import load, load_state_file, save_state_file
 
 from yaml_files import cli

@@ -21,7 +21,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import mad.topology
+import mad.spec
 from mad.errors import MadError, Source
 from mad.graph import build_graph
 from mad.topology import load_topology
@@ -60,7 +60,7 @@ SET_KEYS = ["dims.D", "dims.L", "dims.V", "dims.NH", "dims.Q", "nodes.lm_head.so
 @pytest.fixture(scope="module", autouse=True)
 def small_node_limit():
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(mad.topology, "MAX_NODES", 3000)
+        mp.setattr(mad.spec, "MAX_NODES", 3000)
         yield
 
 

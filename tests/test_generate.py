@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 import mad
-from mad.generate import ByteTokenizer, StreamingDetokenizer, apply_repetition_penalty, make_sampler
+from mad.sampling import apply_repetition_penalty, make_sampler
+from mad.tokenizers import ByteTokenizer, StreamingDetokenizer
 
 HF_TINY = Path(__file__).parent / "fixtures" / "hf-tiny"
 
@@ -117,7 +118,7 @@ def test_max_tokens_zero_reads_the_prompt(loaded):
 
 def test_the_decode_loop_checks_tokens_once(loaded, monkeypatch):
     """The prompt is checked (one host read); the tokens the loop feeds back are not (no sync per step)."""
-    from mad.generate import LanguageModel
+    from mad.model import LanguageModel
 
     model, tok = loaded
     calls = []
@@ -139,3 +140,16 @@ def test_out_of_vocabulary_ids_never_reach_the_embedding(loaded):
             model(mx.array(bad))
     with pytest.raises(mad.MadError, match=r"token id 9223372036854775807 is outside the vocabulary \(0..299, vocab size 300\)"):
         model(mx.array([[2**63 - 1]], dtype=mx.int64))
+
+
+def test_old_import_paths_still_work():
+    """The split modules' names stay importable from mad.generate (as users and older scripts import them)."""
+    import mad.model
+    import mad.sampling
+    import mad.tokenizers
+    from mad.generate import (ByteTokenizer as B, HFTokenizer as H, LanguageModel as LM, check_sampling as cs,
+                              make_sampler as ms)
+
+    assert (B, H, LM, cs, ms) == (mad.tokenizers.ByteTokenizer, mad.tokenizers.HFTokenizer, mad.model.LanguageModel,
+                                  mad.sampling.check_sampling, mad.sampling.make_sampler)
+    assert callable(mad.generate) and callable(mad.stream_generate)

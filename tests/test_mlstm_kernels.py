@@ -1,7 +1,7 @@
 """Tests of the pure-MLX mLSTM cell (kernels/mlstm.py) against an independent float64 numpy loop.
 
 The reference below is a straight transcription of the recurrent step of
-docs/xlstm-reference.md ("The mLSTM cell"); it shares no code with the module under test.
+docs/xlstm-reference.md ("The mLSTM cell", "Recurrent step"); it shares no code with the module under test.
 Inputs are drawn so that the gates really move: i ~ N(0, 3), f ~ N(2, 2).
 """
 

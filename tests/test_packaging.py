@@ -117,11 +117,12 @@ def test_plain_checkout_runs_the_cli(tmp_path):
     r = python(f"""
         import runpy, sys
         sys.path[1:1] = {SITE!r}
-        import mad, mad.kernels.registry, mad.blocks.basic, mad.topologies.formats, mad.backends
+        import mad, mad.kernels.registry, mad.blocks.core, mad.formats.xlstm, mad.topologies, mad.backends
         here = {str(copy)!r}
-        for m in (mad, mad.kernels.registry, mad.blocks.basic, mad.topologies.formats):
+        for m in (mad, mad.kernels.registry, mad.blocks.core, mad.formats.xlstm):
             assert m.__file__.startswith(here), m.__file__
         assert list(mad.backends.__path__) == [here + '/backends'], mad.backends.__path__
+        assert list(mad.topologies.__path__) == [here + '/topologies'], mad.topologies.__path__
         assert not [m for m in sys.modules if 'editable' in m], 'an editable finder ran'
         from mad.block import block_types
         assert {{'mlstm_cell', 'swiglu', 'slstm_cell', 'linear'}} <= set(block_types())
@@ -137,7 +138,7 @@ def test_installed_package_exposes_the_subpackages(tmp_path):
     """(c) The installed MAD (CI: editable), imported away from the checkout: `mad.kernels` etc. and the shipped
     topology files as package data."""
     r = python("""
-        import importlib.resources, mad, mad.kernels.registry, mad.blocks.basic, mad.topologies.formats, mad.backends
+        import importlib.resources, mad, mad.kernels.registry, mad.blocks.core, mad.formats.xlstm, mad.backends
         assert (importlib.resources.files('mad.topologies') / 'xlstm-7b.yaml').is_file()
         assert (importlib.resources.files('mad.topologies') / 'examples' / 'tiny.yaml').is_file()
         print(mad.__file__)
@@ -160,9 +161,9 @@ def test_wheel_holds_the_subpackages_and_runs(tmp_path):
                     "-w", str(tmp_path / "wheel"), str(src)], check=True, capture_output=True, timeout=300)
     (wheel,) = (tmp_path / "wheel").glob("mad_mlx-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("mad/__init__.py", "mad/kernels/registry.py", "mad/kernels/mlstm.py", "mad/blocks/basic.py",
-                 "mad/topologies/formats.py", "mad/topologies/xlstm-7b.yaml", "mad/topologies/examples/tiny.yaml",
-                 "mad/backends/README.md"):
+    for name in ("mad/__init__.py", "mad/kernels/registry.py", "mad/kernels/mlstm.py", "mad/blocks/core.py",
+                 "mad/formats/xlstm.py", "mad/formats/nxai_xlstm.py", "mad/topologies/xlstm-7b.yaml", "mad/topologies/examples/tiny.yaml",
+                 "mad/backends/cpu.py", "mad/backends/cuda.py", "mad/backends/metal.py"):
         assert name in names, name
     top = {n.split("/")[0] for n in names} - {"mad"}
     assert len(top) == 1 and top.pop().endswith(".dist-info"), names

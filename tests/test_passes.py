@@ -7,10 +7,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import mlx.core as mx
+import mlx.nn as nn
 import numpy as np
 import pytest
 from mlx.utils import tree_flatten
 
+from mad.block import Block, Dim, LinearForm, TensorType, register, with_last
 from mad.errors import MadError
 from mad.graph import build_graph
 from mad.passes import FusedLinear, find_sibling_linears
@@ -239,11 +241,11 @@ def test_fused_weights_are_stored_once():
     assert padding == 2 * 192
     assert sum(v.size for v in stored.values()) == sum(v.size for v in plain.parameters().values()) + padding
     first = fused.root[FUSED][0]
-    assert isinstance(first, FusedLinear) and first.linear.weight.shape == (200, 64)
-    assert f"{FUSED}.0.linear.weight" in stored
+    assert isinstance(first, FusedLinear) and first.weight.shape == (200, 64)
+    assert f"{FUSED}.0.weight" in stored
     # what the compiled function receives as inputs: the fused weights, nothing per member
     inputs = dict(tree_flatten(fused.root.state))
-    assert inputs[f"{FUSED}.0.linear.weight"] is first.linear.weight
+    assert inputs[f"{FUSED}.0.weight"] is first.weight
     assert "backbone.blocks.0.mlstm_layer.q.weight" not in inputs
 
 
@@ -322,7 +324,7 @@ def test_load_casts_to_the_dtype_of_a_fused_program():
     fused = Program(xlstm_graph(), dtype="bfloat16", fuse=True)
     fused.load_weights({k: mx.ones(v.shape, dtype=mx.float32) for k, v in fused.parameters().items()})
     assert {v.dtype for v in fused.parameters().values()} == {mx.bfloat16}
-    assert all(m.linear.weight.dtype == mx.bfloat16 for m in fused.root[FUSED])
+    assert all(m.weight.dtype == mx.bfloat16 for m in fused.root[FUSED])
 
 
 # ----------------------------------------------------------------------------------------- the option
@@ -337,14 +339,9 @@ def test_plan_lists_the_groups():
     assert plain.plan()["fuse"] == {**plan, "setting": False, "enabled": False}
 
 
-def test_auto_follows_the_measured_table(monkeypatch):
-    from mad import program
-
-    assert program.AUTO_FUSE == {"cpu": True, "gpu": True}  # the measured default (see AUTO_FUSE)
+def test_auto_is_on():
     assert fuse_enabled("auto") is True and Program(siblings_graph()).fused
-    monkeypatch.setitem(program.AUTO_FUSE, "cpu", False)
-    assert fuse_enabled("auto", mx.Device(mx.cpu)) is False and fuse_enabled("auto", mx.Device(mx.gpu)) is True
-    assert fuse_enabled(True, mx.Device(mx.cpu)) is True and fuse_enabled(False, mx.Device(mx.gpu)) is False
+    assert fuse_enabled(True) is True and fuse_enabled(False) is False
     with pytest.raises(MadError, match="fuse must be True, False or 'auto', got 'yes'"):
         Program(siblings_graph(), fuse="yes")
 
@@ -362,14 +359,14 @@ def test_mad_fuse_environment_variable_forces_it(monkeypatch):
 
 
 def test_fused_and_unfused_programs_on_one_graph_stay_independent():
-    """A fused program builds its own modules: the graph's (shared by unfused programs) are untouched."""
+    """Each program builds its own modules (the graph holds none): loading one changes no other."""
     graph = xlstm_graph()
     plain = Program(graph, fuse=False)
     before = {k: np_(v) for k, v in plain.parameters().items()}
     fused = Program(graph, fuse=True)
     fused.load_weights(random_weights(fused, seed=20))
     q = "backbone.blocks.0.mlstm_layer.q"
-    assert "weight" in graph.g.nodes[q]["module"]
+    assert "module" not in graph.g.nodes[q] and graph.g.nodes[q]["params"]["weight"] == (32, 64)
     np.testing.assert_array_equal(np_(plain.parameters()[f"{q}.weight"]), before[f"{q}.weight"])
     plain(tokens(1, 3, 256, seed=21))  # still runs
 
@@ -414,3 +411,79 @@ outputs: {y: proj}
     with pytest.raises(MadError, match="missing input 'x'"):
         p({})
     assert p({"x": mx.ones((1, 1, 4), dtype=mx.float16)})[0]["y"].dtype == mx.float32  # cast on the slow path
+
+
+# ----------------------------------------------------------------------------------------- profile
+def test_profile_times_a_fused_group_in_its_first_members_stage():
+    """A whole-program compile fuses across stages (`head` and `head_c` are two stages): `profile`
+    times each group in the stage of its first member, every node once."""
+    graph = siblings_graph()
+    program = Program(graph, fuse=True)
+    entries = program.profile(tokens(1, 3, 48, seed=30), repeats=1)
+    assert sorted(n for e in entries for n in e["nodes"]) == sorted(graph.blocks())
+    assert all(e["seconds"] > 0 for e in entries)
+    crossing = [g for g in program.fusion_groups if len({graph.g.nodes[m]["stage"] for m in g.members}) > 1]
+    assert crossing
+    for grp in program.fusion_groups:
+        assert len({i for i, e in enumerate(entries) if set(grp.members) & set(e["nodes"])}) == 1
+
+
+# ----------------------------------------------------------------------------------------- declared forms
+class _Projection(nn.Module):
+    """A linear with its weight at another name (`proj.kernel`) and a class the pass has never seen."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = {"kernel": mx.random.normal((d_out, d_in)) * d_in ** -0.5}
+
+    def __call__(self, x: mx.array) -> mx.array:
+        return x @ self.proj["kernel"].T
+
+
+@register("test_only_projection")
+class _ProjectionBlock(Block):
+    positionwise = True
+    out: Dim
+
+    def infer(self, x: TensorType) -> TensorType:
+        return with_last(x, self.out)
+
+    def build(self, x: TensorType) -> nn.Module:
+        return _Projection(int(x.shape[-1]), int(self.out))
+
+    def linear_form(self, x: TensorType) -> LinearForm:
+        return LinearForm(weight="proj.kernel")
+
+
+DECLARED = """\
+mad: 1
+name: declared
+dims: {B: batch, T: seq, V: 40, D: 12}
+inputs:
+  tokens: {shape: [B, T], dtype: int32}
+nodes:
+  embedding: {type: embedding, vocab: V, dim: D}
+  norm: {type: rmsnorm}
+  p: {type: test_only_projection, out: D, in: norm}
+  q: {type: linear, out: D, bias: true, in: norm}
+  mix: {type: add, in: [p, q]}
+  head: {type: linear, out: V}
+outputs: {logits: head}
+"""
+
+
+def test_a_block_that_declares_a_linear_form_is_fused(tmp_path):
+    """The pass reads `Block.linear_form` only: a user's block with its own module and weight name
+    fuses with a `linear`, and its weight keeps its own name."""
+    path = tmp_path / "declared.yaml"
+    path.write_text(DECLARED)
+    graph = build_graph(load_topology(path))
+    (group,) = find_sibling_linears(graph)
+    assert group.members == ("p", "q") and group.bias == (False, True)
+    assert group.names() == [("p.proj.kernel", None), ("q.weight", "q.bias")]
+    plain, fused = Program(graph, fuse=False), Program(graph, fuse=True)
+    fused.load_weights(random_weights(fused, seed=31))
+    plain.load_weights(fused.parameters())
+    assert list(fused.parameters()) == list(plain.parameters()) and "p.proj.kernel" in fused.parameters()
+    ids = tokens(2, 4, 40, seed=32)
+    assert_same(fused(ids)[0], plain(ids)[0])

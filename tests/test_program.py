@@ -10,7 +10,9 @@ import pytest
 
 import mad
 from mad.errors import MadError
-from mad.generate import ByteTokenizer, LanguageModel, stream_generate
+from mad.generate import stream_generate
+from mad.model import LanguageModel
+from mad.tokenizers import ByteTokenizer
 from mad.graph import build_graph
 from mad.loading import load_state_file, save_state_file
 from mad.program import Program
@@ -350,3 +352,51 @@ def test_last_only_of_an_output_outside_the_tail(rec_graph, tmp_path):
     last, _ = p(ids, last_only=True)
     assert last["acc"].shape[1] == 1
     np.testing.assert_array_equal(np_(last["acc"]), np_(full["acc"][:, -1:]))
+
+
+# ----------------------------------------------------------------------------------------- ownership
+@pytest.mark.parametrize("fuse", [False, True])
+def test_programs_from_one_graph_are_independent(tiny_graph, fuse):
+    """The graph holds no weights: each Program builds and owns its own, so a second program (another
+    dtype, loaded weights) changes nothing in the first."""
+    first = Program(tiny_graph, fuse=fuse)
+    before = {k: np_(v) for k, v in first.parameters().items()}
+    second = Program(tiny_graph, dtype="bfloat16", fuse=fuse)
+    assert all("module" not in tiny_graph.g.nodes[n] for n in tiny_graph.blocks())
+    assert {v.dtype for v in first.parameters().values()} == {mx.float32}
+    assert {v.dtype for v in second.parameters().values()} == {mx.bfloat16}
+    assert not any(a is b for a, b in zip(first.parameters().values(), second.parameters().values()))
+    assert all(first.fns[n] is not second.fns[n] for n in first.fns if n in second.fns and n in first.root)
+    second.load_weights({k: mx.ones(v.shape) for k, v in second.parameters().items()})
+    for k, v in first.parameters().items():
+        assert v.dtype == mx.float32
+        np.testing.assert_array_equal(np_(v), before[k])
+    first.set_dtype("float16")
+    assert {v.dtype for v in second.parameters().values()} == {mx.bfloat16}
+    ids = tokens(1, 4, 256)
+    assert first(ids)[0]["logits"].dtype == mx.float16 and second(ids)[0]["logits"].dtype == mx.bfloat16
+
+
+# ----------------------------------------------------------------------------------------- profile
+@pytest.mark.parametrize("fuse", [False, True])
+def test_profile_times_every_stage(tiny_graph, fuse):
+    from mad.program import block_type_totals
+
+    program = Program(tiny_graph, fuse=fuse)
+    ids = tokens(2, 5, 256)
+    entries = program.profile(ids, repeats=2)
+    assert [e["stage"] for e in entries] == [s.name for s in program.stages]
+    assert [e["nodes"] for e in entries] == [s.nodes for s in program.stages]
+    assert all(e["seconds"] > 0 for e in entries)
+    kinds = {n: tiny_graph.g.nodes[n]["block_type"] for n in tiny_graph.blocks()}
+    for e in entries:
+        assert sum(e["block_types"].values()) == len(e["nodes"])
+        assert e["block_types"] == {k: [kinds[n] for n in e["nodes"]].count(k) for k in {kinds[n] for n in e["nodes"]}}
+    totals = block_type_totals(entries)
+    assert {k: t["nodes"] for k, t in totals.items()} == {k: list(kinds.values()).count(k) for k in set(kinds.values())}
+    assert sum(t["seconds"] for t in totals.values()) == pytest.approx(sum(e["seconds"] for e in entries))
+    by_type = program.profile_block_types(ids, repeats=1)
+    assert set(by_type) == set(kinds.values()) and all(t["seconds"] > 0 for t in by_type.values())
+    with pytest.raises(MadError, match="repeats must be an integer >= 1"):
+        program.profile(ids, repeats=0)
+

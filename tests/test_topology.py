@@ -10,7 +10,8 @@ import pytest
 from mad.dims import DimError, DimVal, Sym, check, evaluate, resolve_dims, round_up, shape_str
 from mad.errors import MadError
 from mad.graph import Graph, build_graph
-from mad.topology import load_topology, parse_pattern
+from mad.pattern import parse_pattern
+from mad.topology import load_topology
 from yaml_files import write
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -661,3 +662,16 @@ def test_duplicate_key_and_not_a_mapping(tmp_path):
         load_topology(path)
     assert info.value.render() == (f"{path}:1:1: error: a topology file must be a mapping "
                                    "(mad: 1, name: ..., nodes: ...)")
+
+
+def test_topology_reexports_the_split_modules():
+    """mad.topology keeps the names other modules and users import from it."""
+    import mad.expand
+    import mad.pattern
+    import mad.spec
+    import mad.validation
+    from mad import topology
+
+    assert topology.parse_pattern is mad.pattern.parse_pattern and topology.Resolved is mad.spec.Resolved
+    assert topology.report_validation is mad.validation.report_validation and topology.MAX_NODES == mad.spec.MAX_NODES
+    assert topology.Expander is mad.expand.Expander and topology.shipped_topologies() is not None

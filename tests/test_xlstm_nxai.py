@@ -25,11 +25,11 @@ from safetensors.numpy import load_file
 import mad
 from mad.errors import MadError
 from mad.graph import build_graph
-from mad.generate import LanguageModel
+from mad.model import LanguageModel
 from mad.loading import load
 from mad.program import Program
 from mad.topology import load_topology
-from mad.topologies.nxai_format import nxai_sanitize, nxai_topology
+from mad.formats.nxai_xlstm import sanitize as nxai_sanitize, topology as nxai_topology
 
 FIX = Path(__file__).parent / "fixtures"
 TINY, TINY_CUDA = FIX / "nxai-tiny", FIX / "nxai-tiny-cuda"

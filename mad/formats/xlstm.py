@@ -1,8 +1,8 @@
-"""Checkpoint formats of the shipped model families: config -> topology overrides, weight names.
+"""Checkpoint format of the xLSTM-7B family: HF `model_type: xlstm` folders, also NX-AI `xlstm_large` folders.
 
-xLSTM-7B family (HF `model_type: xlstm`, also NX-AI `xlstm_large` folders): the config picks dims and
-options of `xlstm-7b.yaml`; weights keep their names except NX-AI's `embedding.weight` and the
-fused projections of `weight_mode: fused`, which are split into the single-mode weights.
+The config picks dims and options of `xlstm-7b.yaml`; weights keep their names except NX-AI's
+`embedding.weight` and the fused projections of `weight_mode: fused`, which are split into the
+single-mode weights.
 """
 
 from __future__ import annotations
@@ -12,11 +12,23 @@ from typing import Any
 
 import mlx.core as mx
 
-from mad.errors import MadError
-from mad.generate import HFTokenizer
-from mad.loading import CheckpointFormat, register_format
+from ..errors import MadError
+from ..tokenizers import eos_token_ids as _eos_ids
+from . import shipped_topology
 
-HERE = Path(__file__).parent
+NAME = "xlstm (xLSTM-7B family)"
+CONFIG_FILES = ("config.json",)
+
+
+def detect(config: dict) -> bool:
+    """An HF xlstm config, or an NX-AI xlstm_large one (no model_type, the xLSTMForCausalLM architecture)."""
+    return config.get("model_type", "xlstm") == "xlstm" and (
+        "model_type" in config
+        or (isinstance(config.get("architectures"), list) and "xLSTMForCausalLM" in config["architectures"]))
+
+
+def eos_token_ids(config: dict) -> list[int]:
+    return _eos_ids(config.get("eos_token_id"))
 
 
 _MISSING = object()
@@ -94,7 +106,8 @@ class XLSTMDims:
         self.tie = _flag(config, "tie_word_embeddings", False)
 
 
-def xlstm_topology(config: dict) -> tuple[Path, list[str]]:
+def topology(config: dict) -> tuple[Path, list[str]]:
+    """`xlstm-7b.yaml` with the dims and options this config describes."""
     c = XLSTMDims(config)
     mlstm = "templates.mlstm_layer.nodes"
     block = "templates.mlstm_block.nodes"
@@ -118,7 +131,7 @@ def xlstm_topology(config: dict) -> tuple[Path, list[str]]:
     ]
     if c.tie:
         overrides.append("nodes.lm_head.tie=backbone.embeddings")
-    return HERE / "xlstm-7b.yaml", overrides
+    return shipped_topology("xlstm-7b.yaml"), overrides
 
 
 def _split(weights: dict, key: str, names: list[str], sizes: list[int]) -> None:
@@ -130,7 +143,7 @@ def _split(weights: dict, key: str, names: list[str], sizes: list[int]) -> None:
         weights[name] = part
 
 
-def xlstm_sanitize(weights: dict, config: dict) -> dict:
+def sanitize(weights: dict, config: dict) -> dict:
     """NX-AI key names and fused projections -> the names of `xlstm-7b.yaml`'s nodes."""
     weights = dict(weights)
     if "embedding.weight" in weights:  # NX-AI xlstm_large naming
@@ -150,32 +163,4 @@ def xlstm_sanitize(weights: dict, config: dict) -> dict:
     return weights
 
 
-def hf_eos(config: dict) -> list[int]:
-    eos = config.get("eos_token_id")
-    eos_ids = eos if isinstance(eos, list) else ([eos] if eos is not None else [])
-    if not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in eos_ids):
-        raise MadError(f"'eos_token_id' must be a token id or a list of them, got {eos!r}")
-    return eos_ids
-
-
-def hf_tokenizer(folder: Path, config: dict) -> HFTokenizer | None:
-    file = folder / "tokenizer.json"
-    if not file.is_file():
-        hf_eos(config)  # still checked
-        return None
-    return HFTokenizer(file, hf_eos(config))
-
-
-register_format(CheckpointFormat(
-    name="xlstm (xLSTM-7B family)",
-    detect=lambda c: c.get("model_type", "xlstm") == "xlstm" and (
-        "model_type" in c or (isinstance(c.get("architectures"), list) and "xLSTMForCausalLM" in c["architectures"])),
-    topology=xlstm_topology,
-    sanitize=xlstm_sanitize,
-    tokenizer=hf_tokenizer,
-    eos_token_ids=hf_eos,
-))
-
-
-# the original xLSTM stack (NX-AI xLSTMLMModel folders) registers its own format
-import mad.topologies.nxai_format  # noqa: E402,F401
+__all__ = ["NAME", "XLSTMDims", "detect", "eos_token_ids", "sanitize", "topology"]

@@ -1,4 +1,4 @@
-"""Checkpoint format of the original xLSTM stack: NX-AI `xLSTMLMModel` folders.
+"""Checkpoint format of the original xLSTM stack: NX-AI `xLSTMLMModel` folders (no `model_type`: found by `detect`).
 
 A folder holds the `xLSTMLMModelConfig` mapping (`config.yaml`, `config.yml` or `config.json`; in
 NX-AI's experiment-file layout the mapping sits under `model:`, with OmegaConf `${...}` references
@@ -28,12 +28,13 @@ from typing import Any, Optional
 
 import mlx.core as mx
 
-from mad.errors import Diagnostic, MadError, did_you_mean
-from mad.generate import HFTokenizer
-from mad.loading import CheckpointFormat, register_format
+from ..errors import Diagnostic, MadError, did_you_mean
+from ..tokenizers import eos_token_ids as _eos_ids
+from . import shipped_topology
 
-HERE = Path(__file__).parent
-TOPOLOGY = HERE / "xlstm-v1-125m.yaml"
+NAME = "xLSTMLMModel (NX-AI original xLSTM stack)"
+CONFIG_FILES = ("config.json", "config.yaml", "config.yml")
+TOPOLOGY = "xlstm-v1-125m.yaml"
 
 # the fields of NX-AI's dataclasses (xlstm 2.0.6); values of derived fields (_proj_up_dim, ...) are recomputed
 FIELDS = {
@@ -69,6 +70,7 @@ def model_mapping(config: dict) -> dict:
 
 
 def detect(config: dict) -> bool:
+    """An xLSTMLMModelConfig mapping (it has mLSTM or sLSTM block settings) in a config without a model_type."""
     m = model_mapping(config)
     return "model_type" not in config and ("mlstm_block" in m or "slstm_block" in m)
 
@@ -236,7 +238,8 @@ def parse_config(config: dict) -> NXAIConfig:
                       _flag(m, "add_post_blocks_norm", "", True), bias, mlstm, slstm, ffn)
 
 
-def nxai_topology(config: dict) -> tuple[Path, list[str]]:
+def topology(config: dict) -> tuple[Path, list[str]]:
+    """`xlstm-v1-125m.yaml` with the dims, sLSTM placement and options this config describes."""
     c = parse_config(config)
     o = [f"dims.V={c.vocab}", f"dims.D={c.dim}", f"dims.L={c.blocks}", f"{STACK}.every={{}}"]
     if not c.mlstm:  # the unused template's dims must still meet the file's constraints
@@ -269,11 +272,11 @@ def nxai_topology(config: dict) -> tuple[Path, list[str]]:
         o.append("templates.xlstm_block_stack.nodes.post_blocks_norm={type: activation, act: identity}")
     if c.tie:
         o.append("nodes.lm_head.tie=token_embedding")
-    return TOPOLOGY, o
+    return shipped_topology(TOPOLOGY), o
 
 
 # ----------------------------------------------------------------------------------------- weights
-def nxai_sanitize(weights: dict, config: dict) -> dict:
+def sanitize(weights: dict, config: dict) -> dict:
     """NX-AI state-dict names -> node weight names; CUDA-layout sLSTM weights -> vanilla layout."""
     c = parse_config(config)
     out = {}
@@ -301,26 +304,9 @@ def nxai_sanitize(weights: dict, config: dict) -> dict:
     return out
 
 
-def nxai_eos(config: dict) -> list:
-    eos = model_mapping(config).get("eos_token_id", config.get("eos_token_id"))
-    return eos if isinstance(eos, list) else ([eos] if isinstance(eos, int) else [])
+def eos_token_ids(config: dict) -> list[int]:
+    """The eos ids of the model mapping, else of the file's top level (NX-AI experiment files)."""
+    return _eos_ids(model_mapping(config).get("eos_token_id", config.get("eos_token_id")))
 
 
-def nxai_tokenizer(folder: Path, config: dict) -> HFTokenizer | None:
-    file = folder / "tokenizer.json"
-    if not file.is_file():
-        return None
-    return HFTokenizer(file, nxai_eos(config))
-
-
-register_format(CheckpointFormat(
-    name="xLSTMLMModel (NX-AI original xLSTM stack)",
-    detect=detect,
-    topology=nxai_topology,
-    sanitize=nxai_sanitize,
-    tokenizer=nxai_tokenizer,
-    eos_token_ids=nxai_eos,
-    config_files=("config.json", "config.yaml", "config.yml"),
-))
-
-__all__ = ["parse_config", "nxai_topology", "nxai_sanitize", "model_mapping", "proj_up_dim"]
+__all__ = ["NAME", "detect", "eos_token_ids", "model_mapping", "parse_config", "proj_up_dim", "sanitize", "topology"]

@@ -1,16 +1,17 @@
-"""A fast BLAS under MLX's CPU backend on Linux.
+"""The CPU backend: which BLAS MLX's CPU matrix products call.
 
-The Linux `mlx[cpu]` wheel carries the reference (unoptimised) BLAS: a float32 1024 x 1024 matrix product
-runs at 1.4-2.7 GFLOP/s on a 2-core Xeon where MKL reaches 115-223 over runs of benchmarks/cpu_parts.py. MLX's CPU matmul is a
-call to `cblas_sgemm` (its linear algebra calls LAPACK's `sgetrf_` and the like), which the dynamic
-linker resolves when `mlx.core` is imported (Python loads extension modules with `RTLD_NOW`). A library
-loaded with `RTLD_GLOBAL` before that sits in the process's global symbol scope, which the linker searches
-before `libmlx.so`'s own dependencies, so MLX's calls go to it; MLX itself is unchanged, and the products
-stay float32 BLAS products.
+A backend module holds what differs per execution backend (as tinygrad's runtime/ops_*.py); this one
+holds the CPU's only difference, the BLAS. The Linux `mlx[cpu]` wheel carries the reference
+(unoptimised) BLAS, many times slower than an optimised one (see benchmarks/RESULTS.md). MLX's CPU
+matmul is a call to `cblas_sgemm` (its linear algebra calls LAPACK's `sgetrf_` and the like), which the
+dynamic linker resolves when `mlx.core` is imported (Python loads extension modules with `RTLD_NOW`). A
+library loaded with `RTLD_GLOBAL` before that sits in the process's global symbol scope, which the linker
+searches before `libmlx.so`'s own dependencies, so MLX's calls go to it; MLX itself is unchanged, and the
+products stay float32 BLAS products.
 
-`select()` runs when `mad` is imported, so `import mad` must come before `import mlx.core`: when MLX is
-already loaded, it warns that the fast BLAS could not be used. What it loads is chosen by
-the environment variable `MAD_BLAS`:
+`select_blas()` runs when `mad` is imported, so `import mad` must come before `import mlx.core`: when MLX
+is already loaded, it warns that the fast BLAS could not be used. What it loads is chosen by the
+environment variable `MAD_BLAS`:
 
     unset or "auto"   Intel oneMKL's `libmkl_rt` when the `mkl` package is installed (the `cpu` extra
                       installs it on x86-64 Linux); otherwise nothing
@@ -18,12 +19,14 @@ the environment variable `MAD_BLAS`:
     a file path       that library, e.g. /usr/lib/x86_64-linux-gnu/libopenblas.so.0; it must export
                       `cblas_sgemm`
 
-`mad.blas.LOADED` is the path of the library in use (None for MLX's own), reported by `mad bench --json`
-and the benchmark scripts. Elsewhere than Linux nothing is loaded: MLX uses Accelerate on macOS and
-cuBLAS on CUDA.
+`BLAS` is the path of the library in use (None for MLX's own), reported by `mad bench --json` and the
+benchmark scripts. Elsewhere than Linux nothing is loaded: MLX uses Accelerate on macOS and cuBLAS on
+CUDA.
 
-In a process that also runs PyTorch, PyTorch's work slows once MKL has run (NX-AI's xLSTM prefill 1.1-2.5x,
-benchmarks/probe_mkl_torch.py): such programs may prefer `MAD_BLAS=mlx`.
+In a process that also runs PyTorch, PyTorch's work slows once MKL has run (benchmarks/probe_mkl_torch.py;
+see benchmarks/RESULTS.md): such programs may prefer `MAD_BLAS=mlx`.
+
+This module must not import MLX: it runs before `mlx.core` is loaded.
 """
 
 from __future__ import annotations
@@ -35,7 +38,9 @@ import warnings
 from importlib import metadata
 from typing import Optional
 
-LOADED: Optional[str] = None
+__all__ = ["BLAS", "ENV", "select_blas"]
+
+BLAS: Optional[str] = None
 ENV = "MAD_BLAS"
 
 
@@ -54,11 +59,11 @@ def _mkl_rt() -> Optional[str]:
     return None
 
 
-def select() -> Optional[str]:
+def select_blas() -> Optional[str]:
     """Load the BLAS named by `MAD_BLAS` (see the module's doc); return its path or None."""
-    global LOADED
-    if LOADED is not None or not sys.platform.startswith("linux"):
-        return LOADED
+    global BLAS
+    if BLAS is not None or not sys.platform.startswith("linux"):
+        return BLAS
     choice = os.environ.get(ENV, "auto").strip()
     if choice.lower() == "mlx":
         return None
@@ -77,5 +82,5 @@ def select() -> Optional[str]:
         warnings.warn(f"{ENV}={choice!r}: cannot use {path} as MLX's BLAS ({e}); MLX's own BLAS stays in use",
                       RuntimeWarning, stacklevel=2)
         return None
-    LOADED = path
+    BLAS = path
     return path

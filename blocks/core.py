@@ -1,37 +1,17 @@
-"""Basic blocks: embedding, linear (bias, tied weight, soft-cap), rmsnorm, layernorm, add, gate."""
+"""Core blocks: embedding, linear (bias, tied weight, soft-cap), headwise (block-diagonal) linear, rmsnorm,
+layernorm."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable, Literal, Optional
+from typing import Callable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.kernels import activations, linear_device  # noqa: F401  (register the kernels and variants)
-from mad.kernels.registry import dispatch, kernels
-from mad.block import (Block, Dim, FiniteFloat, OptDim, PositiveFloat, ShapeError, TensorType, expect_float, expect_last,
-                       register, same_types, with_last)
-
-ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
-    # kernels: the function is picked for the device when the model is traced (kernels/activations.py)
-    "sigmoid": lambda x: dispatch("sigmoid")(x),
-    "silu": lambda x: dispatch("silu")(x),
-    "gelu": nn.gelu,
-    "gelu_tanh": nn.gelu_approx,
-    "relu": nn.relu,
-    "identity": lambda x: x,
-}
-Activation = Literal["sigmoid", "silu", "gelu", "gelu_tanh", "relu", "identity"]
-
-
-def gated(act: str) -> Callable[[mx.array, mx.array], mx.array]:
-    """(g, x) -> act(g) * x: the kernel "<act>_mul" where one is registered ("sigmoid_mul", "silu_mul": on
-    the CPU one division, kernels/activations.py), else the activation then the product."""
-    if f"{act}_mul" in kernels():
-        return lambda g, x: dispatch(f"{act}_mul")(g, x)
-    fn = ACTIVATIONS[act]
-    return lambda g, x: fn(g) * x
+from mad.kernels.registry import dispatch
+from mad.block import (Block, Dim, FiniteFloat, LinearForm, OptDim, PositiveFloat, ShapeError, TensorType, expect_float,
+                       expect_last, register, with_last)
 
 
 # --------------------------------------------------------------------------------- embedding
@@ -93,6 +73,11 @@ class LinearBlock(Block):
 
     def build(self, x: TensorType) -> nn.Module:
         return LinearModule(int(x.shape[-1]), self.out, self.bias, self.softcap, self.tie is not None)
+
+    def linear_form(self, x: TensorType) -> Optional[LinearForm]:
+        if self.tie is not None:
+            return None  # its weight is another node's
+        return LinearForm("weight", "bias" if self.bias else None, self.softcap)
 
 
 # --------------------------------------------------------------------------------- norms
@@ -162,46 +147,56 @@ class LayerNormBlock(Block):
         return LayerNormModule(int(x.shape[-1]), self.eps, self.bias, self.weight_offset)
 
 
-# --------------------------------------------------------------------------------- elementwise
-def _add(*xs: mx.array) -> mx.array:
-    out = xs[0]
-    for x in xs[1:]:
-        out = out + x
-    return out
+# --------------------------------------------------------------------------------- headwise linear
+class HeadwiseLinear(nn.Module):
+    """Block-diagonal linear: the last dim is split into `heads` blocks, each with its own matrix.
+
+    weight (heads, out/heads, in/heads) (NX-AI's LinearHeadwiseExpand), optional bias (out,).
+    """
+
+    def __init__(self, heads: int, d_in: int, d_out: int, bias: bool):
+        super().__init__()
+        din, dout = d_in // heads, d_out // heads
+        self.weight = mx.random.normal((heads, dout, din)) * math.sqrt(2 / 5 / din)
+        if bias:
+            self.bias = mx.zeros((d_out,))
+        self._heads = heads
+        self._small = din * dout <= 64  # tiny blocks: multiply and sum beats a batch of tiny matmuls
+
+    def __call__(self, x: mx.array) -> mx.array:
+        lead, d = x.shape[:-1], x.shape[-1]
+        h = self._heads
+        xh = x.reshape(-1, h, d // h)                                   # (N, H, din)
+        if self._small:
+            y = (xh[:, :, None, :] * self.weight).sum(-1)               # (N, H, dout)
+        else:
+            y = (xh.transpose(1, 0, 2) @ self.weight.transpose(0, 2, 1)).transpose(1, 0, 2)
+        y = y.reshape(*lead, -1)
+        return y + self.bias if "bias" in self else y
 
 
-@register("add")
-class AddBlock(Block):
-    """Sum of two or more inputs of the same shape (a residual connection)."""
+@register("headwise_linear")
+class HeadwiseLinearBlock(Block):
+    """(..., D_in) -> (..., out) with a block-diagonal weight: `heads` independent (out/heads, D_in/heads)
+    matrices on consecutive slices of the last dim. Weight `weight` [heads, out/heads, D_in/heads],
+    optional `bias` [out]. `out` defaults to D_in."""
 
     positionwise = True
 
-    ports = ("x",)
-    variadic = True
+    heads: Dim
+    out: OptDim = None
+    bias: bool = False
 
-    def infer(self, *xs: TensorType) -> TensorType:
-        if len(xs) < 2:
-            raise ShapeError(f"add needs at least two inputs, got {len(xs)}")
-        for x in xs:
-            expect_float(x)
-        return same_types(xs, "add inputs")
+    def _sizes(self, x: TensorType) -> tuple[int, int]:
+        expect_float(x)
+        d_in = int(x.shape[-1])
+        d_out = int(self.out) if self.out is not None else d_in
+        if self.heads < 1 or d_in % self.heads or d_out % self.heads:
+            raise ShapeError(f"in ({d_in}) and out ({d_out}) must be multiples of heads={int(self.heads)}")
+        return d_in, d_out
 
-    def build(self, *xs: TensorType) -> Callable:
-        return _add
+    def infer(self, x: TensorType) -> TensorType:
+        return with_last(x, self._sizes(x)[1])
 
-
-@register("gate")
-class GateBlock(Block):
-    """act(gate) * x: output gates (sigmoid) and GLU-style feed-forwards (silu, gelu)."""
-
-    positionwise = True
-
-    ports = ("gate", "x")
-    act: Activation = "sigmoid"
-
-    def infer(self, gate: TensorType, x: TensorType) -> TensorType:
-        expect_float(gate, "gate")
-        return same_types((gate, x), "gate and x")
-
-    def build(self, gate: TensorType, x: TensorType) -> Callable:
-        return gated(self.act)
+    def build(self, x: TensorType) -> nn.Module:
+        return HeadwiseLinear(int(self.heads), *self._sizes(x), self.bias)

@@ -1,0 +1,168 @@
+"""The language-model wrapper: a `Program` with one token input and a `logits` output, and its checks.
+
+`LanguageModel` is what `mad.load` returns and what the decode loop (`mad.generate`) drives; the token and
+state checks sit here because the vocabulary and the state layout are the model's.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import mlx.core as mx
+
+from .dims import shape_str
+from .errors import Diagnostics, MadError
+from .program import Program
+
+
+PREFILL_STEP = 4096  # prompt tokens per forward call when reading a long prompt
+
+
+class LanguageModel:
+    """A Program with one token input and a `logits` output: `logits, state = model(tokens, state=None)`.
+
+    tokens: int32 (B, T); logits: float32 (B, T, V); state: {node: {name: float32 array}}.
+    """
+
+    def __init__(self, program: Program, tokenizer: Any = None):
+        self.program = program
+        self.tokenizer = tokenizer
+        g = program.graph
+        ints = [k for k, t in g.inputs.items() if t.dtype == "int32"]
+        if len(g.inputs) != 1 or len(ints) != 1:
+            raise MadError(f"'{g.name}' is not a language model: it needs exactly one int32 token input")
+        self.input_name = ints[0]
+        self.output_name = "logits" if "logits" in g.outputs else next(iter(g.outputs))
+        self.vocab_size = int(g.g.nodes[g.outputs[self.output_name]]["type"].shape[-1])
+        self._state_spec = state_spec(g)
+
+    def __call__(self, tokens: mx.array, state: Optional[dict] = None, mode: str = "auto",
+                 last_only: bool = False, check_tokens: bool = True) -> tuple[mx.array, dict]:
+        """logits (B, T, V), or (B, 1, V) at the last position with `last_only`, and the new state.
+
+        `check_tokens` (default on): the tokens must be a 2-D integer array of ids inside the vocabulary
+        (one host read of their min and max: ids outside would read memory outside the embedding), and a
+        given state must hold arrays of the declared shapes and float32 for as many sequences as the
+        tokens. Loops that feed back tokens they sampled themselves (the decode loop of `generate_step`,
+        `mad bench`) pass False, so no host synchronisation is added between steps. `Program.__call__`
+        checks rank and dtype only; the value check lives here, where the vocabulary is known.
+        """
+        if check_tokens:
+            tokens = self.check_tokens(tokens)
+            if state is not None:
+                check_state_arrays(self.program.graph, state, batch=tokens.shape[0], spec=self._state_spec)
+        outputs, state = self.program({self.input_name: tokens}, state, mode=mode, last_only=last_only)
+        return outputs[self.output_name].astype(mx.float32), state
+
+    def check_tokens(self, tokens: Any, what: str = "tokens") -> mx.array:
+        """`tokens` as an integer (B, T) array with every id in 0..vocab_size-1, else a MadError."""
+        if not isinstance(tokens, mx.array):
+            try:
+                tokens = mx.array(tokens)
+            except Exception as e:  # noqa: BLE001 - ragged lists, objects, ...
+                raise MadError(f"{what}: cannot be read as an array of token ids ({e})") from None
+        if tokens.dtype == mx.bool_ or not mx.issubdtype(tokens.dtype, mx.integer):
+            raise MadError(f"{what}: token ids must be integers, got {tokens.dtype}")
+        if tokens.ndim != 2:
+            raise MadError(f"{what}: expected a (batch, sequence) array of token ids, got shape {tuple(tokens.shape)}")
+        if tokens.size == 0:
+            raise MadError(f"{what}: no tokens (shape {tuple(tokens.shape)})")
+        lo, hi = mx.stack([tokens.min(), tokens.max()]).tolist()  # the one host read
+        if lo < 0 or hi >= self.vocab_size:
+            bad = lo if lo < 0 else hi
+            raise MadError(f"{what}: token id {bad} is outside the vocabulary (0..{self.vocab_size - 1}, "
+                           f"vocab size {self.vocab_size})")
+        return tokens
+
+    def init_state(self, batch: int = 1) -> dict:
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise MadError(f"batch must be a positive integer, got {batch!r}")
+        return self.program.init_state(batch)
+
+    def prefill(self, tokens: mx.array, state: Optional[dict] = None,
+                step_size: int = PREFILL_STEP, check_tokens: bool = True) -> tuple[mx.array, dict]:
+        """Read a long prompt (B, T) in segments of `step_size` tokens, carrying the state.
+
+        Returns the last position's logits (B, V) and the state. Each segment but the last is
+        evaluated before the next is queued, so memory is bounded by one segment, whatever T is.
+        Only the last position goes through the head (`last_only`): a prompt's other logits are
+        never needed. The tokens (and a given state) are checked once, as `__call__` does, unless
+        `check_tokens` is False.
+        """
+        if isinstance(step_size, bool) or not isinstance(step_size, int) or step_size < 1:
+            raise MadError(f"step_size must be a positive integer, got {step_size!r}")
+        if check_tokens:
+            tokens = self.check_tokens(tokens)
+            if state is not None:
+                check_state_arrays(self.program.graph, state, batch=tokens.shape[0], spec=self._state_spec)
+        total = tokens.shape[1]
+        for start in range(0, total, step_size):
+            logits, state = self(tokens[:, start:start + step_size], state, last_only=True, check_tokens=False)
+            if start + step_size < total:
+                mx.eval(state)
+        return logits[:, -1], state
+
+
+def state_spec(graph: Any) -> dict[str, dict[str, tuple]]:
+    """{node: {name: (ndim, ((axis, size) fixed), (batch axes), dtype, shape text)}}: what `check_state_arrays`
+    compares a state with, computed once per model (walking the graph per call would cost milliseconds)."""
+    from .dims import Sym
+
+    spec: dict[str, dict[str, tuple]] = {}
+    for node in graph.state_nodes():
+        for name, t in graph.g.nodes[node]["state"].items():
+            fixed = tuple((i, int(d)) for i, d in enumerate(t.shape) if not isinstance(d, Sym))
+            free = tuple(i for i, d in enumerate(t.shape) if isinstance(d, Sym))
+            want = mx.float32 if t.dtype in ("float32", "float") else mx.int32
+            spec.setdefault(node, {})[name] = (len(t.shape), fixed, free, want, shape_str(t.shape))
+    return spec
+
+
+def check_state_arrays(graph: Any, state: Any, batch: Optional[int] = None, where: str = "state",
+                       spec: Optional[dict] = None) -> None:
+    """A state's keys (`mad.graph.check_state`), then each entry: an MLX array of the declared rank, fixed
+    sizes and dtype (float32), one batch size across entries (equal to `batch` when given)."""
+    from .graph import check_state
+
+    if not isinstance(state, dict) or not all(isinstance(v, dict) for v in state.values()):
+        raise MadError(f"{where}: a state is a dict {{node: {{name: array}}}}, got {type(state).__name__}")
+    spec = spec if spec is not None else state_spec(graph)
+    if state.keys() != spec.keys() or any(state[n].keys() != names.keys() for n, names in spec.items()):
+        check_state(graph, state, where=where)  # explains which keys are wrong
+    diags = Diagnostics()
+    seen: Optional[tuple[int, str]] = None
+    for node, names in spec.items():
+        entries = state[node]
+        for name, (ndim, fixed, free, want, shape_text) in names.items():
+            arr = entries[name]
+            if type(arr) is not mx.array:
+                diags.error(f"{where}: entry '{node}/{name}' is a {type(arr).__name__}, not an MLX array")
+                continue
+            shape = arr.shape
+            if arr.dtype != want:
+                diags.error(f"{where}: entry '{node}/{name}' has dtype {arr.dtype}, expected {want}")
+            if len(shape) != ndim or any(shape[i] != d for i, d in fixed):
+                diags.error(f"{where}: entry '{node}/{name}' has shape {tuple(shape)}, expected {shape_text}")
+                continue
+            for i in free:
+                if seen is None:
+                    seen = (shape[i], f"{node}/{name}")
+                elif shape[i] != seen[0]:
+                    diags.error(f"{where}: the entries hold different numbers of sequences: '{seen[1]}' "
+                                f"{seen[0]}, '{node}/{name}' {shape[i]}", once="batch")
+    if seen is not None and batch is not None and seen[0] != batch and not diags.items:
+        diags.error(f"{where}: the state holds {seen[0]} sequence(s), the tokens {batch}")
+    diags.raise_if_any()
+
+
+def check_prompt(ids: Sequence[int], vocab_size: int) -> None:
+    """A prompt of ids: not empty, every id inside the vocabulary (named in the error)."""
+    if not ids:
+        raise MadError("the prompt is empty: give at least one token")
+    bad = [t for t in ids if not 0 <= t < vocab_size]
+    if bad:
+        raise MadError(f"token id {bad[0]} is outside the vocabulary (0..{vocab_size - 1})"
+                       + (f" ({len(bad)} such ids)" if len(bad) > 1 else ""))
+
+
+__all__ = ["LanguageModel", "PREFILL_STEP", "check_prompt", "check_state_arrays", "state_spec"]
