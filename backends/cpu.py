@@ -23,7 +23,7 @@ environment variable `MAD_BLAS`:
 benchmark scripts. Elsewhere than Linux nothing is loaded: MLX uses Accelerate on macOS and cuBLAS on
 CUDA.
 
-In a process that also runs PyTorch, PyTorch's work slows once MKL has run (benchmarks/probe_mkl_torch.py;
+In a process that also runs PyTorch, PyTorch's work slows once MKL has run (benchmarks/probes/probe_mkl_torch.py;
 see benchmarks/RESULTS.md): such programs may prefer `MAD_BLAS=mlx`.
 
 This module must not import MLX: it runs before `mlx.core` is loaded.

@@ -1,7 +1,7 @@
 """MAD's side of bench_hf.py and bench_nxai.py, in a process of its own (see `common.MadProcess`).
 
 A process that has loaded MAD's CPU BLAS (Intel MKL, backends/cpu.py) and run a product slows PyTorch's
-work in the same process (NX-AI's xLSTM prefill 1.1-2.5x, probe_mkl_torch.py), so the comparison scripts keep
+work in the same process (NX-AI's xLSTM prefill 1.1-2.5x, benchmarks/probes/probe_mkl_torch.py), so the comparison scripts keep
 PyTorch and the timed MAD model in different processes, interleaving their trials as before.
 
     python mad_worker.py FOLDER STEPS     (FOLDER: the checkpoint, prompt.npy and long.npy)

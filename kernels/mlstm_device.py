@@ -24,7 +24,7 @@ from .registry import Unsupported, register_device_kernel
 
 TX, TY = 128, 4         # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
 UNROLL = 16             # rows of C each thread loads at once
-# the layout chosen by benchmarks/sweep_mlstm_step.py at the 7B head shapes, batch 1 and 32 (see
+# the layout chosen by benchmarks/probes/sweep_mlstm_step.py at the 7B head shapes, batch 1 and 32 (see
 # benchmarks/RESULTS.md): wider column tiles read longer runs of each row of C.
 MAX_DQK = 1024          # q and k are staged in shared memory
 DTYPES = (mx.float32, mx.bfloat16, mx.float16)

@@ -4,10 +4,12 @@ its correctness check passes (each script stops when MAD and its reference disag
 holds.
 
 Maintained (quoted in README.md, benchmarks/README.md or a test, CPU): bench_framework.py, bench_hf.py and
-bench_nxai.py (with mad_worker.py and common.py), cpu_parts.py, probe_mkl_torch.py, probe_float32_orders.py. The PyTorch ones run
+bench_nxai.py (with mad_worker.py and common.py), cpu_parts.py; and the CPU probes
+benchmarks/probes/probe_mkl_torch.py and benchmarks/probes/probe_float32_orders.py. The PyTorch ones run
 where torch, transformers and xlstm are installed (CI installs them) and carry the `reference` mark.
-GPU-only scripts (benchmarks/README.md's GPU table) run with small arguments where MLX has a GPU, and
-are skipped elsewhere; every script is at least compiled. A new script must be listed below.
+GPU-only scripts (benchmarks/README.md's GPU table and the GPU probes of benchmarks/probes/README.md) run
+with small arguments where MLX has a GPU, and are skipped elsewhere; every script of benchmarks/ and
+benchmarks/probes/ is at least compiled. A new script must be listed below (by its path under benchmarks/).
 
 Each runs in a subprocess with the repository root first on PYTHONPATH (the checkout's MAD, installed
 or not) and the CPU BLAS a user gets (`MAD_BLAS` unset; tests/conftest.py pins MLX's own for this
@@ -30,27 +32,27 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 
-# script -> the modules it needs besides MAD
-CPU = {"bench_framework.py": (), "cpu_parts.py": (), "probe_float32_orders.py": (),
+# script (its path under benchmarks/) -> the modules it needs besides MAD
+CPU = {"bench_framework.py": (), "cpu_parts.py": (), "probes/probe_float32_orders.py": (),
        "bench_hf.py": ("torch", "transformers"), "bench_nxai.py": ("torch", "xlstm"),
-       "probe_mkl_torch.py": ("torch", "xlstm")}
+       "probes/probe_mkl_torch.py": ("torch", "xlstm")}
 HELPERS = {"common.py", "mad_worker.py"}
 # GPU-only scripts and small arguments for a smoke run
 GPU = {
-    "gpu_decode_probe.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--steps", "2"],
-    "gpu_float32_trace.py": [],
-    "gpu_gemv.py": [],
+    "probes/gpu_decode_probe.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--steps", "2"],
+    "probes/gpu_float32_trace.py": [],
+    "probes/gpu_gemv.py": [],
     "gpu_long_context.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--tokens", "512",
                             "--step", "256", "--prefix", "33"],
     "gpu_mlstm_cell.py": ["--tokens", "256", "--heads", "2", "--dqk", "64", "--dv", "64", "--chunks", "64",
                           "--dtypes", "float32", "--trials", "1", "--no-limits"],
-    "gpu_mlstm_float32.py": [],
+    "probes/gpu_mlstm_float32.py": [],
     "gpu_slstm.py": ["layer", "--batch", "1", "--tokens", "64", "--trials", "1"],
-    "gpu_step_kernels.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2"],
-    "gpu_tf32_probe.py": [],
-    "probe_slstm.py": ["--batches", "1", "--tokens", "64", "--trials", "1"],
-    "sweep_chunk_outputs.py": [],
-    "sweep_mlstm_step.py": ["--batch", "1", "--chain", "2", "--trials", "1"],
+    "probes/gpu_step_kernels.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2"],
+    "probes/gpu_tf32_probe.py": [],
+    "probes/probe_slstm.py": ["--batches", "1", "--tokens", "64", "--trials", "1"],
+    "probes/sweep_chunk_outputs.py": [],
+    "probes/sweep_mlstm_step.py": ["--batch", "1", "--chain", "2", "--trials", "1"],
 }
 BY_HAND = {"gpu_hf_reference.py": "builds HF's xLSTM-7B in PyTorch on a CUDA GPU (minutes, ~15 GB): run by hand"}
 
@@ -72,12 +74,17 @@ def run(script: str, *args: str, timeout: float = 180) -> subprocess.CompletedPr
     return r
 
 
+def scripts() -> list[str]:
+    """Every script of benchmarks/ and benchmarks/probes/, by its path under benchmarks/."""
+    return sorted(p.relative_to(BENCH).as_posix() for pattern in ("*.py", "probes/*.py") for p in BENCH.glob(pattern))
+
+
 def test_every_script_is_listed():
     listed = set(CPU) | HELPERS | set(GPU) | set(BY_HAND)
-    assert {p.name for p in BENCH.glob("*.py")} == listed
+    assert set(scripts()) == listed
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in BENCH.glob("*.py")))
+@pytest.mark.parametrize("script", scripts())
 def test_compiles(script, tmp_path):
     py_compile.compile(str(BENCH / script), cfile=str(tmp_path / "x.pyc"), doraise=True)
 
@@ -100,7 +107,7 @@ def test_cpu_parts_quick():
 
 
 def test_probe_float32_orders_quick():
-    r = run("probe_float32_orders.py", "--quick")
+    r = run("probes/probe_float32_orders.py", "--quick")
     assert "2 random orders, max |diff|" in r.stdout
 
 
@@ -126,9 +133,10 @@ def test_bench_nxai_quick(tmp_path):
 
 
 @pytest.mark.reference
-@pytest.mark.skipif(bool(missing(CPU["probe_mkl_torch.py"])), reason=f"needs {', '.join(CPU['probe_mkl_torch.py'])}")
+@pytest.mark.skipif(bool(missing(CPU["probes/probe_mkl_torch.py"])),
+                    reason=f"needs {', '.join(CPU['probes/probe_mkl_torch.py'])}")
 def test_probe_mkl_torch_quick():
-    r = run("probe_mkl_torch.py", "--quick")
+    r = run("probes/probe_mkl_torch.py", "--quick")
     assert "after one MLX product" in r.stdout
 
 

@@ -105,7 +105,7 @@ def test_default_cpu_path_on_the_hf_fixture():
 
     On this fixture the largest error is decided by summation order, not by the path: a BLAS on any CPU
     sums every contraction in one of many float32 orders, and the bounds cover the spread of the errors
-    over random orders (benchmarks/probe_float32_orders.py, with MKL and with MLX's BLAS; see
+    over random orders (benchmarks/probes/probe_float32_orders.py, with MKL and with MLX's BLAS; see
     benchmarks/RESULTS.md), so they hold whichever order the BLAS picks for the product shapes it is
     handed."""
     from pathlib import Path

@@ -1,7 +1,7 @@
 """Does MLX take float32 products in TF32 in this process? One 1024^3 float32 product on the GPU against
 the CPU's: relative error ~1e-7 for IEEE float32 products, ~1e-4 for TF32. MLX reads MLX_ENABLE_TF32 once.
 
-    MLX_ENABLE_TF32=0 python benchmarks/gpu_tf32_probe.py
+    MLX_ENABLE_TF32=0 python benchmarks/probes/gpu_tf32_probe.py
 """
 
 import os

@@ -7,7 +7,7 @@ the logits' distance to HF's float64 logits for both devices (the tests hold MAD
 `--kernels reference` to leave MAD's device kernels out, and with MLX_ENABLE_TF32=0 for full float32
 products (MLX reads it once, at its first float32 product).
 
-    MLX_ENABLE_TF32=0 python benchmarks/gpu_float32_trace.py [--kernels auto|reference] [--fuse 0|1]
+    MLX_ENABLE_TF32=0 python benchmarks/probes/gpu_float32_trace.py [--kernels auto|reference] [--fuse 0|1]
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import mlx.core as mx
 import numpy as np
 from safetensors.numpy import load_file
 
-FIX = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hf-tiny"
+FIX = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "hf-tiny"
 
 
 def main() -> None:

@@ -3,17 +3,21 @@
 multiprocessor: median milliseconds of 15 launches each, and the largest difference to the first build
 (the outputs must not change). Picks `kernels.mlstm_chunk_device.MIN_BLOCKS`.
 
-    python benchmarks/sweep_chunk_outputs.py
+    python benchmarks/probes/sweep_chunk_outputs.py
 """
 
 from __future__ import annotations
 
 import statistics
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 import mad.kernels.mlstm_chunk_device as d
+# benchmarks/common.py, one level up from benchmarks/probes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import timed
 
 B, NH, NC, L, DQK, DV = 1, 8, 128, 64, 256, 512

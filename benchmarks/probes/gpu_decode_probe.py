@@ -9,7 +9,7 @@ Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 s
   bytes-floor    weight bytes (+ float32 state read and written) / measured copy bandwidth
 Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU machine:
 
-    python benchmarks/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
+    python benchmarks/probes/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
         [--compare-fuse]
 """
 

@@ -5,18 +5,22 @@ thread in flight): microseconds per step from a chain of `--chain` dependent ste
 difference of h and C to the first layout after the chain (the results must not change).
 Picks `kernels.mlstm_device.TX, TY, UNROLL`.
 
-    python benchmarks/sweep_mlstm_step.py [--batch 1,32] [--chain 20] [--trials 20] [--layouts 64x8x32,16x32x8]
+    python benchmarks/probes/sweep_mlstm_step.py [--batch 1,32] [--chain 20] [--trials 20] [--layouts 64x8x32,16x32x8]
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 
 import mad.kernels.mlstm_device as d
+# benchmarks/common.py, one level up from benchmarks/probes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import timed
 
 LAYOUTS = [(32, 32, 8), (32, 16, 16), (32, 8, 32), (32, 4, 64), (64, 8, 32), (64, 4, 64), (128, 4, 16), (128, 4, 64),

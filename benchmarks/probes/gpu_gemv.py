@@ -5,7 +5,7 @@ kernel against a float32 CPU product (||y - ref|| / ||ref||, outputs poisoned wi
 times each (median of 50 runs of a chain of 20 products over rotating weights, so that the weights
 do not sit in L2) and reports the achieved weight bandwidth.
 
-    python benchmarks/gpu_gemv.py [--json PATH]
+    python benchmarks/probes/gpu_gemv.py [--json PATH]
 """
 
 from __future__ import annotations

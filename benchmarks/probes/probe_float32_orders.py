@@ -7,9 +7,9 @@ back). These are the same sums of the same float32 products, so any BLAS on any 
 order; the spread of |logits - HF's float64 logits| over many draws is the fixture's float32 spread,
 which tests/test_blas.py's bounds are derived from. Each draw loads the model afresh (new traces).
 
-    python benchmarks/probe_float32_orders.py [--orders 150] [--seed 0] [--kernels auto|reference]
-    MAD_BLAS=mlx python benchmarks/probe_float32_orders.py     # MLX's own BLAS (sequential sums)
-    python benchmarks/probe_float32_orders.py --quick          # 2 orders: a smoke run (CI)
+    python benchmarks/probes/probe_float32_orders.py [--orders 150] [--seed 0] [--kernels auto|reference]
+    MAD_BLAS=mlx python benchmarks/probes/probe_float32_orders.py     # MLX's own BLAS (sequential sums)
+    python benchmarks/probes/probe_float32_orders.py --quick          # 2 orders: a smoke run (CI)
 
 `--kernels auto` keeps the CPU variants of exp / sigmoid / SiLU and the gates (kernels/activations.py);
 `reference` takes MLX's own functions for them. The run with the unpermuted model is printed first.
@@ -28,7 +28,7 @@ from safetensors.numpy import load_file
 from mad.kernels.linear import linear
 from mad.kernels.registry import kernels
 
-FIXTURE = Path(__file__).resolve().parents[1] / "tests" / "fixtures" / "hf-tiny"
+FIXTURE = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "hf-tiny"
 ACTIVATIONS = ("exp", "sigmoid", "silu", "sigmoid_mul", "silu_mul")
 
 

@@ -1,9 +1,9 @@
 """Does MAD's CPU BLAS slow PyTorch in the same process? NX-AI's xLSTM[7:1] prefill, before and after MLX
 has run one product with the BLAS `import mad` picked (backends/cpu.py), in one process.
 
-    /tmp/ref/bin/python benchmarks/probe_mkl_torch.py                 # MKL (MAD_BLAS=auto)
-    MAD_BLAS=mlx /tmp/ref/bin/python benchmarks/probe_mkl_torch.py    # MLX's own BLAS, for comparison
-    python benchmarks/probe_mkl_torch.py --quick    # bench_nxai's --quick model, 16 tokens: a smoke run (CI)
+    /tmp/ref/bin/python benchmarks/probes/probe_mkl_torch.py                 # MKL (MAD_BLAS=auto)
+    MAD_BLAS=mlx /tmp/ref/bin/python benchmarks/probes/probe_mkl_torch.py    # MLX's own BLAS, for comparison
+    python benchmarks/probes/probe_mkl_torch.py --quick    # bench_nxai's --quick model, 16 tokens: a smoke run (CI)
 
 This is why bench_hf.py and bench_nxai.py time MAD in a process of its own (mad_worker.py).
 """
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch  # first, as in the comparison scripts
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "reference"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests" / "reference"))
+# benchmarks/ (bench_nxai.py, and the common.py it imports), one level up from benchmarks/probes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from make_nxai_fixtures import build_model, randomise_  # noqa: E402
 
 import mad  # noqa: E402

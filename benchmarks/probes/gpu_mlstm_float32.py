@@ -8,8 +8,8 @@ a ratio of sums that nearly cancel at some positions): for each (T, chunk), ||a 
 and the CPU's chunkwise form; the CPU's own step form against its chunkwise form shows how far two
 summation orders in float32 already differ on these inputs. Also the final state of the GPU path.
 
-    MLX_ENABLE_TF32=1 python benchmarks/gpu_mlstm_float32.py      # MLX's default on CUDA
-    MLX_ENABLE_TF32=0 python benchmarks/gpu_mlstm_float32.py
+    MLX_ENABLE_TF32=1 python benchmarks/probes/gpu_mlstm_float32.py      # MLX's default on CUDA
+    MLX_ENABLE_TF32=0 python benchmarks/probes/gpu_mlstm_float32.py
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 """The GPU kernels of one decode step, for Nsight Compute (ncu) to time one by one.
 
     ncu --clock-control none --csv --metrics gpu__time_duration.sum \\
-        python benchmarks/gpu_step_kernels.py [--set dims.L=2] > ncu.csv
-    python benchmarks/gpu_step_kernels.py --report ncu.csv
+        python benchmarks/probes/gpu_step_kernels.py [--set dims.L=2] > ncu.csv
+    python benchmarks/probes/gpu_step_kernels.py --report ncu.csv
 
 The run builds the model (bf16, random weights), reads a 16-token prompt, takes two warm-up steps,
 then one step between two launches of a marker kernel (`mad_marker`); `--report` sums the kernels

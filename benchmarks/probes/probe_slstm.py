@@ -12,7 +12,7 @@ Each variant is the kernel body of `kernels.slstm_device` with a piece removed b
   fastmath   the gate math with the hardware's approximate exp, log, tanh and division (how much of the
              step the math's latency is); "+" combines variants, e.g. bare+fastmath
 
-    python benchmarks/probe_slstm.py [--batches 1,2,4,8] [--split 0,1] [--rows 2,1] [--tokens 2048] [--trials 5] [--json PATH]
+    python benchmarks/probes/probe_slstm.py [--batches 1,2,4,8] [--split 0,1] [--rows 2,1] [--tokens 2048] [--trials 5] [--json PATH]
 """
 
 from __future__ import annotations
@@ -20,7 +20,11 @@ from __future__ import annotations
 import argparse
 import re
 import statistics
+import sys
+from pathlib import Path
 
+# benchmarks/common.py, one level up from benchmarks/probes/
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from common import timed, write_json
 
 NH, DH = 4, 512
