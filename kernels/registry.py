@@ -31,7 +31,7 @@ import functools
 import importlib
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import mlx.core as mx
 
@@ -158,9 +158,83 @@ def dispatch(name: str) -> Callable:
 
     def run(*args, **kwargs):
         try:
-            return variant(*args, **kwargs)
+            return with_reference_gradient(variant, kernel.reference, args, kwargs)
         except Unsupported:
             return kernel.reference(*args, **kwargs)
 
     run.__name__ = f"{name}[{chosen}]"
     return run
+
+
+# ----------------------------------------------------------------------------------------- gradients
+class _Slot:
+    """Where the i-th array of a flattened argument (or result) tree goes back."""
+
+    __slots__ = ("i",)
+
+    def __init__(self, i: int):
+        self.i = i
+
+
+def _flatten(tree: Any, leaves: list) -> Any:
+    """`tree` with every MLX array replaced by a `_Slot` (the arrays appended to `leaves`); lists, tuples
+    and dicts are walked, anything else (ints, floats, None, strings) is kept as it is."""
+    if isinstance(tree, mx.array):
+        leaves.append(tree)
+        return _Slot(len(leaves) - 1)
+    if isinstance(tree, (list, tuple)):
+        walked = [_flatten(t, leaves) for t in tree]
+        return type(tree)(*walked) if hasattr(tree, "_fields") else type(tree)(walked)
+    if isinstance(tree, dict):
+        return {k: _flatten(v, leaves) for k, v in tree.items()}
+    return tree
+
+
+def _fill(skeleton: Any, leaves: Sequence[mx.array]) -> Any:
+    if isinstance(skeleton, _Slot):
+        return leaves[skeleton.i]
+    if isinstance(skeleton, (list, tuple)):
+        walked = [_fill(t, leaves) for t in skeleton]
+        return type(skeleton)(*walked) if hasattr(skeleton, "_fields") else type(skeleton)(walked)
+    if isinstance(skeleton, dict):
+        return {k: _fill(v, leaves) for k, v in skeleton.items()}
+    return skeleton
+
+
+def _listed(xs: Any) -> list[mx.array]:
+    """A custom function's primals, tangents or cotangents as a list (MLX passes one array bare)."""
+    return list(xs) if isinstance(xs, (list, tuple)) else [xs]
+
+
+def with_reference_gradient(variant: Callable, reference: Callable, args: tuple, kwargs: dict) -> Any:
+    """`variant(*args, **kwargs)`, differentiable: an `mx.custom_function` whose forward is the variant and
+    whose VJP is the reference's, `mx.vjp(reference, primals, cotangents)` at the same arrays.
+
+    The arrays anywhere in the arguments (a state tuple included) are the primals; the other arguments
+    (splits, caps, eps) are fixed for the call. The forward runs the variant alone: the reference runs
+    only when a gradient is taken (its forward again, then its backward: the reference's exact gradient,
+    evaluated at the variant's cotangents). Under `mx.compile` this wrapping happens once, while tracing.
+    `Unsupported` raised by the variant propagates (dispatch then calls the reference). Forward-mode
+    (`mx.jvp`) is not covered: MLX's custom functions did not take a JVP here (MLX 0.32)."""
+    arrays: list[mx.array] = []
+    skeleton = _flatten((args, kwargs), arrays)
+    if not arrays:  # nothing to differentiate (and MLX's custom functions need an array input)
+        return variant(*args, **kwargs)
+    result: dict[str, Any] = {}
+
+    def flat(fn: Callable) -> Callable:
+        def call(*xs: mx.array) -> list[mx.array]:
+            a, kw = _fill(skeleton, xs)
+            out: list[mx.array] = []
+            result["skeleton"] = _flatten(fn(*a, **kw), out)
+            return out
+        return call
+
+    forward = mx.custom_function(flat(variant))
+
+    @forward.vjp
+    def _vjp(primals, cotangents, outputs):
+        return tuple(mx.vjp(flat(reference), _listed(primals), _listed(cotangents))[1])
+
+    out = forward(*arrays)
+    return _fill(result["skeleton"], out if isinstance(out, (list, tuple)) else [out])

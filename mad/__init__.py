@@ -48,6 +48,7 @@ from .program import Program  # noqa: E402
 from .topology import load_topology  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402  (functions shadow the module name, as in mlx-lm)
 from .loading import load  # noqa: E402
+from .save import save  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -60,4 +61,4 @@ def build(path, overrides=(), dtype="float32", compile="program", fuse="auto", t
 
 
 __all__ = ["Block", "Dim", "OptDim", "Graph", "MadError", "Program", "ShapeError", "TensorType", "build",
-           "build_graph", "generate", "load", "load_topology", "register", "stream_generate"]
+           "build_graph", "generate", "load", "load_topology", "register", "save", "stream_generate"]

@@ -286,6 +286,49 @@ def _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefi
 
 
 @app.command()
+def train(source: Optional[Path] = typer.Argument(None, help="topology file, build dir, or checkpoint dir to fine-tune "
+                                                  "(with --resume: may be left out)"),
+          data: Path = typer.Option(..., "--data", help="a text file, a folder of text files, or a JSONL file with a "
+                                    "'text' field (UTF-8)"),
+          out: Path = typer.Option(..., "-o", "--out", help="the checkpoint folder to write (new, empty, or one MAD "
+                                   "wrote)"),
+          steps: Optional[int] = typer.Option(None, "--steps", help="optimizer steps in all [1000]"),
+          batch: Optional[int] = typer.Option(None, "--batch", help="sequences per step [8]"),
+          seq: Optional[int] = typer.Option(None, "--seq", help="tokens per sequence [256]"),
+          lr: Optional[float] = typer.Option(None, "--lr", help="peak learning rate [3e-4]"),
+          warmup: Optional[int] = typer.Option(None, "--warmup", help="linear warmup steps [min(100, steps/10)]"),
+          schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine (to lr/10 at --steps) or constant "
+                                                 "[cosine]"),
+          weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="AdamW weight decay [0.01]"),
+          grad_clip: Optional[float] = typer.Option(None, "--grad-clip", help="clip the gradient norm; 0: off [1.0]"),
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="float32 or bfloat16 (weights and compute) "
+                                              "[float32]"),
+          seed: Optional[int] = typer.Option(None, "--seed", help="initial weights and data order [0]"),
+          eval_every: Optional[int] = typer.Option(None, "--eval-every", help="held-out loss every N steps; 0: at "
+                                                   "the end only [100]"),
+          save_every: Optional[int] = typer.Option(None, "--save-every", help="write the checkpoint every N steps; "
+                                                   "0: at the end only [500]"),
+          resume: bool = typer.Option(False, "--resume", help="continue the run saved in -o (same settings)"),
+          device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
+          tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
+          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
+          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+    """Train a model (any topology) as a next-token language model; write a checkpoint `mad run` reads."""
+    from .train import TrainConfig, train as run_train
+
+    _setup(device, tf32=tf32)
+    given = {name: value for name, value in (
+        ("steps", steps), ("batch", batch), ("seq", seq), ("lr", lr), ("warmup", warmup), ("schedule", schedule),
+        ("weight_decay", weight_decay), ("grad_clip", grad_clip), ("dtype", dtype), ("seed", seed),
+        ("eval_every", eval_every), ("save_every", save_every)) if value is not None}
+    config = TrainConfig(**given)
+    if not resume:
+        config.check()  # bad flags before anything is read
+    run_train(source, data, out, config, resume=resume, given=set(given), trust_plugins=trust_plugins,
+              memory_check=not no_memory_check)
+
+
+@app.command()
 def chat(source: Optional[Path] = typer.Argument(None, help="topology file, build dir, or checkpoint dir"),
          model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder (same as SOURCE)"),
          max_tokens: int = typer.Option(256, "--max-tokens", "-m", help="per reply"),

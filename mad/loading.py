@@ -66,6 +66,9 @@ def load(path: str | Path, dtype: Optional[str] = None, overrides: list[str] = (
         model = _fresh(path, dtype, overrides, compile, fuse, trust_plugins, memory_check)
         model.tokenizer = tok
         return model, tok
+    if _is_mad_checkpoint(path):  # what `mad train` / `mad.save` wrote: the resolved topology and its weights
+        return load_mad_checkpoint(path, dtype, compile, fuse, overrides=overrides, trust_plugins=trust_plugins,
+                                   memory_check=memory_check, tokenizer=tok)
     if path.is_dir() and (path / "resolved.yaml").is_file() and not (path / "config.json").exists():
         model = _fresh(path / "resolved.yaml", dtype, overrides, compile, fuse, trust_plugins, memory_check)
         model.tokenizer = tok
@@ -82,7 +85,56 @@ def load(path: str | Path, dtype: Optional[str] = None, overrides: list[str] = (
 def is_checkpoint_folder(path: str | Path) -> bool:
     """A folder `load` reads as a checkpoint (not a topology file or a build folder)."""
     path = Path(path)
+    if _is_mad_checkpoint(path):
+        return True
     return path.is_dir() and not ((path / "resolved.yaml").is_file() and not (path / "config.json").exists())
+
+
+def _is_mad_checkpoint(path: Path) -> bool:
+    from .save import is_mad_checkpoint
+
+    return is_mad_checkpoint(path)
+
+
+def load_mad_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "program",
+                        fuse: bool | str = "auto", overrides: list[str] = (), trust_plugins: bool = False,
+                        memory_check: bool = True, tokenizer: Any = None) -> tuple[LanguageModel, Any]:
+    """Read a MAD checkpoint folder (`mad train -o`, `mad.save`; see `mad.save`): the topology from its
+    resolved.yaml (plus `overrides`), the weights of model.safetensors checked by name, shape and dtype, the
+    tokenizer its mad.json names (`tokenizer` instead, when given)."""
+    from .save import CHECKPOINT_FORMAT, MAD_JSON
+    from .tokenizers import ByteTokenizer, HFTokenizer
+
+    folder = Path(folder)
+    meta: dict = {}
+    if (folder / MAD_JSON).is_file():
+        meta = _read_json(folder / MAD_JSON, MAD_JSON)
+        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+            raise MadError(f"{MAD_JSON}: not a MAD checkpoint description (expected \"format\": "
+                           f"\"{CHECKPOINT_FORMAT}\")", Source(str(folder / MAD_JSON)))
+    graph = build_graph(_load_topology(folder / "resolved.yaml", list(overrides), trust_plugins))
+    weights, file_dtype = read_safetensors(folder)
+    check_weights(graph, weights, str(folder))
+    if memory_check:
+        check_memory(graph, dtype or file_dtype, str(folder))
+    program = Program(graph, dtype=dtype or file_dtype, compile=compile, fuse=fuse)
+    program.load_weights(weights, where=str(folder))
+    del weights
+    _materialise(program)
+    if tokenizer is None:
+        kind = meta.get("tokenizer", "tokenizer.json" if (folder / "tokenizer.json").is_file() else None)
+        eos = meta.get("eos_token_ids") or []
+        if kind == "bytes":
+            tokenizer = ByteTokenizer()
+        elif kind == "tokenizer.json":
+            from .tokenizers import eos_token_ids
+
+            with _located(folder / MAD_JSON):
+                tokenizer = HFTokenizer(folder / "tokenizer.json", eos_token_ids(eos, "eos_token_ids"))
+        elif kind is not None:
+            raise MadError(f"{MAD_JSON}: unknown tokenizer {kind!r} (expected 'bytes', 'tokenizer.json' or null)",
+                           Source(str(folder / MAD_JSON)))
+    return LanguageModel(program, tokenizer), tokenizer
 
 
 def _fresh(file: Path, dtype: Optional[str], overrides: list[str], compile: str, fuse: bool | str,

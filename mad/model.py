@@ -2,13 +2,25 @@
 
 `LanguageModel` is what `mad.load` returns and what the decode loop (`mad.generate`) drives; the token and
 state checks sit here because the vocabulary and the state layout are the model's.
+
+It is an `mlx.nn.Module` whose entries are the program's node modules (`Program.root`'s, the same
+objects): `tree_flatten(model.parameters())` names are the checkpoint names (`backbone.blocks.0.mlstm_layer.q
+.weight`), fused program or not, so MLX training works as usual:
+
+    loss_and_grad = nn.value_and_grad(model, lambda model, x, y: nn.losses.cross_entropy(model(x)[0], y).mean())
+    loss, grads = loss_and_grad(model, tokens, targets)
+    optimizer.update(model, grads)          # mlx.optimizers.AdamW(...), say
+    mx.eval(model.parameters(), optimizer.state)
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any, Optional, Sequence
 
 import mlx.core as mx
+import mlx.nn as nn
+from mlx.utils import tree_flatten, tree_unflatten
 
 from .dims import shape_str
 from .errors import Diagnostics, MadError
@@ -18,23 +30,74 @@ from .program import Program
 PREFILL_STEP = 4096  # prompt tokens per forward call when reading a long prompt
 
 
-class LanguageModel:
+class LanguageModel(nn.Module):
     """A Program with one token input and a `logits` output: `logits, state = model(tokens, state=None)`.
 
     tokens: int32 (B, T); logits: float32 (B, T, V); state: {node: {name: float32 array}}.
+
+    An `nn.Module` holding the program's node modules under the node names (the same objects as
+    `program.root`, so an update through either is seen by both): `parameters()`, `trainable_parameters()`,
+    `update()`, `freeze()`, `save_weights()` and `mlx.optimizers` work as for any MLX module and speak the
+    checkpoint names; `nn.value_and_grad(model, fn)` differentiates `fn(model, ...)` through the compiled
+    program in every mode (`model(tokens, mode="parallel" | "chunkwise" | ...)`). A fused program's
+    concatenated weights follow the members' arrays (`Program._sync_fused`). `update()` also takes a tree
+    nested by the dots of the names (`tree_unflatten` of a checkpoint), and `load_weights()` goes through
+    `Program.load_weights` (names, shapes and dtypes checked before anything changes).
     """
 
     def __init__(self, program: Program, tokenizer: Any = None):
-        self.program = program
-        self.tokenizer = tokenizer
+        super().__init__()
         g = program.graph
         ints = [k for k, t in g.inputs.items() if t.dtype == "int32"]
         if len(g.inputs) != 1 or len(ints) != 1:
             raise MadError(f"'{g.name}' is not a language model: it needs exactly one int32 token input")
-        self.input_name = ints[0]
+        # plain attributes (object.__setattr__): nothing but the node modules goes into the module's tree
+        for name, value in (("program", program), ("tokenizer", tokenizer), ("input_name", ints[0]),
+                            ("_state_spec", state_spec(g))):
+            object.__setattr__(self, name, value)
         self.output_name = "logits" if "logits" in g.outputs else next(iter(g.outputs))
         self.vocab_size = int(g.g.nodes[g.outputs[self.output_name]]["type"].shape[-1])
-        self._state_spec = state_spec(g)
+        for node, module in program.root.items():
+            self[node] = module
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key in ("program", "tokenizer", "_state_spec"):
+            object.__setattr__(self, key, value)  # whatever it is, never part of the parameter tree
+        else:
+            super().__setattr__(key, value)
+
+    __hash__ = object.__hash__  # a model is one object (nn.Module is a dict, unhashable by default)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+    def __ne__(self, other: object) -> bool:
+        return self is not other
+
+    def update(self, parameters: dict, strict: bool = True) -> "LanguageModel":
+        """`nn.Module.update`, keyed by node (as `parameters()` gives them) or nested by the dots of the
+        weight names (`tree_unflatten(list(checkpoint.items()))`)."""
+        if isinstance(parameters, dict) and not all(k in self for k in parameters):
+            by_node: dict[str, list] = {}
+            for name, value in tree_flatten(parameters):
+                try:
+                    node = self.program._owner(name)
+                except KeyError:
+                    if strict:
+                        raise ValueError(f'Module does not have parameter named "{name}".') from None
+                    continue
+                by_node.setdefault(node, []).append((name[len(node) + 1:], value))
+            parameters = {n: tree_unflatten(items) for n, items in by_node.items()}
+        super().update(parameters, strict=strict)
+        return self
+
+    def load_weights(self, file_or_weights: Any, strict: bool = True) -> "LanguageModel":
+        """Load a `.safetensors` / `.npz` file or {name: array} / [(name, array)] by checkpoint name, through
+        `Program.load_weights` (every name, shape and dtype checked first; `strict`: all of them)."""
+        weights = mx.load(str(file_or_weights)) if isinstance(file_or_weights, (str, os.PathLike)) \
+            else dict(file_or_weights)
+        self.program.load_weights(weights, strict=strict)
+        return self
 
     def __call__(self, tokens: mx.array, state: Optional[dict] = None, mode: str = "auto",
                  last_only: bool = False, check_tokens: bool = True) -> tuple[mx.array, dict]:

@@ -142,8 +142,9 @@ class FusedLinear(nn.Module):
 
     It runs the `linear` kernel (`kernels.linear`: matmul, bias, soft-cap) that a `linear` node runs,
     once for all members: the output is split back at the members' bounds and each part gets its
-    member's soft-cap, so every output element is computed as unfused. Parameters: `weight`
-    [sum of widths, d_in], the members' weights stacked by rows, and, when any member has a bias,
+    member's soft-cap, so every output element is computed as unfused. It holds `weight` [sum of
+    widths, d_in], the members' weights stacked by rows (each member's module keeps a row slice of it
+    under the member's name: the Program keeps the two in step), and, when any member has a bias,
     `bias` [sum of widths], the members' biases end to end with zeros for the members without one. The
     bias is added inside the matmul (`addmm`, or the device kernel's float32 sum), so each output is
     rounded once, as unfused (an add after a bfloat16 matmul would round twice), and adding zero

@@ -14,7 +14,10 @@ Stages are the topology's units (`stage:`, or one per template instance); `plan(
 `profile()` times each on its own.
 
 With `fuse` on, sibling `linear` nodes that read the same value run as one matmul (`mad.passes`); the
-weights keep their per-node names and shapes for `parameters()` and `load_weights`.
+weights keep their per-node names and shapes for `parameters()` and `load_weights`: the members' own
+modules hold them (row slices of the group's concatenated weight), and the concatenation follows them
+(`_sync_fused`), so `root` is one tree of per-node parameters that MLX training (`nn.value_and_grad`,
+optimizers) reads and updates.
 
 `last_only=True` returns the outputs at the last position only, as reading a prompt needs: the
 positionwise nodes that feed only the outputs (a language model's final norm and head, the last block's
@@ -45,7 +48,8 @@ Mode = Literal["auto", "step", "chunkwise", "parallel"]
 CompileMode = Literal["program", "stage", "none"]
 FuseMode = Union[bool, Literal["auto"]]
 DTYPES = {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}
-FUSED = "<fused>"  # the key of the fused modules in `Program.root`; not a valid node name
+FUSED = "_<fused>"  # the key of the fused modules in `Program.root`: not a node name, and (leading "_") not a
+# parameter for MLX (`nn.Module.parameters()` skips it), while `root.state` holds it
 
 
 def dtype_of(name: str | mx.Dtype) -> mx.Dtype:
@@ -105,9 +109,14 @@ class Program:
             False or "auto" (MAD's default: on). `MAD_FUSE=0/1` overrides it.
 
     Weights: the program builds every node's module from its spec and owns it. `root` holds each module
-    at the node's name (flattened names are weight names), except fused nodes, whose weights live once,
-    concatenated, in the `FusedLinear`s at `root["<fused>"]`. `parameters()` and `load_weights()` always
-    speak the per-node names and shapes.
+    at the node's name: `tree_flatten(root.parameters())` names are the weight names, fused or not. A
+    fused group's `FusedLinear` (at `root["_<fused>"]`, which MLX does not count as a parameter) holds the
+    members' weights concatenated, and each member's module holds its rows of that (a view, one copy in
+    memory). The members' arrays are the truth: whoever replaces them (`root.update`, an optimizer,
+    `load_weights`, `set_dtype`) has the concatenation rebuilt from them before the next run
+    (`_sync_fused`, an identity check per member), so a gradient taken through the fused matmul reaches
+    the members' arrays. The compiled functions read the unfused nodes' modules and the concatenations
+    as inputs (`mx.compile(inputs=...)`), so new arrays of the same shapes are used without re-tracing.
     """
 
     def __init__(self, graph: Graph, dtype: str | mx.Dtype = "float32", compile: CompileMode = "program",
@@ -136,18 +145,32 @@ class Program:
         # program built from the same random seed start from the same weights)
         modules = {n: self._build(n) for n in self.nodes}
         self.fns: dict[str, Callable] = {n: m for n, m in modules.items() if n not in self._group_of}
-        # the FusedLinear of each group, by its first member (where the group runs); it takes over the
-        # members' initial weights, and their modules are dropped
+        # the FusedLinear of each group, by its first member (where the group runs): it concatenates the
+        # members' weights, and the members' modules keep (views of) their rows, never run
         self._fused: dict[str, FusedLinear] = {
             grp.members[0]: FusedLinear.from_modules(grp, [modules[m] for m in grp.members]) for grp in active}
-        del modules
 
         self.root = nn.Module()
-        for n, fn in self.fns.items():
-            if isinstance(fn, nn.Module):
-                self.root[n] = fn
+        for n, module in modules.items():
+            if isinstance(module, nn.Module):
+                self.root[n] = module
+        del modules
         if self._fused:
             self.root[FUSED] = list(self._fused.values())
+        # per group: (member's module, parameter path, rows) of every member's weight and bias
+        self._slots: dict[str, list[tuple[nn.Module, tuple[str, ...], str, int, int]]] = {}
+        for first, fl in self._fused.items():
+            grp = fl.group
+            self._slots[first] = [
+                (self.root[m], tuple(name.split(".")), attr, start, stop)
+                for m, form, (start, stop) in zip(grp.members, grp.forms, grp.bounds)
+                for attr, name in (("weight", form.weight), ("bias", form.bias)) if name is not None]
+        self._synced: dict[str, tuple] = {}
+        for first in self._fused:
+            self._point_members(first)
+        # what the compiled functions read: every module but the fused members' (whose arrays reach them
+        # through the concatenations)
+        self._compile_inputs = [self.root[n] for n in self.root if n not in self._group_of]
         for n in self.nodes:
             tie = getattr(g.nodes[n]["spec"], "tie", None)
             if tie:  # never a fused node: the pass leaves tied nodes and their sources alone
@@ -216,26 +239,61 @@ class Program:
 
     # ------------------------------------------------------------------ weights
     def parameters(self) -> dict[str, mx.array]:
-        """{weight name: array} by node, in execution order. A fused node's weight is a row slice (a
-        view) of its group's concatenated weight, under the node's own name and shape."""
-        fused: dict[str, mx.array] = {}
-        for module in self._fused.values():
-            fused.update(module.named_parameters())
-        out: dict[str, mx.array] = {}
-        for n in self.nodes:
-            if n in self._group_of:
-                group = self._group_of[n]
-                weight, bias = group.names()[group.members.index(n)]
-                out[weight] = fused[weight]
-                if bias is not None:
-                    out[bias] = fused[bias]
-            elif n in self.root:
-                out.update((f"{n}.{k}", v) for k, v in tree_flatten(self.root[n].parameters()))
-        return out
+        """{weight name: array} by node, in execution order: `tree_flatten(root.parameters())`. A fused
+        node's weight is its module's, a row slice (a view) of its group's concatenated weight once the
+        program has run or loaded."""
+        self._sync_fused()
+        return dict(tree_flatten(self.root.parameters()))
 
     def set_dtype(self, dtype: str | mx.Dtype) -> None:
         self.dtype = dtype_of(dtype)
-        self.root.set_dtype(self.dtype)
+        self.root.set_dtype(self.dtype)  # every node's module; the concatenations below
+        for first, fl in self._fused.items():
+            fl.weight = fl.weight.astype(self.dtype)
+            if "bias" in fl:
+                fl.bias = fl.bias.astype(self.dtype)
+            self._point_members(first)
+
+    # ------------------------------------------------------------------ fused groups
+    @staticmethod
+    def _get(module: nn.Module, path: tuple[str, ...]) -> Any:
+        for part in path:
+            module = module[part]
+        return module
+
+    @staticmethod
+    def _set(module: nn.Module, path: tuple[str, ...], value: mx.array) -> None:
+        for part in path[:-1]:
+            module = module[part]
+        module[path[-1]] = value
+
+    def _point_members(self, first: str) -> None:
+        """Make the members' arrays of group `first` the rows of its concatenation (views)."""
+        fl = self._fused[first]
+        for module, path, attr, start, stop in self._slots[first]:
+            self._set(module, path, fl[attr][start:stop])
+        self._synced[first] = (fl.weight, fl.bias if "bias" in fl else None,
+                               *(self._get(m, p) for m, p, *_ in self._slots[first]))
+
+    def _sync_fused(self) -> None:
+        """Rebuild each group's concatenation from its members' arrays where any was replaced since the
+        last sync (an identity check, cheap enough for every call), then point the members at its rows.
+        Where only the concatenation was replaced (`FusedLinear.load`), the members follow it."""
+        for first, fl in self._fused.items():
+            synced = self._synced[first]
+            slots = self._slots[first]
+            members = [self._get(m, p) for m, p, *_ in slots]
+            if all(a is b for a, b in zip(members, synced[2:])):
+                if fl.weight is not synced[0] or ("bias" in fl and fl.bias is not synced[1]):
+                    self._point_members(first)
+                continue
+            pieces = {(attr, start): a for (_, _, attr, start, _), a in zip(slots, members)}
+            dtype = pieces[("weight", 0)].dtype
+            fl.weight = mx.concatenate([pieces[("weight", start)] for start, _ in fl.group.bounds])
+            if "bias" in fl:
+                fl.bias = mx.concatenate([pieces.get(("bias", start), mx.zeros((stop - start,), dtype))
+                                          for start, stop in fl.group.bounds])
+            self._point_members(first)
 
     def load_weights(self, weights: Mapping[str, mx.array], strict: bool = True, where: str = "checkpoint") -> None:
         """Load `{weight name: array}`; missing, unexpected and wrong-shape keys are reported together.
@@ -266,18 +324,13 @@ class Program:
                             f"weights ({own[k].dtype})")
         diags.raise_if_any()
         by_node: dict[str, list] = {}
-        by_group: dict[str, dict[str, mx.array]] = {}  # fused nodes' pieces, by the group's first member
         for k, v in weights.items():
             if k in own:
                 node = self._owner(k)
                 v = v.astype(self.dtype) if mx.issubdtype(v.dtype, mx.floating) else v
-                if node in self._group_of:
-                    by_group.setdefault(self._group_of[node].members[0], {})[k] = v
-                else:
-                    by_node.setdefault(node, []).append((k[len(node) + 1:], v))
+                by_node.setdefault(node, []).append((k[len(node) + 1:], v))
         self.root.update({n: tree_unflatten(items) for n, items in by_node.items()})
-        for first, pieces in by_group.items():
-            self._fused[first].load(pieces)  # one concatenated weight per group, built from the pieces
+        self._sync_fused()  # one concatenated weight per group, built from the pieces
 
     def _owner(self, key: str) -> str:
         parts = key.split(".")
@@ -343,7 +396,7 @@ class Program:
 
     def _fn(self, key: Any, fn: Callable) -> Callable:
         if key not in self._compiled:
-            self._compiled[key] = fn if self.compile_mode == "none" else mx.compile(fn, inputs=self.root.state)
+            self._compiled[key] = fn if self.compile_mode == "none" else mx.compile(fn, inputs=self._compile_inputs)
         return self._compiled[key]
 
     def _check_inputs(self, inputs: Any) -> dict[str, mx.array]:
@@ -417,6 +470,7 @@ class Program:
     def trace(self, inputs: Any, state: dict | None = None, mode: Mode = "auto") -> dict[str, mx.array]:
         """Every node's output (uncompiled, lazy): for tests and debugging, not for speed."""
         inputs = self._check_inputs(inputs)
+        self._sync_fused()
         env = dict(inputs)
         state = state if state is not None else self.init_state(next(iter(inputs.values())).shape[0])
         self._run_nodes(self.nodes, env, state, {}, mode)
@@ -436,6 +490,8 @@ class Program:
         elif state.keys() != self._state_keys.keys() or any(
                 state[n].keys() != names for n, names in self._state_keys.items()):
             check_state(self.graph, state)  # explains what is wrong
+        if self._fused:
+            self._sync_fused()
         if self.compile_mode != "stage":
             fn = self._compiled.get((mode, last_only))
             if fn is None:
@@ -479,6 +535,7 @@ class Program:
             state = self.init_state(next(iter(inputs.values())).shape[0] if inputs else 1)
         else:
             check_state(self.graph, state)
+        self._sync_fused()
         g = self.graph.g
         # a fused group runs at its first member, so all its members are timed in that member's unit
         placed: list[tuple[str, list[str]]] = [(name, []) for name, _ in units]
@@ -502,7 +559,7 @@ class Program:
         env: dict[str, mx.array] = dict(inputs)
         entries = []
         for stage in stages:
-            fn = mx.compile(partial(self._stage_fn, stage, mode, False), inputs=self.root.state)
+            fn = mx.compile(partial(self._stage_fn, stage, mode, False), inputs=self._compile_inputs)
             args = ({k: env[k] for k in stage.reads}, {n: state[n] for n in stage.nodes if n in self.stateful})
             mx.eval(args)
             outs, new_state = fn(*args)  # compiles

@@ -212,10 +212,11 @@ def _out_error(flag: str, out: Path, why: str) -> MadError:
     return MadError(f"{flag} {out}: {why}")
 
 
-def check_build_target(out: str | Path, flag: str = "-o") -> Path:
+def check_build_target(out: str | Path, flag: str = "-o", checkpoint: bool = False) -> Path:
     """Check that a build may write `out`: it is absent, an empty folder or a folder `mad build` wrote.
     Anything else (a file, a folder of the user's, `.`, a path under a file) is a MadError naming
-    `flag`; nothing is touched. Returns `out` as a Path."""
+    `flag`; nothing is touched. A MAD folder holding weights (`mad train`, `mad.save`) is replaced only
+    by a checkpoint (`checkpoint=True`), never by a build: trained weights are the user's. Returns `out`."""
     out = Path(out)
     if out.name in ("", ".", ".."):
         raise _out_error(flag, out, "give a folder name for the build (not '.' or '..')")
@@ -249,6 +250,9 @@ def check_build_target(out: str | Path, flag: str = "-o") -> Path:
         raise _out_error(flag, out, f"is a folder that `mad build` did not write (no {MARKER} marker in it); "
                                     "MAD replaces only its own build folders: give a new or empty folder, "
                                     "or remove this one first")
+    if not empty and not checkpoint and (out / "model.safetensors").exists():
+        raise _out_error(flag, out, "is a MAD checkpoint (it holds model.safetensors); a build does not replace "
+                                    "weights: give a new or empty folder")
     return out
 
 

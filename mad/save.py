@@ -1,0 +1,181 @@
+"""MAD checkpoint folders: what `mad.save(model, DIR)` and `mad train -o DIR` write, and `mad.load(DIR)` reads.
+
+A MAD checkpoint folder holds
+
+    .mad-build              the marker of folders MAD wrote (the rule of `mad build -o`: MAD replaces only those)
+    resolved.yaml           the resolved topology (sizes, overrides and templates applied)
+    model.safetensors       the weights, named by node (the checkpoint names: `Program.parameters()`)
+    mad.json                {"format": "mad-checkpoint", "tokenizer": "bytes" | "tokenizer.json" | null, ...}
+    tokenizer.json          when the model had one
+    training/               `mad train` only: optimizer.safetensors and state.json (step, data position, seed)
+    metrics.jsonl, loss.svg `mad train` only
+    data/                   `mad train` only: the tokenised corpus (a memory-mapped token file), a cache
+
+The folder is written whole into a temp folder beside it, then swapped in (one atomic exchange where the
+system has one), so a crash or a full disk leaves the previous checkpoint as it was.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping, Optional
+
+import mlx.core as mx
+
+from .errors import MadError
+from .report import MARKER, MARKER_TAG, _clean_stale, _is_build_dir, _out_error, _swap_in, _tmp_prefix, _umask, \
+    check_build_target
+
+CHECKPOINT_FORMAT = "mad-checkpoint"
+CHECKPOINT_VERSION = 1
+MAD_JSON = "mad.json"
+MARKER_TEXT = MARKER_TAG + ("\nThis folder was written by MAD (`mad train`, `mad.save` or `mad build -o`); MAD "
+                            "replaces it when asked to write here again.\n")
+
+
+def is_mad_checkpoint(path: str | Path) -> bool:
+    """A folder MAD wrote that holds weights: marker, resolved.yaml and model.safetensors."""
+    path = Path(path)
+    return path.is_dir() and (path / "resolved.yaml").is_file() and (path / "model.safetensors").is_file() \
+        and _is_build_dir(path)
+
+
+def named_weights(model: Any) -> dict[str, mx.array]:
+    """{checkpoint name: array} of a LanguageModel or Program (node names; fused weights under their own names)."""
+    program = getattr(model, "program", model)
+    if not hasattr(program, "parameters") or not hasattr(program, "graph"):
+        raise MadError(f"save: expected a model from mad.load or a mad.Program, got {type(model).__name__}")
+    return program.parameters()
+
+
+def tokenizer_entry(tokenizer: Any) -> tuple[Optional[str], Optional[str], list[int]]:
+    """(mad.json's `tokenizer` value, tokenizer.json text or None, eos ids) for a tokenizer."""
+    eos = [int(t) for t in getattr(tokenizer, "eos_token_ids", ()) or ()]
+    if tokenizer is None:
+        return None, None, []
+    if getattr(tokenizer, "is_bytes", False):
+        return "bytes", None, eos
+    inner = getattr(tokenizer, "tok", None)
+    if inner is not None and hasattr(inner, "to_str"):
+        return "tokenizer.json", inner.to_str(), eos
+    return None, None, eos  # a tokenizer MAD cannot write: the folder records none
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link of `src` (no copy: a corpus cache may be large), else a copy."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_folder(out: str | Path, write: Callable[[Path], None], flag: str = "-o") -> Path:
+    """Write a MAD folder: `write(tmp)` fills a temp folder beside `out` (the marker is written first), which
+    then replaces `out`. `out` must be absent, empty or a folder MAD wrote (else a MadError naming `flag`,
+    nothing touched). Where the system can exchange two folders atomically (Linux), `out` is never absent."""
+    out = check_build_target(out, flag, checkpoint=True)
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise _out_error(flag, out, f"cannot create the folder '{parent}': {e.strerror}") from None
+    _clean_stale(parent, out.name)
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name), dir=parent))
+    except OSError as e:
+        raise _out_error(flag, out, f"cannot write in '{parent}': {e.strerror}") from None
+    try:
+        (tmp / MARKER).write_text(MARKER_TEXT)
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        if out.is_dir() and _is_build_dir(out) and _rename_exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous folder
+        else:
+            _swap_in(tmp, out, flag)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _out_error(flag, out, f"cannot write the checkpoint: {e.strerror or e}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def write_checkpoint(out: str | Path, model: Any, tokenizer: Any = None, *, extra: Optional[Mapping[str, Any]] = None,
+                     links: Optional[Mapping[str, Path]] = None, info: Optional[dict] = None,
+                     flag: str = "-o") -> Path:
+    """Write the checkpoint folder of `model` (see the module docstring), atomically.
+
+    `extra`: {relative path: str | bytes | callable(path)} more files (training state, metrics);
+    `links`: {relative path: existing file} hard-linked (else copied) in (the corpus cache);
+    `info`: more entries for mad.json.
+    """
+    program = getattr(model, "program", model)
+    weights = named_weights(model)
+    tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+    if tokenizer is None and getattr(model, "vocab_size", 1 << 30) <= 256:
+        from .tokenizers import ByteTokenizer
+
+        tokenizer = ByteTokenizer()  # what mad.load and mad run use for such a model
+    kind, tok_json, eos = tokenizer_entry(tokenizer)
+    meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "name": program.graph.name,
+            "dtype": str(program.dtype).rsplit(".", 1)[-1], "tokenizer": kind, "eos_token_ids": eos,
+            **(info or {})}
+    resolved = program.graph.resolved.to_yaml()
+    mx.eval(weights)
+
+    def write(tmp: Path) -> None:
+        (tmp / "resolved.yaml").write_text(resolved)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
+        if tok_json is not None:
+            (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
+        (tmp / MAD_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        for name, content in (extra or {}).items():
+            target = tmp / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if callable(content):
+                content(target)
+            elif isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
+        for name, src in (links or {}).items():
+            _link_or_copy(Path(src), tmp / name)
+
+    return write_folder(out, write, flag)
+
+
+def save(model: Any, path: str | Path, tokenizer: Any = None) -> Path:
+    """Write `model` (from `mad.load`, or a `Program`) as a MAD checkpoint folder that `mad.load(path)` reads:
+    resolved.yaml, model.safetensors (node names), mad.json and the tokenizer (`tokenizer`, else the
+    model's; a vocabulary of up to 256 ids without one records bytes). `path` must be absent, empty or a
+    folder MAD wrote; the folder is written to a temp folder and swapped in (never half-written)."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise MadError(f"save: path must be a folder name, got {type(path).__name__}")
+    return write_checkpoint(path, model, tokenizer, flag="save:")
+
+
+__all__ = ["CHECKPOINT_FORMAT", "MAD_JSON", "is_mad_checkpoint", "named_weights", "save", "write_checkpoint",
+           "write_folder"]
