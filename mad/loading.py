@@ -278,6 +278,7 @@ def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "p
         note = f"the model's sizes come from {config_file} (as --set overrides of {Path(topology).name})"
         raise MadError([Diagnostic(d.message, d.source, d.notes + [note]) for d in e.diagnostics]) from None
     weights, file_dtype = read_safetensors(folder)  # memory-mapped: nothing is read yet
+    source_names = frozenset(weights)
     with _located(folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder):
         weights = fmt.sanitize(weights, config)
     check_weights(graph, weights, str(folder))  # names, shapes, dtypes: before any module is built
@@ -293,7 +294,31 @@ def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "p
         elif not getattr(tokenizer, "is_bytes", False) and \
                 not getattr(tokenizer, "eos_token_ids", None):
             tokenizer.eos_token_ids = tuple(fmt.eos_token_ids(config))
-    return LanguageModel(program, tokenizer), tokenizer
+    model = LanguageModel(program, tokenizer)
+    object.__setattr__(model, "checkpoint_source", checkpoint_source(folder, config, config_file, fmt,
+                                                                          source_names))
+    return model, tokenizer
+
+
+MAX_COMPANION_BYTES = 256 << 20  # a tokenizer file is a few MB; a bound on what is kept, not a format rule
+
+
+def checkpoint_source(folder: Path, config: dict, config_file: Path, fmt: CheckpointFormat,
+                      weight_names: Optional[frozenset] = None) -> Any:
+    """What writing the model back in its own format needs (`mad.save(..., format="source")`): the format,
+    the config as read and its file's bytes, and the tokenizer and generation files of the folder."""
+    from .formats import COMPANION_FILES, CheckpointSource
+
+    def read(file: Path) -> Optional[bytes]:
+        try:
+            return file.read_bytes() if file.is_file() and file.stat().st_size <= MAX_COMPANION_BYTES else None
+        except OSError:
+            return None
+
+    companions = {name: data for name in COMPANION_FILES if (data := read(folder / name)) is not None}
+    return CheckpointSource(format=fmt, config=config, config_name=config_file.name,
+                            config_bytes=read(config_file) or b"", folder=folder, companions=companions,
+                            weight_names=weight_names)
 
 
 MAX_LISTED = 20  # of each kind of weight error; a config that does not describe the weights would list thousands

@@ -11,6 +11,10 @@ A MAD checkpoint folder holds
     metrics.jsonl, loss.svg `mad train` only
     data/                   `mad train` only: the tokenised corpus (a memory-mapped token file), a cache
 
+`mad.save(model, DIR, format="source")` writes a model loaded from an HF or NX-AI checkpoint folder in
+that folder's own format instead (`write_source_checkpoint`): its config, model.safetensors under its names,
+its tokenizer files (and the marker, so that MAD may replace it).
+
 The folder is written whole into a temp folder beside it, then swapped in (one atomic exchange where the
 system has one), so a crash or a full disk leaves the previous checkpoint as it was.
 """
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import inspect
 import json
 import os
 import shutil
@@ -167,15 +172,92 @@ def write_checkpoint(out: str | Path, model: Any, tokenizer: Any = None, *, extr
     return write_folder(out, write, flag)
 
 
-def save(model: Any, path: str | Path, tokenizer: Any = None) -> Path:
-    """Write `model` (from `mad.load`, or a `Program`) as a MAD checkpoint folder that `mad.load(path)` reads:
-    resolved.yaml, model.safetensors (node names), mad.json and the tokenizer (`tokenizer`, else the
-    model's; a vocabulary of up to 256 ids without one records bytes). `path` must be absent, empty or a
-    folder MAD wrote; the folder is written to a temp folder and swapped in (never half-written)."""
+SAVE_FORMATS = ("mad", "source", "hf")
+
+
+def source_of(model: Any, format: str = "source") -> Any:
+    """The `CheckpointSource` of a model loaded from a checkpoint folder (see `mad.formats`); a MadError
+    saying why when it has none, or when `format` is "hf" and the source is not a Hugging Face folder."""
+    source = getattr(model, "checkpoint_source", None)
+    if source is None:
+        raise MadError(f"save: format={format!r} writes a model in the format of the checkpoint it was loaded from, "
+                       "but this model was not loaded from a checkpoint folder (a topology, a build or a MAD "
+                       "checkpoint); save it with format='mad'")
+    if format == "hf" and not source.is_hf:
+        raise MadError(f"save: format='hf': the model was loaded from a {source.format.name} checkpoint "
+                       f"({source.config_name}), not a Hugging Face folder; format='source' writes it in that "
+                       "format")
+    if source.format.unsanitize is None:
+        raise MadError(f"save: the checkpoint format {source.format.name} cannot be written back (its format module "
+                       "has a `sanitize` and no `unsanitize`)")
+    if not source.config_bytes:
+        raise MadError(f"save: the config file {source.config_name} of {source.folder} could not be read when the "
+                       "model was loaded")
+    return source
+
+
+def source_weights(model: Any, source: Any) -> dict[str, mx.array]:
+    """The model's weights under the source checkpoint's names and layouts (the format's `unsanitize`), in the
+    model's dtype, checked to be arrays with unique names."""
+    from .loading import _located
+
+    weights = named_weights(model)
+    unsanitize = source.format.unsanitize
+    try:
+        takes_names = "names" in inspect.signature(unsanitize).parameters
+    except (TypeError, ValueError):
+        takes_names = False
+    with _located(source.folder / source.config_name):
+        out = unsanitize(dict(weights), source.config, names=source.weight_names) if takes_names \
+            else unsanitize(dict(weights), source.config)
+    if not isinstance(out, dict) or not all(isinstance(k, str) and isinstance(v, mx.array) for k, v in out.items()):
+        raise MadError(f"save: the {source.format.name} format's unsanitize did not return {{name: array}}")
+    return out
+
+
+def write_source_checkpoint(out: str | Path, model: Any, format: str = "source", flag: str = "save:") -> Path:
+    """Write `model` in the format of the checkpoint folder it was loaded from: the config file as loaded
+    (unchanged: a model's weights keep their shapes), model.safetensors under the checkpoint's names and
+    layouts (the format's `unsanitize`) in the model's dtype, and the folder's tokenizer and generation files
+    (`mad.formats.COMPANION_FILES`) as they were. Atomic, with the target rules of `save`; the folder gets
+    MAD's marker, so that MAD may replace it later."""
+    source = source_of(model, format)
+    weights = source_weights(model, source)
+    mx.eval(weights)
+    metadata = {"format": "pt"} if source.is_hf else {}  # transformers reads only "pt"-tagged (or untagged) files
+
+    def write(tmp: Path) -> None:
+        (tmp / source.config_name).write_bytes(source.config_bytes)
+        mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata=metadata)
+        for name, data in source.companions.items():
+            if name != source.config_name:
+                (tmp / name).write_bytes(data)
+
+    return write_folder(out, write, flag)
+
+
+def save(model: Any, path: str | Path, tokenizer: Any = None, *, format: str = "mad") -> Path:
+    """Write `model` (from `mad.load`, or a `Program`) as a checkpoint folder that `mad.load(path)` reads.
+
+    `format="mad"` (default): a MAD checkpoint folder: resolved.yaml, model.safetensors (node names),
+    mad.json and the tokenizer (`tokenizer`, else the model's; a vocabulary of up to 256 ids without one
+    records bytes).
+    `format="source"`: for a model loaded from a checkpoint folder (HF `model_type: xlstm`, NX-AI, ...), that
+    folder's format: its config file unchanged, model.safetensors under its names and layouts (fused
+    projections re-fused, ...) in the model's dtype, its tokenizer and generation files; a fine-tuned
+    xLSTM-7B written so still loads in transformers. `format="hf"`: the same, for a model from a Hugging
+    Face folder only (an error for another source). `tokenizer` is not used by these (the source's files are).
+
+    `path` must be absent, empty or a folder MAD wrote; the folder is written to a temp folder and swapped
+    in (never half-written)."""
     if not isinstance(path, (str, os.PathLike)):
         raise MadError(f"save: path must be a folder name, got {type(path).__name__}")
-    return write_checkpoint(path, model, tokenizer, flag="save:")
+    if not isinstance(format, str) or format not in SAVE_FORMATS:
+        raise MadError(f"save: format must be one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
+    if format == "mad":
+        return write_checkpoint(path, model, tokenizer, flag="save:")
+    return write_source_checkpoint(path, model, format, flag="save:")
 
 
-__all__ = ["CHECKPOINT_FORMAT", "MAD_JSON", "is_mad_checkpoint", "named_weights", "save", "write_checkpoint",
-           "write_folder"]
+__all__ = ["CHECKPOINT_FORMAT", "MAD_JSON", "SAVE_FORMATS", "is_mad_checkpoint", "named_weights", "save",
+           "source_of", "source_weights", "write_checkpoint", "write_folder", "write_source_checkpoint"]

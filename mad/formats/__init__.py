@@ -7,6 +7,13 @@ A format module `mad/formats/<name>.py` defines, at module level:
     detect(config) -> bool                      whether it reads a config that has no `model_type` of its own
     topology(config) -> (Path, [str])           the shipped topology file and the `--set` overrides for this model
     sanitize(weights, config) -> weights        checkpoint names -> node names (optional; default: unchanged)
+    unsanitize(weights, config[, names]) -> weights
+                                                node names -> checkpoint names and layouts, the inverse of
+                                                `sanitize` (what `mad.save(model, DIR, format="source")` writes;
+                                                `names`, when it takes them: the source checkpoint's tensor
+                                                names, a hint where the config alone is ambiguous; optional:
+                                                without a `sanitize` the names are unchanged, with one and no
+                                                `unsanitize` the family cannot be written back)
     eos_token_ids(config) -> [int]              the config's eos ids, checked
     tokenizer(folder, config) -> tok or None    optional; default: the folder's tokenizer.json with those eos ids
 
@@ -20,7 +27,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Callable, Optional
@@ -43,8 +50,11 @@ class CheckpointFormat:
     sanitize: Callable[[dict, dict], dict] = _unchanged
     tokenizer: Optional[Callable[[Path, dict], Any]] = None
     config_files: tuple[str, ...] = ("config.json",)
+    unsanitize: Optional[Callable[[dict, dict], dict]] = None
 
     def __post_init__(self) -> None:
+        if self.unsanitize is None and self.sanitize is _unchanged:
+            self.unsanitize = _unchanged  # names never changed: written back as they are
         if self.tokenizer is None:  # the shared rule: tokenizer.json with the config's eos ids
             eos = self.eos_token_ids
             self.tokenizer = lambda folder, config: folder_tokenizer(folder, eos(config))
@@ -53,8 +63,35 @@ class CheckpointFormat:
     def from_module(cls, module: ModuleType) -> "CheckpointFormat":
         return cls(name=module.NAME, detect=module.detect, topology=module.topology,
                    eos_token_ids=module.eos_token_ids, sanitize=getattr(module, "sanitize", _unchanged),
+                   unsanitize=getattr(module, "unsanitize", None),
                    tokenizer=getattr(module, "tokenizer", None),
                    config_files=tuple(getattr(module, "CONFIG_FILES", ("config.json",))))
+
+
+# the files of a checkpoint folder beside its config and weights that travel with it when a model is written
+# back in its own format (tokenizer and generation settings), copied unchanged when the source folder has them
+COMPANION_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "generation_config.json", "vocab.json", "merges.txt", "tokenizer.model", "chat_template.jinja",
+                   "chat_template.json")
+
+
+@dataclass
+class CheckpointSource:
+    """Where a model loaded from a checkpoint folder came from: what writing it back in its own format needs
+    (`mad.save(model, DIR, format="source")`). Set by `load_checkpoint` as `model.checkpoint_source`."""
+
+    format: CheckpointFormat
+    config: dict                  # the config as read (references unresolved: the formats resolve them)
+    config_name: str              # its file name in the folder (config.json, config.yaml, ...)
+    config_bytes: bytes           # the file as it was when loaded, written back unchanged
+    folder: Path                  # the source folder (companion files are copied from it when saving)
+    companions: dict[str, bytes] = field(default_factory=dict)  # COMPANION_FILES present at load time
+    weight_names: Optional[frozenset] = None  # the tensor names of the source checkpoint (before `sanitize`)
+
+    @property
+    def is_hf(self) -> bool:
+        """A Hugging Face folder (config.json with a `model_type`), which transformers reads."""
+        return self.config_name == "config.json" and isinstance(self.config.get("model_type"), str)
 
 
 _REGISTERED: list[CheckpointFormat] = []
@@ -118,6 +155,7 @@ def find_format(config: dict) -> Optional[CheckpointFormat]:
     return None
 
 
-__all__ = ["CheckpointFormat", "all_formats", "config_files", "find_format", "format_named", "module_names",
+__all__ = ["COMPANION_FILES", "CheckpointFormat", "CheckpointSource", "all_formats", "config_files", "find_format",
+           "format_named", "module_names",
            "register_format",
            "shipped_topology"]

@@ -14,6 +14,9 @@ The sLSTM weights are NX-AI's internal layouts: vanilla (NH, 4*DH, DH) recurrent
 bias are used as they are; the CUDA backend's (NH, DH, 4*DH) kernel and head-major bias are recognised
 by the kernel's shape and converted.
 
+`unsanitize` is the inverse (what `mad.save(model, DIR, format="source")` writes): NX-AI's names, the sLSTM
+weights in the layout of the config's backend, `lm_head.weight` restored when tied.
+
 Config keys are NX-AI's dataclass fields; a key NX-AI does not have is an error (with a hint), and so is
 an option MAD cannot run. Training-only fields (dropout, init schemes, dtypes, clip values) are accepted
 and have no effect at inference (`mad` runs NX-AI's vanilla sLSTM math in float32 state).
@@ -304,9 +307,43 @@ def sanitize(weights: dict, config: dict) -> dict:
     return out
 
 
+def slstm_backend(config: dict) -> str:
+    """The sLSTM backend the config names (NX-AI's default: cuda), which decides the layout of its weights."""
+    m = _resolve(model_mapping(config), config, [], "")
+    slstm = (m.get("slstm_block") or {}).get("slstm") or {}
+    return slstm.get("backend", "cuda") if isinstance(slstm, dict) else "cuda"
+
+
+def unsanitize(weights: dict, config: dict) -> dict:
+    """Node weight names -> NX-AI state-dict names: the inverse of `sanitize`. The sLSTM weights are written
+    in the layout of the config's backend (vanilla, else NX-AI's CUDA layout: its default); a tied head gets
+    `lm_head.weight` back as a copy of the embedding (NX-AI's state dict holds both, and loads strictly)."""
+    c = parse_config(config)
+    cuda = slstm_backend(config) == "cuda"
+    out = {}
+    for key, w in weights.items():
+        if key.endswith(".xlstm.learnable_skip.weight"):
+            key = key[: -len(".weight")]
+        elif key.endswith(".slstm_cell.recurrent_kernel"):
+            if cuda:  # vanilla (NH, 4*DH, DH) -> CUDA (NH, DH, 4*DH)
+                w = mx.contiguous(w.transpose(0, 2, 1))
+            key = key[: -len("recurrent_kernel")] + "_recurrent_kernel_"
+        elif key.endswith(".slstm_cell.bias"):
+            if cuda and c.slstm:  # gate-major (4, NH, DH) -> head-major (NH, 4, DH)
+                nh = c.slstm["heads"]
+                w = mx.contiguous(w.reshape(4, nh, -1).transpose(1, 0, 2).reshape(-1))
+            key = key[: -len("bias")] + "_bias_"
+        out[key] = w
+    if c.tie and "lm_head.weight" not in out and "token_embedding.weight" in out:
+        out["lm_head.weight"] = out["token_embedding.weight"]
+    return out
+
+
 def eos_token_ids(config: dict) -> list[int]:
     """The eos ids of the model mapping, else of the file's top level (NX-AI experiment files)."""
     return _eos_ids(model_mapping(config).get("eos_token_id", config.get("eos_token_id")))
 
 
-__all__ = ["NAME", "detect", "eos_token_ids", "model_mapping", "parse_config", "proj_up_dim", "sanitize", "topology"]
+__all__ = ["NAME", "detect", "eos_token_ids", "model_mapping", "parse_config", "proj_up_dim", "sanitize",
+           "slstm_backend", "topology",
+           "unsanitize"]

@@ -2,13 +2,13 @@
 
 The config picks dims and options of `xlstm-7b.yaml`; weights keep their names except NX-AI's
 `embedding.weight` and the fused projections of `weight_mode: fused`, which are split into the
-single-mode weights.
+single-mode weights. `unsanitize` is the inverse (what `mad.save(model, DIR, format="source")` writes).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection, Optional
 
 import mlx.core as mx
 
@@ -163,4 +163,32 @@ def sanitize(weights: dict, config: dict) -> dict:
     return weights
 
 
-__all__ = ["NAME", "XLSTMDims", "detect", "eos_token_ids", "sanitize", "topology"]
+def _fuse(weights: dict, names: list[str], key: str) -> None:
+    parts = [weights.pop(n) for n in names]
+    weights[key] = mx.concatenate(parts, axis=0)
+
+
+def unsanitize(weights: dict, config: dict, names: Optional[Collection[str]] = None) -> dict:
+    """Node names -> the checkpoint's names: the inverse of `sanitize`. `weight_mode: fused` re-fuses the
+    projections (rows in the order `sanitize` splits them); NX-AI xlstm_large naming gets its
+    `embedding.weight` back: when the source checkpoint's tensor `names` had it, else (names unknown) for a
+    config without `model_type`. A tied head has no weight of its own (HF's save_pretrained omits it)."""
+    nxai_names = "embedding.weight" in names if names is not None else "model_type" not in config
+    weights = dict(weights)
+    if config.get("weight_mode", "single") == "fused":
+        for key in [k for k in weights if k.endswith(".mlstm_layer.q.weight")]:
+            p = key[: -len("q.weight")]
+            _fuse(weights, [p + n + ".weight" for n in ("q", "k", "v", "ogate_preact")], p + "qkv_opreact.weight")
+            for leaf in ("weight", "bias"):
+                names = [f"{p}igate_preact.{leaf}", f"{p}fgate_preact.{leaf}"]
+                if all(n in weights for n in names):
+                    _fuse(weights, names, f"{p}ifgate_preact.{leaf}")
+        for key in [k for k in weights if k.endswith(".ffn.proj_up_gate.weight")]:
+            p = key[: -len("proj_up_gate.weight")]
+            _fuse(weights, [p + "proj_up_gate.weight", p + "proj_up.weight"], p + "proj_up_gate_z.weight")
+    if nxai_names and "backbone.embeddings.weight" in weights:  # NX-AI xlstm_large naming
+        weights["embedding.weight"] = weights.pop("backbone.embeddings.weight")
+    return weights
+
+
+__all__ = ["NAME", "XLSTMDims", "detect", "eos_token_ids", "sanitize", "topology", "unsanitize"]
