@@ -394,6 +394,33 @@ def chat(source: Optional[Path] = typer.Argument(None, help="topology file, buil
         save_state_file(save_state, state, "--save-state")
 
 
+@app.command()
+def design(files: List[Path] = typer.Argument(..., help="topology files to compare"),
+           task: List[str] = typer.Option(["all"], "--task", help="a task, a comma list, or all (in-context-recall, "
+                                          "fuzzy-in-context-recall, noisy-in-context-recall, selective-copying, "
+                                          "compression, memorization, parity, majority)"),
+           steps: int = typer.Option(300, "--steps", help="training steps per run"),
+           seeds: int = typer.Option(1, "--seeds", help="runs per topology and task (seeds 0..K-1)"),
+           batch: int = typer.Option(32, "--batch", help="sequences per step"),
+           lr: float = typer.Option(1e-3, "--lr", help="peak AdamW learning rate (cosine schedule)"),
+           preset: str = typer.Option("small", "--preset", help="small (a CPU in minutes) or mad (mad-lab's "
+                                      "baseline task settings)"),
+           json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+           device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
+           trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP)) -> None:
+    """Train each topology on synthetic tasks (MAD, formal languages); a table of held-out accuracies."""
+    from .design import DesignConfig, design as run_design, table
+
+    _setup(device)
+    cfg = DesignConfig(steps=steps, seeds=seeds, batch=batch, lr=lr, preset=preset).check()
+    summary = run_design(files, task, cfg, trust_plugins=trust_plugins,
+                         echo=None if json_out else (lambda line: err_console.print(line, markup=False)))
+    if json_out:
+        print(json.dumps(summary, indent=1))
+    else:
+        Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table(summary))
+
+
 def main() -> None:
     try:
         app(standalone_mode=False)
