@@ -81,6 +81,14 @@ class LinearBlock(Block):
 
 
 # --------------------------------------------------------------------------------- norms
+def _norm_infer(self, x: TensorType) -> TensorType:
+    """A norm over the last dim: float in, the same type out (its `dim`, when given, checked)."""
+    if self.dim is not None:
+        expect_last(x, self.dim)
+    expect_float(x)
+    return x
+
+
 class RMSNormModule(nn.Module):
     def __init__(self, dim: int, eps: float, weight: bool):
         super().__init__()
@@ -102,11 +110,7 @@ class RMSNormBlock(Block):
     weight: bool = True
     dim: OptDim = None  # checked against the input when given
 
-    def infer(self, x: TensorType) -> TensorType:
-        if self.dim is not None:
-            expect_last(x, self.dim)
-        expect_float(x)
-        return x
+    infer = _norm_infer
 
     def build(self, x: TensorType) -> nn.Module:
         return RMSNormModule(int(x.shape[-1]), self.eps, self.weight)
@@ -137,11 +141,7 @@ class LayerNormBlock(Block):
     weight_offset: FiniteFloat = 0.0
     dim: OptDim = None
 
-    def infer(self, x: TensorType) -> TensorType:
-        if self.dim is not None:
-            expect_last(x, self.dim)
-        expect_float(x)
-        return x
+    infer = _norm_infer
 
     def build(self, x: TensorType) -> nn.Module:
         return LayerNormModule(int(x.shape[-1]), self.eps, self.bias, self.weight_offset)

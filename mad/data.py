@@ -18,7 +18,6 @@ from __future__ import annotations
 import codecs
 import hashlib
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional

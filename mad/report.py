@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import errno
 import io
 import json
@@ -9,6 +11,7 @@ import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -143,7 +146,8 @@ def dot(graph: Graph) -> str:
 # ----------------------------------------------------------------------------------------- atomic output
 MARKER = ".mad-build"
 MARKER_TAG = "mad build output, format 1"
-MARKER_TEXT = MARKER_TAG + "\nThis folder was written by `mad build -o`; the next build into it replaces it.\n"
+MARKER_TEXT = MARKER_TAG + ("\nThis folder was written by MAD (`mad build -o`, `mad train` or `mad.save`); MAD "
+                            "replaces it when asked to write here again.\n")
 _TMP_TAG = ".mad-tmp."  # temp names: .<name>.mad-tmp.<pid>.<random>[suffix], beside the output
 
 
@@ -257,14 +261,29 @@ def check_build_target(out: str | Path, flag: str = "-o", checkpoint: bool = Fal
 
 
 def write_atomic_dir(out: str | Path, files: dict[str, str], flag: str = "-o") -> None:
-    """Write files into a temp folder beside `out`, then swap it in: never a half-written build.
+    """Write a build's text files into a temp folder beside `out`, then swap it in: never a half-written
+    build. The rules for `out` are `write_mad_folder`'s, for a build."""
 
-    `out` may be replaced only if it is absent, an empty folder or a folder that `mad build` wrote (it
-    holds the `.mad-build` marker, which every build writes); anything else is a MadError naming `flag`
-    and nothing is touched. Concurrent builds into one folder each either succeed or fail cleanly;
-    temp folders that a killed build left beside `out` are removed by the next build.
+    def write(tmp: Path) -> None:
+        for name, text in files.items():
+            (tmp / name).write_text(text)
+
+    write_mad_folder(out, write, flag)
+
+
+def write_mad_folder(out: str | Path, write, flag: str = "-o", checkpoint: bool = False) -> Path:
+    """Write a MAD folder: `write(tmp)` fills a temp folder beside `out` (the marker is written first), which
+    then replaces `out`.
+
+    `out` may be replaced only if it is absent, an empty folder or a folder MAD wrote (it holds the
+    `.mad-build` marker); a folder holding weights only by a checkpoint (`checkpoint=True`). Anything
+    else is a MadError naming `flag` and nothing is touched. Concurrent writers into one folder each
+    either succeed or fail cleanly; temp folders a killed writer left beside `out` are removed by the
+    next one. Where the system can exchange two folders atomically (Linux), a replaced `out` is never
+    absent, even for a moment.
     """
-    out = check_build_target(out, flag)
+    out = check_build_target(out, flag, checkpoint=checkpoint)
+    what = "checkpoint" if checkpoint else "build"
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -277,16 +296,33 @@ def write_atomic_dir(out: str | Path, files: dict[str, str], flag: str = "-o") -
         raise _out_error(flag, out, f"cannot write in '{parent}': {e.strerror}") from None
     try:
         (tmp / MARKER).write_text(MARKER_TEXT)
-        for name, text in files.items():
-            (tmp / name).write_text(text)
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a build folder is like one mkdir makes
-        _swap_in(tmp, out, flag)
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; a MAD folder is like one mkdir makes
+        if out.is_dir() and _is_build_dir(out) and _rename_exchange(tmp, out):
+            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous folder
+        else:
+            _swap_in(tmp, out, flag)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _out_error(flag, out, f"cannot write the build: {e.strerror or e}") from None
+        raise _out_error(flag, out, f"cannot write the {what}: {e.strerror or e}") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return out
+
+
+def _rename_exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fn = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def _swap_in(tmp: Path, out: Path, flag: str) -> None:

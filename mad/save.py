@@ -21,28 +21,21 @@ system has one), so a crash or a full disk leaves the previous checkpoint as it 
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import inspect
 import json
 import os
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
 import mlx.core as mx
 
 from .errors import MadError
-from .report import MARKER, MARKER_TAG, _clean_stale, _is_build_dir, _out_error, _swap_in, _tmp_prefix, _umask, \
-    check_build_target
+from .report import _is_build_dir, write_mad_folder
 
 CHECKPOINT_FORMAT = "mad-checkpoint"
 CHECKPOINT_VERSION = 1
 MAD_JSON = "mad.json"
-MARKER_TEXT = MARKER_TAG + ("\nThis folder was written by MAD (`mad train`, `mad.save` or `mad build -o`); MAD "
-                            "replaces it when asked to write here again.\n")
 
 
 def is_mad_checkpoint(path: str | Path) -> bool:
@@ -73,20 +66,6 @@ def tokenizer_entry(tokenizer: Any) -> tuple[Optional[str], Optional[str], list[
     return None, None, eos  # a tokenizer MAD cannot write: the folder records none
 
 
-def _rename_exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one atomic step (Linux renameat2 RENAME_EXCHANGE); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fn = libc.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    at_fdcwd, rename_exchange = -100, 2
-    return fn(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     """`dst` as a hard link of `src` (no copy: a corpus cache may be large), else a copy."""
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -97,35 +76,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def write_folder(out: str | Path, write: Callable[[Path], None], flag: str = "-o") -> Path:
-    """Write a MAD folder: `write(tmp)` fills a temp folder beside `out` (the marker is written first), which
-    then replaces `out`. `out` must be absent, empty or a folder MAD wrote (else a MadError naming `flag`,
-    nothing touched). Where the system can exchange two folders atomically (Linux), `out` is never absent."""
-    out = check_build_target(out, flag, checkpoint=True)
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise _out_error(flag, out, f"cannot create the folder '{parent}': {e.strerror}") from None
-    _clean_stale(parent, out.name)
-    try:
-        tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name), dir=parent))
-    except OSError as e:
-        raise _out_error(flag, out, f"cannot write in '{parent}': {e.strerror}") from None
-    try:
-        (tmp / MARKER).write_text(MARKER_TEXT)
-        write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        if out.is_dir() and _is_build_dir(out) and _rename_exchange(tmp, out):
-            shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the previous folder
-        else:
-            _swap_in(tmp, out, flag)
-    except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise _out_error(flag, out, f"cannot write the checkpoint: {e.strerror or e}") from None
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    """Write a MAD checkpoint folder: `write(tmp)` fills it (see `report.write_mad_folder`)."""
+    return write_mad_folder(out, write, flag, checkpoint=True)
 
 
 def write_checkpoint(out: str | Path, model: Any, tokenizer: Any = None, *, extra: Optional[Mapping[str, Any]] = None,

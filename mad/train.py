@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -300,10 +298,10 @@ def train(source: Optional[str | Path], data: str | Path, out: str | Path, confi
     `given`: the settings the user gave explicitly (a resumed run keeps the others' saved values).
     `stop_after`: end after this many steps of this call, saving, as an interruption would leave it (tests).
     """
-    from .data import cached_meta, corpus_key, data_files, open_corpus, tokenise
+    from .data import cached_meta, corpus_key, data_files, tokenise
     from .loading import check_memory, load
     from .report import _clean_stale, _tmp_prefix, check_build_target
-    from .save import is_mad_checkpoint, write_checkpoint
+    from .save import is_mad_checkpoint
     from .tokenizers import ByteTokenizer
 
     echo = echo or (lambda s: None)
@@ -358,7 +356,7 @@ def train(source: Optional[str | Path], data: str | Path, out: str | Path, confi
         _clean_stale(out.parent, out.name)
         staging = Path(tempfile.mkdtemp(prefix=_tmp_prefix(out.name), dir=out.parent))
         from .report import MARKER
-        from .save import MARKER_TEXT
+        from .report import MARKER_TEXT
 
         (staging / MARKER).write_text(MARKER_TEXT)  # a killed run's staging folder is cleaned by the next
         data_dir = staging / "data"

@@ -214,12 +214,8 @@ def test_variant_and_reference_kernels_give_the_same_model_gradients(family):
         assert rel(got[k], want[k]) <= 1e-3, k
 
 
-def test_a_compiled_training_step_traces_once(family):
-    """The MLX idiom: the whole step compiled with the model's and the optimizer's state as its state. (A
-    plain `nn.value_and_grad` step runs the program's Python trace again each step: MLX traces a compiled
-    function again under a transformation.)"""
-    model = load(family)
-    program = model.program
+def count_traces(program) -> list:
+    """The (mode, last_only) of every Python trace of `program`'s forward from now on."""
     traces = []
     original = program._program_fn
 
@@ -228,6 +224,15 @@ def test_a_compiled_training_step_traces_once(family):
         return original(*args, **kwargs)
 
     program._program_fn = counted
+    return traces
+
+
+def test_a_compiled_training_step_traces_once(family):
+    """The MLX idiom: the whole step compiled with the model's and the optimizer's state as its state. (A
+    plain `nn.value_and_grad` step runs the program's Python trace again each step: MLX traces a compiled
+    function again under a transformation.)"""
+    model = load(family)
+    traces = count_traces(model.program)
     opt = optim.AdamW(learning_rate=1e-2)
     state = [model.state, opt.state]
     tokens, targets = batch(model.vocab_size, seed=6)
@@ -268,15 +273,7 @@ def test_parallel_and_chunkwise_gradients_agree(family):
 @pytest.mark.parametrize("fuse", [True, False])
 def test_optimizer_updates_reach_the_compiled_program_without_retracing(family, fuse):
     model = load(family, fuse=fuse)
-    program = model.program
-    traces = []
-    original = program._program_fn
-
-    def counted(*args, **kwargs):
-        traces.append(args[:2])
-        return original(*args, **kwargs)
-
-    program._program_fn = counted
+    traces = count_traces(model.program)
     tokens, targets = batch(model.vocab_size, seed=6)
     opt = optim.AdamW(learning_rate=1e-2)
     step = nn.value_and_grad(model, loss_fn)
@@ -297,6 +294,7 @@ def test_optimizer_updates_reach_the_compiled_program_without_retracing(family, 
     # (milliseconds; a compiled training step avoids it, test_a_compiled_training_step_traces_once), and
     # the one of the plain call after them
     assert len(traces) == 5, traces
+    program = model.program
     if fuse and program._fused:  # and the concatenations follow the members, stored once
         first, fl = next(iter(program._fused.items()))
         module, path, attr, start, stop = program._slots[first][0]
