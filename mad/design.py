@@ -23,7 +23,7 @@ import numpy as np
 
 from .errors import MadError, Source
 from .tasks import PRESETS, TASKS, task_names
-from .train import TrainConfig, make_optimizer
+from .train import TrainConfig, compile_step, make_optimizer
 
 
 @dataclass
@@ -97,23 +97,15 @@ class MaskedStepper:
             m = m.astype(ce.dtype)
             return (ce * m).sum() / mx.maximum(m.sum(), 1.0)
 
-        value_and_grad = nn.value_and_grad(model, loss_fn)
-        state = [model.state, optimizer.state]
-
-        @partial(mx.compile, inputs=state, outputs=state)
-        def step(x: mx.array, y: mx.array, m: mx.array) -> mx.array:
-            loss, grads = value_and_grad(x, y, m)
-            if grad_clip > 0:
-                grads, _ = optim.clip_grad_norm(grads, grad_clip)
-            optimizer.update(model, grads)
-            return loss
+        step, state = compile_step(model, optimizer, grad_clip, loss_fn)
 
         @partial(mx.compile, inputs=state, outputs=state)
         def correct(x: mx.array, y: mx.array, m: mx.array) -> mx.array:
             hit = (forward(x).argmax(axis=-1) == y) & m
             return hit.astype(mx.int32).sum()
 
-        self.step, self.correct = step, correct
+        self.step = lambda x, y, m: step(x, y, m)[0]  # the loss
+        self.correct = correct
 
 
 def run_one(file: Path, task: str, seed: int, cfg: DesignConfig, trust_plugins: bool = False) -> dict:

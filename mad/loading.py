@@ -114,13 +114,7 @@ def load_mad_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str 
                            f"\"{CHECKPOINT_FORMAT}\")", Source(str(folder / MAD_JSON)))
     graph = build_graph(_load_topology(folder / "resolved.yaml", list(overrides), trust_plugins))
     weights, file_dtype = read_safetensors(folder)
-    check_weights(graph, weights, str(folder))
-    if memory_check:
-        check_memory(graph, dtype or file_dtype, str(folder))
-    program = Program(graph, dtype=dtype or file_dtype, compile=compile, fuse=fuse)
-    program.load_weights(weights, where=str(folder))
-    del weights
-    _materialise(program)
+    program = _checked_program(graph, weights, folder, dtype or file_dtype, compile, fuse, memory_check)
     if tokenizer is None:
         kind = meta.get("tokenizer", "tokenizer.json" if (folder / "tokenizer.json").is_file() else None)
         eos = meta.get("eos_token_ids") or []
@@ -187,6 +181,21 @@ def _read_json(file: Path, what: str) -> Any:
         raise MadError(f"cannot parse {what}: nested too deeply", Source(str(file))) from None
     except ValueError as e:
         raise MadError(f"cannot parse {what}: {e}", Source(str(file))) from None
+
+
+def _checked_program(graph, weights: dict, folder: Path, dtype: str, compile: str, fuse, memory_check: bool) -> Program:
+    """A Program holding a checkpoint's weights: names, shapes and dtypes checked against the graph and
+    the memory estimated before any module is built, then loaded and evaluated one array at a time.
+    Consumes `weights` (emptied once loaded, so the checkpoint's arrays are not kept alive beside the
+    program's while they are evaluated)."""
+    check_weights(graph, weights, str(folder))
+    if memory_check:
+        check_memory(graph, dtype, str(folder))
+    program = Program(graph, dtype=dtype, compile=compile, fuse=fuse)
+    program.load_weights(weights, where=str(folder))
+    weights.clear()
+    _materialise(program)
+    return program
 
 
 def _materialise(program: Program) -> None:
@@ -281,13 +290,7 @@ def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "p
     source_names = frozenset(weights)
     with _located(folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder):
         weights = fmt.sanitize(weights, config)
-    check_weights(graph, weights, str(folder))  # names, shapes, dtypes: before any module is built
-    if memory_check:
-        check_memory(graph, dtype or file_dtype, str(folder))
-    program = Program(graph, dtype=dtype or file_dtype, compile=compile, fuse=fuse)
-    program.load_weights(weights, where=str(folder))
-    del weights
-    _materialise(program)
+    program = _checked_program(graph, weights, folder, dtype or file_dtype, compile, fuse, memory_check)
     with _located(config_file):
         if tokenizer is None:
             tokenizer = fmt.tokenizer(folder, config)

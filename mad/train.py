@@ -29,13 +29,13 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map_with_path
 
 from .errors import MadError, Source
+from .graph import MAX_TENSOR
 
 SCHEDULES = ("cosine", "constant")
 TRAIN_DTYPES = ("float32", "bfloat16")
 STATE_FORMAT = "mad-train-state"
 STATE_VERSION = 1
 EVAL_WINDOWS = 64  # held-out windows evaluated at each evaluation (the same ones every time)
-MAX_ELEMENTS = 1 << 36  # the largest tensor MAD allows (README: bounded memory)
 
 
 @dataclass
@@ -134,6 +134,27 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     return optim.AdamW(learning_rate=cfg.lr_at, weight_decay=cfg.weight_decay)
 
 
+def compile_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float,
+                 loss_fn: Callable[..., mx.array]) -> tuple[Callable[..., tuple[mx.array, mx.array]], list]:
+    """One training step as one compiled function: `step(*batch) -> (loss, gradient norm)`: the loss and
+    its gradients, clipping (grad_clip 0: off; the norm is then 0), the optimizer's update. Returns the
+    step and the state it compiles over (the model's and the optimizer's)."""
+    value_and_grad = nn.value_and_grad(model, loss_fn)
+    state = [model.state, optimizer.state]
+
+    @partial(mx.compile, inputs=state, outputs=state)
+    def step(*batch: mx.array) -> tuple[mx.array, mx.array]:
+        loss, grads = value_and_grad(*batch)
+        if grad_clip > 0:
+            grads, norm = optim.clip_grad_norm(grads, grad_clip)
+        else:
+            norm = mx.array(0.0)
+        optimizer.update(model, grads)
+        return loss, norm
+
+    return step, state
+
+
 class Stepper:
     """The compiled training step and the compiled held-out loss of one model and optimizer."""
 
@@ -144,18 +165,7 @@ class Stepper:
         def loss_fn(x: mx.array, y: mx.array) -> mx.array:
             return nn.losses.cross_entropy(forward(x), y, reduction="mean")
 
-        value_and_grad = nn.value_and_grad(self.module, loss_fn)
-        self.state = [self.module.state, optimizer.state]
-
-        @partial(mx.compile, inputs=self.state, outputs=self.state)
-        def step(x: mx.array, y: mx.array) -> tuple[mx.array, mx.array]:
-            loss, grads = value_and_grad(x, y)
-            if grad_clip > 0:
-                grads, norm = optim.clip_grad_norm(grads, grad_clip)
-            else:
-                norm = mx.array(0.0)
-            optimizer.update(self.module, grads)
-            return loss, norm
+        self.step, self.state = compile_step(self.module, optimizer, grad_clip, loss_fn)
 
         # outputs too: running the program may refresh a fused group's concatenated weight (`Program._sync_fused`),
         # which must leave the trace as a real array
@@ -163,7 +173,6 @@ class Stepper:
         def evaluate(x: mx.array, y: mx.array) -> mx.array:
             return nn.losses.cross_entropy(forward(x), y, reduction="sum")
 
-        self.step = step
         self.evaluate = evaluate
 
 
@@ -337,9 +346,9 @@ def train(source: Optional[str | Path], data: str | Path, out: str | Path, confi
     graph = model.program.graph
     if memory_check:  # weights, gradients and AdamW's two moments
         check_memory(graph, cfg.dtype, str(source or out), extra_bytes=3 * graph.param_count() * 4)
-    if cfg.batch * cfg.seq * model.vocab_size > MAX_ELEMENTS:
+    if cfg.batch * cfg.seq * model.vocab_size > MAX_TENSOR:
         raise MadError(f"--batch {cfg.batch} x --seq {cfg.seq} x vocabulary {model.vocab_size} = "
-                       f"{cfg.batch * cfg.seq * model.vocab_size:,} logits, more than the {MAX_ELEMENTS:,} elements "
+                       f"{cfg.batch * cfg.seq * model.vocab_size:,} logits, more than the {MAX_TENSOR:,} elements "
                        "MAD allows in one tensor; lower --batch or --seq")
     limit = getattr(graph, "max_seq", None)
     if limit is not None and cfg.seq > int(limit):
