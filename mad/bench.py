@@ -6,6 +6,11 @@ time of the G decode steps that follow) and peak_memory (GB). Generation is gree
 (the next step is queued before the current token is read), as in `mad.generate`. Without a
 checkpoint the weights are random, so a 7B benchmark needs no download.
 
+`limits` (`mad bench --limits`) measures the device's copy rate and matrix-product rate in the same run
+and prints each figure as a fraction of its limit: a decode step must read every weight (the embedding's
+one row aside) and read and write each sequence's state, so its floor is those bytes over the copy rate; a
+prompt token costs two FLOPs per weight of the products, so prompt reading is capped by the product rate.
+
 `profile` (`mad bench --profile`) adds where a prompt's time goes: each stage compiled and timed on its
 own (`Program.profile`), and those times summed per block type, beside each stage's parameters and
 state bytes, so that a slow stage can be told from a large one.
@@ -84,6 +89,66 @@ def bench(model: LanguageModel, prompt_tokens: int = 512, generation_tokens: int
             "mlx": mx.__version__, "device": str(mx.default_device()), "cpu_blas": cpu.BLAS}
 
 
+def _best_seconds(fn, repeats: int) -> float:
+    """The fastest of `repeats` timed runs of `fn` (evaluated), after one untimed run."""
+    mx.eval(fn())
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        mx.eval(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def device_limits(dtype: mx.Dtype, repeats: int = 3) -> dict:
+    """The copy rate (bytes read + written per second: a compiled `a + 1` over a large float32 array) and the
+    matrix-product rate (FLOP/s of an n x n x n product in `dtype`) of the default device, measured now."""
+    gpu = mx.default_device() == mx.gpu
+    copy_elems = (1 << 28) if gpu else (1 << 24)  # 1 GiB on a GPU, 64 MiB on a CPU: past every cache
+    a = mx.zeros((copy_elems,), mx.float32)
+    add = mx.compile(lambda x: x + 1)
+    copy_s = _best_seconds(lambda: add(a), repeats)
+    del a
+    n = 8192 if gpu else 1024
+    x = mx.random.normal((n, n)).astype(dtype)
+    y = mx.random.normal((n, n)).astype(dtype)
+    mm_s = _best_seconds(lambda: x @ y, repeats)
+    return {"copy_bytes_per_s": 2 * 4 * copy_elems / copy_s, "matmul_flops_per_s": 2 * n ** 3 / mm_s,
+            "matmul_size": n, "matmul_dtype": str(dtype).split(".")[-1]}
+
+
+def step_costs(model: LanguageModel) -> dict:
+    """What the limits are measured against: the weight bytes a decode step reads (all but the embeddings'
+    rows, unless a head reads an embedding's whole matrix), the state bytes per sequence, and the FLOPs of
+    the matrix products per prompt token (2 per weight outside the embeddings)."""
+    from mlx.utils import tree_flatten
+
+    graph = model.program.graph
+    g = graph.g
+    tied = {getattr(g.nodes[n]["spec"], "tie", None) for n in graph.blocks()}
+    lookup = {n for n in graph.blocks() if g.nodes[n].get("block_type") == "embedding" and n not in tied}
+    weight_bytes = lookup_params = 0
+    for name, p in tree_flatten(model.program.root.parameters()):
+        if name.split(".")[0] in lookup or any(name.startswith(n + ".") for n in lookup):
+            lookup_params += p.size
+        else:
+            weight_bytes += p.nbytes
+    return {"weight_bytes": weight_bytes, "state_bytes": graph.state_bytes(),
+            "flops_per_token": 2 * (graph.param_count() - lookup_params)}
+
+
+def limit_fractions(result: dict, limits: dict, costs: dict) -> dict:
+    """Each median figure of a `bench` result as a fraction of the device limit it is bound by."""
+    med, batch = result["medians"], result["batch_size"]
+    out = {}
+    if med["generation_tps"] > 0:  # a step reads the weights once and each sequence's state in and out
+        step_bytes = costs["weight_bytes"] + 2 * batch * costs["state_bytes"]
+        out["decode_bytes_per_step"] = step_bytes
+        out["decode_fraction"] = step_bytes * med["generation_tps"] / batch / limits["copy_bytes_per_s"]
+    out["prefill_fraction"] = med["prompt_tps"] * costs["flops_per_token"] / limits["matmul_flops_per_s"]
+    return out
+
+
 def profile(model: LanguageModel, prompt_tokens: int = 512, batch: int = 1, repeats: int = 3, seed: int = 0) -> dict:
     """Seconds per stage and per block type for a random prompt of `prompt_tokens` tokens (batch `batch`).
 
@@ -113,7 +178,7 @@ def profile(model: LanguageModel, prompt_tokens: int = 512, batch: int = 1, repe
             "block_types": types, "seconds": sum(e["seconds"] for e in stages)}
 
 
-def _size(n: int) -> str:
+def size_text(n: int) -> str:
     """Bytes as B / KB / MB / GB (decimal, as the peak-memory figures)."""
     for unit, scale in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
         if n >= scale:
@@ -134,10 +199,10 @@ def profile_tables(result: dict) -> list[Any]:
         stages.add_column(col, justify=justify)
     for e in result["stages"]:
         kinds = ", ".join(f"{k} x{c}" if c > 1 else k for k, c in e["block_types"].items())
-        stages.add_row(e["stage"], kinds, f"{e['params']:,}", _size(e["state_bytes"]) if e["state_bytes"] else "",
+        stages.add_row(e["stage"], kinds, f"{e['params']:,}", size_text(e["state_bytes"]) if e["state_bytes"] else "",
                        f"{e['seconds'] * 1e3:.3f}", f"{100 * e['seconds'] / total:.1f}")
     state = sum(e["state_bytes"] for e in result["stages"])
-    stages.add_row("total", "", f"{sum(e['params'] for e in result['stages']):,}", _size(state) if state else "",
+    stages.add_row("total", "", f"{sum(e['params'] for e in result['stages']):,}", size_text(state) if state else "",
                    f"{total * 1e3:.3f}", "100.0", style="bold")
     types = Table(title="Time per block type (sum over stages; a mixed stage's time shared by node count)",
                   title_justify="left")
@@ -145,6 +210,6 @@ def profile_tables(result: dict) -> list[Any]:
                          ("state / seq", "right"), ("ms", "right"), ("%", "right")):
         types.add_column(col, justify=justify)
     for kind, t in result["block_types"].items():
-        types.add_row(kind, str(t["nodes"]), f"{t['params']:,}", _size(t["state_bytes"]) if t["state_bytes"] else "",
+        types.add_row(kind, str(t["nodes"]), f"{t['params']:,}", size_text(t["state_bytes"]) if t["state_bytes"] else "",
                       f"{t['seconds'] * 1e3:.3f}", f"{100 * t['seconds'] / total:.1f}")
     return [stages, types]

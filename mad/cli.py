@@ -236,6 +236,8 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
           json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
           profile: bool = typer.Option(False, "--profile", help="also time each stage and block type on a prompt of "
                                        "--prompt-tokens tokens, beside their parameters and state"),
+          limits: bool = typer.Option(False, "--limits", help="also measure the device's copy and matrix-product "
+                                      "rates and print each figure as a fraction of its limit"),
           tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
           trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
           no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
@@ -255,11 +257,11 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
 
     with use_reference(kernels == "reference"):  # the kernel policy for this command only
         _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step, dtype, set_, kernels,
-               json_out, trust_plugins, no_memory_check, profile)
+               json_out, trust_plugins, no_memory_check, profile, limits)
 
 
 def _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step, dtype, set_, kernels,
-           json_out, trust_plugins, no_memory_check, profile=False) -> None:
+           json_out, trust_plugins, no_memory_check, profile=False, limits=False) -> None:
     from .bench import bench as run_bench, profile as run_profile, profile_tables
     from .loading import available_memory, load
 
@@ -273,6 +275,21 @@ def _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefi
                            "--no-memory-check tries anyway")
     result = run_bench(lm, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step,
                        echo=(lambda line: None) if json_out else print)
+    if limits:
+        from .bench import device_limits, limit_fractions, size_text, step_costs
+
+        result["limits"] = device_limits(lm.program.dtype)
+        result["costs"] = step_costs(lm)
+        result["fractions"] = limit_fractions(result, result["limits"], result["costs"])
+        if not json_out:
+            lim, frac = result["limits"], result["fractions"]
+            print(f"Device: copy {lim['copy_bytes_per_s'] / 1e12:.3f} TB/s, matmul {lim['matmul_flops_per_s'] / 1e12:.1f} "
+                  f"TFLOP/s ({lim['matmul_size']}^3 {lim['matmul_dtype']})")
+            if "decode_fraction" in frac:
+                print(f"Decode: {size_text(frac['decode_bytes_per_step'])} a step, median at "
+                      f"{100 * frac['decode_fraction']:.1f}% of the copy rate")
+            print(f"Prompt: {result['costs']['flops_per_token'] / 1e9:.4g} GFLOP a token, median at "
+                  f"{100 * frac['prefill_fraction']:.1f}% of the matmul rate")
     if profile:
         result["profile"] = run_profile(lm, prompt_tokens, batch_size)
         if not json_out:

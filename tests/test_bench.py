@@ -77,3 +77,35 @@ def test_bench_profile(monkeypatch, capsys):
     assert profile["block_types"]["mlstm_cell"]["state_bytes"] == graph.state_bytes()
     assert all(e["seconds"] > 0 for e in profile["stages"])
     assert abs(sum(t["seconds"] for t in profile["block_types"].values()) - profile["seconds"]) < 1e-9
+
+
+@pytest.mark.parametrize("topology, tied", [(TINY, True), ("topologies/xlstm-tiny.yaml", False)])
+def test_bench_limits(monkeypatch, capsys, topology, tied):
+    """--limits: the device rates, and fractions that follow from the medians and the model's sizes: a decode
+    step reads every weight but an untied embedding's (only its rows are read; a tied head reads it all), and
+    a prompt token costs two FLOPs per such weight."""
+    from mad.graph import build_graph
+    from mad.topology import load_topology
+
+    code, out, err = cli(monkeypatch, capsys, "bench", topology, "-p", "6", "-g", "3", "-n", "1", "-b", "2",
+                         "--limits", "--json", "--dtype", "bfloat16")
+    assert code == 0, err
+    result = json.loads(out)
+    graph = build_graph(load_topology(topology))
+    g = graph.g
+    embedding = [n for n in graph.blocks() if g.nodes[n]["block_type"] == "embedding"]
+    vocab, dim = g.nodes[embedding[0]]["spec"].vocab, g.nodes[embedding[0]]["spec"].dim
+    read = graph.param_count() - (0 if tied else vocab * dim)
+    costs, lim, frac, med = result["costs"], result["limits"], result["fractions"], result["medians"]
+    assert costs["weight_bytes"] == 2 * read  # bfloat16
+    assert costs["flops_per_token"] == 2 * read
+    assert costs["state_bytes"] == graph.state_bytes()
+    step = costs["weight_bytes"] + 2 * 2 * costs["state_bytes"]
+    assert frac["decode_bytes_per_step"] == step
+    assert abs(frac["decode_fraction"] - step * med["generation_tps"] / 2 / lim["copy_bytes_per_s"]) < 1e-12
+    assert abs(frac["prefill_fraction"] - med["prompt_tps"] * costs["flops_per_token"] / lim["matmul_flops_per_s"]) < 1e-12
+    assert lim["copy_bytes_per_s"] > 0 and lim["matmul_flops_per_s"] > 0 and lim["matmul_dtype"] == "bfloat16"
+
+    code, out, err = cli(monkeypatch, capsys, "bench", topology, "-p", "4", "-g", "2", "-n", "1", "--limits")
+    assert code == 0, err
+    assert "Device: copy " in out and "% of the copy rate" in out and "% of the matmul rate" in out
