@@ -27,6 +27,7 @@ TF32_HELP = "allow TF32 for float32 matrix products on GPUs that have it (faster
 TRUST_HELP = "import the Python modules a topology's `plugins:` names (runs their code)"
 MEMORY_HELP = "load even if the weights look larger than the available memory"
 TOKENIZER_HELP = "tokenizer.json, or 'bytes' (default: the checkpoint's; bytes for a topology)"
+REVISION_HELP = "branch, tag or commit sha of a Hugging Face repo id (default: main)"
 SAMPLING_FLAGS = {"temp": "--temp", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
                   "repetition_penalty": "--repetition-penalty", "max_tokens": "--max-tokens"}
 
@@ -125,11 +126,12 @@ def _tokenizer_for(path: Path, lm, tok, tokenizer: Optional[str]):
     vocabulary larger than bytes and no tokenizer is an error (no silent fallback)."""
     from .errors import Source
     from .tokenizers import ByteTokenizer
+    from .hub import is_repo_id
     from .loading import is_checkpoint_folder
 
     if tok is not None:
         return tok
-    if is_checkpoint_folder(path) and lm.vocab_size > 256:
+    if (is_checkpoint_folder(path) or is_repo_id(path)) and lm.vocab_size > 256:
         raise MadError(f"the checkpoint has no tokenizer.json and a vocabulary of {lm.vocab_size} ids (bytes cover "
                        "256): pass --tokenizer FILE (a tokenizer.json), or --tokenizer bytes to use raw bytes "
                        "anyway", Source(str(path)))
@@ -165,8 +167,10 @@ def schema() -> None:
 
 
 @app.command()
-def run(source: Optional[Path] = typer.Argument(None, help="topology file, build dir, or checkpoint dir"),
-        model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder (same as SOURCE)"),
+def run(source: Optional[Path] = typer.Argument(None, help="topology file, build dir, checkpoint dir, or Hugging Face "
+                                                "repo id (org/name)"),
+        model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder or repo id (same as SOURCE)"),
+        revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
         prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="prompt text, or - for stdin"),
         prompt_ids: Optional[str] = typer.Option(None, "--prompt-ids", help="comma-separated token ids"),
         prompt_file: Optional[Path] = typer.Option(None, "--prompt-file", help="read the prompt from a file (UTF-8)"),
@@ -190,6 +194,7 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
     import mlx.core as mx
 
     from .generate import print_stats, stream_generate
+    from .hub import check_revision
     from .loading import load, load_state_file, save_state_file
     from .sampling import check_sampling
 
@@ -202,10 +207,11 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
     check_sampling(SAMPLING_FLAGS, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p,
                    repetition_penalty=repetition_penalty, max_tokens=max_tokens)
     _check_state_paths(save_state, load_state)
+    check_revision(revision, "--revision")
     text_or_ids = _read_prompt(prompt, prompt_ids, prompt_file)
     mx.random.seed(seed)
     lm, tok = load(path, dtype=dtype, overrides=set_, tokenizer=tokenizer, trust_plugins=trust_plugins,
-                   memory_check=not no_memory_check)
+                   memory_check=not no_memory_check, revision=revision)
     tok = _tokenizer_for(path, lm, tok, tokenizer)
     state = load_state_file(load_state, lm) if load_state else None
     show_ids = prompt_ids is not None and getattr(tok, "is_bytes", False)  # raw ids in, raw ids out
@@ -436,6 +442,58 @@ def design(files: List[Path] = typer.Argument(..., help="topology files to compa
         print(json.dumps(summary, indent=1))
     else:
         Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(table(summary))
+
+
+@app.command("eval")
+def eval_(source: Optional[Path] = typer.Argument(None, help="checkpoint dir, Hugging Face repo id (org/name), topology "
+                                                 "file or build dir"),
+          model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder or repo id (same as SOURCE)"),
+          data: Path = typer.Option(..., "--data", help="a text file, a folder of text files, or a JSONL file with a "
+                                    "'text' field (UTF-8), as `mad train` reads it"),
+          split: str = typer.Option("held-out", "--split", help="held-out (the last 5%, what `mad train` holds out) "
+                                    "or all"),
+          seq: int = typer.Option(256, "--seq", help="tokens per sequence (use the training's --seq)"),
+          batch: int = typer.Option(8, "--batch", help="sequences per forward call"),
+          max_tokens: Optional[int] = typer.Option(None, "--max-tokens", help="score at most this many tokens"),
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16 (default: the "
+                                              "checkpoint's)"),
+          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+          revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
+          json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
+          device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
+          tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
+          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
+          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+    """Held-out loss (nats/token), perplexity and tokens/s of a model on text, e.g. a quantized model against bf16."""
+    from .data import data_files
+    from .evaluate import SPLITS, check_settings, evaluate_data
+    from .hub import check_revision
+    from .loading import load
+
+    _setup(device, tf32=tf32)
+    path = model or source
+    if path is None:
+        raise MadError("give a checkpoint folder, a Hugging Face repo id or a topology file (SOURCE or --model)")
+    _check_dtype(dtype)
+    if split not in SPLITS:
+        raise MadError(f"--split must be {' or '.join(SPLITS)}, got '{split}'")
+    check_settings(None, seq, batch, max_tokens)
+    check_revision(revision, "--revision")
+    data_files(data)  # a missing --data fails before the model is loaded
+    lm, tok = load(path, dtype=dtype, tokenizer=tokenizer, trust_plugins=trust_plugins,
+                   memory_check=not no_memory_check, revision=revision)
+    tok = _tokenizer_for(path, lm, tok, tokenizer)
+    result = evaluate_data(lm, data, tok, seq=seq, batch=batch, max_tokens=max_tokens, split=split)
+    result.update(model=str(path), data=str(data))
+    if json_out:
+        print(json.dumps(result, indent=1))
+        return
+    ppl = "beyond float range" if result["perplexity"] is None else f"{result['perplexity']:.4f}"
+    bpb = "" if result["bits_per_byte"] is None else f", {result['bits_per_byte']:.4f} bits per byte"
+    print(f"{split}: {result['tokens']:,} tokens ({result['windows']:,} sequences of {seq}) of {data} "
+          f"({result['corpus_tokens']:,} tokens in all)")
+    print(f"Loss: {result['loss']:.4f} nats/token, perplexity {ppl}{bpb}")
+    print(f"Speed: {result['tokens_per_sec']:,.0f} tokens/s ({result['seconds']:.2f} s, {result['dtype']})")
 
 
 def main() -> None:

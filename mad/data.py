@@ -244,8 +244,17 @@ class Corpus:
         """The held-out windows (at most `max_windows`, in order) as batches of up to `batch` rows."""
         held = self.held
         n = min((len(held) - 1) // self.seq if len(held) > 1 else 0, max_windows)
-        rows = [held[k * self.seq:k * self.seq + self.seq + 1] for k in range(n)]
-        return [np.stack(rows[i:i + batch]).astype(np.int32) for i in range(0, n, batch)]
+        return list(iter_windows(held, self.seq, batch, n))
+
+
+def iter_windows(tokens: np.ndarray, seq: int, batch: int, count: int) -> Iterator[np.ndarray]:
+    """The first `count` windows `tokens[k * seq : k * seq + seq + 1]` (k = 0, 1, ...: each window's last
+    token is the next one's first) as int32 batches of up to `batch` rows, each read from `tokens` (a
+    memmap) only when it is needed."""
+    for first in range(0, count, batch):
+        rows = min(batch, count - first)
+        span = tokens[first * seq:(first + rows) * seq + 1]
+        yield np.lib.stride_tricks.sliding_window_view(span, seq + 1)[::seq].astype(np.int32)
 
 
 def open_corpus(folder: Path, meta: dict, seq: int, seed: int, where: str) -> Corpus:

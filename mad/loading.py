@@ -32,9 +32,14 @@ def _load_topology(file: Path, overrides: list[str], trust_plugins: bool):
     return load_topology(file, list(overrides), trust_plugins=bool(trust_plugins))
 
 
-def _check_load_args(path: Any, dtype: Any, overrides: Any, compile: Any, fuse: Any, tokenizer: Any) -> Path:
+def _check_load_args(path: Any, dtype: Any, overrides: Any, compile: Any, fuse: Any, tokenizer: Any,
+                     revision: Any = None) -> None:
+    from .hub import check_revision
+
     if not isinstance(path, (str, os.PathLike)):
-        raise MadError(f"path must be a file or folder name, got {type(path).__name__}")
+        raise MadError(f"path must be a file or folder name or a Hugging Face repository id, got "
+                       f"{type(path).__name__}")
+    check_revision(revision)
     if dtype is not None and not isinstance(dtype, mx.Dtype):
         dtype_of(dtype)  # a MadError naming the choices
     if isinstance(overrides, (str, bytes)) or not all(isinstance(o, str) for o in overrides):
@@ -45,36 +50,44 @@ def _check_load_args(path: Any, dtype: Any, overrides: Any, compile: Any, fuse: 
         raise MadError(f"fuse must be True, False or 'auto', got {fuse!r}")
     if tokenizer is not None and not isinstance(tokenizer, (str, os.PathLike)) and not hasattr(tokenizer, "encode"):
         raise MadError(f"tokenizer must be 'bytes', a tokenizer.json file or a tokenizer, got {tokenizer!r}")
-    return Path(path)
 
 
 def load(path: str | Path, dtype: Optional[str] = None, overrides: list[str] = (),
          compile: str = "program", fuse: bool | str = "auto", *, tokenizer: Any = None,
-         trust_plugins: bool = False, memory_check: bool = True) -> tuple[LanguageModel, Any]:
-    """Load a model from a topology file, a `mad build` folder or a checkpoint folder.
+         trust_plugins: bool = False, memory_check: bool = True,
+         revision: Optional[str] = None) -> tuple[LanguageModel, Any]:
+    """Load a model from a topology file, a `mad build` folder, a checkpoint folder, or a Hugging Face
+    repository id (`org/name`, when no such path exists; see `mad.hub`).
 
     Returns (model, tokenizer). `tokenizer`: None (the checkpoint's `tokenizer.json`; None when there is
     none, and for topologies), "bytes" (the byte tokenizer), a `tokenizer.json` path, or a tokenizer
     object. `overrides` (`--set`) apply to checkpoint folders too, after the format's own: what contradicts
     the weights fails with the weight-shape errors. `trust_plugins`: import the `plugins:` a topology
     names (off: such a file is an error). `memory_check`: refuse (MadError) a model whose weights clearly
-    do not fit in the available memory, before anything is materialised.
+    do not fit in the available memory, before anything is materialised. `revision`: the branch, tag or
+    commit sha of a repository (default: main); files already in the Hugging Face cache are not fetched
+    again, and `HF_HUB_OFFLINE=1` reads the cache only.
     """
-    path = _check_load_args(path, dtype, overrides, compile, fuse, tokenizer)
+    from .hub import is_repo_id, resolve
+
+    _check_load_args(path, dtype, overrides, compile, fuse, tokenizer, revision)
     tok = tokenizer_of(tokenizer)
+    from_hub = is_repo_id(path)
+    path = resolve(path, revision)  # the path as given, or the repository's snapshot folder in the cache
     if path.is_file():
         model = _fresh(path, dtype, overrides, compile, fuse, trust_plugins, memory_check)
         model.tokenizer = tok
         return model, tok
-    if _is_mad_checkpoint(path):  # what `mad train` / `mad.save` wrote: the resolved topology and its weights
+    # what `mad train` / `mad.save` wrote: the resolved topology and its weights (in the Hugging Face cache,
+    # every file, MAD's marker too, is a link into the cache's blobs, which `_is_mad_checkpoint` refuses)
+    if _is_mad_checkpoint(path) or (from_hub and (path / "resolved.yaml").is_file()
+                                    and (path / "model.safetensors").is_file()):
         return load_mad_checkpoint(path, dtype, compile, fuse, overrides=overrides, trust_plugins=trust_plugins,
                                    memory_check=memory_check, tokenizer=tok)
     if path.is_dir() and (path / "resolved.yaml").is_file() and not (path / "config.json").exists():
         model = _fresh(path / "resolved.yaml", dtype, overrides, compile, fuse, trust_plugins, memory_check)
         model.tokenizer = tok
         return model, tok
-    if not path.exists():
-        raise MadError(f"no such file or folder: {path}")
     if not path.is_dir():
         raise MadError(f"{path} is not a topology file or a model folder", Source(str(path)))
     model, own = load_checkpoint(path, dtype, compile, fuse, overrides=overrides, trust_plugins=trust_plugins,

@@ -166,14 +166,22 @@ class Stepper:
             return nn.losses.cross_entropy(forward(x), y, reduction="mean")
 
         self.step, self.state = compile_step(self.module, optimizer, grad_clip, loss_fn)
+        self.evaluate = compile_eval(model)
 
-        # outputs too: running the program may refresh a fused group's concatenated weight (`Program._sync_fused`),
-        # which must leave the trace as a real array
-        @partial(mx.compile, inputs=self.state, outputs=self.state)
-        def evaluate(x: mx.array, y: mx.array) -> mx.array:
-            return nn.losses.cross_entropy(forward(x), y, reduction="sum")
 
-        self.evaluate = evaluate
+def compile_eval(model: Any) -> Callable[[mx.array, mx.array], mx.array]:
+    """The summed next-token cross-entropy of a batch, `evaluate(x, y)`, as one compiled function (no
+    gradients): held-out losses in `mad train` and `mad eval`."""
+    module, forward = trainable(model)
+    state = [module.state]
+
+    # outputs too: running the program may refresh a fused group's concatenated weight (`Program._sync_fused`),
+    # which must leave the trace as a real array
+    @partial(mx.compile, inputs=state, outputs=state)
+    def evaluate(x: mx.array, y: mx.array) -> mx.array:
+        return nn.losses.cross_entropy(forward(x), y, reduction="sum")
+
+    return evaluate
 
 
 # ----------------------------------------------------------------------------------------- state files
@@ -494,7 +502,7 @@ def _run(model, tok, cfg: TrainConfig, out: Path, data_dir: Path, meta: dict, sa
                         f.write(json.dumps(record) + "\n")
                 raise MadError(f"step {n}: the loss is {value} (not finite); training stopped and {kept}. A smaller "
                                f"--lr, a --grad-clip, more --warmup or float32 may help")
-            if cfg.eval_every and (n % cfg.eval_every == 0 or n == cfg.steps):
+            if (cfg.eval_every and n % cfg.eval_every == 0) or n == cfg.steps:  # 0: at the end only
                 last_eval = eval_loss()
                 if last_eval is not None:
                     record["eval_loss"] = last_eval
