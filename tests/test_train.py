@@ -99,6 +99,14 @@ def test_resume_is_exact_after_an_interruption_cosine(corpus, tmp_path):
         assert mx.array_equal(wa[k], wb[k]).item(), k
 
 
+def test_eval_every_zero_evaluates_at_the_end_only(corpus, tmp_path):
+    """--eval-every 0: one held-out loss, on the last step's record (the flag's help: "0: at the end only")."""
+    out = tmp_path / "run"
+    run(TINY, corpus, out, steps=4, eval_every=0)
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "eval_loss" in r] == [4]
+
+
 def test_save_load_round_trip(tmp_path):
     model, tok = mad.load(XTINY)
     mad.save(model, tmp_path / "ck")
