@@ -17,11 +17,17 @@ recall, memorization and compression inputs are mad-lab's for the same Generator
     state at the compression token; a causal language model has no decoder, so here the sequence (mad-lab's
     input, ending in the compression token) is followed by T - 2 more compression tokens, and the model
     must emit x_1 .. x_{T-1} from the compression token on: recall through the recurrent state alone.
+Multi-query associative recall (`mqar`; Arora et al. 2023, Zoology `multiquery_ar`, the xLSTM paper's MQAR):
+key-value pairs, then every key once more as a query among random tokens; drawn with the task's Generator
+instead of numpy's global seed.
 Formal languages (Beck et al. 2024, xLSTM, Fig. 4 / Deletang et al. 2023, "Neural Networks and the Chomsky
 Hierarchy"), on which sLSTM (state tracking) and mLSTM differ:
-  * parity: bits b_1..b_L (tokens 0/1), L uniform in [min_len, seq_len - 1], left-padded with PAD, then a
-    query token; scored: the query position, target sum(b) mod 2 (token 0 or 1);
+  * parity: bits b_1..b_L (tokens 0/1), L uniform in [min_len, max_len], then a QUERY token, then PAD to
+    seq_len; scored: the QUERY position, target sum(b) mod 2 (token 0 or 1). NX-AI's generator
+    (experiments/data/formal_language) reads the answer at the last bit instead, one step earlier;
   * majority: the same layout; L odd; target the more frequent bit (a counting task).
+The xLSTM paper trains on lengths 3..40 and tests on 40..256 (length generalisation): each task has
+held-out settings of its own (`Task.test`).
 """
 
 from __future__ import annotations
@@ -201,6 +207,41 @@ def fuzzy_in_context_recall(seed: Any, n: int, seq_len: int = 128, vocab_size: i
                    for _ in range(n)])
 
 
+def mqar(seed: Any, n: int, seq_len: int = 256, vocab_size: int = 8192, *, num_kv_pairs: int = 16,
+         power_a: float = 0.01, train: bool = False):
+    """Multi-query associative recall (Zoology, Arora et al. 2023, `multiquery_ar`; the xLSTM paper's MQAR):
+    num_kv_pairs distinct keys (1..V/2-1) with distinct values (V/2..V-1), then each key once more as a
+    query, at gaps drawn with p(g) ~ g^(power_a - 1), the other positions random tokens; scored: every
+    query, target the value stored with its key. T = seq_len."""
+    c = num_kv_pairs
+    _check(seq_len % 2 == 0 and c >= 1 and 4 * c <= seq_len, f"mqar: needs an even seq_len >= 4 * num_kv_pairs, got "
+           f"seq_len {seq_len}, num_kv_pairs {c}")
+    _check(vocab_size > seq_len and vocab_size // 2 - 1 >= c, f"mqar: needs vocab_size > seq_len and >= "
+           f"2 * (num_kv_pairs + 1), got {vocab_size}")
+    rng = _rng(seed)
+    half, context, space = vocab_size // 2, 2 * c, (seq_len - 2 * c) // 2
+    p = power_a * np.arange(1, space + 1) ** (power_a - 1)
+    p = p / p.sum()
+    inputs = np.zeros((n, seq_len), np.int32)
+    targets = np.zeros((n, seq_len), np.int32)
+    mask = np.zeros((n, seq_len), bool)
+    for i in range(n):
+        keys = rng.choice(np.arange(1, half), size=c, replace=False)
+        values = rng.choice(np.arange(half, vocab_size), size=c, replace=False)
+        gaps = rng.choice(space, size=c, replace=False, p=p)
+        row = np.zeros(seq_len + 1, np.int64)
+        row[0:context:2], row[1:context:2] = keys, values
+        row[context + 2 * gaps] = keys
+        noise = rng.integers(0, vocab_size, seq_len + 1)
+        is_query = np.zeros(seq_len + 1, bool)
+        is_query[:context] = True
+        is_query[context + 2 * gaps] = True
+        inputs[i] = np.where(is_query, row, noise)[:-1]  # Zoology: random tokens where no key, value or query
+        targets[i, context + 2 * gaps] = values           # predicted at the query: the next position's label
+        mask[i, context + 2 * gaps] = True
+    return inputs, targets, mask
+
+
 # ----------------------------------------------------------------------------------------- memorization
 KV_MAP_SEED = 12345  # mad-lab MADConfig.seed, which fixes the memorization map for every data seed
 
@@ -279,38 +320,45 @@ def selective_copying(seed: Any, n: int, seq_len: int = 256, vocab_size: int = 1
 
 
 # ----------------------------------------------------------------------------------------- formal languages
-def _formal(seed: Any, n: int, seq_len: int, min_len: int, odd: bool, label: Callable[[np.ndarray], int], what: str):
-    _check(1 <= min_len <= seq_len - 1, f"{what}: needs 1 <= min_len <= seq_len - 1, got {min_len}, {seq_len}")
-    lengths = np.arange(min_len, seq_len)
+def _formal(seed: Any, n: int, seq_len: int, min_len: int, max_len: Any, odd: bool,
+            label: Callable[[np.ndarray, np.ndarray], np.ndarray], what: str):
+    """Bit strings of a length uniform in [min_len, max_len] (odd lengths only if `odd`), each followed by
+    QUERY and right-padded with PAD to seq_len; scored: the QUERY position, target label(bits zero-padded
+    to seq_len, lengths) per row."""
+    max_len = seq_len - 1 if max_len is None else max_len
+    _check(isinstance(min_len, int) and isinstance(max_len, int) and 1 <= min_len <= max_len <= seq_len - 1,
+           f"{what}: needs 1 <= min_len <= max_len <= seq_len - 1, got min_len {min_len}, max_len {max_len}, "
+           f"seq_len {seq_len}")
+    lengths = np.arange(min_len, max_len + 1)
     if odd:
         lengths = lengths[lengths % 2 == 1]
-        _check(len(lengths) > 0, f"{what}: no odd length in [{min_len}, {seq_len - 1}]")
+        _check(len(lengths) > 0, f"{what}: no odd length in [{min_len}, {max_len}]")
     pad, query = 2, 3
     rng = _rng(seed)
-    inputs = np.full((n, seq_len), pad, np.int32)
-    targets = np.zeros((n, seq_len), np.int32)
-    mask = np.zeros((n, seq_len), bool)
-    for i in range(n):
-        length = int(rng.choice(lengths))
-        bits = rng.integers(0, 2, length)
-        inputs[i, seq_len - 1 - length: seq_len - 1] = bits
-        inputs[i, -1] = query
-        targets[i, -1] = label(bits)
-        mask[i, -1] = True
+    length = rng.choice(lengths, n)
+    bits = rng.integers(0, 2, (n, seq_len)).astype(np.int32)
+    pos = np.arange(seq_len)
+    inputs = np.where(pos < length[:, None], bits, pad).astype(np.int32)
+    mask = pos == length[:, None]
+    inputs[mask] = query
+    targets = np.where(mask, label(np.where(pos < length[:, None], bits, 0), length)[:, None], 0).astype(np.int32)
     return inputs, targets, mask
 
 
-def parity(seed: Any, n: int, seq_len: int = 41, vocab_size: int = 4, *, min_len: int = 3, train: bool = False):
-    """Parity (xLSTM / Deletang et al.): bits (0/1) of a length uniform in [min_len, seq_len - 1], left-padded
-    with PAD (2), then QUERY (3); scored: the query position, target the parity of the bits. T = seq_len."""
+def parity(seed: Any, n: int, seq_len: int = 41, vocab_size: int = 4, *, min_len: int = 3, max_len: Any = None,
+           train: bool = False):
+    """Parity (xLSTM / Deletang et al.): bits (tokens 0/1) of a length uniform in [min_len, max_len]
+    (default seq_len - 1), then QUERY (3), then PAD (2) to seq_len; scored: the QUERY position, target the
+    parity of the bits (0 or 1). T = seq_len."""
     _check(vocab_size == 4, f"parity: vocab_size is 4 (0, 1, PAD, QUERY), got {vocab_size}")
-    return _formal(seed, n, seq_len, min_len, False, lambda b: int(b.sum() % 2), "parity")
+    return _formal(seed, n, seq_len, min_len, max_len, False, lambda b, n: b.sum(axis=1) % 2, "parity")
 
 
-def majority(seed: Any, n: int, seq_len: int = 41, vocab_size: int = 4, *, min_len: int = 3, train: bool = False):
+def majority(seed: Any, n: int, seq_len: int = 41, vocab_size: int = 4, *, min_len: int = 3, max_len: Any = None,
+             train: bool = False):
     """Majority (binary; xLSTM / Deletang et al.): like parity, odd lengths; target the more frequent bit."""
     _check(vocab_size == 4, f"majority: vocab_size is 4 (0, 1, PAD, QUERY), got {vocab_size}")
-    return _formal(seed, n, seq_len, min_len, True, lambda b: int(2 * b.sum() > len(b)), "majority")
+    return _formal(seed, n, seq_len, min_len, max_len, True, lambda b, n: 2 * b.sum(axis=1) > n, "majority")
 
 
 # ----------------------------------------------------------------------------------------- the registry
@@ -318,18 +366,29 @@ def majority(seed: Any, n: int, seq_len: int = 41, vocab_size: int = 4, *, min_l
 class Task:
     name: str
     make: Callable[..., tuple[np.ndarray, np.ndarray, np.ndarray]]
-    default: dict  # the source's settings (mad-lab baseline; xLSTM: train lengths up to 40)
+    default: dict  # the source's settings (mad-lab baseline; xLSTM: train lengths 3..40)
     small: dict = field(default_factory=dict)  # the `small` preset: a 2-core CPU in minutes
     num_train: tuple[int, int] = (12_800, 2_048)  # training sequences (default, small)
     num_test: tuple[int, int] = (1_280, 256)
+    test: tuple[dict, dict] = ({}, {})  # held-out settings where they differ from training's (default, small)
+    lengths: bool = False  # takes min_len / max_len (bit-string lengths): `mad design --train-len/--test-len`
 
     def settings(self, preset: str) -> dict:
         return dict(self.default, **(self.small if preset == "small" else {}))
+
+    def test_settings(self, preset: str) -> dict:
+        return dict(self.settings(preset), **self.test[preset == "small"])
 
     def vocab(self, preset: str) -> int:
         return int(self.settings(preset)["vocab_size"])
 
 
+# xLSTM (Fig. 4, NX-AI experiments/parity_*.yaml): trained on lengths 3..40, tested on 40..256
+_FORMAL = {"seq_len": 41, "vocab_size": 4, "min_len": 3}
+_FORMAL_TEST = {"seq_len": 257, "min_len": 40}
+_FORMAL_SMALL, _FORMAL_SMALL_TEST = {"seq_len": 13}, {"seq_len": 41, "min_len": 13}  # train 3..12, test 13..40
+# many strings (NX-AI generates 5.12M): a fixed set small enough to memorise would not test the rule
+_FORMAL_SIZES = {"num_train": (131_072, 32_768), "num_test": (1_280, 512), "lengths": True}
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("in-context-recall", in_context_recall, {"seq_len": 128, "vocab_size": 16}, {"seq_len": 64}),
     Task("fuzzy-in-context-recall", fuzzy_in_context_recall,
@@ -341,8 +400,10 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("compression", compression, {"seq_len": 32, "vocab_size": 16}, {"seq_len": 16}),
     Task("memorization", memorization, {"seq_len": 32, "vocab_size": 256}, {"vocab_size": 64},
          num_train=(256, 256)),
-    Task("parity", parity, {"seq_len": 41, "vocab_size": 4, "min_len": 3}, {"seq_len": 21}),
-    Task("majority", majority, {"seq_len": 41, "vocab_size": 4, "min_len": 3}, {"seq_len": 21}),
+    Task("mqar", mqar, {"seq_len": 256, "vocab_size": 8192, "num_kv_pairs": 16},
+         {"seq_len": 128, "vocab_size": 256, "num_kv_pairs": 16}),
+    Task("parity", parity, _FORMAL, _FORMAL_SMALL, test=(_FORMAL_TEST, _FORMAL_SMALL_TEST), **_FORMAL_SIZES),
+    Task("majority", majority, _FORMAL, _FORMAL_SMALL, test=(_FORMAL_TEST, _FORMAL_SMALL_TEST), **_FORMAL_SIZES),
 )}
 PRESETS = ("small", "mad")
 

@@ -1,16 +1,17 @@
 """`mad design` and `mad.tasks`: deterministic generators with the documented shapes and masks, hand-checked
-answers, an end-to-end run on tiny settings, and bad inputs (exit 2)."""
+answers, an end-to-end run on tiny settings, the SVG chart, and bad inputs (exit 2)."""
 
 from __future__ import annotations
 
 import json
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from mad import tasks as T
-from mad.design import DesignConfig, design
+from mad.design import PLOT_MARK, DesignConfig, design, parse_lengths, table, task_settings
 from mad.errors import MadError
 
 from yaml_files import cli
@@ -27,6 +28,7 @@ SHAPES = {
     "selective-copying": lambda s: s["seq_len"],
     "compression": lambda s: 2 * s["seq_len"] - 2,
     "memorization": lambda s: s["seq_len"],
+    "mqar": lambda s: s["seq_len"],
     "parity": lambda s: s["seq_len"],
     "majority": lambda s: s["seq_len"],
 }
@@ -54,15 +56,51 @@ def test_generators_deterministic_shapes(name: str, train: bool) -> None:
 
 def test_parity_and_majority_labels() -> None:
     x, y, m = T.parity(0, 200, 21)
-    assert (m[:, -1]).all() and m.sum() == 200 and (x[:, -1] == 3).all()
-    for row, label in zip(x, y[:, -1]):
-        bits = row[:-1][row[:-1] != 2]
-        assert 3 <= len(bits) <= 20 and set(bits.tolist()) <= {0, 1}
-        assert label == bits.sum() % 2
+    assert m.sum() == 200 and (m.sum(axis=1) == 1).all()
+    for row, label, msk in zip(x, y, m):
+        q = int(np.flatnonzero(msk)[0])  # bits, QUERY (3), then PAD (2) to the end
+        bits = row[:q]
+        assert 3 <= len(bits) <= 20 and set(bits.tolist()) <= {0, 1} and row[q] == 3 and (row[q + 1:] == 2).all()
+        assert label[q] == sum(int(b) for b in bits) % 2
     x, y, m = T.majority(0, 200, 21)
-    for row, label in zip(x, y[:, -1]):
-        bits = row[:-1][row[:-1] != 2]
-        assert len(bits) % 2 == 1 and label == int(bits.sum() > len(bits) / 2)
+    for row, label, msk in zip(x, y, m):
+        q = int(np.flatnonzero(msk)[0])
+        ones = int(row[:q].sum())
+        assert q % 2 == 1 and label[q] == (1 if ones > q - ones else 0)
+    # lengths: min_len..max_len, padded to seq_len
+    x, y, m = T.parity(1, 300, 41, min_len=13, max_len=40)
+    q = m.argmax(axis=1)
+    assert q.min() == 13 and q.max() == 40 and x.shape == (300, 41)
+    assert T.parity(2, 50, 9, max_len=4)[2].argmax(axis=1).max() <= 4
+
+
+def test_length_settings() -> None:
+    """Training and held-out lengths of the formal tasks: the preset's, or --train-len / --test-len."""
+    cfg = DesignConfig(preset="small")
+    train, test = task_settings("parity", cfg)
+    assert (train["min_len"], train["seq_len"]) == (3, 13) and (test["min_len"], test["seq_len"]) == (13, 41)
+    train, test = task_settings("parity", DesignConfig(preset="mad"))
+    assert (train["min_len"], train["seq_len"]) == (3, 41) and (test["min_len"], test["seq_len"]) == (40, 257)
+    train, test = task_settings("majority", DesignConfig(train_len=(2, 7), test_len=(8, 30)))
+    assert (train["min_len"], train["max_len"], train["seq_len"]) == (2, 7, 8)
+    assert (test["min_len"], test["max_len"], test["seq_len"]) == (8, 30, 31)
+    assert task_settings("compression", DesignConfig(train_len=(2, 7)))[0] == T.TASKS["compression"].settings("small")
+    assert parse_lengths("3:40", "--x") == (3, 40) and parse_lengths("12", "--x") == (12, 12)
+
+
+def test_mqar_answers() -> None:
+    """Every key once in the context with its value, then once as a query; the target is that value."""
+    x, y, m = T.mqar(5, 40, 64, 128, num_kv_pairs=8)
+    assert x.shape == (40, 64) and (m.sum(axis=1) == 8).all()
+    for row, tgt, msk in zip(x, y, m):
+        keys, values = row[0:16:2], row[1:16:2]
+        assert len(set(keys.tolist())) == 8 and len(set(values.tolist())) == 8
+        assert ((keys >= 1) & (keys < 64)).all() and ((values >= 64) & (values < 128)).all()
+        stored = dict(zip(keys.tolist(), values.tolist()))
+        queries = np.flatnonzero(msk)
+        assert (queries >= 16).all() and ((queries - 16) % 2 == 0).all()
+        assert sorted(row[queries].tolist()) == sorted(keys.tolist())
+        assert all(tgt[q] == stored[int(row[q])] for q in queries)
 
 
 def test_recall_answers_are_stored_values() -> None:
@@ -101,24 +139,72 @@ def test_copying_compression_memorization_targets() -> None:
     assert np.array_equal(T.memorization(5, 2, 32, 64)[1][m[:2]] >= 31, np.ones(32, bool))
 
 
-def test_design_end_to_end(monkeypatch, capsys) -> None:
+def test_design_end_to_end(monkeypatch, capsys, tmp_path: Path) -> None:
     code, out, err = cli(monkeypatch, capsys, "design", MLSTM, "--task", "parity,compression", "--steps", "5")
     assert code == 0, err
     assert "parity" in out and "compression" in out and "design-mlstm.yaml" in out and "±" in out
-    code, out, err = cli(monkeypatch, capsys, "design", SLSTM, "--task", "majority", "--steps", "5", "--seeds", "2",
-                         "--json")
+    assert "(train 3..12, test 13..40)" in out and "at train lengths" in err
+    plot = tmp_path / "acc.svg"
+    code, out, err = cli(monkeypatch, capsys, "design", SLSTM, MLSTM, "--task", "majority", "--steps", "5",
+                         "--seeds", "2", "--train-len", "3:7", "--test-len", "9:15", "--json", "-o", plot)
     assert code == 0, err
     summary = json.loads(out)
-    (r,) = summary["results"]
-    assert r["task"] == "majority" and len(r["accuracies"]) == 2 and 0 <= r["mean"] <= 1
-    assert summary["tasks"]["majority"]["vocab_size"] == 4
+    assert [(Path(r["topology"]).name, r["task"]) for r in summary["results"]] == [
+        ("design-slstm.yaml", "majority"), ("design-mlstm.yaml", "majority")]
+    r = summary["results"][0]
+    assert len(r["accuracies"]) == 2 and 0 <= r["mean"] <= 1 and len(r["in_dist_accuracies"]) == 2
+    assert r["mean"] == pytest.approx(np.mean(r["accuracies"])) and r["std"] == pytest.approx(np.std(r["accuracies"]))
+    majority = summary["tasks"]["majority"]
+    assert majority["train"]["vocab_size"] == 4 and (majority["train"]["max_len"], majority["test"]["min_len"]) == (7, 9)
+    check_chart(plot.read_text(), summary)
+    # the chart is MAD's own: a second run replaces it
+    code, out, err = cli(monkeypatch, capsys, "design", MLSTM, "--task", "compression", "--steps", "2", "-o", plot)
+    assert code == 0, err
+    assert plot.read_text().count("<circle") == 1
+
+
+def check_chart(svg: str, summary: dict) -> None:
+    """The chart against the summary: one dot per topology and task at its mean accuracy (the y axis runs
+    from 0 at the bottom to 1 at the top of the plot area), a bar of ± std, a legend entry per topology."""
+    assert PLOT_MARK in svg
+    root = ET.fromstring(svg)
+    ns = "{http://www.w3.org/2000/svg}"
+    circles = root.findall(f"{ns}circle")
+    assert len(circles) == len(summary["results"])
+    axis = [e for e in root.findall(f"{ns}line") if e.get("stroke") == "black"]
+    bottom, top = float(axis[1].get("y2")), float(axis[1].get("y1"))  # the y axis: (ml, mt) to (ml, h - mb)
+    ys = sorted(float(c.get("cy")) for c in circles)
+    want = sorted(bottom - r["mean"] * (bottom - top) for r in summary["results"])
+    assert ys == pytest.approx(want, abs=0.06)
+    bars = [e for e in root.findall(f"{ns}line") if e.get("stroke") not in ("black", "#ddd")]
+    spans = sorted(abs(float(b.get("y2")) - float(b.get("y1"))) for b in bars)
+    assert spans == pytest.approx(sorted(2 * r["std"] * (bottom - top) for r in summary["results"] if r["std"] > 0),
+                                  abs=0.11)
+    texts = [t.text for t in root.findall(f"{ns}text")]
+    assert all(Path(r["topology"]).name in texts for r in summary["results"])
+
+
+def test_table_marks_diverged_runs() -> None:
+    from rich.console import Console
+
+    summary = {"steps": 1, "seeds": 2, "preset": "small", "tasks": {"compression": {"train": {}, "test": {}}},
+               "results": [{"topology": "a/x.yaml", "task": "compression", "mean": 0.5, "std": 0.1,
+                            "final_losses": [1.0, float("nan")]},
+                           {"topology": "b/x.yaml", "task": "compression", "mean": 0.25, "std": 0.0,
+                            "final_losses": [1.0, 2.0]}]}
+    console = Console(width=200, record=True)
+    console.print(table(summary))
+    text = console.export_text()
+    assert "0.500 ± 0.100 (NaN)" in text and "0.250 ± 0.000" in text and "0.250 ± 0.000 (NaN)" not in text
+    assert "a/x.yaml" in text and "b/x.yaml" in text  # two files of one name: their paths
 
 
 def test_design_repeatable() -> None:
     cfg = DesignConfig(steps=3)
-    a = design([MLSTM], "parity", cfg)["results"][0]
-    b = design([MLSTM], "parity", cfg)["results"][0]
-    assert a["accuracies"] == b["accuracies"] and a["final_losses"] == b["final_losses"]
+    a = design([MLSTM], "parity,compression", cfg)["results"]
+    b = design([MLSTM], "parity,compression", cfg)["results"]
+    assert [(r["accuracies"], r["final_losses"]) for r in a] == [(r["accuracies"], r["final_losses"]) for r in b]
+    assert "in_dist_accuracies" in a[0] and "in_dist_accuracies" not in a[1]  # compression: one held-out set
 
 
 NOT_LM = """mad: 1
@@ -137,6 +223,12 @@ outputs: {y: norm}
     (["--steps", "0"], "--steps must be an integer >= 1"),
     (["--seeds", "0"], "--seeds must be an integer >= 1"),
     (["--preset", "huge"], "--preset must be"),
+    (["--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    (["--train-len", "5:3"], "--train-len must be MIN:MAX"),
+    (["--test-len", "0:4"], "--test-len must be MIN:MAX"),
+    (["--test-len", "a:b"], "--test-len must be MIN:MAX"),
+    (["--train-len", "3:99999"], "--train-len must be MIN:MAX"),
+    (["--task", "compression", "--train-len", "3:9"], "--train-len sets the lengths of the bit strings of parity"),
 ])
 def test_design_bad_flags(monkeypatch, capsys, args, message) -> None:
     code, out, err = cli(monkeypatch, capsys, "design", MLSTM, *args)
@@ -159,3 +251,14 @@ def test_design_bad_topologies(monkeypatch, capsys, tmp_path: Path) -> None:
     assert code == 2 and "vocabulary of 64 tokens" in err, err
     with pytest.raises(MadError):
         design([MLSTM], [], DesignConfig())
+
+
+def test_design_plot_never_replaces_other_files(monkeypatch, capsys, tmp_path: Path) -> None:
+    mine = tmp_path / "notes.svg"
+    mine.write_text("<svg>my own drawing</svg>")
+    code, out, err = cli(monkeypatch, capsys, "design", MLSTM, "--task", "compression", "--steps", "1", "-o", mine)
+    assert code == 2 and "not a chart written by mad design" in err, err
+    assert mine.read_text() == "<svg>my own drawing</svg>"
+    code, out, err = cli(monkeypatch, capsys, "design", MLSTM, "--task", "compression", "--steps", "1", "--plot",
+                         tmp_path)
+    assert code == 2 and "--plot" in err and "folder" in err, err
