@@ -8,7 +8,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.block import Block, Dim, ShapeError, TensorType, expect_float, register
+from mad.block import Block, Cut, Dim, ShapeError, SplitHeads, TensorType, expect_float, register
 
 class _ConvWeights(nn.Module):
     def __init__(self, dim: int, kernel: int, bias: bool):
@@ -77,3 +77,8 @@ class CausalConv1dBlock(Block):
     def build(self, x: TensorType) -> nn.Module:
         cls = _PointwiseConv if self.kernel_size == 1 else CausalConv1d
         return cls(int(x.shape[-1]), int(self.kernel_size), self.bias)
+
+    def shard_rule(self, x: TensorType) -> SplitHeads:
+        # depthwise: each channel has its own filter and its own past inputs
+        weights = {"conv.weight": Cut(0), **({"conv.bias": Cut(0)} if self.bias else {})}
+        return SplitHeads.channels(int(x.shape[-1]), weights, {"x": Cut(2)} if self.kernel_size > 1 else {})

@@ -10,8 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mad.kernels.registry import dispatch
-from mad.block import (Block, Dim, FiniteFloat, LinearForm, OptDim, PositiveFloat, ShapeError, TensorType, expect_float,
-                       expect_last, register, with_last)
+from mad.block import (Block, Cut, Dim, FiniteFloat, LinearForm, OptDim, PositiveFloat, ShapeError, SplitDense,
+                       SplitHeads, TensorType, expect_float, expect_last, register, with_last)
 
 
 # --------------------------------------------------------------------------------- embedding
@@ -78,6 +78,14 @@ class LinearBlock(Block):
         if self.tie is not None:
             return None  # its weight is another node's
         return LinearForm("weight", "bias" if self.bias else None, self.softcap)
+
+    def shard_rule(self, x: TensorType) -> Optional[SplitDense]:
+        if self.tie is not None:
+            return None  # its weight is another node's, whole
+        out, bias = int(self.out), self.bias
+        return SplitDense("weight", "bias" if bias else None, self.softcap,
+                          columns=lambda n: {"out": out // n},
+                          rows=lambda with_bias: {"bias": bias and with_bias, "softcap": None})
 
 
 # --------------------------------------------------------------------------------- norms
@@ -200,3 +208,8 @@ class HeadwiseLinearBlock(Block):
 
     def build(self, x: TensorType) -> nn.Module:
         return HeadwiseLinear(int(self.heads), *self._sizes(x), self.bias)
+
+    def shard_rule(self, x: TensorType) -> SplitHeads:
+        heads, d_out = int(self.heads), self._sizes(x)[1]
+        weights = {"weight": Cut(0), **({"bias": Cut(0)} if self.bias else {})}
+        return SplitHeads(heads, weights, local=lambda n: {"heads": heads // n, "out": d_out // n})

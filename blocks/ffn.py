@@ -12,7 +12,8 @@ from typing import ClassVar, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.block import Block, OptDim, PositiveFloat, PositiveInt, ShapeError, TensorType, expect_float, register
+from mad.block import (Block, Cut, OptDim, PositiveFloat, PositiveInt, ShapeError, SplitHidden, TensorType,
+                       expect_float, register)
 from mad.dims import round_up
 
 from .wiring import gated
@@ -52,6 +53,13 @@ class _GatedFFNBlock(Block):
     def build(self, x: TensorType) -> nn.Module:
         dim = int(x.shape[-1])
         return GatedFFN(dim, self.hidden_size(dim), self.bias, self.act)
+
+    def shard_rule(self, x: TensorType) -> Optional[SplitHidden]:
+        if self.bias:
+            return None  # every member would add down_proj's bias to its partial sum
+        hidden = self.hidden_size(int(x.shape[-1]))
+        return SplitHidden(hidden, {"gate_proj.weight": Cut(0), "up_proj.weight": Cut(0), "down_proj.weight": Cut(1)},
+                           local=lambda n: {"hidden": hidden // n, "factor": None})
 
 
 @register("swiglu")

@@ -26,7 +26,8 @@ from typing import Literal, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.block import Block, Dim, FiniteFloat, PositiveFloat, ShapeError, TensorType, expect_float, register
+from mad.block import (Block, Cut, Dim, FiniteFloat, PositiveFloat, ShapeError, SplitHeads, TensorType, expect_float,
+                       register)
 from mad.kernels.mlstm import mlstm_sequence
 from mad.kernels.registry import dispatch
 
@@ -100,6 +101,10 @@ class MLSTMCellBlock(Block):
     def build(self, *inputs: TensorType) -> nn.Module:
         return MLSTMCell(int(self.heads), int(self.chunk_size), self.eps, self.mode, self.scale)
 
+    def shard_rule(self, *inputs: TensorType) -> SplitHeads:
+        heads = int(self.heads)  # heads are independent: each member owns some, with their state
+        return SplitHeads(heads, state={"C": Cut(1), "n": Cut(1), "m": Cut(1)}, local=lambda n: {"heads": heads // n})
+
 
 class MultiHeadNorm(nn.Module):
     """Per-head LayerNorm of (B, T, NH*DH) computed in float32, then an elementwise (offset +) weight."""
@@ -140,3 +145,8 @@ class MultiHeadLayerNormBlock(Block):
 
     def build(self, x: TensorType) -> nn.Module:
         return MultiHeadNorm(int(self.heads), int(x.shape[-1]), self.eps, self.bias, self.weight_offset)
+
+    def shard_rule(self, x: TensorType) -> SplitHeads:
+        heads = int(self.heads)
+        weights = {"weight": Cut(0), **({"bias": Cut(0)} if self.bias else {})}
+        return SplitHeads(heads, weights, local=lambda n: {"heads": heads // n})

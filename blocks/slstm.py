@@ -16,7 +16,7 @@ from typing import Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.block import Block, Dim, ShapeError, TensorType, expect_float, register, same_types
+from mad.block import Block, Cut, Dim, ShapeError, SplitHeads, TensorType, expect_float, register, same_types
 from mad.kernels.registry import dispatch
 
 class SLSTMCell(nn.Module):
@@ -72,3 +72,10 @@ class SLSTMCellBlock(Block):
 
     def build(self, *inputs: TensorType) -> nn.Module:
         return SLSTMCell(int(self.heads), int(inputs[0].shape[-1]))
+
+    def shard_rule(self, *inputs: TensorType) -> SplitHeads:
+        # the recurrent weights are block-diagonal over heads, so they split with the heads: a member owns
+        # its heads' kernel rows and the gate-major bias's [i | f | z | o] parts of them
+        heads = int(self.heads)
+        return SplitHeads(heads, weights={"recurrent_kernel": Cut(0), "bias": Cut(0, groups=4)},
+                          state={name: Cut(1) for name in ("y", "c", "n", "m")}, local=lambda n: {"heads": heads // n})

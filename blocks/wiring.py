@@ -9,8 +9,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mad.kernels.registry import dispatch, kernels
-from mad.block import (Block, Dim, NonNegDim, ShapeError, TensorType, expect_float, register, same_types,
-                       with_last)
+from mad.block import (Block, Cut, Dim, NonNegDim, ShapeError, SplitConcat, SplitHeads, SplitSlice, TensorType,
+                       expect_float, register, same_types, with_last)
 from mad.dims import shape_str
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
@@ -61,6 +61,9 @@ class AddBlock(Block):
     def build(self, *xs: TensorType) -> Callable:
         return _add
 
+    def shard_rule(self, *xs: TensorType) -> SplitHeads:
+        return SplitHeads.channels(int(xs[0].shape[-1]))
+
 
 @register("gate")
 class GateBlock(Block):
@@ -77,6 +80,9 @@ class GateBlock(Block):
 
     def build(self, gate: TensorType, x: TensorType) -> Callable:
         return gated(self.act)
+
+    def shard_rule(self, gate: TensorType, x: TensorType) -> SplitHeads:
+        return SplitHeads.channels(int(x.shape[-1]))
 
 
 # --------------------------------------------------------------------------------- slicing and activations
@@ -100,6 +106,9 @@ class SliceBlock(Block):
         start, stop = int(self.start), int(self.start) + int(self.size)
         return lambda v: v[..., start:stop]
 
+    def shard_rule(self, x: TensorType) -> SplitSlice:
+        return SplitSlice(int(self.start), int(self.size), local=lambda start, size: {"start": start, "size": size})
+
 
 @register("concat")
 class ConcatBlock(Block):
@@ -121,6 +130,9 @@ class ConcatBlock(Block):
     def build(self, *xs: TensorType):
         return lambda *vs: mx.concatenate(vs, axis=-1)
 
+    def shard_rule(self, *xs: TensorType) -> SplitConcat:
+        return SplitConcat()
+
 
 @register("activation")
 class ActivationBlock(Block):
@@ -136,6 +148,9 @@ class ActivationBlock(Block):
 
     def build(self, x: TensorType):
         return ACTIVATIONS[self.act]
+
+    def shard_rule(self, x: TensorType) -> SplitHeads:
+        return SplitHeads.channels(int(x.shape[-1]))
 
 
 class ScaleModule(nn.Module):
@@ -159,3 +174,6 @@ class ScaleBlock(Block):
 
     def build(self, x: TensorType) -> nn.Module:
         return ScaleModule(int(x.shape[-1]))
+
+    def shard_rule(self, x: TensorType) -> SplitHeads:
+        return SplitHeads.channels(int(x.shape[-1]), {"weight": Cut(0)})

@@ -10,7 +10,14 @@ five. (The reference rounds after the matmul and after each op of the soft-cap: 
 to a few units of the last place, and the kernel's figure is the closer one.)
 
 Same call as the reference `kernels.linear.linear`. The variant takes x (M, K) and w (N, K) of one dtype
-with M <= MAX_ROWS and K a multiple of 8; anything else runs the reference.
+with M <= the row limit (MAX_ROWS) and K a multiple of 8; anything else runs the reference.
+
+Batch invariance: row r of y is computed by the same instructions in the same order whatever M is (its
+own float32 accumulator per lane, the same k order, the same warp reduction), so a row gets the same
+bits alone and in a batch; MLX's matmul, which runs above the limit, picks its algorithm by M and does
+not. A server that must give each client exactly its solo tokens raises the limit to its largest decode
+batch (`batch_invariant`); the default keeps MLX's faster matmul for larger batches (`mad bench`). The
+limit is read when a program is traced: set it before the first call it should govern.
 """
 
 from __future__ import annotations
@@ -25,6 +32,8 @@ from .linear import check_parts, split_parts
 from .registry import Unsupported, register_device_kernel
 
 MAX_ROWS = 4  # with more rows MLX's own matmul is faster (see benchmarks/RESULTS.md)
+MAX_INVARIANT_ROWS = 64  # the most rows `batch_invariant` lets the kernel take (M float32 accumulators per lane)
+_row_limit = MAX_ROWS
 WARPS = 4  # output features per block (one warp each)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
@@ -77,6 +86,22 @@ def _cap_vector(n: int, splits: tuple[int, ...], caps: tuple[Optional[float], ..
 _UNUSED = mx.array([0.0], mx.float32)
 
 
+def batch_invariant(rows: Optional[int]) -> None:
+    """Run every linear of up to `rows` rows (at most `MAX_INVARIANT_ROWS`) with this kernel, so that
+    a row's result does not depend on how many rows share the call; None restores the default (`MAX_ROWS`).
+    Process-wide, read at trace time (programs traced before keep their choice)."""
+    global _row_limit
+    if rows is not None and (isinstance(rows, bool) or not isinstance(rows, int)
+                             or not 1 <= rows <= MAX_INVARIANT_ROWS):
+        raise ValueError(f"batch_invariant: rows must be an integer in 1..{MAX_INVARIANT_ROWS} or None, got {rows!r}")
+    _row_limit = MAX_ROWS if rows is None else max(rows, MAX_ROWS)
+
+
+def row_limit() -> int:
+    """The most rows the kernel takes now (see `batch_invariant`)."""
+    return _row_limit
+
+
 def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
                   caps: Sequence[Optional[float]] = (None,), *, backend: str = "cuda",
                   poison: Optional[float] = None) -> list[mx.array]:
@@ -86,7 +111,7 @@ def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, spl
     M = 1
     for d in lead:
         M *= d
-    if M > MAX_ROWS or K % 8 or w.ndim != 2 or w.shape[1] != K or x.dtype != w.dtype or x.dtype not in DTYPES:
+    if M > _row_limit or K % 8 or w.ndim != 2 or w.shape[1] != K or x.dtype != w.dtype or x.dtype not in DTYPES:
         raise Unsupported(f"linear: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
     check_parts(splits, caps)
     has_cap = any(caps)

@@ -53,9 +53,15 @@ from .save import save  # noqa: E402
 __version__ = "0.1.0"
 
 
-def build(path, overrides=(), dtype="float32", compile="program", fuse="auto", trust_plugins: bool = False) -> Program:
+def build(path, overrides=(), dtype="float32", compile="program", fuse="auto", trust_plugins: bool = False,
+          group=None) -> Program:
     """Load a topology file, check it and compile it into a `Program` (freshly initialised weights).
-    `trust_plugins`: let the file import the Python modules it names (see `load_topology`)."""
+    `trust_plugins`: let the file import the Python modules it names (see `load_topology`). `group` (an
+    `mx.distributed` group): this member's part, split by tensor parallelism (`mad.shard`)."""
+    if group is not None:
+        from .shard import build_sharded
+
+        return build_sharded(path, group, overrides, dtype, compile, fuse, trust_plugins)
     return Program(build_graph(load_topology(path, list(overrides), trust_plugins=trust_plugins)), dtype=dtype,
                    compile=compile, fuse=fuse)
 

@@ -100,10 +100,12 @@ def _best_seconds(fn, repeats: int) -> float:
     return best
 
 
-def device_limits(dtype: mx.Dtype, repeats: int = 3) -> dict:
+def device_limits(dtype: mx.Dtype, repeats: int | None = None) -> dict:
     """The copy rate (bytes read + written per second: a compiled `a + 1` over a large float32 array) and the
-    matrix-product rate (FLOP/s of an n x n x n product in `dtype`) of the default device, measured now."""
+    matrix-product rate (FLOP/s of an n x n x n product in `dtype`) of the default device, measured now: the
+    best of `repeats` runs (default 20 on a GPU, whose clocks take a few runs to rise, 3 on a CPU)."""
     gpu = mx.default_device() == mx.gpu
+    repeats = repeats or (20 if gpu else 3)
     copy_elems = (1 << 28) if gpu else (1 << 24)  # 1 GiB on a GPU, 64 MiB on a CPU: past every cache
     a = mx.zeros((copy_elems,), mx.float32)
     add = mx.compile(lambda x: x + 1)

@@ -2,8 +2,9 @@
 
 A block type is a pydantic model (its fields are what a topology file may write on a node) that also
 says, for concrete input types, what it outputs (`infer`), what recurrent state it owns (`state`),
-which MLX module runs it (`build`) and, optionally, that it is a plain linear map (`linear_form`), which
-lets graph passes rewrite it without knowing its class. Register one with `@register("name")`; MAD's own
+which MLX module runs it (`build`) and, optionally, that it is a plain linear map (`linear_form`) and how
+it splits over a tensor-parallel group (`shard_rule`), which lets graph passes rewrite it without knowing
+its class. Register one with `@register("name")`; MAD's own
 blocks and a user's are registered the same way. Entry points in the group `mad.blocks` are imported only
 when the caller trusts plugins (`block_types(trust_plugins=True)`): importing runs their code. No
 registration may replace one of MAD's own block types.
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Annotated, Any, Callable, ClassVar, Optional, Union
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationInfo
@@ -135,6 +136,13 @@ class Block(BaseModel):
         (the default) if it computes anything else. Only the declaration is read, never the module."""
         return None
 
+    def shard_rule(self, *inputs: TensorType) -> Optional["ShardRule"]:
+        """Declare how this node may be split over the members of a tensor-parallel group (`mad.shard`):
+        by heads (`SplitHeads`), as a dense map (`SplitDense`), over a hidden dim (`SplitHidden`), or as a
+        slice or concatenation of split values (`SplitSlice`, `SplitConcat`). None (the default): the node
+        needs its whole inputs, and every member runs it whole. Only the declaration is read."""
+        return None
+
 
 @dataclass(frozen=True)
 class LinearForm:
@@ -148,6 +156,85 @@ class LinearForm:
     weight: str = "weight"
     bias: Optional[str] = None
     softcap: Optional[float] = None
+
+
+# ----------------------------------------------------------------------------------------- tensor parallelism
+# What `Block.shard_rule` declares; the pass that reads the declarations is `mad.shard`. "n" is the number of
+# members of the group; a member's fields are the block's own fields with the updates the callables return.
+@dataclass(frozen=True)
+class Cut:
+    """Where a weight or state tensor holds its heads: along `axis`, as `groups` consecutive blocks that
+    each run over every head in order (a gate-major bias [i | f | z | o] over heads: groups=4). A member keeps
+    its heads' part of every block."""
+
+    axis: int
+    groups: int = 1
+
+
+def _no_change(*_: Any) -> dict:
+    return {}
+
+
+@dataclass(frozen=True)
+class SplitHeads:
+    """Output head h depends only on head h of every input, of the weights and of the state: `heads` heads
+    over the last dim of each input and of the output (an elementwise block: one head per channel). Split
+    over n members, each runs heads // n of them, with the fields `local(n)` returns."""
+
+    heads: int
+    weights: dict[str, Cut] = field(default_factory=dict)
+    state: dict[str, Cut] = field(default_factory=dict)
+    local: Callable[[int], dict] = _no_change
+
+    @classmethod
+    def channels(cls, width: int, weights: Optional[dict[str, Cut]] = None,
+                 state: Optional[dict[str, Cut]] = None) -> "SplitHeads":
+        """An elementwise (per-channel) block over `width` channels."""
+        return cls(int(width), dict(weights or {}), dict(state or {}))
+
+
+@dataclass(frozen=True)
+class SplitDense:
+    """y = softcap(x W^T + b) over one input. Split by output columns, each member computes its columns from
+    the whole x (fields `columns(n)`); split by input rows, each member multiplies its part of a split x and
+    the partial products are summed over the group, b and the soft-cap applied after the sum (fields
+    `rows(with_bias)`: only one member adds b)."""
+
+    weight: str
+    bias: Optional[str]
+    softcap: Optional[float]
+    columns: Callable[[int], dict]
+    rows: Callable[[bool], dict]
+
+
+@dataclass(frozen=True)
+class SplitHidden:
+    """y = sum over a hidden dim of `hidden` units (a feed-forward: down(act(gate x) * up x)). Each member
+    computes hidden // n units from the whole x (fields `local(n)`, weights cut along their hidden axis) and
+    the partial outputs are summed over the group."""
+
+    hidden: int
+    weights: dict[str, Cut]
+    local: Callable[[int], dict]
+
+
+@dataclass(frozen=True)
+class SplitSlice:
+    """y = x[..., start:start+size]: a split x gives a split y when start and stop are boundaries of x's
+    parts; each member slices its own part (fields `local(member_start, member_size)`)."""
+
+    start: int
+    size: int
+    local: Callable[[int, int], dict]
+
+
+@dataclass(frozen=True)
+class SplitConcat:
+    """y = concat(x_1, ..., x_k) over the last dim: split inputs give a split y, each member concatenating its
+    own parts."""
+
+
+ShardRule = Union[SplitHeads, SplitDense, SplitHidden, SplitSlice, SplitConcat]
 
 
 BLOCKS: dict[str, type[Block]] = {}

@@ -26,6 +26,8 @@ def _main(debug: bool = typer.Option(False, "--debug", help="show Python traceba
 TF32_HELP = "allow TF32 for float32 matrix products on GPUs that have it (faster, at about 1e-3 relative error)"
 TRUST_HELP = "import the Python modules a topology's `plugins:` names (runs their code)"
 MEMORY_HELP = "load even if the weights look larger than the available memory"
+TP_HELP = ("run split over the members of the group this process was launched in (tensor parallel; launch every "
+           "member with mlx.launch, e.g. `mlx.launch -n 2 --backend ring -- mad run ...`); member 0 prints")
 TOKENIZER_HELP = "tokenizer.json, or 'bytes' (default: the checkpoint's; bytes for a topology)"
 REVISION_HELP = "branch, tag or commit sha of a Hugging Face repo id (default: main)"
 SAMPLING_FLAGS = {"temp": "--temp", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
@@ -142,6 +144,9 @@ def _tokenizer_for(path: Path, lm, tok, tokenizer: Optional[str]):
 def build(file: Path = typer.Argument(..., help="topology YAML"),
           out: Optional[Path] = typer.Option(None, "-o", "--out", help="write resolved.yaml, graph.*, plan.json, summary.txt here (a new or empty folder, or one `mad build` wrote)"),
           set_: List[str] = typer.Option([], "--set", help="override, e.g. dims.D=512 (repeatable)"),
+          shard: Optional[int] = typer.Option(None, "--shard", help="also print how the model splits over N "
+                                              "tensor-parallel members (which node is split how, parameters "
+                                              "per member, collectives per token)"),
           trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP)) -> None:
     """Check a topology and print its summary (every node's shape, parameters and state)."""
     from .loading import _load_topology
@@ -149,10 +154,18 @@ def build(file: Path = typer.Argument(..., help="topology YAML"),
     from .graph import build_graph
     from .report import build_files, check_build_target, summary_table, write_atomic_dir
 
+    if shard is not None and shard < 1:
+        raise MadError(f"--shard must be at least 1, got {shard}")
     if out is not None:
         check_build_target(out, "-o")  # before the work: never build in vain, never touch a user's folder
     program = Program(build_graph(_load_topology(file, set_, trust_plugins)))
+    if shard is not None:
+        from .shard import plan_shards
+
+        shard_plan = plan_shards(program.graph, shard)  # before anything is printed or written
     Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(summary_table(program.graph))
+    if shard is not None:
+        Console(highlight=False, width=None if sys.stdout.isatty() else 200).print(shard_plan.table())
     if out is not None:
         write_atomic_dir(out, build_files(program), "-o")
         print(f"wrote {out}/: resolved.yaml graph.json graph.mmd graph.dot plan.json summary.txt")
@@ -186,17 +199,22 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
         set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
         save_state: Optional[Path] = typer.Option(None, "--save-state", help="save the final state (safetensors, any file name)"),
         load_state: Optional[Path] = typer.Option(None, "--load-state", help="continue from a saved state"),
+        prompts: Optional[Path] = typer.Option(None, "--prompts", help="a file of prompts, one per line (UTF-8), "
+                                               "generated as one batch"),
+        prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache", help="continue from the state this file "
+                                                    "holds when its prompt begins this one; else save it there"),
         device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
         tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
         trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-        no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+        no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP),
+        tensor_parallel: bool = typer.Option(False, "--tensor-parallel", help=TP_HELP)) -> None:
     """Generate text (or ids) from a topology with fresh weights, or from a checkpoint."""
     import mlx.core as mx
 
     from .generate import print_stats, stream_generate
     from .hub import check_revision
-    from .loading import load, load_state_file, save_state_file
     from .sampling import check_sampling
+    from .shard import cli_io
 
     _setup(device, tf32=tf32)
     path = model or source
@@ -208,12 +226,22 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
                    repetition_penalty=repetition_penalty, max_tokens=max_tokens)
     _check_state_paths(save_state, load_state)
     check_revision(revision, "--revision")
-    text_or_ids = _read_prompt(prompt, prompt_ids, prompt_file)
+    _check_batch_flags(prompts, prompt_cache, prompt, prompt_ids, prompt_file, save_state, load_state,
+                       repetition_penalty)
+    if tensor_parallel and (prompts is not None or prompt_cache is not None):
+        raise MadError("--prompts and --prompt-cache do not run with --tensor-parallel")
+    text_or_ids = _read_prompts(prompts) if prompts is not None else _read_prompt(prompt, prompt_ids, prompt_file)
+    load, load_state_file, save_state_file = cli_io(tensor_parallel)
     mx.random.seed(seed)
     lm, tok = load(path, dtype=dtype, overrides=set_, tokenizer=tokenizer, trust_plugins=trust_plugins,
                    memory_check=not no_memory_check, revision=revision)
     tok = _tokenizer_for(path, lm, tok, tokenizer)
     state = load_state_file(load_state, lm) if load_state else None
+    if prompts is not None or prompt_cache is not None:
+        text_or_ids, state, note = _batch_or_cached(lm, tok, path, text_or_ids, prompts, prompt_cache, max_tokens,
+                                                    seed, temp=temp, top_p=top_p, top_k=top_k, min_p=min_p)
+        if text_or_ids is None:
+            return
     show_ids = prompt_ids is not None and getattr(tok, "is_bytes", False)  # raw ids in, raw ids out
     last = None
     for last in stream_generate(lm, tok, text_or_ids, max_tokens=max_tokens, state=state, temp=temp,
@@ -223,6 +251,8 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
     print()
     if last is not None:
         print_stats(last)
+        if prompt_cache is not None:
+            print(note)
         if save_state:
             save_state_file(save_state, last.state, "--save-state")
 
@@ -246,7 +276,8 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
                                       "rates and print each figure as a fraction of its limit"),
           tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
           trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP),
+          tensor_parallel: bool = typer.Option(False, "--tensor-parallel", help=TP_HELP)) -> None:
     """Measure prompt and generation tokens/s (random weights unless a checkpoint is given)."""
     _setup(device, kernels, tf32)
     path = model or source
@@ -263,13 +294,20 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
 
     with use_reference(kernels == "reference"):  # the kernel policy for this command only
         _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step, dtype, set_, kernels,
-               json_out, trust_plugins, no_memory_check, profile, limits)
+               json_out, trust_plugins, no_memory_check, profile, limits, tensor_parallel)
 
 
 def _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step, dtype, set_, kernels,
-           json_out, trust_plugins, no_memory_check, profile=False, limits=False) -> None:
+           json_out, trust_plugins, no_memory_check, profile=False, limits=False, tensor_parallel=False) -> None:
     from .bench import bench as run_bench, profile as run_profile, profile_tables
-    from .loading import available_memory, load
+    from .loading import available_memory
+    from .shard import cli_io, tensor_parallel_report
+
+    load = cli_io(tensor_parallel)[0]
+    if tensor_parallel:
+        import mlx.core as mx
+
+        mx.random.seed(0)  # fresh weights: every member draws the same
 
     lm, _ = load(path, dtype=dtype, overrides=set_, trust_plugins=trust_plugins, memory_check=not no_memory_check)
     if not no_memory_check:  # the prompt ids and two states per sequence, beside the weights
@@ -281,6 +319,8 @@ def _bench(path, prompt_tokens, generation_tokens, batch_size, num_trials, prefi
                            "--no-memory-check tries anyway")
     result = run_bench(lm, prompt_tokens, generation_tokens, batch_size, num_trials, prefill_step,
                        echo=(lambda line: None) if json_out else print)
+    if tensor_parallel:
+        result["tensor_parallel"] = tensor_parallel_report(lm, echo=(lambda line: None) if json_out else print)
     if limits:
         from .bench import device_limits, limit_fractions, size_text, step_costs
 
@@ -421,23 +461,37 @@ def chat(source: Optional[Path] = typer.Argument(None, help="topology file, buil
 def design(files: List[Path] = typer.Argument(..., help="topology files to compare"),
            task: List[str] = typer.Option(["all"], "--task", help="a task, a comma list, or all (in-context-recall, "
                                           "fuzzy-in-context-recall, noisy-in-context-recall, selective-copying, "
-                                          "compression, memorization, parity, majority)"),
+                                          "compression, memorization, mqar, parity, majority)"),
            steps: int = typer.Option(300, "--steps", help="training steps per run"),
            seeds: int = typer.Option(1, "--seeds", help="runs per topology and task (seeds 0..K-1)"),
            batch: int = typer.Option(32, "--batch", help="sequences per step"),
            lr: float = typer.Option(1e-3, "--lr", help="peak AdamW learning rate (cosine schedule)"),
+           weight_decay: float = typer.Option(0.0, "--weight-decay", help="AdamW weight decay"),
            preset: str = typer.Option("small", "--preset", help="small (a CPU in minutes) or mad (mad-lab's "
-                                      "baseline task settings)"),
+                                      "baseline task settings; parity, majority: the xLSTM paper's lengths)"),
+           train_len: Optional[str] = typer.Option(None, "--train-len", help="parity, majority: lengths of the "
+                                                   "training bit strings, MIN:MAX (default: the preset's)"),
+           test_len: Optional[str] = typer.Option(None, "--test-len", help="parity, majority: lengths of the "
+                                                  "held-out bit strings, MIN:MAX (longer than trained: length "
+                                                  "generalisation)"),
+           plot: Optional[Path] = typer.Option(None, "-o", "--plot", help="also write an SVG chart of the "
+                                               "accuracies to this file"),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
            device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
            trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP)) -> None:
     """Train each topology on synthetic tasks (MAD, formal languages); a table of held-out accuracies."""
-    from .design import DesignConfig, design as run_design, table
+    from .design import DesignConfig, check_plot_target, design as run_design, parse_lengths, table, write_plot
 
     _setup(device)
-    cfg = DesignConfig(steps=steps, seeds=seeds, batch=batch, lr=lr, preset=preset).check()
+    cfg = DesignConfig(steps=steps, seeds=seeds, batch=batch, lr=lr, weight_decay=weight_decay, preset=preset,
+                       train_len=None if train_len is None else parse_lengths(train_len, "--train-len"),
+                       test_len=None if test_len is None else parse_lengths(test_len, "--test-len")).check()
+    if plot is not None:
+        check_plot_target(plot)
     summary = run_design(files, task, cfg, trust_plugins=trust_plugins,
                          echo=None if json_out else (lambda line: err_console.print(line, markup=False)))
+    if plot is not None:
+        write_plot(summary, plot)
     if json_out:
         print(json.dumps(summary, indent=1))
     else:
@@ -494,6 +548,165 @@ def eval_(source: Optional[Path] = typer.Argument(None, help="checkpoint dir, Hu
           f"({result['corpus_tokens']:,} tokens in all)")
     print(f"Loss: {result['loss']:.4f} nats/token, perplexity {ppl}{bpb}")
     print(f"Speed: {result['tokens_per_sec']:,.0f} tokens/s ({result['seconds']:.2f} s, {result['dtype']})")
+
+
+@app.command()
+def convert(source: Path = typer.Argument(..., help="topology file, build dir, MAD / Hugging Face / NX-AI checkpoint dir"),
+            out: Path = typer.Option(..., "-o", "--out", help="the MAD checkpoint folder to write (new, or an empty folder)"),
+            quantize: bool = typer.Option(False, "-q", "--quantize", help="quantize the projections, the head and the "
+                                          "embeddings (mx.quantize, as mlx-lm)"),
+            q_bits: Optional[int] = typer.Option(None, "--q-bits", help="bits per weight: affine 2, 3, 4, 5, 6, 8 [4]; "
+                                                 "mxfp4 and nvfp4 4; mxfp8 8"),
+            q_group_size: Optional[int] = typer.Option(None, "--q-group-size", help="weights per scale: affine 32, 64, "
+                                                       "128 [64]; mxfp4 and mxfp8 32; nvfp4 16"),
+            q_mode: Optional[str] = typer.Option(None, "--q-mode", help="affine (the default), mxfp4, mxfp8 or nvfp4"),
+            dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16: the weights left "
+                                                "unquantized and the scales (default: the source's)"),
+            set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
+            seed: int = typer.Option(0, "--seed", help="the fresh weights of a topology file"),
+            trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
+            no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+    """Write a model as a MAD checkpoint folder, quantized with -q; `mad run|chat|bench` and mad.load read it."""
+    from .quantize import convert as run_convert
+
+    _check_dtype(dtype)
+    _check_seed(seed)
+    run_convert(source, out, quantize, q_bits, q_group_size, q_mode, dtype, set_, seed, trust_plugins,
+                not no_memory_check)
+
+
+def _check_batch_flags(prompts, prompt_cache, prompt, prompt_ids, prompt_file, save_state, load_state,
+                       repetition_penalty) -> None:
+    """`mad run --prompts` / `--prompt-cache`: the flags they do not go with, the cache file's target."""
+    from .loading import check_state_target
+
+    if prompts is not None:
+        if any(p is not None for p in (prompt, prompt_ids, prompt_file)):
+            raise MadError("give only one of --prompts, --prompt, --prompt-ids, --prompt-file")
+        if save_state is not None:
+            raise MadError("--save-state keeps one sequence's state: it does not go with --prompts")
+    if prompts is not None or prompt_cache is not None:
+        if repetition_penalty != 1.0:
+            raise MadError("--repetition-penalty does not go with --prompts or --prompt-cache")
+    if prompt_cache is not None:
+        if load_state is not None:
+            raise MadError("give only one of --prompt-cache and --load-state (both start from a saved state)")
+        check_state_target(prompt_cache, "--prompt-cache")
+
+
+def _read_prompts(file: Path) -> list[str]:
+    """--prompts: the non-empty lines of a UTF-8 file."""
+    try:
+        data = file.read_bytes()
+    except IsADirectoryError:
+        raise MadError(f"cannot read --prompts {file}: it is a folder") from None
+    except OSError as e:
+        raise MadError(f"cannot read --prompts {file}: {e.strerror}") from None
+    lines = [line for line in _decode(data, f"--prompts {file}").splitlines() if line.strip()]
+    if not lines:
+        raise MadError(f"--prompts {file}: no prompt in the file (one per line)")
+    return lines
+
+
+def _batch_or_cached(lm, tok, path, text_or_ids, prompts, prompt_cache, max_tokens, seed, **sampling):
+    """`mad run --prompts` (generated here as one batch: returns None) or `--prompt-cache` (returns the part
+    of the prompt left to read, the state that has read the rest, and a line saying what the cache did).
+
+    The cache file holds the state after the prompt's last whole block of `PREFILL_BLOCK` tokens (before
+    its last token), where a prompt read from the start is split anyway: continuing from it gives the
+    tokens of a run without it (mad.prompt_cache says why). It is replaced when its prompt does not begin
+    this one, or begins it and is shorter.
+    """
+    import mlx.core as mx
+
+    from .generate import PREFILL_BLOCK, batch_generate, print_stats, prompt_ids
+    from .model import check_prompt
+    from .prompt_cache import PromptCache, read_cache_file, write_cache_file
+
+    found = read_cache_file(prompt_cache, lm) if prompt_cache is not None else None
+    ids = [prompt_ids(t, tok) for t in (text_or_ids if prompts is not None else [text_or_ids])]
+    for i, one in enumerate(ids):
+        try:
+            check_prompt(one, lm.vocab_size)
+        except MadError as e:
+            raise MadError(f"--prompts {prompts}: line {i + 1}: {e.diagnostics[0].message}" if prompts is not None
+                           else e.diagnostics[0].message) from None
+    shared = len(ids[0])  # the prefix every prompt shares: what the cache file can hold
+    for one in ids[1:]:
+        shared = min(shared, next((k for k, (a, b) in enumerate(zip(ids[0], one)) if a != b), len(one)))
+    block_end = (min(shared, min(map(len, ids)) - 1)) // PREFILL_BLOCK * PREFILL_BLOCK
+    reused = len(found[0]) if found and all(one[:len(found[0])] == found[0] for one in ids) else 0
+    state = found[1] if reused else None
+    if prompts is None:
+        start = reused
+        if block_end > reused:
+            _, state = lm.prefill(mx.array([ids[0][reused:block_end]], dtype=mx.int32), state, PREFILL_BLOCK)
+            write_cache_file(prompt_cache, ids[0][:block_end], state, lm, str(path))
+            start = block_end
+        note = f"Prompt cache: {reused} tokens reused" + (f", {block_end} saved to {prompt_cache}"
+                                                          if block_end > reused else f" from {prompt_cache}")
+        return ids[0][start:], state, note
+    cache = PromptCache(1 << 62) if prompt_cache is not None else None
+    if reused:
+        cache.add(found[0], found[1])
+    result = batch_generate(lm, tok, ids, max_tokens, seed=seed, prompt_cache=cache,
+                            hints=(block_end,) if block_end else (), **sampling)
+    for i, text in enumerate(result.texts):
+        print(f"[{i + 1}] {text}")
+    print_stats(result)
+    if prompt_cache is not None:
+        hit, state, _ = cache.lookup(ids[0][:block_end + 1]) if block_end > reused else (0, None, None)
+        if hit == block_end and hit > 0:
+            write_cache_file(prompt_cache, ids[0][:block_end], state, lm, str(path))
+        print(f"Prompt cache: {reused} tokens reused" + (f", {block_end} saved to {prompt_cache}" if hit else ""))
+    return None, None, None
+
+
+@app.command()
+def serve(source: Optional[Path] = typer.Argument(None, help="topology file, build dir, or checkpoint dir"),
+          model: Optional[Path] = typer.Option(None, "--model", help="checkpoint folder (same as SOURCE)"),
+          host: str = typer.Option("127.0.0.1", "--host", help="address to listen on (0.0.0.0: every interface)"),
+          port: int = typer.Option(8080, "--port"),
+          model_name: Optional[str] = typer.Option(None, "--model-name", help="the model id clients give (default: "
+                                                   "the folder or file name)"),
+          max_batch: int = typer.Option(32, "--max-batch", help="sequences decoded together at most"),
+          max_tokens: int = typer.Option(512, "--max-tokens", "-m", help="per completion, when a request does not say"),
+          temp: float = typer.Option(0.0, "--temp", help="when a request does not say; 0 is greedy"),
+          top_p: float = typer.Option(1.0, "--top-p", help="when a request does not say"),
+          prompt_cache_bytes: Optional[int] = typer.Option(None, "--prompt-cache-bytes", help="memory for the prompt "
+                                                           "state snapshots (0: no prompt cache) [4 GiB]"),
+          max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="largest request body "
+                                                       "[16 MiB]"),
+          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
+          dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16"),
+          set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
+          device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
+          log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug"),
+          tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
+          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
+          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+    """Serve the OpenAI API (completions, chat, streaming); concurrent clients are decoded as one batch."""
+    from .loading import load
+    from .prompt_cache import DEFAULT_BYTES
+    from .serve import MAX_BODY_BYTES, check_server_args, serve as run_server
+
+    _setup(device, tf32=tf32)
+    path = model or source
+    if path is None:
+        raise MadError("give a topology file, a build folder or --model DIR")
+    _check_dtype(dtype)
+    prompt_cache_bytes = DEFAULT_BYTES if prompt_cache_bytes is None else prompt_cache_bytes
+    max_body_bytes = MAX_BODY_BYTES if max_body_bytes is None else max_body_bytes
+    if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
+        raise MadError(f"--log-level must be critical, error, warning, info or debug, got '{log_level}'")
+    check_server_args(host, port, max_batch, max_tokens, prompt_cache_bytes, max_body_bytes, temp, top_p)
+    lm, tok = load(path, dtype=dtype, overrides=set_, tokenizer=tokenizer, trust_plugins=trust_plugins,
+                   memory_check=not no_memory_check)
+    tok = _tokenizer_for(path, lm, tok, tokenizer)
+    name = model_name or (Path(path).stem if Path(path).is_file() else Path(path).resolve().name)
+    run_server(lm, tok, model_name=name, folder=Path(path) if Path(path).is_dir() else None, host=host, port=port,
+               max_batch=max_batch, max_tokens=max_tokens, temp=temp, top_p=top_p,
+               prompt_cache_bytes=prompt_cache_bytes, max_body_bytes=max_body_bytes, log_level=log_level)
 
 
 def main() -> None:

@@ -12,6 +12,7 @@ import json
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,6 +24,7 @@ from .formats import CheckpointFormat, all_formats, config_files, find_format, r
 from .graph import build_graph
 from .model import LanguageModel, check_state_arrays
 from .program import Program, dtype_of
+from .quantize import describe_quantization
 from .tokenizers import tokenizer_of
 from .topology import load_topology
 
@@ -55,7 +57,7 @@ def _check_load_args(path: Any, dtype: Any, overrides: Any, compile: Any, fuse: 
 def load(path: str | Path, dtype: Optional[str] = None, overrides: list[str] = (),
          compile: str = "program", fuse: bool | str = "auto", *, tokenizer: Any = None,
          trust_plugins: bool = False, memory_check: bool = True,
-         revision: Optional[str] = None) -> tuple[LanguageModel, Any]:
+         revision: Optional[str] = None, group: Any = None) -> tuple[LanguageModel, Any]:
     """Load a model from a topology file, a `mad build` folder, a checkpoint folder, or a Hugging Face
     repository id (`org/name`, when no such path exists; see `mad.hub`).
 
@@ -66,22 +68,24 @@ def load(path: str | Path, dtype: Optional[str] = None, overrides: list[str] = (
     names (off: such a file is an error). `memory_check`: refuse (MadError) a model whose weights clearly
     do not fit in the available memory, before anything is materialised. `revision`: the branch, tag or
     commit sha of a repository (default: main); files already in the Hugging Face cache are not fetched
-    again, and `HF_HUB_OFFLINE=1` reads the cache only.
+    again, and `HF_HUB_OFFLINE=1` reads the cache only. `group` (an `mx.distributed` group): this member's
+    part of the model split by tensor parallelism (`mad.shard`), each member reading only its slices.
     """
-    from .hub import is_repo_id, resolve
+    from .hub import resolve
 
     _check_load_args(path, dtype, overrides, compile, fuse, tokenizer, revision)
+    if group is not None:
+        from .shard import load_sharded
+
+        return load_sharded(resolve(path, revision), group, dtype, overrides, compile, fuse, tokenizer=tokenizer,
+                            trust_plugins=trust_plugins, memory_check=memory_check)
     tok = tokenizer_of(tokenizer)
-    from_hub = is_repo_id(path)
     path = resolve(path, revision)  # the path as given, or the repository's snapshot folder in the cache
     if path.is_file():
         model = _fresh(path, dtype, overrides, compile, fuse, trust_plugins, memory_check)
         model.tokenizer = tok
         return model, tok
-    # what `mad train` / `mad.save` wrote: the resolved topology and its weights (in the Hugging Face cache,
-    # every file, MAD's marker too, is a link into the cache's blobs, which `_is_mad_checkpoint` refuses)
-    if _is_mad_checkpoint(path) or (from_hub and (path / "resolved.yaml").is_file()
-                                    and (path / "model.safetensors").is_file()):
+    if _is_mad_checkpoint(path):  # what `mad train` / `mad.save` wrote: the resolved topology and its weights
         return load_mad_checkpoint(path, dtype, compile, fuse, overrides=overrides, trust_plugins=trust_plugins,
                                    memory_check=memory_check, tokenizer=tok)
     if path.is_dir() and (path / "resolved.yaml").is_file() and not (path / "config.json").exists():
@@ -115,33 +119,48 @@ def load_mad_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str 
     """Read a MAD checkpoint folder (`mad train -o`, `mad.save`; see `mad.save`): the topology from its
     resolved.yaml (plus `overrides`), the weights of model.safetensors checked by name, shape and dtype, the
     tokenizer its mad.json names (`tokenizer` instead, when given)."""
-    from .save import CHECKPOINT_FORMAT, MAD_JSON
-    from .tokenizers import ByteTokenizer, HFTokenizer
+    from .save import MAD_JSON
 
     folder = Path(folder)
-    meta: dict = {}
-    if (folder / MAD_JSON).is_file():
-        meta = _read_json(folder / MAD_JSON, MAD_JSON)
-        if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
-            raise MadError(f"{MAD_JSON}: not a MAD checkpoint description (expected \"format\": "
-                           f"\"{CHECKPOINT_FORMAT}\")", Source(str(folder / MAD_JSON)))
+    meta = read_mad_meta(folder)
     graph = build_graph(_load_topology(folder / "resolved.yaml", list(overrides), trust_plugins))
     weights, file_dtype = read_safetensors(folder)
-    program = _checked_program(graph, weights, folder, dtype or file_dtype, compile, fuse, memory_check)
+    program = _checked_program(graph, weights, folder, dtype or file_dtype, compile, fuse, memory_check,
+                               quantization=meta.get("quantization"), config_file=folder / MAD_JSON)
     if tokenizer is None:
-        kind = meta.get("tokenizer", "tokenizer.json" if (folder / "tokenizer.json").is_file() else None)
-        eos = meta.get("eos_token_ids") or []
-        if kind == "bytes":
-            tokenizer = ByteTokenizer()
-        elif kind == "tokenizer.json":
-            from .tokenizers import eos_token_ids
-
-            with _located(folder / MAD_JSON):
-                tokenizer = HFTokenizer(folder / "tokenizer.json", eos_token_ids(eos, "eos_token_ids"))
-        elif kind is not None:
-            raise MadError(f"{MAD_JSON}: unknown tokenizer {kind!r} (expected 'bytes', 'tokenizer.json' or null)",
-                           Source(str(folder / MAD_JSON)))
+        tokenizer = mad_checkpoint_tokenizer(folder, meta)
     return LanguageModel(program, tokenizer), tokenizer
+
+
+def read_mad_meta(folder: Path) -> dict:
+    """A MAD checkpoint's mad.json ({} when it has none), checked to be one."""
+    from .save import CHECKPOINT_FORMAT, MAD_JSON
+
+    if not (folder / MAD_JSON).is_file():
+        return {}
+    meta = _read_json(folder / MAD_JSON, MAD_JSON)
+    if not isinstance(meta, dict) or meta.get("format") != CHECKPOINT_FORMAT:
+        raise MadError(f"{MAD_JSON}: not a MAD checkpoint description (expected \"format\": "
+                       f"\"{CHECKPOINT_FORMAT}\")", Source(str(folder / MAD_JSON)))
+    return meta
+
+
+def mad_checkpoint_tokenizer(folder: Path, meta: dict) -> Any:
+    """The tokenizer a MAD checkpoint's mad.json names: bytes, its tokenizer.json, or None."""
+    from .save import MAD_JSON
+    from .tokenizers import ByteTokenizer, HFTokenizer, eos_token_ids
+
+    kind = meta.get("tokenizer", "tokenizer.json" if (folder / "tokenizer.json").is_file() else None)
+    if kind == "bytes":
+        return ByteTokenizer()
+    if kind == "tokenizer.json":
+        with _located(folder / MAD_JSON):
+            return HFTokenizer(folder / "tokenizer.json", eos_token_ids(meta.get("eos_token_ids") or [],
+                                                                        "eos_token_ids"))
+    if kind is not None:
+        raise MadError(f"{MAD_JSON}: unknown tokenizer {kind!r} (expected 'bytes', 'tokenizer.json' or null)",
+                       Source(str(folder / MAD_JSON)))
+    return None
 
 
 def _fresh(file: Path, dtype: Optional[str], overrides: list[str], compile: str, fuse: bool | str,
@@ -196,15 +215,34 @@ def _read_json(file: Path, what: str) -> Any:
         raise MadError(f"cannot parse {what}: {e}", Source(str(file))) from None
 
 
-def _checked_program(graph, weights: dict, folder: Path, dtype: str, compile: str, fuse, memory_check: bool) -> Program:
+def _checked_program(graph, weights: dict, folder: Path, dtype: str, compile: str, fuse, memory_check: bool,
+                     quantization: Any = None, config_file: Optional[Path] = None) -> Program:
     """A Program holding a checkpoint's weights: names, shapes and dtypes checked against the graph and
     the memory estimated before any module is built, then loaded and evaluated one array at a time.
     Consumes `weights` (emptied once loaded, so the checkpoint's arrays are not kept alive beside the
-    program's while they are evaluated)."""
-    check_weights(graph, weights, str(folder))
-    if memory_check:
-        check_memory(graph, dtype, str(folder))
+    program's while they are evaluated).
+
+    With a `quantization` config (mad.json's, `config_file`; see `mad.quantize`) the program is built and
+    quantized first (nothing is computed: the modules' arrays stay lazy), and the weights are checked
+    against its parameters: packed weights, scales and biases of the shapes and dtypes the config gives."""
+    if quantization is None:
+        check_weights(graph, weights, str(folder))
+        if memory_check:
+            check_memory(graph, dtype, str(folder))
     program = Program(graph, dtype=dtype, compile=compile, fuse=fuse)
+    if quantization is not None:
+        with _located(config_file or folder):
+            program.quantize(quantization)
+        expected = program.parameters()
+        try:
+            check_weights(graph, weights, str(folder), expected)
+        except MadError as e:
+            note = (f"the weights are quantized as {config_file.name if config_file else 'the config'} says "
+                    f"({describe_quantization(program.quantization)}): a packed weight is uint32 "
+                    "[out, in * bits / 32], its scales (and affine biases) [out, in / group_size]")
+            raise MadError([Diagnostic(d.message, d.source, d.notes + [note]) for d in e.diagnostics]) from None
+        if memory_check:
+            check_memory(graph, dtype, str(folder), weight_bytes=sum(a.nbytes for a in expected.values()))
     program.load_weights(weights, where=str(folder))
     weights.clear()
     _materialise(program)
@@ -262,30 +300,44 @@ def available_memory() -> tuple[Optional[int], str]:
     return min(found)
 
 
-def check_memory(graph: Any, dtype: Any, where: str, extra_bytes: int = 0) -> None:
-    """Refuse (MadError) a model whose weights (parameter count x dtype size, plus `extra_bytes`) clearly
-    do not fit in the available memory, before anything is allocated. Unknown memory: no check."""
-    need = graph.param_count() * dtype_of(dtype).size + extra_bytes
+def check_memory(graph: Any, dtype: Any, where: str, extra_bytes: int = 0,
+                 weight_bytes: Optional[int] = None) -> None:
+    """Refuse (MadError) a model whose weights (parameter count x dtype size, or `weight_bytes` when given:
+    a quantized model's, plus `extra_bytes`) clearly do not fit in the available memory, before anything
+    is allocated. Unknown memory: no check."""
+    need = (graph.param_count() * dtype_of(dtype).size if weight_bytes is None else weight_bytes) + extra_bytes
     avail, source = available_memory()
     if avail is None or need <= avail:
         return
     name = str(dtype_of(dtype)).rsplit(".", 1)[-1]
+    what = f"in {name}" if weight_bytes is None else "quantized"
     raise MadError([Diagnostic(
-        f"the model needs about {need / 1e9:.1f} GB ({graph.param_count():,} parameters in {name}"
+        f"the model needs about {need / 1e9:.1f} GB ({graph.param_count():,} parameters {what}"
         f"{', plus the run' if extra_bytes else ''}), but only {avail / 1e9:.1f} GB are available ({source})",
         Source(where), ["a smaller --dtype (bfloat16 halves float32) may fit; --no-memory-check (memory_check=False "
                         "in mad.load) tries anyway"])])
 
 
-def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "program",
-                    fuse: bool | str = "auto", overrides: list[str] = (), trust_plugins: bool = False,
-                    memory_check: bool = True, tokenizer: Any = None) -> tuple[LanguageModel, Any]:
-    """Read a checkpoint folder: config -> topology (the format's overrides, then the user's), checked and
-    sized before a weight is read; then the weights (memory-mapped), checked by name, shape and dtype.
+@dataclass
+class FamilyCheckpoint:
+    """What a family's checkpoint folder holds, read but not evaluated: the graph of its topology, its weights
+    (memory-mapped, renamed by the format), their dtype, the tokenizer, and where they came from."""
 
-    `tokenizer`: a tokenizer to use instead of the folder's (an `HFTokenizer` without eos ids gets the
-    config's), or None for the folder's own (None if it has none)."""
-    folder = Path(folder)
+    graph: Any
+    weights: dict
+    dtype: str
+    tokenizer: Any
+    config: dict
+    config_file: Path
+    fmt: CheckpointFormat
+    source_names: frozenset
+
+
+def read_family_checkpoint(folder: Path, overrides: list[str] = (), trust_plugins: bool = False,
+                           tokenizer: Any = None) -> FamilyCheckpoint:
+    """Config -> topology (the format's overrides, then the user's), checked and sized before a weight is
+    read; the weights memory-mapped and renamed by the format (nothing is read yet); the tokenizer:
+    `tokenizer` (an `HFTokenizer` without eos ids gets the config's) or the folder's own (None if none)."""
     config, config_file = read_config(folder)
     fmt = find_format(config)
     if fmt is None:
@@ -303,17 +355,29 @@ def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "p
     source_names = frozenset(weights)
     with _located(folder / "model.safetensors" if (folder / "model.safetensors").is_file() else folder):
         weights = fmt.sanitize(weights, config)
-    program = _checked_program(graph, weights, folder, dtype or file_dtype, compile, fuse, memory_check)
     with _located(config_file):
         if tokenizer is None:
             tokenizer = fmt.tokenizer(folder, config)
-        elif not getattr(tokenizer, "is_bytes", False) and \
-                not getattr(tokenizer, "eos_token_ids", None):
+        elif not getattr(tokenizer, "is_bytes", False) and not getattr(tokenizer, "eos_token_ids", None):
             tokenizer.eos_token_ids = tuple(fmt.eos_token_ids(config))
-    model = LanguageModel(program, tokenizer)
-    object.__setattr__(model, "checkpoint_source", checkpoint_source(folder, config, config_file, fmt,
-                                                                          source_names))
-    return model, tokenizer
+    return FamilyCheckpoint(graph, weights, file_dtype, tokenizer, config, config_file, fmt, source_names)
+
+
+def load_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str = "program",
+                    fuse: bool | str = "auto", overrides: list[str] = (), trust_plugins: bool = False,
+                    memory_check: bool = True, tokenizer: Any = None) -> tuple[LanguageModel, Any]:
+    """Read a family's checkpoint folder (`read_family_checkpoint`), then load its weights, checked by name,
+    shape and dtype, into a Program.
+
+    `tokenizer`: a tokenizer to use instead of the folder's (an `HFTokenizer` without eos ids gets the
+    config's), or None for the folder's own (None if it has none)."""
+    folder = Path(folder)
+    ck = read_family_checkpoint(folder, overrides, trust_plugins, tokenizer)
+    program = _checked_program(ck.graph, ck.weights, folder, dtype or ck.dtype, compile, fuse, memory_check)
+    model = LanguageModel(program, ck.tokenizer)
+    object.__setattr__(model, "checkpoint_source", checkpoint_source(folder, ck.config, ck.config_file, ck.fmt,
+                                                                          ck.source_names))
+    return model, ck.tokenizer
 
 
 MAX_COMPANION_BYTES = 256 << 20  # a tokenizer file is a few MB; a bound on what is kept, not a format rule
@@ -340,12 +404,19 @@ def checkpoint_source(folder: Path, config: dict, config_file: Path, fmt: Checkp
 MAX_LISTED = 20  # of each kind of weight error; a config that does not describe the weights would list thousands
 
 
-def check_weights(graph: Any, weights: dict, where: str) -> None:
-    """Missing, unexpected, wrong-shape and non-float weights against the graph's parameters, listed
-    together by name (up to MAX_LISTED of each kind), before a Program is built."""
-    own = {f"{n}.{k}": tuple(int(d) for d in shape) for n in graph.blocks() for k, shape in graph.g.nodes[n]["params"].items()}
+def check_weights(graph: Any, weights: dict, where: str, expected: Optional[dict] = None) -> None:
+    """Missing, unexpected, wrong-shape and wrong-dtype weights against the graph's parameters (or
+    `expected`, {name: array of the expected shape and dtype}: a quantized program's parameters), listed
+    together by name (up to MAX_LISTED of each kind), before anything is loaded. A floating-point
+    parameter takes any floating-point weight; any other (a packed quantized weight) its exact dtype."""
+    if expected is None:
+        own = {f"{n}.{k}": (tuple(int(d) for d in shape), None)
+               for n in graph.blocks() for k, shape in graph.g.nodes[n]["params"].items()}
+    else:
+        own = {k: (tuple(a.shape), None if mx.issubdtype(a.dtype, mx.floating) else a.dtype)
+               for k, a in expected.items()}
     kinds: dict[str, list[str]] = {"missing": [], "unexpected": [], "shape": [], "dtype": []}
-    for k, shape in own.items():
+    for k, (shape, _) in own.items():
         if k not in weights:
             kinds["missing"].append(f"{where}: missing weight '{k}' {shape}")
     for k, w in weights.items():
@@ -354,11 +425,15 @@ def check_weights(graph: Any, weights: dict, where: str) -> None:
         elif k not in own:
             kinds["unexpected"].append(f"{where}: unexpected weight '{k}' {tuple(w.shape)}")
         else:
-            if tuple(w.shape) != own[k]:
-                kinds["shape"].append(f"{where}: weight '{k}' has shape {tuple(w.shape)}, the model expects {own[k]}")
-            if not mx.issubdtype(w.dtype, mx.floating):
+            shape, exact = own[k]
+            if tuple(w.shape) != shape:
+                kinds["shape"].append(f"{where}: weight '{k}' has shape {tuple(w.shape)}, the model expects {shape}")
+            if exact is None and not mx.issubdtype(w.dtype, mx.floating):
                 kinds["dtype"].append(f"{where}: weight '{k}' has dtype {w.dtype}, the model expects floating-point "
                                       "weights")
+            elif exact is not None and w.dtype != exact:
+                kinds["dtype"].append(f"{where}: weight '{k}' has dtype {w.dtype}, the quantized model expects "
+                                      f"{exact}")
     diags = Diagnostics()
     for kind, messages in kinds.items():
         for m in messages[:MAX_LISTED]:

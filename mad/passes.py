@@ -31,6 +31,9 @@ A node joins a group when
   - no node ties to it (`tie:` on another node: its weight is someone else's too), and
   - with `by_stage` (a Program compiled stage by stage), it runs in the same stage as the others: a
     compiled stage can only produce its own nodes. A whole-program compile fuses across stages.
+  - its weight is stored as the others' are (`storage`): float in the compute dtype, or quantized with
+    the same bits, group size and mode (`mad.quantize`). A quantized group is one `mx.quantized_matmul`
+    over the members' packed weights, scales and biases stacked by rows (`QuantizedFusedLinear`).
 Reading exactly the same value implies the same input width. Other block types that read the same
 value (a norm, a `swiglu` with its own projections inside) are not touched: their weights are internal
 to their module, not separate nodes of the graph.
@@ -39,7 +42,7 @@ to their module, not separate nodes of the graph.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Callable, Hashable, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -62,6 +65,7 @@ class FusionGroup:
     bias: tuple[bool, ...]               # which members have a bias
     softcap: tuple[Optional[float], ...]  # each member's soft-cap (None: none)
     forms: tuple[LinearForm, ...]         # each member's declaration (its parameter names)
+    quant: Any = None                     # the members' `mad.quantize.QuantSettings`; None: float weights
 
     def names(self) -> list[tuple[str, Optional[str]]]:
         """Each member's weight and bias names as `parameters()` gives them (`node.weight`, `node.bias`
@@ -79,8 +83,10 @@ class FusionGroup:
 
     def describe(self) -> dict:
         """The group as data (for `plan.json`)."""
-        return {"input": self.source, "nodes": list(self.members),
-                "out": list(self.widths), "in": self.d_in}
+        out = {"input": self.source, "nodes": list(self.members), "out": list(self.widths), "in": self.d_in}
+        if self.quant is not None:
+            out["quantized"] = self.quant.to_dict()
+        return out
 
 
 def linear_forms(graph: Graph) -> dict[str, LinearForm]:
@@ -111,20 +117,24 @@ def fusable_linears(graph: Graph) -> list[str]:
     return list(linear_forms(graph))
 
 
-def find_sibling_linears(graph: Graph, by_stage: bool = False) -> list[FusionGroup]:
+def find_sibling_linears(graph: Graph, by_stage: bool = False,
+                         storage: Optional[Callable[[str], Hashable]] = None) -> list[FusionGroup]:
     """Groups of >= 2 fusable linear nodes that read the same value (and, with `by_stage`, run in
-    the same stage).
+    the same stage) and store their weights alike (`storage(node)`: None for float weights, the
+    quantization settings of a quantized node; None for every node when not given).
 
     Groups are listed in the order of their first member; members in execution order. A group runs
     where its first member would: every member only needs the shared input, computed before that.
     """
     g = graph.g
     forms = linear_forms(graph)
-    by_source: dict[tuple[str, str | None], list[str]] = {}
+    storage = storage or (lambda n: None)
+    by_source: dict[tuple[str, str | None, Hashable], list[str]] = {}
     for n in forms:  # graph.blocks() order = execution order
-        by_source.setdefault((g.nodes[n]["inputs"][0], g.nodes[n]["stage"] if by_stage else None), []).append(n)
+        key = (g.nodes[n]["inputs"][0], g.nodes[n]["stage"] if by_stage else None, storage(n))
+        by_source.setdefault(key, []).append(n)
     groups = []
-    for (source, _), members in by_source.items():
+    for (source, _, quant), members in by_source.items():
         if len(members) < 2:
             continue
         shapes = [g.nodes[m]["params"][forms[m].weight] for m in members]
@@ -133,7 +143,7 @@ def find_sibling_linears(graph: Graph, by_stage: bool = False) -> list[FusionGro
             widths=tuple(int(s[0]) for s in shapes), d_in=int(shapes[0][1]),
             bias=tuple(forms[m].bias is not None for m in members),
             softcap=tuple(forms[m].softcap or None for m in members),
-            forms=tuple(forms[m] for m in members)))
+            forms=tuple(forms[m] for m in members), quant=quant))
     return groups
 
 
@@ -169,6 +179,14 @@ class FusedLinear(nn.Module):
             if form.bias is not None:
                 biases[i] = params[form.bias]
         return cls(group, weights, biases)
+
+    def row_attrs(self) -> tuple[str, ...]:
+        """The arrays stacked by rows: `weight`, and `bias` when a member has one."""
+        return ("weight", "bias") if "bias" in self else ("weight",)
+
+    def member_params(self, form: LinearForm) -> list[tuple[str, str]]:
+        """(attribute here, the member's parameter name) of one member's rows."""
+        return [("weight", form.weight)] + ([("bias", form.bias)] if form.bias is not None else [])
 
     def __call__(self, x: mx.array) -> list[mx.array]:
         return dispatch("linear")(x, self.weight, self.bias if "bias" in self else None,

@@ -22,6 +22,10 @@ optimizers) reads and updates.
 `last_only=True` returns the outputs at the last position only, as reading a prompt needs: the
 positionwise nodes that feed only the outputs (a language model's final norm and head, the last block's
 feed-forward) then run on that position alone.
+
+`quantize(config)` swaps the projections, the head and the embeddings for MLX-quantized modules
+(`mad.quantize`), after the program is built and before weights are loaded; the fusion pass then groups
+only siblings quantized alike.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Literal, Mapping, Union
+from typing import Any, Callable, Literal, Mapping, Optional, Union
 
 import mlx.core as mx
 import mlx.nn as nn
@@ -42,7 +46,8 @@ from .block import TensorType
 from .dims import Sym, shape_str
 from .errors import Diagnostics, MadError
 from .graph import Graph, check_state
-from .passes import FusedLinear, FusionGroup, find_sibling_linears
+from .passes import FusionGroup, find_sibling_linears
+from .quantize import fused_linear, quantized_modules
 
 Mode = Literal["auto", "step", "chunkwise", "parallel"]
 CompileMode = Literal["program", "stage", "none"]
@@ -117,6 +122,7 @@ class Program:
     (`_sync_fused`, an identity check per member), so a gradient taken through the fused matmul reaches
     the members' arrays. The compiled functions read the unfused nodes' modules and the concatenations
     as inputs (`mx.compile(inputs=...)`), so new arrays of the same shapes are used without re-tracing.
+    A quantized group (`quantize`) stacks the members' packed weights, scales and biases the same way.
     """
 
     def __init__(self, graph: Graph, dtype: str | mx.Dtype = "float32", compile: CompileMode = "program",
@@ -138,33 +144,46 @@ class Program:
         self.fuse = fuse
         self.fused = fuse_enabled(fuse)
         self._fuse_env = os.environ.get("MAD_FUSE") or None  # shown in the plan when it decided
-        self.fusion_groups: list[FusionGroup] = find_sibling_linears(graph, by_stage=compile == "stage")
-        active = self.fusion_groups if self.fused else []
-        self._group_of = {m: grp for grp in active for m in grp.members}
+        self._by_stage = compile == "stage"
+        self.fusion_groups: list[FusionGroup] = find_sibling_linears(graph, by_stage=self._by_stage)
+        self.quantization: Optional[dict] = None  # the config `quantize` applied (mad.quantize)
         # every node's module, built in execution order whether fused or not (so a fused and an unfused
         # program built from the same random seed start from the same weights)
-        modules = {n: self._build(n) for n in self.nodes}
+        self._install({n: self._build(n) for n in self.nodes}, self.fusion_groups)
+        if self.dtype != mx.float32:
+            self.set_dtype(self.dtype)
+        self.stages = self._plan()
+        self.compile_mode = compile
+
+    def _install(self, modules: dict[str, Callable], groups: list[FusionGroup]) -> None:
+        """Own `modules` (every node's module or function, by node) and run `groups` fused when fusion is
+        on: `root`, the fused modules and what the compiled functions read, the ties, `last_only`'s tail.
+        Forgets the compiled functions (they read the previous modules)."""
+        active = groups if self.fused else []
+        self._group_of = {m: grp for grp in active for m in grp.members}
         self.fns: dict[str, Callable] = {n: m for n, m in modules.items() if n not in self._group_of}
-        # the FusedLinear of each group, by its first member (where the group runs): it concatenates the
+        # the fused module of each group, by its first member (where the group runs): it concatenates the
         # members' weights, and the members' modules keep (views of) their rows, never run
-        self._fused: dict[str, FusedLinear] = {
-            grp.members[0]: FusedLinear.from_modules(grp, [modules[m] for m in grp.members]) for grp in active}
+        self._fused: dict[str, nn.Module] = {
+            grp.members[0]: fused_linear(grp, [modules[m] for m in grp.members]) for grp in active}
 
         self.root = nn.Module()
         for n, module in modules.items():
             if isinstance(module, nn.Module):
                 self.root[n] = module
-        del modules
         if self._fused:
             self.root[FUSED] = list(self._fused.values())
-        # per group: (member's module, parameter path, rows) of every member's weight and bias
+        # per group: (member's module, parameter path, attribute of the fused module, rows) of every array
+        # a member holds rows of (weight and bias; packed weight, scales, biases and bias when quantized)
         self._slots: dict[str, list[tuple[nn.Module, tuple[str, ...], str, int, int]]] = {}
+        self._attrs: dict[str, tuple[str, ...]] = {}
         for first, fl in self._fused.items():
             grp = fl.group
+            self._attrs[first] = fl.row_attrs()
             self._slots[first] = [
                 (self.root[m], tuple(name.split(".")), attr, start, stop)
                 for m, form, (start, stop) in zip(grp.members, grp.forms, grp.bounds)
-                for attr, name in (("weight", form.weight), ("bias", form.bias)) if name is not None]
+                for attr, name in fl.member_params(form)]
         self._synced: dict[str, tuple] = {}
         for first in self._fused:
             self._point_members(first)
@@ -172,15 +191,39 @@ class Program:
         # through the concatenations)
         self._compile_inputs = [self.root[n] for n in self.root if n not in self._group_of]
         for n in self.nodes:
-            tie = getattr(g.nodes[n]["spec"], "tie", None)
+            tie = getattr(self.graph.g.nodes[n]["spec"], "tie", None)
             if tie:  # never a fused node: the pass leaves tied nodes and their sources alone
                 self.fns[n].tie(self.fns[tie])
-        if self.dtype != mx.float32:
-            self.set_dtype(self.dtype)
-        self.stages = self._plan()
-        self.compile_mode = compile
         self._compiled: dict[Any, Callable] = {}
+        self.traces: list[tuple[tuple[int, ...], bool]] = []  # (first input's shape, last_only) per whole-program trace
         self.tail = self._last_only_nodes(active)
+
+    def modules(self) -> dict[str, Callable]:
+        """Every node's module (or function, for nodes without weights), by node, in execution order."""
+        return {n: self.root[n] if n in self.root else self.fns[n] for n in self.nodes}
+
+    def quantize(self, config: Mapping[str, Any]) -> None:
+        """Replace the projections, the head and the embeddings by MLX-quantized ones, as `config` says
+        (mlx-lm's `quantization` entry: {"group_size", "bits", "mode", module path: false | settings}; see
+        `mad.quantize`), quantizing the weights they hold now. Call it before loading a quantized
+        checkpoint (its weights then load into the quantized modules) or on a loaded float model.
+
+        Sibling linears are regrouped: only members quantized alike (or all float) fuse, a quantized group
+        running as one `mx.quantized_matmul` over stacked packed weights. `quantization` records the
+        config, checked; a bad config (settings MLX refuses, a group size that does not divide a
+        projection's inputs, a module this model lacks) is a MadError naming it, and changes nothing."""
+        if self.quantization is not None:
+            raise MadError("the model is quantized already")
+        self._sync_fused()
+        modules, storage, checked = quantized_modules(self.graph, self.modules(), config)
+        self.fusion_groups = find_sibling_linears(self.graph, by_stage=self._by_stage, storage=storage.get)
+        self._install(modules, self.fusion_groups)
+        self.quantization = checked
+
+    def clear_compiled(self) -> None:
+        """Forget the compiled functions: the next call traces anew. (MLX aborts at exit if a function traced
+        in a thread that has ended is still alive: a server's engine thread calls this as it stops.)"""
+        self._compiled.clear()
 
     def _last_only_nodes(self, groups: list[FusionGroup]) -> frozenset[str]:
         """The nodes that `last_only` runs on the last position alone: positionwise, with a sequence
@@ -222,8 +265,9 @@ class Program:
         return stages
 
     def plan(self) -> dict:
-        """The stages as data (for `plan.json`), and the sibling linears run as one matmul
-        (`fuse.groups`: those the pass found; `fuse.enabled`: whether this program fuses them)."""
+        """The stages as data (for `plan.json`), the sibling linears run as one matmul (`fuse.groups`:
+        those the pass found; `fuse.enabled`: whether this program fuses them) and the quantization
+        config (`quantization`: None when the weights are not quantized)."""
         return {
             "name": self.graph.name,
             "compile": self.compile_mode,
@@ -235,6 +279,7 @@ class Program:
             "outputs": self.graph.outputs,
             "fuse": {"setting": self.fuse, "MAD_FUSE": self._fuse_env, "enabled": self.fused,
                      "groups": [grp.describe() for grp in self.fusion_groups]},
+            "quantization": self.quantization,
         }
 
     # ------------------------------------------------------------------ weights
@@ -247,11 +292,11 @@ class Program:
 
     def set_dtype(self, dtype: str | mx.Dtype) -> None:
         self.dtype = dtype_of(dtype)
-        self.root.set_dtype(self.dtype)  # every node's module; the concatenations below
+        self.root.set_dtype(self.dtype)  # every node's floating-point arrays (not packed weights); the fused below
         for first, fl in self._fused.items():
-            fl.weight = fl.weight.astype(self.dtype)
-            if "bias" in fl:
-                fl.bias = fl.bias.astype(self.dtype)
+            for attr in self._attrs[first]:
+                if mx.issubdtype(fl[attr].dtype, mx.floating):
+                    fl[attr] = fl[attr].astype(self.dtype)
             self._point_members(first)
 
     # ------------------------------------------------------------------ fused groups
@@ -268,31 +313,31 @@ class Program:
         module[path[-1]] = value
 
     def _point_members(self, first: str) -> None:
-        """Make the members' arrays of group `first` the rows of its concatenation (views)."""
+        """Make the members' arrays of group `first` the rows of its concatenations (views)."""
         fl = self._fused[first]
         for module, path, attr, start, stop in self._slots[first]:
             self._set(module, path, fl[attr][start:stop])
-        self._synced[first] = (fl.weight, fl.bias if "bias" in fl else None,
-                               *(self._get(m, p) for m, p, *_ in self._slots[first]))
+        self._synced[first] = (tuple(fl[a] for a in self._attrs[first]),
+                               tuple(self._get(m, p) for m, p, *_ in self._slots[first]))
 
     def _sync_fused(self) -> None:
         """Rebuild each group's concatenation from its members' arrays where any was replaced since the
         last sync (an identity check, cheap enough for every call), then point the members at its rows.
         Where only the concatenation was replaced (`FusedLinear.load`), the members follow it."""
         for first, fl in self._fused.items():
-            synced = self._synced[first]
+            concatenations, synced = self._synced[first]
             slots = self._slots[first]
             members = [self._get(m, p) for m, p, *_ in slots]
-            if all(a is b for a, b in zip(members, synced[2:])):
-                if fl.weight is not synced[0] or ("bias" in fl and fl.bias is not synced[1]):
+            if all(a is b for a, b in zip(members, synced)):
+                if any(fl[a] is not c for a, c in zip(self._attrs[first], concatenations)):
                     self._point_members(first)
                 continue
             pieces = {(attr, start): a for (_, _, attr, start, _), a in zip(slots, members)}
-            dtype = pieces[("weight", 0)].dtype
-            fl.weight = mx.concatenate([pieces[("weight", start)] for start, _ in fl.group.bounds])
-            if "bias" in fl:
-                fl.bias = mx.concatenate([pieces.get(("bias", start), mx.zeros((stop - start,), dtype))
-                                          for start, stop in fl.group.bounds])
+            for attr in self._attrs[first]:
+                parts = [pieces.get((attr, start)) for start, _ in fl.group.bounds]
+                dtype = next(p.dtype for p in parts if p is not None)  # a bias: zeros for members without one
+                fl[attr] = mx.concatenate([p if p is not None else mx.zeros((stop - start,), dtype)
+                                           for p, (start, stop) in zip(parts, fl.group.bounds)])
             self._point_members(first)
 
     def load_weights(self, weights: Mapping[str, mx.array], strict: bool = True, where: str = "checkpoint") -> None:
@@ -322,6 +367,10 @@ class Program:
                     and not mx.issubdtype(weights[k].dtype, mx.floating):
                 diags.error(f"{where}: weight '{k}' has dtype {weights[k].dtype}, the model expects floating-point "
                             f"weights ({own[k].dtype})")
+            elif k in own and k not in not_arrays and not mx.issubdtype(own[k].dtype, mx.floating) \
+                    and weights[k].dtype != own[k].dtype:  # quantized: packed values, floating-point-mode scales
+                diags.error(f"{where}: weight '{k}' has dtype {weights[k].dtype}, the quantized model expects "
+                            f"{own[k].dtype}")
         diags.raise_if_any()
         by_node: dict[str, list] = {}
         for k, v in weights.items():
@@ -390,6 +439,8 @@ class Program:
         return out
 
     def _program_fn(self, mode: str, last_only: bool, inputs: dict, state: dict) -> tuple[dict, dict]:
+        # MLX calls this only while tracing (once per new input shape): the log shows what a run traced
+        self.traces.append((tuple(next(iter(inputs.values())).shape), last_only))
         env, new_state = dict(inputs), {}
         self._run_nodes(self.nodes, env, state, new_state, mode, last_only)
         return self._outputs(env, last_only), new_state

@@ -157,11 +157,13 @@ def _umask() -> int:
     return mask
 
 
-def _is_build_dir(path: Path) -> bool:
-    """A folder that `mad build` wrote (it holds the marker)."""
+def _is_build_dir(path: Path, follow_links: bool = False) -> bool:
+    """A folder that `mad build` wrote (it holds the marker). A linked marker counts only with `follow_links`
+    (for reading, e.g. the Hugging Face cache, where every file is a link): never when deciding what may be
+    replaced."""
     marker = path / MARKER
     try:
-        if marker.is_symlink() or not marker.is_file():
+        if (marker.is_symlink() and not follow_links) or not marker.is_file():
             return False
         with open(marker, "rb") as f:
             return f.read(len(MARKER_TAG)) == MARKER_TAG.encode()

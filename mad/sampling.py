@@ -55,24 +55,31 @@ def make_sampler(temp: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: f
     def sample(logits: mx.array) -> mx.array:
         if temp == 0:
             return mx.argmax(logits, axis=-1)
-        logprobs = logits / temp
-        logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
-        if top_k > 0 and top_k < logprobs.shape[-1]:
-            kth = mx.sort(logprobs, axis=-1)[..., -top_k][..., None]
-            logprobs = mx.where(logprobs < kth, -mx.inf, logprobs)
-        if min_p > 0:
-            threshold = mx.max(logprobs, axis=-1, keepdims=True) + mx.log(mx.array(min_p))
-            logprobs = mx.where(logprobs < threshold, -mx.inf, logprobs)
-        if top_p < 1.0:
-            order = mx.argsort(-logprobs, axis=-1)
-            sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
-            cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
-            keep_sorted = (cum - mx.exp(sorted_lp)) < top_p  # always keeps the most likely token
-            keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
-            logprobs = mx.where(keep, logprobs, -mx.inf)
-        return mx.random.categorical(logprobs)
+        return mx.random.categorical(filtered_logprobs(logits, temp, top_p, top_k, min_p))
 
     return sample
+
+
+def filtered_logprobs(logits: mx.array, temp: float, top_p: float = 1.0, top_k: int = 0,
+                      min_p: float = 0.0) -> mx.array:
+    """The log-probabilities a sampler draws from (temp > 0): logits / temp, normalised, with the top-k,
+    min-p and top-p filters applied (filtered tokens at -inf)."""
+    logprobs = logits / temp
+    logprobs = logprobs - mx.logsumexp(logprobs, axis=-1, keepdims=True)
+    if top_k > 0 and top_k < logprobs.shape[-1]:
+        kth = mx.sort(logprobs, axis=-1)[..., -top_k][..., None]
+        logprobs = mx.where(logprobs < kth, -mx.inf, logprobs)
+    if min_p > 0:
+        threshold = mx.max(logprobs, axis=-1, keepdims=True) + mx.log(mx.array(min_p))
+        logprobs = mx.where(logprobs < threshold, -mx.inf, logprobs)
+    if top_p < 1.0:
+        order = mx.argsort(-logprobs, axis=-1)
+        sorted_lp = mx.take_along_axis(logprobs, order, axis=-1)
+        cum = mx.cumsum(mx.exp(sorted_lp), axis=-1)
+        keep_sorted = (cum - mx.exp(sorted_lp)) < top_p  # always keeps the most likely token
+        keep = mx.put_along_axis(mx.zeros_like(keep_sorted), order, keep_sorted, axis=-1)
+        logprobs = mx.where(keep, logprobs, -mx.inf)
+    return logprobs
 
 
 def apply_repetition_penalty(logits: mx.array, history: mx.array, penalty: float) -> mx.array:

@@ -5,7 +5,8 @@ A MAD checkpoint folder holds
     .mad-build              the marker of folders MAD wrote (the rule of `mad build -o`: MAD replaces only those)
     resolved.yaml           the resolved topology (sizes, overrides and templates applied)
     model.safetensors       the weights, named by node (the checkpoint names: `Program.parameters()`)
-    mad.json                {"format": "mad-checkpoint", "tokenizer": "bytes" | "tokenizer.json" | null, ...}
+    mad.json                {"format": "mad-checkpoint", "tokenizer": "bytes" | "tokenizer.json" | null, ...,
+                             "quantization": {...} for a quantized model (mlx-lm's config entry, see mad.quantize)}
     tokenizer.json          when the model had one
     training/               `mad train` only: optimizer.safetensors and state.json (step, data position, seed)
     metrics.jsonl, loss.svg `mad train` only
@@ -42,7 +43,7 @@ def is_mad_checkpoint(path: str | Path) -> bool:
     """A folder MAD wrote that holds weights: marker, resolved.yaml and model.safetensors."""
     path = Path(path)
     return path.is_dir() and (path / "resolved.yaml").is_file() and (path / "model.safetensors").is_file() \
-        and _is_build_dir(path)
+        and _is_build_dir(path, follow_links=True)  # read, never replaced: a linked marker (the Hub's cache) counts
 
 
 def named_weights(model: Any) -> dict[str, mx.array]:
@@ -100,6 +101,8 @@ def write_checkpoint(out: str | Path, model: Any, tokenizer: Any = None, *, extr
     meta = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "name": program.graph.name,
             "dtype": str(program.dtype).rsplit(".", 1)[-1], "tokenizer": kind, "eos_token_ids": eos,
             **(info or {})}
+    if getattr(program, "quantization", None) is not None:
+        meta["quantization"] = program.quantization  # what `mad.load` quantizes the modules by before loading
     resolved = program.graph.resolved.to_yaml()
     mx.eval(weights)
 
@@ -131,6 +134,9 @@ def source_of(model: Any, format: str = "source") -> Any:
     """The `CheckpointSource` of a model loaded from a checkpoint folder (see `mad.formats`); a MadError
     saying why when it has none, or when `format` is "hf" and the source is not a Hugging Face folder."""
     source = getattr(model, "checkpoint_source", None)
+    if getattr(getattr(model, "program", model), "quantization", None) is not None:
+        raise MadError(f"save: format={format!r}: the model is quantized, and its source format has no quantized "
+                       "layout; save it with format='mad' (a MAD checkpoint records the quantization)")
     if source is None:
         raise MadError(f"save: format={format!r} writes a model in the format of the checkpoint it was loaded from, "
                        "but this model was not loaded from a checkpoint folder (a topology, a build or a MAD "
@@ -206,6 +212,11 @@ def save(model: Any, path: str | Path, tokenizer: Any = None, *, format: str = "
         raise MadError(f"save: path must be a folder name, got {type(path).__name__}")
     if not isinstance(format, str) or format not in SAVE_FORMATS:
         raise MadError(f"save: format must be one of {', '.join(map(repr, SAVE_FORMATS))}, got {format!r}")
+    from .shard import sharding_of
+
+    if sharding_of(model) is not None:
+        raise MadError("save: this model is one member's part of a tensor-parallel model (mad.load(..., group=)); "
+                       "save the model loaded in one process")
     if format == "mad":
         return write_checkpoint(path, model, tokenizer, flag="save:")
     return write_source_checkpoint(path, model, format, flag="save:")

@@ -203,21 +203,38 @@ def load_optimizer_arrays(optimizer: optim.Optimizer, arrays: dict[str, mx.array
     optimizer.state = tree_map_with_path(lambda path, v: arrays[path].astype(v.dtype), optimizer.state)
 
 
-def svg_plot(points: list[tuple[int, float]], eval_points: list[tuple[int, float]], title: str) -> str:
-    """A small line chart of the loss (and the held-out loss) by step, as SVG text (no dependency)."""
+def svg_plot(points: list[tuple[float, float]], eval_points: list[tuple[float, float]], title: str, *,
+             series: Optional[list[dict]] = None, xlabel: str = "step", xticks: Optional[list[str]] = None,
+             ylim: Optional[tuple[float, float]] = None) -> str:
+    """A small line chart as SVG text (no dependency): the loss (and the held-out loss) by step, or `series`,
+    each {"label", "color", "points": [(x, y)], "spread": [s] (optional: error bars y +- s), "line": bool
+    (default True), "dots": bool}. `xticks` names the x positions 0, 1, ... (categories) instead of numbers."""
+    if series is None:
+        series = [{"label": "loss", "color": "#1f77b4", "points": points},
+                  {"label": "held-out loss", "color": "#d62728", "points": eval_points, "dots": True}]
     w, h, ml, mr, mt, mb = 640, 360, 60, 20, 30, 40
-    pts = [(s, v) for s, v in points if math.isfinite(v)]
-    evs = [(s, v) for s, v in eval_points if math.isfinite(v)]
-    allv = [v for _, v in pts + evs] or [0.0, 1.0]
-    lo, hi = min(allv), max(allv)
+    def finite(sr: dict) -> list[tuple[float, float, float]]:
+        spread = sr.get("spread") or [0.0] * len(sr["points"])
+        return [(x, v, e) for (x, v), e in zip(sr["points"], spread) if math.isfinite(v) and math.isfinite(e)]
+
+    series = [dict(sr, points=finite(sr)) for sr in series]
+    everything = [p for sr in series for p in sr["points"]]
+    allv = [v + d for _, v, e in everything for d in (-e, e)] or [0.0, 1.0]
+    lo, hi = ylim or (min(allv), max(allv))
     if hi - lo < 1e-9:
         lo, hi = lo - 0.5, hi + 0.5
-    smax = max([s for s, _ in pts + evs] + [1])
-    smin = min([s for s, _ in pts + evs] + [smax])
+    if xticks:
+        smin, smax = -0.5, len(xticks) - 0.5
+    else:
+        smax = max([x for x, _, _ in everything] + [1])
+        smin = min([x for x, _, _ in everything] + [smax])
     span = max(smax - smin, 1)
 
-    def xy(s: float, v: float) -> str:
-        return f"{ml + (s - smin) / span * (w - ml - mr):.1f},{mt + (hi - v) / (hi - lo) * (h - mt - mb):.1f}"
+    def px(s: float) -> float:
+        return ml + (s - smin) / span * (w - ml - mr)
+
+    def py(v: float) -> float:
+        return mt + (hi - v) / (hi - lo) * (h - mt - mb)
 
     def esc(t: str) -> str:
         return t.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
@@ -230,25 +247,25 @@ def svg_plot(points: list[tuple[int, float]], eval_points: list[tuple[int, float
            f'<line x1="{ml}" y1="{mt}" x2="{ml}" y2="{h - mb}" stroke="black"/>']
     for k in range(5):
         v = lo + (hi - lo) * k / 4
-        y = mt + (hi - v) / (hi - lo) * (h - mt - mb)
-        out.append(f'<text x="{ml - 5}" y="{y + 4:.1f}" text-anchor="end">{v:.3g}</text>')
-        out.append(f'<line x1="{ml}" y1="{y:.1f}" x2="{w - mr}" y2="{y:.1f}" stroke="#ddd"/>')
-    for k in range(5):
-        s = smin + span * k / 4
-        x = ml + (s - smin) / span * (w - ml - mr)
-        out.append(f'<text x="{x:.1f}" y="{h - mb + 15}" text-anchor="middle">{int(round(s))}</text>')
-    out.append(f'<text x="{(w + ml) / 2}" y="{h - 5}" text-anchor="middle">step</text>')
-    if pts:
-        out.append('<polyline fill="none" stroke="#1f77b4" stroke-width="1.5" points="'
-                   + " ".join(xy(s, v) for s, v in pts) + '"/>')
-    if evs:
-        out.append('<polyline fill="none" stroke="#d62728" stroke-width="1.5" points="'
-                   + " ".join(xy(s, v) for s, v in evs) + '"/>')
-        out.extend(f'<circle cx="{xy(s, v).split(",")[0]}" cy="{xy(s, v).split(",")[1]}" r="2.5" fill="#d62728"/>'
-                   for s, v in evs)
-    out.append(f'<text x="{w - mr - 5}" y="{mt + 12}" text-anchor="end" fill="#1f77b4">loss</text>')
-    if evs:
-        out.append(f'<text x="{w - mr - 5}" y="{mt + 26}" text-anchor="end" fill="#d62728">held-out loss</text>')
+        out.append(f'<text x="{ml - 5}" y="{py(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
+        out.append(f'<line x1="{ml}" y1="{py(v):.1f}" x2="{w - mr}" y2="{py(v):.1f}" stroke="#ddd"/>')
+    ticks = list(enumerate(xticks)) if xticks else [(smin + span * k / 4, str(int(round(smin + span * k / 4))))
+                                                     for k in range(5)]
+    for s, name in ticks:
+        out.append(f'<text x="{px(s):.1f}" y="{h - mb + 15}" text-anchor="middle">{esc(name)}</text>')
+    out.append(f'<text x="{(w + ml) / 2}" y="{h - 5}" text-anchor="middle">{esc(xlabel)}</text>')
+    for sr in series:
+        pts, color = sr["points"], sr["color"]
+        if pts and sr.get("line", True):
+            out.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
+                       + " ".join(f"{px(x):.1f},{py(v):.1f}" for x, v, _ in pts) + '"/>')
+        out.extend(f'<line x1="{px(x):.1f}" y1="{py(v - e):.1f}" x2="{px(x):.1f}" y2="{py(v + e):.1f}" '
+                   f'stroke="{color}" stroke-width="1.5"/>' for x, v, e in pts if e > 0)
+        if sr.get("dots"):
+            out.extend(f'<circle cx="{px(x):.1f}" cy="{py(v):.1f}" r="2.5" fill="{color}"/>' for x, v, _ in pts)
+    for k, sr in enumerate(s for s in series if s["points"]):
+        out.append(f'<text x="{w - mr - 5}" y="{mt + 12 + 14 * k}" text-anchor="end" fill="{sr["color"]}">'
+                   f'{esc(sr["label"])}</text>')
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
@@ -345,6 +362,12 @@ def train(source: Optional[str | Path], data: str | Path, out: str | Path, confi
         if source is None:
             raise MadError("give the model to train: a topology file, a build folder or a checkpoint folder")
         model, tok = load(source, dtype=cfg.dtype, trust_plugins=trust_plugins, memory_check=memory_check)
+    if model.program.quantization is not None:
+        from .quantize import describe_quantization
+
+        raise MadError(f"the model is quantized ({describe_quantization(model.program.quantization)}); mad train "
+                       "trains floating-point weights: train the unquantized model, then quantize it (mad convert -q)",
+                       Source(str(source or out)))
     if tok is None:
         if model.vocab_size > 256:
             raise MadError(f"{source}: the model has a vocabulary of {model.vocab_size} ids and no tokenizer.json; "

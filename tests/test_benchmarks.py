@@ -35,6 +35,8 @@ BENCH = ROOT / "benchmarks"
 # script (its path under benchmarks/) -> the modules it needs besides MAD
 CPU = {"bench_framework.py": (), "cpu_parts.py": (), "probes/probe_float32_orders.py": (),
        "bench_hf.py": ("torch", "transformers"), "bench_nxai.py": ("torch", "xlstm"),
+       "bench_train.py": ("torch", "transformers", "xlstm", "mlstm_kernels"),
+       "bench_quant.py": (), "bench_serve.py": ("uvicorn", "starlette", "openai"), "bench_shard.py": (),
        "probes/probe_mkl_torch.py": ("torch", "xlstm")}
 HELPERS = {"common.py", "mad_worker.py"}
 # GPU-only scripts and small arguments for a smoke run
@@ -42,6 +44,8 @@ GPU = {
     "probes/gpu_decode_probe.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--steps", "2"],
     "probes/gpu_float32_trace.py": [],
     "probes/gpu_gemv.py": [],
+    "probes/gpu_qmv.py": ["--quick"],
+    "gpu_targets.py": ["--topology", "topologies/xlstm-tiny.yaml", "--quick"],
     "gpu_long_context.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--tokens", "512",
                             "--step", "256", "--prefix", "33"],
     "gpu_mlstm_cell.py": ["--tokens", "256", "--heads", "2", "--dqk", "64", "--dv", "64", "--chunks", "64",
@@ -130,6 +134,36 @@ def test_bench_nxai_quick(tmp_path):
     # MAD within a few times NX-AI's own float32 distance from its float64 logits
     assert res["check"]["mad_vs_nxai_float64"] < 10 * max(res["check"]["nxai_float32_vs_float64"], 1e-6), res["check"]
     assert res["slstm_only_max_abs_diff_h"] < 1e-5
+
+
+def test_bench_quant_quick(tmp_path):
+    out = tmp_path / "quant.json"
+    run("bench_quant.py", "--quick", "--json", str(out))
+    v = json.loads(out.read_text())["variants"]
+    assert list(v) == ["bfloat16", "4-bit", "8-bit"]
+    assert v["4-bit"]["weight_bytes"] < v["8-bit"]["weight_bytes"] < v["bfloat16"]["weight_bytes"]
+    assert 0 < v["8-bit"]["agreement"]["mean_abs_diff"] < v["4-bit"]["agreement"]["mean_abs_diff"]
+
+
+@pytest.mark.skipif(bool(missing(CPU["bench_serve.py"])), reason=f"needs {', '.join(CPU['bench_serve.py'])}")
+def test_bench_serve_quick(tmp_path):
+    out = tmp_path / "serve.json"
+    run("bench_serve.py", "--quick", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert res["identical_to_solo"] and res["concurrent_tokens_per_s"] > 0 and res["cached_tokens_hit"][0] > 0
+
+
+@pytest.mark.reference
+@pytest.mark.skipif(bool(missing(CPU["bench_train.py"])), reason=f"needs {', '.join(CPU['bench_train.py'])}")
+def test_bench_train_quick(tmp_path):
+    out = tmp_path / "train.json"
+    run("bench_train.py", "--quick", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert set(res["benchmarks"]) == {"7b", "v1"}
+    for family, b in res["benchmarks"].items():
+        # the same weights and batch: the first step's loss and gradient norm are the reference's (float32)
+        assert b["check"]["loss_rel_diff"] < 1e-5 and b["check"]["grad_norm_rel_diff"] < 1e-4, (family, b["check"])
+        assert b["mad"]["steps"] == b["ref"]["steps"] == 2 and b["mad"]["tokens_per_s"] > 0
 
 
 @pytest.mark.reference

@@ -56,8 +56,18 @@ def _act_args(n):
 
 # inputs for each kernel with a variant; a kernel that gains a variant for a backend these tests run on
 # needs an entry (test_every_variant_has_inputs)
+def _quantized_linear_args(key):
+    from mad.kernels.qlinear import QuantizedMatrix
+
+    k = mx.random.split(key, 3)
+    x = mx.random.normal((2, 1, 64), key=k[0])
+    packed = QuantizedMatrix(*mx.quantize(mx.random.normal((20, 64), key=k[1]) * 0.3, 32, 4), group_size=32, bits=4)
+    b = mx.random.normal((20,), key=k[2]) * 0.1
+    return (x, packed), {"bias": b, "splits": [7, 9], "caps": (None, 2.0, None)}
+
+
 INPUTS = {"exp": _act_args(1), "sigmoid": _act_args(1), "silu": _act_args(1), "sigmoid_mul": _act_args(2),
-          "silu_mul": _act_args(2), "linear": _linear_args}
+          "silu_mul": _act_args(2), "linear": _linear_args, "quantized_linear": _quantized_linear_args}
 
 
 def with_variant() -> list[str]:

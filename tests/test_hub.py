@@ -99,6 +99,9 @@ def test_load_repo_id_equals_the_folder_mad_checkpoint(offline_cache, tmp_path):
     from_hub, tok = mad.load("org/mad-tiny")
     np.testing.assert_array_equal(logits(from_hub), logits(direct))
     assert getattr(tok, "is_bytes", False)
+    mx.random.seed(3)  # the snapshot folder given as a path: the same weights
+    snapshot, _ = mad.load(hub.resolve("org/mad-tiny"))
+    np.testing.assert_array_equal(logits(snapshot), logits(direct))
 
 
 def test_mad_run_repo_id_equals_the_folder(offline_cache, monkeypatch, capsys):

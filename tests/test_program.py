@@ -400,3 +400,19 @@ def test_profile_times_every_stage(tiny_graph, fuse):
     with pytest.raises(MadError, match="repeats must be an integer >= 1"):
         program.profile(ids, repeats=0)
 
+
+
+def test_the_trace_log_records_each_trace_once():
+    """`Program.traces` grows by one (first input's shape, last_only) per whole-program trace: a repeated shape
+    reuses the compiled function; `clear_compiled` makes the next call trace anew."""
+    import mlx.core as mx
+
+    import mad
+
+    program = mad.build("topologies/examples/tiny.yaml")
+    for tokens, last_only in (((1, 3), False), ((1, 3), False), ((2, 5), False), ((1, 3), True)):
+        program({"tokens": mx.zeros(tokens, dtype=mx.int32)}, last_only=last_only)
+    assert program.traces == [((1, 3), False), ((2, 5), False), ((1, 3), True)]
+    program.clear_compiled()
+    program({"tokens": mx.zeros((1, 3), dtype=mx.int32)})
+    assert program.traces[-1] == ((1, 3), False) and len(program.traces) == 4

@@ -1,0 +1,185 @@
+"""The `quantized_linear` kernel: the packed layout its CUDA kernel reads (everywhere, in numpy), and the
+kernel itself against `mx.dequantize` + a float32 matmul on the CPU stream (where MLX has CUDA).
+
+The GPU cases cover every supported bits / group size / dtype, 1 to 8 rows, K not a multiple of the 256
+or 512 values a warp reads per step, N not a multiple of the warps per block, the bias, soft-caps and the
+parts of a fused group; outputs are poisoned (NaN) before the launch so that an unwritten one fails.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mad.kernels import registry
+from mad.kernels.qlinear import QuantizedMatrix, quantized_linear
+from mad.kernels.qlinear_device import BITS, GROUP_SIZES, MAX_ROWS, WARPS, quantized_linear_device, unpack_row
+from mad.quantize import QuantSettings, quantized_linear as module_product
+
+CUDA = mx.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs MLX with a CUDA GPU")
+DTYPES = [(mx.float32, 1e-5), (mx.bfloat16, 1e-2), (mx.float16, 1e-2)]
+
+
+def packed_matrix(N: int, K: int, bits: int, group_size: int, dtype=mx.bfloat16, seed: int = 0) -> QuantizedMatrix:
+    """A random [N, K] matrix (scale 0.05, with a per-row offset so that the biases matter) as mx.quantize packs it."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(0, 0.05, (N, K)) + rng.normal(0, 0.05, (N, 1))
+    with mx.stream(mx.cpu):
+        wq, scales, biases = mx.quantize(mx.array(w.astype(np.float32)).astype(dtype), group_size, bits)
+        mx.eval(wq, scales, biases)
+    return QuantizedMatrix(wq, scales, biases, group_size, bits)
+
+
+def dequantized(m: QuantizedMatrix) -> mx.array:
+    """MLX's own dequantization of `m`, in float32 (the reference the kernel is held to)."""
+    with mx.stream(mx.cpu):
+        return mx.dequantize(m.weight, m.scales.astype(mx.float32), m.biases.astype(mx.float32), m.group_size, m.bits)
+
+
+def rel_err(out: mx.array, ref: mx.array) -> float:
+    out, ref = (np.array(a.astype(mx.float32), dtype=np.float64) for a in (out, ref))
+    assert np.isfinite(out).all(), "NaN/Inf in the output (unwritten or overflowed elements)"
+    return float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+
+
+# ------------------------------------------------------------------------------------ the layout (CPU)
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+def test_the_kernels_unpacking_is_mlx_layout(bits, group_size):
+    """`unpack_row` (the kernel's index arithmetic in numpy) gives the integers `mx.dequantize` reads: every
+    value scale * q + bias of its group equals MLX's dequantized value. K covers a partial last warp step."""
+    K = group_size * 11
+    m = packed_matrix(5, K, bits, group_size, mx.float32, seed=bits + group_size)
+    words = np.array(m.weight)
+    scales, biases = np.array(m.scales), np.array(m.biases)
+    want = np.array(dequantized(m))
+    for n in range(m.weight.shape[0]):
+        q = unpack_row(words[n], bits, K)
+        assert q.max() < 2 ** bits
+        g = np.arange(K) // group_size
+        # the integers MLX dequantized, recovered from its values
+        np.testing.assert_array_equal(q, np.rint((want[n] - biases[n, g]) / scales[n, g]).astype(np.uint32))
+        np.testing.assert_allclose(scales[n, g] * q.astype(np.float32) + biases[n, g], want[n], rtol=1e-6,
+                                   atol=1e-7)
+
+
+def test_quantized_linear_is_registered_for_cuda():
+    kernel = registry.get("quantized_linear")
+    assert kernel.reference is quantized_linear
+    assert set(kernel.variants) == {"cuda"}
+
+
+def test_reference_adds_the_bias_and_caps_each_part(on_cpu):
+    """The reference (the CPU path) against mx.dequantize + float32 matmul, parts capped separately."""
+    m = packed_matrix(41, 256, 4, 64, mx.float32)
+    rng = np.random.default_rng(1)
+    x = mx.array(rng.normal(0, 1, (3, 256)).astype(np.float32))
+    b = mx.array(rng.normal(0, 1, (41,)).astype(np.float32))
+    splits, caps = (16, 24), (None, 0.5, 2.0)
+    parts = quantized_linear(x, m, b, splits, caps)
+    y = x @ dequantized(m).T + b
+    refs = [y[:, :16], 0.5 * mx.tanh(y[:, 16:24] / 0.5), 2.0 * mx.tanh(y[:, 24:] / 2.0)]
+    for p, r in zip(parts, refs):
+        assert p.shape == r.shape and rel_err(p, r) < 1e-5
+
+
+# ------------------------------------------------------------------------------------ the kernel (CUDA)
+def reference(x: mx.array, m: QuantizedMatrix, bias=None, splits=(), caps=(None,)) -> list[mx.array]:
+    """softcap(x dequantize(m)^T + bias) in float32 on the CPU stream, split into parts."""
+    with mx.stream(mx.cpu):
+        y = x.astype(mx.float32) @ dequantized(m).T
+        if bias is not None:
+            y = y + bias.astype(mx.float32)
+        parts = mx.split(y, list(splits), axis=-1) if splits else [y]
+        return [c * mx.tanh(p / c) if c else p for p, c in zip(parts, caps)]
+
+
+CASES = [(bits, group_size, dtype, tol) for bits in BITS for group_size in GROUP_SIZES for dtype, tol in DTYPES]
+
+
+@needs_cuda
+@pytest.mark.parametrize("i", range(len(CASES)))
+def test_kernel_matches_dequantized_float32(i):
+    """Every bits / group size / dtype, rows cycling through 1, 3 and 8; K = 11 groups (not a multiple of
+    a warp's step) and N = 4 * WARPS + 1 (a partly filled last block)."""
+    bits, group_size, dtype, tol = CASES[i]
+    M, K, N = (1, 3, MAX_ROWS)[i % 3], group_size * 11, 4 * WARPS + 1
+    m = packed_matrix(N, K, bits, group_size, dtype, seed=i)
+    x = mx.array(np.random.default_rng(100 + i).normal(0, 1, (M, K)).astype(np.float32)).astype(dtype)
+    (y,) = quantized_linear_device(x, m, poison=float("nan"))
+    assert y.dtype == dtype and y.shape == (M, N)
+    assert rel_err(y, reference(x, m)[0]) < tol
+    (y3,) = quantized_linear_device(x.reshape(1, M, K), m)  # leading dims are flattened
+    assert y3.shape == (1, M, N) and rel_err(y3[0], reference(x, m)[0]) < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", BITS)
+def test_kernel_on_a_decode_shape(bits):
+    """A 4096-wide row of xLSTM-7B's shapes, one row of bfloat16 (the decode case)."""
+    m = packed_matrix(1000, 4096, bits, 64, seed=bits)
+    x = mx.array(np.random.default_rng(bits).normal(0, 1, (1, 4096)).astype(np.float32)).astype(mx.bfloat16)
+    (y,) = quantized_linear_device(x, m, poison=float("nan"))
+    assert rel_err(y, reference(x, m)[0]) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("M", [1, MAX_ROWS])
+@pytest.mark.parametrize("dtype,tol", DTYPES[:2])
+def test_kernel_adds_the_bias_and_caps_each_part(bits, M, dtype, tol):
+    """A fused group's call: parts of widths 16, 8, 8, 9 with a bias over all of them, caps on two parts
+    (one small enough that tanh saturates) and none on the others. (No bias and no cap: the cases above.)"""
+    rng = np.random.default_rng(M + bits)
+    K, splits, caps = 320, (16, 24, 32), (None, 15.0, None, 0.5)
+    m = packed_matrix(41, K, bits, 32, dtype, seed=M)
+    x = mx.array(rng.normal(0, 1, (M, 1, K)).astype(np.float32)).astype(dtype)
+    b = mx.array(rng.normal(0, 3, (41,)).astype(np.float32)).astype(dtype)
+    parts = quantized_linear_device(x, m, b, splits, caps, poison=float("nan"))
+    assert [p.shape for p in parts] == [(M, 1, 16), (M, 1, 8), (M, 1, 8), (M, 1, 9)]
+    for p, r in zip(parts, reference(x, m, b, splits, caps)):
+        assert p.dtype == dtype and rel_err(p, r) < tol
+
+
+@needs_cuda
+def test_kernel_declines_what_it_does_not_handle():
+    """Other bits, the floating-point modes (no biases), too many rows: Unsupported, and dispatch runs
+    mx.quantized_matmul instead."""
+    x = mx.random.normal((2, 128))
+    declined = [(x, packed_matrix(8, 128, 3, 64, mx.float32)),          # 3 bits
+                (x, packed_matrix(8, 128, 6, 32, mx.float32)),          # 6 bits
+                (mx.random.normal((MAX_ROWS + 1, 128)), packed_matrix(8, 128, 4, 64, mx.float32))]
+    wq, scales = mx.quantize(mx.random.normal((8, 128)), 32, 4, mode="mxfp4")
+    declined.append((x, QuantizedMatrix(wq, scales, None, 32, 4, "mxfp4")))
+    for xi, m in declined:
+        with pytest.raises(registry.Unsupported):
+            quantized_linear_device(xi, m)
+    xi, m = declined[2]  # the reference on the GPU: mx.quantized_matmul
+    with mx.stream(mx.cpu):
+        want = xi @ dequantized(m).T
+    assert rel_err(registry.dispatch("quantized_linear")(xi, m)[0], want) < 1e-5
+
+
+@needs_cuda
+def test_the_quantized_modules_run_the_kernel_with_the_reference_gradient():
+    """mad.quantize's product dispatches to the kernel (compiled or not); a gradient with respect to x and
+    the bias is the reference's (the packed matrix is a constant of the call)."""
+    assert registry.dispatch("quantized_linear").__name__ == "quantized_linear[cuda]"
+    m = packed_matrix(48, 256, 4, 64, mx.float32)
+    rng = np.random.default_rng(7)
+    x = mx.array(rng.normal(0, 1, (2, 256)).astype(np.float32))
+    b = mx.array(rng.normal(0, 1, (48,)).astype(np.float32))
+    q = QuantSettings(m.bits, m.group_size)
+    kernel = quantized_linear_device(x, m, b, (16,), (None, 3.0))
+    run = lambda x, b: module_product(x, m.weight, m.scales, m.biases, q, b, (16,), (None, 3.0))  # noqa: E731
+    for fn in (run, mx.compile(run)):
+        got = fn(x, b)
+        assert all(mx.array_equal(g, k) for g, k in zip(got, kernel))
+    cot = mx.array(rng.normal(0, 1, (2, 48)).astype(np.float32))
+    loss = lambda product: lambda x, b: (mx.concatenate(product(x, b), axis=-1) * cot).sum()  # noqa: E731
+    got = mx.grad(loss(run), argnums=(0, 1))(x, b)
+    want = mx.grad(loss(lambda x, b: quantized_linear(x, m, b, (16,), (None, 3.0))), argnums=(0, 1))(x, b)
+    for g, w in zip(got, want):
+        assert rel_err(g, w) < 1e-5
