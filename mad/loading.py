@@ -129,7 +129,40 @@ def load_mad_checkpoint(folder: Path, dtype: Optional[str] = None, compile: str 
                                quantization=meta.get("quantization"), config_file=folder / MAD_JSON)
     if tokenizer is None:
         tokenizer = mad_checkpoint_tokenizer(folder, meta)
-    return LanguageModel(program, tokenizer), tokenizer
+    model = LanguageModel(program, tokenizer)
+    if meta.get("source") is not None:
+        object.__setattr__(model, "checkpoint_source", recorded_source(folder, meta["source"]))
+    return model, tokenizer
+
+
+def recorded_source(folder: Path, entry: Any) -> Any:
+    """The `CheckpointSource` a MAD checkpoint recorded (mad.json's "source" and the files of its source/
+    folder: the config and companion files of the checkpoint the model was first loaded from), so that a
+    model fine-tuned from a family's checkpoint can be saved back in that family's format."""
+    from .formats import COMPANION_FILES
+    from .save import MAD_JSON, SOURCE_DIR, SOURCE_NAMES
+
+    where = Source(str(folder / MAD_JSON))
+    if not isinstance(entry, dict) or not isinstance(entry.get("format"), str) or not isinstance(entry.get("config"), str):
+        raise MadError(f'{MAD_JSON}: "source" must be {{"format": NAME, "config": FILE}}', where)
+    fmt = next((f for f in all_formats() if f.name == entry["format"]), None)
+    if fmt is None:
+        raise MadError(f"{MAD_JSON}: unknown source format '{entry['format']}' (MAD reads: "
+                       f"{', '.join(f.name for f in all_formats())})", where)
+    src = folder / SOURCE_DIR
+    config, config_file = read_config(src)
+    if config_file.name != entry["config"]:
+        raise MadError(f"{MAD_JSON}: the source config is {entry['config']}, but {SOURCE_DIR}/ holds "
+                       f"{config_file.name}", where)
+    names = None
+    if (src / SOURCE_NAMES).is_file():
+        listed = _read_json(src / SOURCE_NAMES, f"{SOURCE_DIR}/{SOURCE_NAMES}")
+        if not isinstance(listed, list) or not all(isinstance(n, str) for n in listed):
+            raise MadError(f"{SOURCE_DIR}/{SOURCE_NAMES}: expected a list of weight names", Source(str(src / SOURCE_NAMES)))
+        names = frozenset(listed)
+    source = checkpoint_source(src, config, config_file, fmt, names)
+    source.companions = {k: v for k, v in source.companions.items() if k in COMPANION_FILES}
+    return source
 
 
 def read_mad_meta(folder: Path) -> dict:

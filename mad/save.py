@@ -8,12 +8,15 @@ A MAD checkpoint folder holds
     mad.json                {"format": "mad-checkpoint", "tokenizer": "bytes" | "tokenizer.json" | null, ...,
                              "quantization": {...} for a quantized model (mlx-lm's config entry, see mad.quantize)}
     tokenizer.json          when the model had one
+    source/                 when the model came from a family's checkpoint folder (HF, NX-AI): that folder's
+                            config, tokenizer and generation files, and weight_names.json; mad.json's "source"
+                            names the format, so that the model can be saved back in it
     training/               `mad train` only: optimizer.safetensors and state.json (step, data position, seed)
     metrics.jsonl, loss.svg `mad train` only
     data/                   `mad train` only: the tokenised corpus (a memory-mapped token file), a cache
 
-`mad.save(model, DIR, format="source")` writes a model loaded from an HF or NX-AI checkpoint folder in
-that folder's own format instead (`write_source_checkpoint`): its config, model.safetensors under its names,
+`mad.save(model, DIR, format="source")` writes a model loaded from an HF or NX-AI checkpoint folder (or
+from a MAD checkpoint with a source/) in that folder's own format instead (`write_source_checkpoint`): its config, model.safetensors under its names,
 its tokenizer files (and the marker, so that MAD may replace it).
 
 The folder is written whole into a temp folder beside it, then swapped in (one atomic exchange where the
@@ -37,6 +40,8 @@ from .report import _is_build_dir, write_mad_folder
 CHECKPOINT_FORMAT = "mad-checkpoint"
 CHECKPOINT_VERSION = 1
 MAD_JSON = "mad.json"
+SOURCE_DIR = "source"  # a checkpoint folder's config and companion files, when the model came from one
+SOURCE_NAMES = "weight_names.json"
 
 
 def is_mad_checkpoint(path: str | Path) -> bool:
@@ -103,6 +108,14 @@ def write_checkpoint(out: str | Path, model: Any, tokenizer: Any = None, *, extr
             **(info or {})}
     if getattr(program, "quantization", None) is not None:
         meta["quantization"] = program.quantization  # what `mad.load` quantizes the modules by before loading
+    source = getattr(model, "checkpoint_source", None)
+    source_files: dict[str, bytes] = {}
+    if source is not None and source.config_bytes:  # kept, so that a fine-tuned model can be saved back in it
+        meta["source"] = {"format": source.format.name, "config": source.config_name}
+        source_files = {f"{SOURCE_DIR}/{name}": data for name, data in source.companions.items()}
+        source_files[f"{SOURCE_DIR}/{source.config_name}"] = source.config_bytes
+        if source.weight_names is not None:
+            source_files[f"{SOURCE_DIR}/{SOURCE_NAMES}"] = json.dumps(sorted(source.weight_names)).encode()
     resolved = program.graph.resolved.to_yaml()
     mx.eval(weights)
 
@@ -112,6 +125,9 @@ def write_checkpoint(out: str | Path, model: Any, tokenizer: Any = None, *, extr
         if tok_json is not None:
             (tmp / "tokenizer.json").write_text(tok_json, encoding="utf-8")
         (tmp / MAD_JSON).write_text(json.dumps(meta, indent=1) + "\n")
+        for name, data in source_files.items():
+            (tmp / name).parent.mkdir(exist_ok=True)
+            (tmp / name).write_bytes(data)
         for name, content in (extra or {}).items():
             target = tmp / name
             target.parent.mkdir(parents=True, exist_ok=True)

@@ -24,6 +24,7 @@ import mad
 from mad.errors import MadError
 
 FIX = Path(__file__).parent / "fixtures"
+ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ["hf-tiny", "hf-tiny-fused", "nxai-tiny", "nxai-tiny-cuda"]
 CONFIG = {"hf-tiny": "config.json", "hf-tiny-fused": "config.json", "nxai-tiny": "config.yaml",
           "nxai-tiny-cuda": "config.yaml"}
@@ -171,11 +172,51 @@ def test_bad_format_requests(tmp_path):
     nxai, _ = mad.load(FIX / "nxai-tiny")
     with pytest.raises(MadError, match="not a Hugging Face folder"):
         mad.save(nxai, tmp_path / "y", format="hf")
-    mad_folder = mad.save(model, tmp_path / "mad")
-    from_mad, _ = mad.load(mad_folder)
+    mad_folder = mad.save(mad.load(ROOT / "topologies" / "xlstm-tiny.yaml")[0], tmp_path / "mad")
+    from_mad, _ = mad.load(mad_folder)  # a MAD checkpoint of a topology: no source format to write back
     with pytest.raises(MadError, match="not loaded from a checkpoint folder"):
         mad.save(from_mad, tmp_path / "z", format="source")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists() and not (tmp_path / "z").exists()
+
+
+@pytest.mark.parametrize("name", ["hf-tiny", "nxai-tiny"])
+def test_fine_tune_then_save_in_the_source_format(tmp_path, name):
+    """mad train on a family's checkpoint writes a MAD checkpoint that remembers the source (its config and
+    companion files under source/): loading that and saving with format="source" writes the family's layout,
+    which loads with the trained weights, and its config and companion files are the source's, byte for byte."""
+    from mad.train import TrainConfig, train
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("THE CAT SAT ON THE MAT. THE DOG SAT ON THE LOG. " * 80)  # bytes below 101 (nxai-tiny)
+    run = tmp_path / "run"
+    train(FIX / name, corpus, run, TrainConfig(steps=2, batch=2, seq=16, eval_every=0, save_every=0), echo=None,
+          progress=False)
+    tuned, _ = mad.load(run)
+    exported = mad.save(tuned, tmp_path / "exported", format="source")
+    assert (exported / CONFIG[name]).read_bytes() == (FIX / name / CONFIG[name]).read_bytes()
+    for f in (FIX / name).iterdir():
+        if f.name != "model.safetensors" and (exported / f.name).exists():
+            assert (exported / f.name).read_bytes() == f.read_bytes(), f.name
+    assert sorted(tensors(exported / "model.safetensors")) == sorted(tensors(FIX / name / "model.safetensors"))
+    back, _ = mad.load(exported)
+    tokens = mx.array(TOKENS)
+    np.testing.assert_array_equal(np.array(back(tokens)[0]), np.array(tuned(tokens)[0]))
+    base, _ = mad.load(FIX / name)
+    assert not np.array_equal(np.array(base(tokens)[0]), np.array(tuned(tokens)[0]))  # it did train
+
+
+def test_a_bad_recorded_source_is_named(tmp_path):
+    """mad.json's "source" entry and the source/ folder are checked when the checkpoint is loaded."""
+    model, _ = mad.load(FIX / "hf-tiny")
+    folder = mad.save(model, tmp_path / "mad")
+    assert (folder / "source" / "config.json").read_bytes() == (FIX / "hf-tiny" / "config.json").read_bytes()
+    meta = json.loads((folder / "mad.json").read_text())
+    for entry, message in (({"format": "gguf", "config": "config.json"}, "unknown source format 'gguf'"),
+                           ({"format": meta["source"]["format"], "config": "config.yaml"}, "source/ holds config.json"),
+                           ("xlstm", '"source" must be')):
+        (folder / "mad.json").write_text(json.dumps({**meta, "source": entry}))
+        with pytest.raises(MadError, match=message):
+            mad.load(folder)
 
 
 # ----------------------------------------------------------------------------------------- reference
