@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Annotated, List, Optional
 
 import typer
 from rich.console import Console
@@ -30,6 +30,15 @@ TP_HELP = ("run split over the members of the group this process was launched in
            "member with mlx.launch, e.g. `mlx.launch -n 2 --backend ring -- mad run ...`); member 0 prints")
 TOKENIZER_HELP = "tokenizer.json, or 'bytes' (default: the checkpoint's; bytes for a topology)"
 REVISION_HELP = "branch, tag or commit sha of a Hugging Face repo id (default: main)"
+
+# options that many commands share, declared once
+Device = Annotated[Optional[str], typer.Option("--device", help="cpu or gpu")]
+Tf32 = Annotated[bool, typer.Option("--tf32", help=TF32_HELP)]
+TrustPlugins = Annotated[bool, typer.Option("--trust-plugins", help=TRUST_HELP)]
+NoMemoryCheck = Annotated[bool, typer.Option("--no-memory-check", help=MEMORY_HELP)]
+Dtype = Annotated[Optional[str], typer.Option("--dtype", help="float32, bfloat16 or float16")]
+Overrides = Annotated[List[str], typer.Option("--set", help="topology override (also for checkpoints: what fits the "
+                                                     "weights)")]
 SAMPLING_FLAGS = {"temp": "--temp", "top_p": "--top-p", "top_k": "--top-k", "min_p": "--min-p",
                   "repetition_penalty": "--repetition-penalty", "max_tokens": "--max-tokens"}
 
@@ -147,7 +156,7 @@ def build(file: Path = typer.Argument(..., help="topology YAML"),
           shard: Optional[int] = typer.Option(None, "--shard", help="also print how the model splits over N "
                                               "tensor-parallel members (which node is split how, parameters "
                                               "per member, collectives per token)"),
-          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP)) -> None:
+          trust_plugins: TrustPlugins = False) -> None:
     """Check a topology and print its summary (every node's shape, parameters and state)."""
     from .loading import _load_topology
     from .program import Program
@@ -195,18 +204,18 @@ def run(source: Optional[Path] = typer.Argument(None, help="topology file, build
         min_p: float = typer.Option(0.0, "--min-p", help="in [0, 1]"),
         repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="> 0; 1 is off"),
         seed: int = typer.Option(0, "--seed"),
-        dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16"),
-        set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
+        dtype: Dtype = None,
+        set_: Overrides = [],
         save_state: Optional[Path] = typer.Option(None, "--save-state", help="save the final state (safetensors, any file name)"),
         load_state: Optional[Path] = typer.Option(None, "--load-state", help="continue from a saved state"),
         prompts: Optional[Path] = typer.Option(None, "--prompts", help="a file of prompts, one per line (UTF-8), "
                                                "generated as one batch"),
         prompt_cache: Optional[Path] = typer.Option(None, "--prompt-cache", help="continue from the state this file "
                                                     "holds when its prompt begins this one; else save it there"),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
-        tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
-        trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-        no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP),
+        device: Device = None,
+        tf32: Tf32 = False,
+        trust_plugins: TrustPlugins = False,
+        no_memory_check: NoMemoryCheck = False,
         tensor_parallel: bool = typer.Option(False, "--tensor-parallel", help=TP_HELP)) -> None:
     """Generate text (or ids) from a topology with fresh weights, or from a checkpoint."""
     import mlx.core as mx
@@ -265,18 +274,18 @@ def bench(source: Optional[Path] = typer.Argument(None, help="topology file, bui
           batch_size: int = typer.Option(1, "--batch-size", "-b"),
           num_trials: int = typer.Option(5, "--num-trials", "-n"),
           prefill_step: int = typer.Option(4096, "--prefill-step", help="prompt tokens per forward call"),
-          dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16"),
-          set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
+          dtype: Dtype = None,
+          set_: Overrides = [],
           kernels: str = typer.Option("auto", "--kernels", help="auto (device kernels) or reference (pure MLX)"),
-          device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
+          device: Device = None,
           json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
           profile: bool = typer.Option(False, "--profile", help="also time each stage and block type on a prompt of "
                                        "--prompt-tokens tokens, beside their parameters and state"),
           limits: bool = typer.Option(False, "--limits", help="also measure the device's copy and matrix-product "
                                       "rates and print each figure as a fraction of its limit"),
-          tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
-          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP),
+          tf32: Tf32 = False,
+          trust_plugins: TrustPlugins = False,
+          no_memory_check: NoMemoryCheck = False,
           tensor_parallel: bool = typer.Option(False, "--tensor-parallel", help=TP_HELP)) -> None:
     """Measure prompt and generation tokens/s (random weights unless a checkpoint is given)."""
     _setup(device, kernels, tf32)
@@ -372,10 +381,10 @@ def train(source: Optional[Path] = typer.Argument(None, help="topology file, bui
           save_every: Optional[int] = typer.Option(None, "--save-every", help="write the checkpoint every N steps; "
                                                    "0: at the end only [500]"),
           resume: bool = typer.Option(False, "--resume", help="continue the run saved in -o (same settings)"),
-          device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
-          tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
-          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+          device: Device = None,
+          tf32: Tf32 = False,
+          trust_plugins: TrustPlugins = False,
+          no_memory_check: NoMemoryCheck = False) -> None:
     """Train a model (any topology) as a next-token language model; write a checkpoint `mad run` reads."""
     from .train import TrainConfig, train as run_train
 
@@ -398,14 +407,14 @@ def chat(source: Optional[Path] = typer.Argument(None, help="topology file, buil
          temp: float = typer.Option(0.0, "--temp", help=">= 0; 0 is greedy"),
          top_p: float = typer.Option(1.0, "--top-p", help="in (0, 1]"),
          seed: int = typer.Option(0, "--seed"),
-         dtype: Optional[str] = typer.Option(None, "--dtype"),
+         dtype: Dtype = None,
          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
          save_state: Optional[Path] = typer.Option(None, "--save-state", help="save the conversation state at exit"),
          load_state: Optional[Path] = typer.Option(None, "--load-state", help="resume a saved conversation"),
-         device: Optional[str] = typer.Option(None, "--device"),
-         tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
-         trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-         no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+         device: Device = None,
+         tf32: Tf32 = False,
+         trust_plugins: TrustPlugins = False,
+         no_memory_check: NoMemoryCheck = False) -> None:
     """Chat: each turn reads only the new text; the recurrent state carries the conversation."""
     import mlx.core as mx
 
@@ -477,8 +486,8 @@ def design(files: List[Path] = typer.Argument(..., help="topology files to compa
            plot: Optional[Path] = typer.Option(None, "-o", "--plot", help="also write an SVG chart of the "
                                                "accuracies to this file"),
            json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
-           device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
-           trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP)) -> None:
+           device: Device = None,
+           trust_plugins: TrustPlugins = False) -> None:
     """Train each topology on synthetic tasks (MAD, formal languages); a table of held-out accuracies."""
     from .design import DesignConfig, check_plot_target, design as run_design, parse_lengths, table, write_plot
 
@@ -514,10 +523,10 @@ def eval_(source: Optional[Path] = typer.Argument(None, help="checkpoint dir, Hu
           tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
           revision: Optional[str] = typer.Option(None, "--revision", help=REVISION_HELP),
           json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of text"),
-          device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
-          tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
-          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+          device: Device = None,
+          tf32: Tf32 = False,
+          trust_plugins: TrustPlugins = False,
+          no_memory_check: NoMemoryCheck = False) -> None:
     """Held-out loss (nats/token), perplexity and tokens/s of a model on text, e.g. a quantized model against bf16."""
     from .data import data_files
     from .evaluate import SPLITS, check_settings, evaluate_data
@@ -562,10 +571,10 @@ def convert(source: Path = typer.Argument(..., help="topology file, build dir, M
             q_mode: Optional[str] = typer.Option(None, "--q-mode", help="affine (the default), mxfp4, mxfp8 or nvfp4"),
             dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16: the weights left "
                                                 "unquantized and the scales (default: the source's)"),
-            set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
+            set_: Overrides = [],
             seed: int = typer.Option(0, "--seed", help="the fresh weights of a topology file"),
-            trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-            no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+            trust_plugins: TrustPlugins = False,
+            no_memory_check: NoMemoryCheck = False) -> None:
     """Write a model as a MAD checkpoint folder, quantized with -q; `mad run|chat|bench` and mad.load read it."""
     from .quantize import convert as run_convert
 
@@ -678,13 +687,13 @@ def serve(source: Optional[Path] = typer.Argument(None, help="topology file, bui
           max_body_bytes: Optional[int] = typer.Option(None, "--max-body-bytes", help="largest request body "
                                                        "[16 MiB]"),
           tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
-          dtype: Optional[str] = typer.Option(None, "--dtype", help="float32, bfloat16 or float16"),
-          set_: List[str] = typer.Option([], "--set", help="topology override (also for checkpoints: what fits the weights)"),
-          device: Optional[str] = typer.Option(None, "--device", help="cpu or gpu"),
+          dtype: Dtype = None,
+          set_: Overrides = [],
+          device: Device = None,
           log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug"),
-          tf32: bool = typer.Option(False, "--tf32", help=TF32_HELP),
-          trust_plugins: bool = typer.Option(False, "--trust-plugins", help=TRUST_HELP),
-          no_memory_check: bool = typer.Option(False, "--no-memory-check", help=MEMORY_HELP)) -> None:
+          tf32: Tf32 = False,
+          trust_plugins: TrustPlugins = False,
+          no_memory_check: NoMemoryCheck = False) -> None:
     """Serve the OpenAI API (completions, chat, streaming); concurrent clients are decoded as one batch."""
     from .loading import load
     from .prompt_cache import DEFAULT_BYTES
