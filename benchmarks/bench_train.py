@@ -12,16 +12,16 @@ on a (batch, seq + 1) token batch (inputs and next-token targets), from random w
 
 MAD's step is `mad train`'s: `mad.train.Stepper` (one `mx.compile`d function: loss, gradients, clipping,
 AdamW), evaluated after every step. PyTorch's: `loss.backward()`, `clip_grad_norm_`, `torch.optim.AdamW`
-(on a GPU followed by `torch.cuda.synchronize()`). Both start from the same weights (the reference's,
-re-randomised from a seed as in bench_hf.py / bench_nxai.py, saved as a checkpoint folder that MAD loads),
-so the first step's loss and gradient norm are compared before anything is timed. Trials of `--steps`
+(on a GPU followed by `torch.cuda.synchronize()`). Both start from the same weights (the reference's own
+initialisation from a seed, saved as a checkpoint folder that MAD loads), so the first step's loss and
+gradient norm are compared before anything is timed. Trials of `--steps`
 steps alternate between the two (common.interleave), after `--warmup` untimed steps (MAD traces and
 compiles there); the figure is the median step time over all timed steps, tokens/s = batch * seq / it.
 MAD runs in a process of its own (benchmarks/mad_worker.py says why), with the CPU BLAS `import mad`
 picks there (MAD_BLAS is passed on).
 
-    python benchmarks/bench_train.py [--device cpu|gpu] [--family 7b|v1|both] [--batch 4] [--seq 256]
-                                     [--steps 3] [--trials 3] [--warmup 2] [--json [PATH]]
+    python benchmarks/bench_train.py [--device cpu|gpu] [--family 7b|v1|both] [--batch 2] [--seq 256]
+                                     [--steps 2] [--trials 3] [--warmup 1] [--json [PATH]]
     python benchmarks/bench_train.py --quick   # tiny models, a few steps, seconds: a smoke run (CI)
 """
 
@@ -169,14 +169,18 @@ class TorchTrainer:
 
 
 def xlstm_large(folder: Path, quick: bool, seed: int):
-    """NX-AI `xLSTMLarge` with native kernels, and the same weights written to `folder` as an HF checkpoint
-    (bench_hf.make_hf_model: transformers' xLSTMForCausalLM, re-randomised, `save_pretrained`)."""
+    """NX-AI `xLSTMLarge` with native kernels, and the same weights written to `folder` as an HF checkpoint:
+    transformers' `xLSTMForCausalLM` with its own initialisation (a model about to be trained, loss near
+    log V), `save_pretrained`, its state dict loaded into xLSTMLarge."""
     import dataclasses
 
-    from bench_hf import make_hf_model
+    import torch
+    import transformers
     from xlstm.xlstm_large.model import xLSTMLarge, xLSTMLargeConfig
 
-    hf, _ = make_hf_model(seed, QUICK_HF if quick else HF_CONFIG)
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    hf = transformers.xLSTMForCausalLM(transformers.xLSTMConfig(**(QUICK_HF if quick else HF_CONFIG)))
     hf.save_pretrained(str(folder))
     c = hf.config
     cfg = xLSTMLargeConfig(
@@ -196,20 +200,20 @@ def xlstm_large(folder: Path, quick: bool, seed: int):
 
 
 def xlstm_lm(folder: Path, quick: bool, seed: int, seq: int):
-    """NX-AI `xLSTMLMModel` (vanilla sLSTM backend), re-randomised as bench_nxai.py does, written to
-    `folder` as an NX-AI checkpoint (config.yaml, model.safetensors)."""
+    """NX-AI `xLSTMLMModel` (vanilla sLSTM backend) with its own initialisation, written to `folder` as an
+    NX-AI checkpoint (config.yaml, model.safetensors)."""
     import yaml
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(ROOT / "tests" / "reference"))
-    from make_nxai_fixtures import build_model, randomise_, state_dict
+    from make_nxai_fixtures import build_model, state_dict
 
     import torch
 
     cfg = dict(QUICK_NXAI if quick else NXAI_CONFIG, context_length=seq)
     torch.manual_seed(seed)
     model = build_model(cfg)
-    randomise_(model, seed=seed, width_scale=(24 / cfg["embedding_dim"]) ** 0.5)
+    model.reset_parameters()  # NX-AI's initialisation, as its training script (experiments/main.py) calls it
     (folder / "config.yaml").write_text(yaml.safe_dump(cfg))
     save_file(state_dict(model), str(folder / "model.safetensors"))
     return model, {"reference": "xlstm xLSTMLMModel", "slstm_backend": cfg["slstm_block"]["slstm"]["backend"]}
@@ -234,7 +238,7 @@ def compare(family: str, a, log) -> dict:
         mad_side = MadTrainer(folder, a.device)
         try:
             torch_side = TorchTrainer(ref, batches, a.device)
-            name = "xlstm-125m" if family == "7b" else "xlstm-v1-125m"
+            name = ("xlstm-125m" if family == "7b" else "xlstm-v1-125m") if not a.quick else f"tiny {family} (--quick)"
             print(f"\n{name} ({n_params / 1e6:.1f}M parameters; MAD {mad_side.info['params'] / 1e6:.1f}M), batch "
                   f"{a.batch} x seq {a.seq}, float32, AdamW lr {LR} wd {WEIGHT_DECAY}, clip {GRAD_CLIP}", file=log)
             print(f"  reference: {info}, torch {torch.__version__}, threads {torch.get_num_threads()}", file=log)
@@ -278,11 +282,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="both sides on the CPU or on one GPU")
     ap.add_argument("--family", choices=("7b", "v1", "both"), default="both")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--seq", type=int, default=256, help=f"tokens per sequence (a multiple of {CHUNK})")
-    ap.add_argument("--steps", type=int, default=3, help="steps per timed trial")
+    ap.add_argument("--steps", type=int, default=2, help="steps per timed trial")
     ap.add_argument("--trials", type=int, default=3, help="timed trials per side (interleaved)")
-    ap.add_argument("--warmup", type=int, default=2, help="untimed steps first (MAD compiles there)")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed steps first (MAD compiles there)")
     ap.add_argument("--batches", type=int, default=4, help="distinct token batches, used in turn")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--pause", type=float, default=PAUSE_S, help="seconds of rest before each trial")

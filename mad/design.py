@@ -251,7 +251,8 @@ def _column(name: str, settings: dict) -> str:
 
 
 def table(summary: dict) -> Any:
-    """A rich table: topology x task, mean ± std accuracy over the seeds (NaN: a run whose loss diverged)."""
+    """A rich table: topology x task, mean ± std accuracy over the seeds (NaN: a run whose loss diverged), and
+    for tasks tested at other lengths than trained, the accuracy at the training lengths below it."""
     from rich.table import Table
 
     tasks = list(summary["tasks"])
@@ -268,7 +269,11 @@ def table(summary: dict) -> Any:
             r = by[topo, t]
             bad = not all(math.isfinite(v) for v in r["final_losses"])
             diverged |= bad
-            cells.append(f"{r['mean']:.3f} ± {r['std']:.3f}" + (" (NaN)" if bad else ""))
+            cell = f"{r['mean']:.3f} ± {r['std']:.3f}" + (" (NaN)" if bad else "")
+            if "in_dist_accuracies" in r:
+                same = np.array(r["in_dist_accuracies"])
+                cell += f"\n{same.mean():.3f} ± {same.std():.3f} at train lengths"
+            cells.append(cell)
         tab.add_row(label, *cells)
     if diverged:
         tab.caption = "(NaN): a run's training loss became NaN or infinite"

@@ -400,8 +400,8 @@ TASKS: dict[str, Task] = {t.name: t for t in (
     Task("compression", compression, {"seq_len": 32, "vocab_size": 16}, {"seq_len": 16}),
     Task("memorization", memorization, {"seq_len": 32, "vocab_size": 256}, {"vocab_size": 64},
          num_train=(256, 256)),
-    Task("mqar", mqar, {"seq_len": 256, "vocab_size": 8192, "num_kv_pairs": 16},
-         {"seq_len": 128, "vocab_size": 256, "num_kv_pairs": 16}),
+    Task("mqar", mqar, {"seq_len": 256, "vocab_size": 8192, "num_kv_pairs": 16},  # xLSTM MQAR: 256, 16..64 pairs
+         {"seq_len": 64, "vocab_size": 128, "num_kv_pairs": 8}, num_train=(100_000, 20_000)),  # Zoology: 100k
     Task("parity", parity, _FORMAL, _FORMAL_SMALL, test=(_FORMAL_TEST, _FORMAL_SMALL_TEST), **_FORMAL_SIZES),
     Task("majority", majority, _FORMAL, _FORMAL_SMALL, test=(_FORMAL_TEST, _FORMAL_SMALL_TEST), **_FORMAL_SIZES),
 )}
