@@ -71,6 +71,17 @@ def _apply_scale(q: mx.array, k: mx.array, scale: str) -> Tuple[mx.array, mx.arr
     raise ValueError(f"unknown scale {scale!r}; expected 'q', 'k' or 'none'")
 
 
+EXP_NEG_MAX = 80.0  # exp(80) = 5.5e34: far above any |q . n|, still finite in float32 (its max is 3.4e38)
+
+
+def _exp_neg(m: mx.array) -> mx.array:
+    """exp(-m), the denominator's floor, with the exponent capped at EXP_NEG_MAX. Uncapped, m below -88
+    (input gates without a soft-cap can drive it there) gives exp(-m) = inf: the forward still gives h = 0,
+    but the backward multiplies that inf by 0 and every gradient becomes NaN. Capped, h = num / 5.5e34
+    instead of num / inf, and the gradients stay finite."""
+    return mx.exp(mx.minimum(-m, EXP_NEG_MAX))
+
+
 def mlstm_step(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array,
     state: Optional[State] = None, eps: float = 1e-6, scale: str = "q",
@@ -109,7 +120,7 @@ def mlstm_step(
 
     num = (q_hat @ C_new.astype(q.dtype)).astype(_F32)          # q^T C_t   (B, NH, 1, DV)
     qn = (q_hat @ n_new.astype(q.dtype)[..., None]).astype(_F32)  # q^ . n_t (B, NH, 1, 1)
-    den = mx.maximum(mx.abs(qn), mx.exp(-m_new)[..., None, None]) + eps
+    den = mx.maximum(mx.abs(qn), _exp_neg(m_new)[..., None, None]) + eps
     return (num / den).astype(v.dtype), (C_new, n_new, m_new)
 
 
@@ -234,7 +245,7 @@ def chunk_outputs(
         w = mx.exp(m_inter - m_comb)                            # exp(mi_j - m_j) <= 1
         num = num + w[..., None] * (q_hat @ C.astype(qc.dtype)).astype(_F32)
         den = den + w * (q_hat @ n.astype(qc.dtype)[..., None])[..., 0].astype(_F32)
-    den = mx.maximum(mx.abs(den), mx.exp(-m_comb)) + eps
+    den = mx.maximum(mx.abs(den), _exp_neg(m_comb)) + eps
     return num / den[..., None]
 
 
