@@ -20,8 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,26 +29,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import write_json  # noqa: E402
 
+from mad.shard import free_ports  # noqa: E402
+
 TOPOLOGIES = ["topologies/xlstm-125m.yaml", "topologies/xlstm-v1-1.3b.yaml"]
 QUICK_TOPOLOGY = "topologies/xlstm-v1-tiny.yaml"  # mLSTM and sLSTM blocks: every kind of split
-
-
-def free_port(count: int) -> int:
-    """The first of `count` consecutive free ports on localhost."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                sockets.append(socket.socket())
-                sockets[-1].bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free ports on localhost")
 
 
 def whole_bytes(topology: str, args: argparse.Namespace) -> int:
@@ -75,7 +57,7 @@ def run(topology: str, members: int, args: argparse.Namespace) -> dict:
             procs.append(subprocess.Popen(bench, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                                           env=env))
         else:
-            base = free_port(members)
+            base = free_ports(members)
             hosts = Path(tmp) / "hosts.json"
             hosts.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(members)]))
             # each member its share of the cores for the BLAS's threads (OpenMP's default is every core:

@@ -74,6 +74,28 @@ PARTIAL = "partial"  # every member holds a partial sum of it (summed by the all
 Layout = Any         # FULL, PARTIAL or a Split
 
 
+def free_ports(count: int) -> int:
+    """The first of `count` consecutive free ports on localhost (the ring backend listens on one per member):
+    for launching a local group, as the tests and benchmarks do."""
+    import random
+    import socket
+
+    for _ in range(200):
+        base = random.randrange(20000, 60000 - count)
+        sockets = []
+        try:
+            for port in range(base, base + count):
+                sockets.append(socket.socket())
+                sockets[-1].bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in sockets:
+                sock.close()
+    raise MadError("no free ports on localhost for the group's members")
+
+
 def segments_at(cuts: set[int], width: int) -> tuple[int, ...]:
     """The segments of [0, width) that `cuts` delimit."""
     points = sorted({0, width} | {c for c in cuts if 0 < c < width})

@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -41,25 +39,6 @@ BOUND = 64 * EPS
 
 
 # ----------------------------------------------------------------------------------------- launching
-def free_ports(count: int) -> int:
-    """A first port of `count` consecutive free ports on localhost (the ring backend listens on each)."""
-    for _ in range(200):
-        base = random.randrange(20000, 60000 - count)
-        sockets = []
-        try:
-            for port in range(base, base + count):
-                s = socket.socket()
-                sockets.append(s)
-                s.bind(("127.0.0.1", port))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in sockets:
-                s.close()
-    raise RuntimeError("no free ports")
-
-
 def _env() -> dict:
     return dict(os.environ, MAD_BLAS="mlx", MLX_ENABLE_TF32="0", PYTHONPATH=str(ROOT))
 
@@ -87,6 +66,8 @@ def launch(n: int, out: Path, *case: str, timeout: float = 240) -> list[dict]:
 
 def spawn(n: int, ranks: list[int], out: Path, *case: str) -> list[subprocess.Popen]:
     """Start members `ranks` of a group of `n` with the environment mlx.launch gives them."""
+    from mad.shard import free_ports
+
     base = free_ports(n)
     hosts = out / "hosts.json"
     hosts.write_text(json.dumps([[f"127.0.0.1:{base + i}"] for i in range(n)]))
@@ -421,6 +402,7 @@ def test_mad_run_tensor_parallel_and_its_state_file(tmp_path):
     import mlx.core as mx
 
     from mad.loading import load, load_state_file
+    from mad.shard import free_ports
 
     state = tmp_path / "state.safetensors"
     launcher = Path(sys.executable).with_name("mlx.launch")
