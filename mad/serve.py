@@ -138,9 +138,9 @@ class CompletionRequest(_Request):
             raise ValueError("the prompt is empty")
         return v
 
-    @field_validator("echo")
+    @field_validator("echo", "suffix")
     @classmethod
-    def _no_echo(cls, v: bool) -> bool:
+    def _unsupported(cls, v: Any) -> Any:
         if v:
             raise ValueError("not supported by this server")
         return v
@@ -150,13 +150,6 @@ class CompletionRequest(_Request):
     def _no_best_of(cls, v: Any) -> Any:
         if v not in (None, 1):
             raise ValueError("not supported by this server (give 1 or leave it out)")
-        return v
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, v: Any) -> Any:
-        if v:
-            raise ValueError("not supported by this server")
         return v
 
 
