@@ -178,6 +178,9 @@ def test_logprobs_against_a_full_forward(srv):
     (json.dumps({"prompt": ""}).encode(), 400, "prompt"),
     (json.dumps({"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}).encode(), 400, "stop"),
     (json.dumps({"max_tokens": 5}).encode(), 400, "prompt"),
+    (json.dumps({"prompt": "x", "echo": True}).encode(), 400, "echo"),
+    (json.dumps({"prompt": "x", "suffix": "y"}).encode(), 400, "suffix"),
+    (json.dumps({"prompt": "x", "best_of": 3}).encode(), 400, "best_of"),
 ])
 def test_bad_completion_requests(srv, body, status, param):
     code, reply = request(srv, "POST", "/v1/completions", body)
