@@ -9,10 +9,14 @@ weights, or a checkpoint) and talks to it with the official `openai` client, str
    start to the last client's end); every client's tokens must equal its solo tokens.
 3. prefix: a long prefix (`--prefix` tokens) and a short question (`--suffix`): time to the first streamed
    token on a miss (a prefix never seen) and on a hit (a prefix sent once before, with another question),
-   median over `--trials` (one more of each runs first, untimed: it traces the compiled shapes).
+   median over `--trials` (one more of each runs first, untimed: it traces the compiled shapes). Twice:
+   as a chat, the prefix being the system message (the server cuts the prompt's reading at its end and
+   keeps the state there, so a hit reads only the question), and as a plain completion prompt (no cut:
+   a hit continues from the last whole block of the prefix and reads the rest of it too).
 
 Prompts are random token ids and the server decodes with a tokenizer that writes each id as `<id>` and has
-no end token, so every client generates exactly `--max-tokens` tokens and texts compare token by token.
+no end token, so every client generates exactly `--max-tokens` tokens and texts compare token by token;
+the chat template joins the messages' contents (so a chat's prompt is its messages' ids, nothing added).
 The targets (the issue's): concurrent / solo >= 4 with identical tokens, miss / hit time to first token >= 10.
 Also reported: the traces of the compiled program (MLX calls the Python function once per new input shape;
 counted by wrapping it), in all and during the timed parts, where a bounded server traces nothing new.
@@ -52,6 +56,9 @@ class IdTokenizer:
         return "".join(f"<{int(i)}>" for i in ids)
 
 
+JOIN_TEMPLATE = "{% for m in messages %}{{ m['content'] }}{% endfor %}"  # a chat's ids are its messages' ids
+
+
 def count_traces(model) -> list:
     """The program's trace log (`Program.traces`), emptied, with the compiled functions dropped so that earlier
     traces do not hide new ones: it grows by one per trace from here on."""
@@ -63,11 +70,11 @@ def count_traces(model) -> list:
 def start_server(model, tok, args):
     import uvicorn
 
-    from mad.serve import Engine, ServerConfig, create_app
+    from mad.serve import ChatTemplate, Engine, ServerConfig, create_app
 
     engine = Engine(model, tok, max_batch=args.max_batch, prompt_cache_bytes=args.prompt_cache_bytes)
     app = create_app(model, tok, ServerConfig("bench", max_tokens=args.max_tokens, max_body_bytes=64 << 20),
-                     engine=engine)
+                     chat_template=ChatTemplate(JOIN_TEMPLATE), engine=engine)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
@@ -93,6 +100,23 @@ def request(client, prompt: list[int], max_tokens: int) -> dict:
     end = time.perf_counter()
     return {"text": text, "tokens": usage.completion_tokens, "cached": usage.prompt_tokens_details.cached_tokens,
             "ttft": first - start, "seconds": end - start}
+
+
+def chat(client, system: list[int], question: list[int]) -> dict:
+    """One streamed chat turn of one token: a system message of `system` ids and a user message of `question`
+    ids; time to first token and cached prompt tokens."""
+    ids = IdTokenizer().decode
+    start = time.perf_counter()
+    first, usage = None, None
+    stream = client.chat.completions.create(
+        model="bench", messages=[{"role": "system", "content": ids(system)}, {"role": "user", "content": ids(question)}],
+        max_tokens=1, temperature=0, stream=True, stream_options={"include_usage": True})
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            first = first or time.perf_counter()
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return {"cached": usage.prompt_tokens_details.cached_tokens, "ttft": first - start}
 
 
 def concurrent(client, prompts: list[list[int]], max_tokens: int) -> tuple[list[dict], float]:
@@ -171,11 +195,21 @@ def main() -> None:
             hit.append(request(client, prefix_hit + ids(args.suffix), 1))
         miss, hit = miss[1:], hit[1:]
         # untimed prefix round first: the tail pieces of its lengths are traced there
+
+        system_hit = ids(args.prefix)
+        chat(client, system_hit, ids(args.suffix))  # leaves the state after the system message in the cache
+        chat_miss, chat_hit = [], []
+        for _ in range(args.trials + 1):
+            chat_miss.append(chat(client, ids(args.prefix), ids(args.suffix)))
+            chat_hit.append(chat(client, system_hit, ids(args.suffix)))
+        chat_miss, chat_hit = chat_miss[1:], chat_hit[1:]
     finally:
         server.should_exit = True
         thread.join(timeout=60)
     ttft_miss = statistics.median(r["ttft"] for r in miss)
     ttft_hit = statistics.median(r["ttft"] for r in hit)
+    chat_ttft_miss = statistics.median(r["ttft"] for r in chat_miss)
+    chat_ttft_hit = statistics.median(r["ttft"] for r in chat_hit)
     result = {
         "model": args.model, "dtype": dtype, "device": str(mx.default_device()), "clients": args.clients,
         "prompt_tokens": args.prompt_tokens, "max_tokens": args.max_tokens,
@@ -184,6 +218,10 @@ def main() -> None:
         "mismatched_clients": mismatches, "prefix_tokens": args.prefix, "suffix_tokens": args.suffix,
         "ttft_miss_s": ttft_miss, "ttft_hit_s": ttft_hit, "ttft_ratio": ttft_miss / ttft_hit,
         "cached_tokens_hit": [r["cached"] for r in hit], "cached_tokens_miss": [r["cached"] for r in miss],
+        "chat_ttft_miss_s": chat_ttft_miss, "chat_ttft_hit_s": chat_ttft_hit,
+        "chat_ttft_ratio": chat_ttft_miss / chat_ttft_hit,
+        "chat_cached_tokens_hit": [r["cached"] for r in chat_hit],
+        "chat_cached_tokens_miss": [r["cached"] for r in chat_miss],
         "traces": len(traces), "traces_in_solo_and_concurrent": timed_traces,
         "traced_shapes": sorted({f"{s}{' last' if last else ''}" for s, last in traces}),
     }
@@ -192,9 +230,12 @@ def main() -> None:
              f"{args.clients} concurrent: {total_tps:,.1f} tokens/s in all, {result['speedup']:.2f}x solo "
              f"(target >= 4), largest batch {result['max_batch_seen']}, tokens identical to solo: "
              f"{'yes' if not mismatches else 'NO, clients ' + str(mismatches)}",
-             f"first token after a {args.prefix}-token prefix + {args.suffix}: miss {ttft_miss * 1e3:.1f} ms, hit "
-             f"{ttft_hit * 1e3:.1f} ms ({result['cached_tokens_hit'][0]} tokens cached): {result['ttft_ratio']:.1f}x "
-             "(target >= 10)",
+             f"chat, first token after a {args.prefix}-token system message + {args.suffix}: miss "
+             f"{chat_ttft_miss * 1e3:.1f} ms, hit {chat_ttft_hit * 1e3:.1f} ms "
+             f"({result['chat_cached_tokens_hit'][0]} tokens cached): {result['chat_ttft_ratio']:.1f}x (target >= 10)",
+             f"completion, first token after a {args.prefix}-token prefix + {args.suffix}: miss "
+             f"{ttft_miss * 1e3:.1f} ms, hit {ttft_hit * 1e3:.1f} ms ({result['cached_tokens_hit'][0]} tokens "
+             f"cached): {result['ttft_ratio']:.1f}x",
              f"traces of the compiled program: {len(traces)} in all, {timed_traces} during solo + concurrent "
              f"(shapes: {', '.join(result['traced_shapes'])})"]
     print("\n".join(lines), file=sys.stderr if args.json == "-" else sys.stdout)

@@ -1,23 +1,36 @@
 """Device kernel for decode-sized quantized linear layers: y = softcap(x W^T + b) with few rows in x and W
 affine-quantized as `mx.quantize` packs it (4 or 8 bits).
 
-The design is the float `linear` kernel's (kernels/linear_device.py): a decode step's time is the time to
-stream the weights, so the kernel must run at memory bandwidth. One warp per output feature n reads the
-packed row W[n] with 16-byte loads (consecutive lanes on consecutive addresses): a lane's load holds
-CHUNK = 128 / bits consecutive values (32 at 4 bits, 16 at 8 bits), all in one quantization group, since
-every group size (32, 64, 128) is a multiple of CHUNK. The lane dequantizes them in registers,
-w = scale * q + bias with its group's scale and bias, multiplies them with each row of x (small, served
-from cache) and sums in float32; the warp then sums its lanes. The bias and the soft-cap of the feature's
-part are applied to that float32 sum, which is rounded once to x's dtype.
+A decode step's time is the time to stream the weights, so the kernel must run at memory bandwidth; with 4
+bits a weight is a quarter of the bytes of bf16, so the instructions that turn packed integers into numbers,
+not the loads, are what bounds a naive kernel. This one spends about three instructions on a value:
+
+- **Unpacking without conversions.** Value i of a 32-bit word, q = (word >> i * BITS) & MASK, is moved
+  (one shift) into the mantissa bits of a float of [2^BITS, 2^(BITS+1)) and the exponent OR-ed in (one
+  `lop3` with the mask), which gives the float 2^BITS + q exactly (`offset_value`): no int-to-float
+  conversion, an instruction of low throughput.
+- **The affine map applied per chunk, not per value.** A lane's chunk of values lies in one quantization
+  group (scale s, bias b), so with v = 2^BITS + q its part of the product is
+      sum(s * q * x + b * x) = s * sum(v * x) + (b - 2^BITS * s) * sum(x),
+  one FMA per value into `dot` and two per chunk; sum(x) is computed once per chunk and row of x.
+- **Several output features per warp** (R): a warp reads R packed rows at the same columns, so the slice of
+  x it converts from bf16 and sums serves R rows of W, and R independent sums keep the FMA pipe busy.
+
+One warp reads R consecutive packed rows W[n0 .. n0 + R) with 16-byte loads (consecutive lanes on
+consecutive addresses): a lane's load holds CHUNK = 128 / bits consecutive values (32 at 4 bits, 16 at 8),
+all in one group, since every group size (32, 64, 128) is a multiple of CHUNK. Each row of x is summed in
+the same order whatever the number of rows (its own accumulators, the same chunks, the same warp
+reduction), so a row's result does not depend on the batch around it. The bias and the soft-cap of the
+feature's part are applied to the float32 sum, which is rounded once to x's dtype.
 
 The layout is MLX's: value j of a row is the unsigned integer at bit offset (j * bits) % 32 of word
-j * bits / 32 of the row, lowest bits first (`unpack_row` is this arithmetic in numpy, tested against
-`mx.dequantize` on the CPU).
+j * bits / 32 of the row, lowest bits first (`unpack_row` is the kernel's arithmetic in numpy, tested
+against `mx.dequantize` on the CPU).
 
 Same call as the reference `kernels.qlinear.quantized_linear`. The variant takes x (M, K) with
 M <= MAX_ROWS in bfloat16, float16 or float32, and an affine matrix of 4 or 8 bits with group size 32, 64
 or 128; anything else (other bits, the floating-point modes) runs the reference. CUDA only: the unpacking
-uses a CUDA intrinsic, and no Metal build of it has been run.
+reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run.
 """
 
 from __future__ import annotations
@@ -26,6 +39,7 @@ import math
 from typing import Optional, Sequence
 
 import mlx.core as mx
+import numpy as np
 
 from .device import DeviceKernel
 from .linear import check_parts, split_parts
@@ -36,61 +50,120 @@ from .registry import Unsupported, register_variant
 MAX_ROWS = 8
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
-WARPS = 4  # output features per block (one warp each)
+WARPS = 4  # warps per block
+
+
+def features_per_warp(rows: int) -> int:
+    """R, the output features one warp computes, for `rows` rows of x: more features share each slice of x,
+    fewer keep the registers (R x rows float32 sums per lane) within budget."""
+    return 4 if rows <= 2 else 2
+
+
+def stage_steps(rows: int) -> int:
+    """STAGE, the warp steps whose loads are issued before any of them is computed (bytes in flight)."""
+    return 1
+
 
 QLINEAR_HEADER = """
-// q (an unsigned integer below 2^23) as a float without an int-to-float conversion, an instruction of low
-// throughput that would bound the kernel: the float 2^23 + q holds q in its low mantissa bits, exactly.
-__device__ inline float small_uint_to_float(unsigned int q) {
-    return __uint_as_float(0x4B000000u | q) - 8388608.0f;
+// Value i of a packed word as the float 2^BITS + q, q = (word >> i * BITS) & (2^BITS - 1): q is shifted
+// into the mantissa bits worth 1 .. 2^(BITS-1) of a float of [2^BITS, 2^(BITS+1)) and that float's exponent
+// OR-ed in. One shift (none where q is in place already) and one lop3; i is a constant once unrolled.
+template <int BITS>
+__device__ inline float offset_value(unsigned int word, int i) {
+    constexpr int ONE_AT = 23 - BITS;                             // the mantissa bit worth 1
+    constexpr unsigned int EXPONENT = (127u + BITS) << 23;       // the float 2^BITS
+    constexpr unsigned int FIELD = ((1u << BITS) - 1u) << ONE_AT;
+    const int shift = ONE_AT - i * BITS;
+    const unsigned int moved = shift >= 0 ? word << shift : word >> -shift;
+    return __uint_as_float(EXPONENT | (moved & FIELD));
 }
 """
 
 QLINEAR_BODY = """
     constexpr int PER_WORD = 32 / BITS;          // values per uint32 word
     constexpr int CHUNK = 4 * PER_WORD;          // values per lane and 16-byte load (32 or 16)
+    constexpr int STEPS = (K + 32 * CHUNK - 1) / (32 * CHUNK);   // warp steps over a row
     constexpr int WORDS = K / PER_WORD;          // words per packed row
     constexpr int GROUPS = K / GROUP_SIZE;       // scales (and biases) per row
-    constexpr unsigned int MASK = (1u << BITS) - 1u;
+    constexpr float OFFSET = (float)(1 << BITS);
     const int lane = THREAD_X;                   // 0..31
-    const int n = BLOCK_X * WARPS + THREAD_Y;    // output feature of this warp
-    if (n < N) {
-        float acc[M];
+    const int n0 = (BLOCK_X * WARPS + THREAD_Y) * R;   // this warp's first output feature
+    if (n0 < N) {
+        float acc[M][R];
 #pragma unroll
-        for (int r = 0; r < M; ++r) acc[r] = 0.0f;
-        const size_t row = (size_t)n * WORDS;
-#pragma unroll 4
-        for (int k = lane * CHUNK; k < K; k += 32 * CHUNK) {   // values k .. k + CHUNK - 1 (K % CHUNK == 0)
-            const uint4 raw = *reinterpret_cast<const uint4*>(w + row + k / PER_WORD);
-            const unsigned int words[4] = {raw.x, raw.y, raw.z, raw.w};
-            const size_t g = (size_t)n * GROUPS + k / GROUP_SIZE;   // the chunk's group
-            const float s = static_cast<float>(scales[g]);
-            const float b = static_cast<float>(biases[g]);
+        for (int r = 0; r < M; ++r)
 #pragma unroll
-            for (int h = 0; h < CHUNK / 8; ++h) {       // 8 values at a time: one load8 of each row of x
-                float wv[8];
+            for (int f = 0; f < R; ++f) acc[r][f] = 0.0f;
 #pragma unroll
-                for (int e = 0; e < 8; ++e) {
-                    const int j = h * 8 + e;            // value j of the chunk
-                    const unsigned int q = (words[j / PER_WORD] >> ((j % PER_WORD) * BITS)) & MASK;
-                    wv[e] = s * small_uint_to_float(q) + b;
+        for (int first = 0; first < STEPS; first += STAGE) {     // STAGE steps' loads in flight at once
+            unsigned int words[STAGE][R][4];
+            float s[STAGE][R], c[STAGE][R];
+#pragma unroll
+            for (int i = 0; i < STAGE; ++i) {
+                const int k = ((first + i) * 32 + lane) * CHUNK;   // values k .. k + CHUNK - 1 (K % CHUNK == 0)
+#pragma unroll
+                for (int f = 0; f < R; ++f) {
+                    const int n = min(n0 + f, N - 1);   // past the last feature: a repeat, never stored
+                    if (first + i < STEPS && k < K) {
+                        const uint4 raw = *reinterpret_cast<const uint4*>(w + (size_t)n * WORDS + k / PER_WORD);
+                        words[i][f][0] = raw.x; words[i][f][1] = raw.y; words[i][f][2] = raw.z; words[i][f][3] = raw.w;
+                        const size_t g = (size_t)n * GROUPS + k / GROUP_SIZE;   // the chunk's group
+                        s[i][f] = static_cast<float>(scales[g]);
+                        c[i][f] = static_cast<float>(biases[g]) - OFFSET * s[i][f];
+                    }
                 }
+            }
 #pragma unroll
-                for (int r = 0; r < M; ++r) {
-                    float xv[8];
-                    load8(x + (size_t)r * K + k + h * 8, xv);
+            for (int i = 0; i < STAGE; ++i) {
+                const int k = ((first + i) * 32 + lane) * CHUNK;
+                if (first + i < STEPS && k < K) {
+                    float dot[M][R], sx[M];
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) acc[r] += wv[e] * xv[e];
+                    for (int r = 0; r < M; ++r) {
+                        sx[r] = 0.0f;
+#pragma unroll
+                        for (int f = 0; f < R; ++f) dot[r][f] = 0.0f;
+                    }
+#pragma unroll
+                    for (int h = 0; h < CHUNK / 8; ++h) {       // 8 values at a time
+                        float v[R][8];
+#pragma unroll
+                        for (int f = 0; f < R; ++f)
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) {
+                                const int j = h * 8 + e;            // value j of the chunk
+                                v[f][e] = offset_value<BITS>(words[i][f][j / PER_WORD], j % PER_WORD);
+                            }
+#pragma unroll
+                        for (int r = 0; r < M; ++r) {
+                            float xv[8];
+                            load8(x + (size_t)r * K + k + h * 8, xv);
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) sx[r] += xv[e];
+#pragma unroll
+                            for (int f = 0; f < R; ++f)
+#pragma unroll
+                                for (int e = 0; e < 8; ++e) dot[r][f] += v[f][e] * xv[e];
+                        }
+                    }
+#pragma unroll
+                    for (int r = 0; r < M; ++r)
+#pragma unroll
+                        for (int f = 0; f < R; ++f) acc[r][f] += s[i][f] * dot[r][f] + c[i][f] * sx[r];
                 }
             }
         }
-        const float bn = HAS_BIAS ? static_cast<float>(bias[n]) : 0.0f;
-        const float c = HAS_CAP ? cap[n] : 0.0f;   // 0: this feature's part is not capped
 #pragma unroll
-        for (int r = 0; r < M; ++r) {
-            float total = WARP_SUM(acc[r]) + bn;
-            if (c > 0.0f) total = c * TANH(total / c);
-            if (lane == 0) y[(size_t)r * N + n] = static_cast<T>(total);
+        for (int f = 0; f < R; ++f) {
+            const int n = n0 + f;
+            const float bn = (HAS_BIAS && n < N) ? static_cast<float>(bias[n]) : 0.0f;
+            const float cn = (HAS_CAP && n < N) ? cap[n] : 0.0f;   // 0: this feature's part is not capped
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                float total = WARP_SUM(acc[r][f]) + bn;
+                if (cn > 0.0f) total = cn * TANH(total / cn);
+                if (lane == 0 && n < N) y[(size_t)r * N + n] = static_cast<T>(total);
+            }
         }
     }
 """
@@ -101,25 +174,33 @@ QLINEAR_KERNEL = DeviceKernel("mad_quantized_linear", inputs=["x", "w", "scales"
 
 def unpack_row(words: np.ndarray, bits: int, K: int) -> np.ndarray:
     """The K unsigned integers of one packed row (uint32 words), unpacked as the kernel does: lane chunks of
-    128 / bits values, each from one 16-byte load (4 words), value j of a chunk at bit offset
-    (j % per_word) * bits of the chunk's word j / per_word. (A numpy emulation of QLINEAR_BODY's indices,
-    for the tests: it checks the layout on a machine without a GPU.)"""
-    import numpy as np
-
+    128 / bits values, each from one 16-byte load (4 words), value j of a chunk taken by `offset_value`'s
+    bit arithmetic (shift into the mantissa, OR the exponent of 2^bits, read as a float, minus 2^bits).
+    A numpy emulation of QLINEAR_BODY's indices and unpacking, for the tests: it checks both on a
+    machine without a GPU."""
     per_word, chunk = 32 // bits, 128 // bits
+    one_at, exponent = 23 - bits, (127 + bits) << 23
+    field = ((1 << bits) - 1) << one_at
     out = np.zeros(K, np.uint32)
     for lane in range(32):
         for k in range(lane * chunk, K, 32 * chunk):
             loaded = words[k // per_word: k // per_word + 4]
             for j in range(chunk):
-                out[k + j] = (int(loaded[j // per_word]) >> ((j % per_word) * bits)) & ((1 << bits) - 1)
+                word, shift = int(loaded[j // per_word]), one_at - (j % per_word) * bits
+                moved = (word << shift if shift >= 0 else word >> -shift) & 0xFFFFFFFF
+                v = np.array([exponent | (moved & field)], np.uint32).view(np.float32)[0]
+                out[k + j] = int(v - np.float32(2 ** bits))
     return out
 
 
 def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array] = None,
                             splits: Sequence[int] = (), caps: Sequence[Optional[float]] = (None,), *,
-                            backend: str = "cuda", poison: Optional[float] = None) -> list[mx.array]:
-    """`kernels.qlinear.quantized_linear` with the decode kernel; Unsupported for inputs it does not handle."""
+                            backend: str = "cuda", poison: Optional[float] = None,
+                            features: Optional[int] = None, stage: Optional[int] = None,
+                            warps: int = WARPS) -> list[mx.array]:
+    """`kernels.qlinear.quantized_linear` with the decode kernel; Unsupported for inputs it does not handle.
+    `features`, `stage` and `warps` override `features_per_warp`, `stage_steps` and WARPS (benchmarks
+    compare the choices)."""
     *lead, K = x.shape
     M = math.prod(lead)
     w, scales, biases, group_size, bits = packed.weight, packed.scales, packed.biases, packed.group_size, packed.bits
@@ -134,13 +215,16 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
                           f"group size {group_size}")
     check_parts(splits, caps)
     has_cap = any(caps)
+    R = features_per_warp(M) if features is None else features
+    S = stage_steps(M) if stage is None else stage
     (y,) = QLINEAR_KERNEL(
         backend,
         inputs=[x.reshape(M, K), w, scales, biases, _UNUSED if bias is None else bias,
                 _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED],
         template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
-                  ("WARPS", WARPS), ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap)],
-        grid=(-(-N // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
+                  ("R", R), ("STAGE", S), ("WARPS", warps), ("HAS_BIAS", bias is not None),
+                  ("HAS_CAP", has_cap)],
+        grid=(-(-N // (warps * R)) * 32, warps, 1), threadgroup=(32, warps, 1),
         output_shapes=[(M, N)], output_dtypes=[x.dtype], init_value=poison)
     return split_parts(y.reshape(*lead, N), splits)
 

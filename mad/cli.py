@@ -659,7 +659,7 @@ def _batch_or_cached(lm, tok, path, text_or_ids, prompts, prompt_cache, max_toke
     if reused:
         cache.add(found[0], found[1])
     result = batch_generate(lm, tok, ids, max_tokens, seed=seed, prompt_cache=cache,
-                            hints=(block_end,) if block_end else (), **sampling)
+                            cuts=(block_end,) if block_end else (), **sampling)
     for i, text in enumerate(result.texts):
         print(f"[{i + 1}] {text}")
     print_stats(result)

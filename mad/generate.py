@@ -11,10 +11,11 @@ of a row as padding) and a prompt is read in calls of a few shapes (`next_prompt
 program is traced a bounded number of times. Each row samples with its own parameters and PRNG key, so a
 sequence gives the same tokens in a batch as alone.
 
-Prompts are read in blocks of `PREFILL_BLOCK` tokens counted from the start, whoever reads them (a solo
-run, a batch, the server, a prompt cache): a state saved at a block boundary and continued gives exactly
-the numbers of a prompt read from the start, because every forward call has the same shape in both cases
-(float32 rounding depends on how a prompt is split into calls).
+Prompts are read in blocks of `PREFILL_BLOCK` tokens counted from the start (or from a cut the caller
+names, such as the end of a chat's system part), whoever reads them (a solo run, a batch, the server, a
+prompt cache): a state saved at a block boundary or a cut and continued gives exactly the numbers of a
+prompt read from the start, because every forward call has the same shape in both cases (float32 rounding
+depends on how a prompt is split into calls).
 
 The model wrapper lives in `mad.model`, samplers in `mad.sampling`, tokenizers in `mad.tokenizers`; their
 names are re-exported here so that `from mad.generate import LanguageModel, make_sampler, ...` keeps working.
@@ -38,19 +39,35 @@ from .tokenizers import ByteTokenizer, HFTokenizer, StreamingDetokenizer
 PREFILL_BLOCK = 256  # prompt tokens per forward call, counted from the start (module doc: why a fixed block)
 
 
-def next_prompt_end(pos: int, total: int, block: int = PREFILL_BLOCK) -> int:
+def next_prompt_end(pos: int, total: int, block: int = PREFILL_BLOCK, cuts: Sequence[int] = ()) -> int:
     """Where the batch reader's next forward call over a prompt of `total` tokens ends, having read `pos`.
 
-    Whole blocks of `block` tokens counted from the start, then the rest in pieces of decreasing powers of
-    two (200 = 128 + 64 + 8): a prompt is read with at most `block.bit_length()` distinct call shapes,
-    so the compiled program is traced a bounded number of times however many prompt lengths come. The
-    calls depend on (pos, total) only, so a prompt continued from a block-boundary snapshot makes the
+    The prompt is read in segments: from the start to the first of `cuts` (positions where a call must end,
+    e.g. the end of a chat's system part), from there to the next, and so on to `total`. A segment is read
+    in whole blocks of `block` tokens counted from its start, then the rest in pieces of decreasing powers
+    of two (200 = 128 + 64 + 8): at most `block.bit_length()` distinct call shapes, so the compiled
+    program is traced a bounded number of times however many prompt lengths come. The calls depend on
+    (pos, total, cuts) only, so a prompt continued from a snapshot at a `resume_points` position makes the
     calls, and gets the numbers, of one read from the start.
     """
-    whole = total // block * block
+    start = max((c for c in cuts if c <= pos), default=0)
+    end = min((c for c in cuts if pos < c < total), default=total)
+    whole = start + (end - start) // block * block
     if pos < whole:
-        return min(whole, (pos // block + 1) * block)
-    return pos + (1 << ((total - pos).bit_length() - 1))
+        return min(whole, start + ((pos - start) // block + 1) * block)
+    return pos + (1 << ((end - pos).bit_length() - 1))
+
+
+def resume_points(total: int, cuts: Sequence[int] = (), block: int = PREFILL_BLOCK) -> list[int]:
+    """The call ends before `total` (ascending) where reading can stop and later continue exactly: each cut,
+    and each whole block counted from the start of its segment (`next_prompt_end`)."""
+    points, start = [], 0
+    for end in sorted({int(c) for c in cuts if 0 < c < total}) + [total]:
+        points += range(start + block, end, block)
+        if end < total:
+            points.append(end)
+        start = end
+    return points
 
 
 def decode_bucket(rows: int, max_batch: Optional[int] = None) -> int:
@@ -268,10 +285,11 @@ class _Prompt:
     rows: list[_Row]
     state: Optional[dict]
     cacheable: bool  # read from the start (no state given): its snapshots are keyed by its ids
-    hints: tuple[int, ...]
+    cuts: tuple[int, ...]  # positions where a forward call ends (`next_prompt_end`)
     pos: int = 0
     started: bool = False
-    snapshots: set = field(default_factory=set)
+    resumable: set = field(default_factory=set)  # `resume_points`: where the state is evaluated
+    snapshots: set = field(default_factory=set)  # those of them the cache keeps
     logits: Optional[mx.array] = None  # (1, V) after the last prompt token
 
 
@@ -319,12 +337,13 @@ class BatchGenerator:
 
     def insert(self, prompt: Sequence[int], params: Sequence[SamplingParams] = (SamplingParams(),),
                max_tokens: int = 256, eos: Sequence[int] = (), state: Optional[dict] = None,
-               hints: Sequence[int] = ()) -> list[int]:
+               cuts: Sequence[int] = ()) -> list[int]:
         """Queue a prompt of ids with one row per entry of `params`; returns the rows' uids.
 
         `state` (batch 1): continue from it (the prompt cache is then not used: its keys are prompts read
-        from the start). `hints`: positions in the prompt worth a cache snapshot (the end of a chat's system
-        part). Every argument is checked here (a MadError), nothing inside `step`.
+        from the start). `cuts`: positions in the prompt where a forward call ends and the cache keeps a
+        snapshot (the end of a chat's system part): a later prompt with the same part and the same cut
+        continues exactly there. Every argument is checked here (a MadError), nothing inside `step`.
         """
         if isinstance(prompt, str):
             raise MadError("insert: the prompt is token ids (tokenize text first, or use batch_generate)")
@@ -344,7 +363,8 @@ class BatchGenerator:
             key = mx.random.key(p.seed if p.seed is not None else secrets.randbits(63)) if p.temp > 0 else None
             rows.append(_Row(self._next_uid, p, max_tokens, eos, key))
             self._next_uid += 1
-        self._waiting.append(_Prompt(ids, rows, state, state is None, tuple(int(h) for h in hints)))
+        cuts = tuple(sorted({int(c) for c in cuts if 0 < int(c) < len(ids)}))
+        self._waiting.append(_Prompt(ids, rows, state, state is None, cuts))
         return [r.uid for r in rows]
 
     def remove(self, uid: int) -> None:
@@ -429,34 +449,35 @@ class BatchGenerator:
                 self._start(p)
             total = len(p.ids)
             while p.pos < total and (budget is None or budget > 0):
-                end = next_prompt_end(p.pos, total, self.block)
+                end = next_prompt_end(p.pos, total, self.block, p.cuts)
                 out, p.state = self._forward(mx.array([p.ids[p.pos:end]], dtype=mx.int32), p.state, last_only=True)
                 budget = None if budget is None else budget - (end - p.pos)
                 p.pos = end
                 if end == total:
                     p.logits = out[:, -1]
-                elif end % self.block == 0:
+                elif end in p.resumable:
                     mx.eval(p.state)  # memory bounded by one block, however long the prompt
                     if end in p.snapshots:
-                        self.cache.add(p.ids[:end], p.state)
+                        self.cache.add(p.ids[:end], p.state, cuts=p.cuts)
             if p.pos < total:
                 return
             self._waiting.popleft()
             if self.cache is not None and p.cacheable:
-                self.cache.add(p.ids, p.state, p.logits)
+                self.cache.add(p.ids, p.state, p.logits, cuts=p.cuts)
             self._join(p)
 
     def _start(self, p: _Prompt) -> None:
         """Take the longest cached prefix of the prompt; plan where to leave snapshots."""
         p.started = True
+        p.resumable = set(resume_points(len(p.ids), p.cuts, self.block))
         if self.cache is None or not p.cacheable:
             return
-        hit, state, logits = self.cache.lookup(p.ids)
+        hit, state, logits = self.cache.lookup(p.ids, p.cuts)
         if hit:
             p.pos, p.state, p.logits = hit, state, logits
             for r in p.rows:
                 r.cached_tokens = hit
-        p.snapshots = self.cache.plan(p.ids, p.pos, p.hints)
+        p.snapshots = self.cache.plan(p.ids, p.pos, p.cuts)
 
     def _join(self, p: _Prompt) -> None:
         """The prompt's rows join the batch: its state once per row, each row's first token sampled."""
@@ -541,14 +562,14 @@ class BatchResponse:
 
 def batch_generate(model: LanguageModel, tokenizer: Any, prompts: Sequence[str | Sequence[int]],
                    max_tokens: int = 256, *, seed: Optional[int] = None, state: Optional[dict] = None,
-                   prompt_cache: Any = None, hints: Sequence[int] = (), verbose: bool = False,
+                   prompt_cache: Any = None, cuts: Sequence[int] = (), verbose: bool = False,
                    **kwargs: Any) -> BatchResponse:
     """Generate from several prompts (texts or ids) as one batch; each gives the tokens it gives alone.
 
     kwargs: temp, top_p, top_k, min_p (as `stream_generate`). `seed`: every prompt samples with the key of
     this seed, as `stream_generate` does after `mx.random.seed(seed)` (None: a fresh seed per prompt).
-    `state` (batch 1): every prompt continues from it. `prompt_cache`: see `BatchGenerator`; `hints`:
-    positions worth a snapshot (the same for every prompt). Generation stops at an eos token of the
+    `state` (batch 1): every prompt continues from it. `prompt_cache` and `cuts` (the same for every
+    prompt): see `BatchGenerator`. Generation stops at an eos token of the
     tokenizer or after `max_tokens`.
     """
     tokenizer = resolve_tokenizer(model, tokenizer)
@@ -570,7 +591,7 @@ def batch_generate(model: LanguageModel, tokenizer: Any, prompts: Sequence[str |
     eos = getattr(tokenizer, "eos_token_ids", ())
     gen = BatchGenerator(model, prefill_budget=None, prompt_cache=prompt_cache)
     start = time.perf_counter()
-    uids = [gen.insert(one, [params], max(max_tokens, 1), eos, state, hints)[0] for one in ids]
+    uids = [gen.insert(one, [params], max(max_tokens, 1), eos, state, cuts)[0] for one in ids]
     out: dict[int, list[int]] = {u: [] for u in uids}
     reasons: dict[int, str] = {}
     cached: dict[int, int] = {}
@@ -614,5 +635,4 @@ __all__ = ["BatchGenerator", "BatchResponse", "BatchResult", "ByteTokenizer", "G
            "LanguageModel", "MAX_TOP_LOGPROBS", "PREFILL_BLOCK", "PREFILL_STEP", "SamplingParams",
            "StreamingDetokenizer", "apply_repetition_penalty", "batch_generate", "check_prompt", "check_sampling",
            "check_state_arrays", "decode_bucket", "generate", "generate_step", "make_sampler", "next_prompt_end",
-           "print_stats", "prompt_ids",
-           "resolve_tokenizer", "state_spec", "stream_generate"]
+           "print_stats", "prompt_ids", "resolve_tokenizer", "resume_points", "state_spec", "stream_generate"]

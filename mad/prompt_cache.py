@@ -6,13 +6,15 @@ transformer would keep its whole KV cache for that). `PromptCache` keeps snapsho
 recently used first out, bounded by bytes (the server's). A prompt cache file (`mad run --prompt-cache`)
 keeps one snapshot on disk, with the prefix it read and the model that read it.
 
-Exactness: snapshots are taken only at multiples of the prompt block (`mad.generate.PREFILL_BLOCK`),
-where the prompt is split into forward calls anyway, so a prompt continued from a snapshot goes through
-the same calls, of the same shapes, as one read from the start: the same numbers, bit for bit. The one
-exception is the whole prompt: the state after it and its last logits are kept too, for a prompt asked
-again (nothing left to read, so nothing can differ). Which block boundaries are kept: the last one of
-each prompt, the boundaries the caller names (the end of a chat's system part), and the point where a
-prompt leaves a prefix seen before (where the next prompt of that family will branch off too).
+Exactness: snapshots are taken only where the prompt is split into forward calls anyway
+(`mad.generate.resume_points`: whole blocks of `PREFILL_BLOCK` tokens, and the cuts the caller names,
+such as the end of a chat's system part), so a prompt continued from a snapshot goes through the same
+calls, of the same shapes, as one read from the start: the same numbers, bit for bit. A snapshot is
+therefore keyed by its tokens and by the cuts before it (the calls that made it), and serves a prompt
+with the same tokens and cuts. The whole prompt is kept too (its state and last logits), for a prompt
+asked again. Which points are kept: the last one of each prompt, its cuts, and the point where a prompt
+leaves a prefix seen before (where the next prompt of that family will branch off too). With a cut at
+the end of a long system part, a new question after it reads only the question.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ SEEN_PREFIXES = 1 << 16  # block prefixes remembered for finding branch points (
 @dataclass(eq=False)
 class _Entry:
     ids: tuple[int, ...]
+    cuts: tuple[int, ...]  # the cuts before the end of `ids`: how the state was read
     state: dict
     logits: Optional[mx.array]  # (1, V) after the last token: only for a whole prompt
     nbytes: int
@@ -50,10 +53,11 @@ def state_nbytes(state: dict) -> int:
 class PromptCache:
     """State snapshots keyed by token prefixes; least recently used out first, at most `max_bytes`.
 
-    `lookup(ids)` gives the longest usable prefix: the whole prompt (state and last logits), else the
-    longest block-aligned prefix with at least one token left to read. `plan(ids, start, hints)` names
-    the block boundaries to keep while a prompt is read; `add(ids, state, logits)` keeps one. Keys are
-    (length, hash) and every hit compares the token ids, so a hash collision can only cost a miss.
+    `lookup(ids, cuts)` gives the longest usable prefix: the whole prompt (state and last logits), else
+    the longest prefix ending at a resume point with at least one token left to read. `plan(ids, start,
+    cuts)` names the points to keep while a prompt is read; `add(ids, state, logits, cuts)` keeps one.
+    Keys are (length, hash, cuts before the end) and every hit compares the token ids, so a hash
+    collision can only cost a miss.
     """
 
     def __init__(self, max_bytes: int = DEFAULT_BYTES, block: Optional[int] = None):
@@ -63,7 +67,7 @@ class PromptCache:
             raise MadError(f"the prompt cache size must be a number of bytes >= 0, got {max_bytes!r}")
         self.max_bytes = max_bytes
         self.block = PREFILL_BLOCK if block is None else block
-        self.entries: OrderedDict[tuple[int, int], _Entry] = OrderedDict()
+        self.entries: OrderedDict[tuple, _Entry] = OrderedDict()
         self.nbytes = 0
         self._seen: OrderedDict[tuple[int, int], None] = OrderedDict()
         self.hits = self.misses = 0
@@ -78,42 +82,50 @@ class PromptCache:
             h.append(hash((h[-1], tuple(ids[k * b:(k + 1) * b]))))
         return h
 
-    def _key(self, ids: Sequence[int], hashes: list[int]) -> tuple[int, int]:
+    def _key(self, ids: Sequence[int], hashes: list[int], cuts: Sequence[int] = ()) -> tuple:
+        """(length, hash of the ids, the cuts before the end): `hashes` are those of a prompt `ids` begins."""
         n, k = len(ids), len(ids) // self.block
-        return (n, hashes[k] if n % self.block == 0 else hash((hashes[k], tuple(ids[k * self.block:]))))
+        digest = hashes[k] if n % self.block == 0 else hash((hashes[k], tuple(ids[k * self.block:n])))
+        return (n, digest, tuple(c for c in cuts if c < n))
 
-    def _get(self, key: tuple[int, int], ids: Sequence[int]) -> Optional[_Entry]:
+    def _get(self, key: tuple, ids: Sequence[int]) -> Optional[_Entry]:
         entry = self.entries.get(key)
         if entry is None or entry.ids != tuple(ids):
             return None
         self.entries.move_to_end(key)
         return entry
 
-    def lookup(self, ids: Sequence[int]) -> tuple[int, Optional[dict], Optional[mx.array]]:
-        """(tokens covered, state, logits or None): the longest cached prefix of `ids`; (0, None, None)."""
+    def lookup(self, ids: Sequence[int], cuts: Sequence[int] = ()) -> tuple[int, Optional[dict], Optional[mx.array]]:
+        """(tokens covered, state, logits or None): the longest cached prefix of `ids`, read with `cuts`
+        (`mad.generate.next_prompt_end`); (0, None, None) when there is none."""
+        from .generate import resume_points
+
         hashes = self._hashes(ids)
-        whole = self._get(self._key(ids, hashes), ids)
+        whole = self._get(self._key(ids, hashes, cuts), ids)
         if whole is not None and whole.logits is not None:
             self.hits += 1
             return len(ids), whole.state, whole.logits
-        for k in range((len(ids) - 1) // self.block, 0, -1):
-            entry = self._get((k * self.block, hashes[k]), ids[:k * self.block])
+        for p in reversed(resume_points(len(ids), cuts, self.block)):
+            entry = self._get(self._key(ids[:p], hashes, cuts), ids[:p])
             if entry is not None:
                 self.hits += 1
-                return k * self.block, entry.state, None
+                return p, entry.state, None
         self.misses += 1
         return 0, None, None
 
-    def plan(self, ids: Sequence[int], start: int = 0, hints: Sequence[int] = ()) -> set[int]:
-        """Block boundaries after `start` and before the end of `ids` worth a snapshot while reading it:
-        the last one, those just before the `hints`, and where `ids` leaves the longest prefix seen before.
-        (The state after the whole prompt is kept by the reader anyway: `add` with its logits.)"""
+    def plan(self, ids: Sequence[int], start: int = 0, cuts: Sequence[int] = ()) -> set[int]:
+        """Resume points after `start` and before the end of `ids` worth a snapshot while reading it: the
+        last one, the cuts, and the last one before `ids` leaves the longest prefix seen before. (The state
+        after the whole prompt is kept by the reader anyway: `add` with its logits.)"""
+        from .generate import resume_points
+
         b, n = self.block, len(ids)
         hashes = self._hashes(ids)
-        points = {n // b * b} | {h // b * b for h in hints if 0 < h <= n}
+        resumable = resume_points(n, cuts, b)
+        points = set(resumable[-1:]) | {c for c in cuts if 0 < c < n}
         for k in range(len(hashes) - 1, 0, -1):
             if (k, hashes[k]) in self._seen:
-                points.add(k * b)
+                points |= {max((p for p in resumable if p <= k * b), default=0)}
                 break
         for k in range(1, len(hashes)):
             self._seen[(k, hashes[k])] = None
@@ -122,10 +134,11 @@ class PromptCache:
             self._seen.popitem(last=False)
         return {p for p in points if start < p < n}
 
-    def add(self, ids: Sequence[int], state: dict, logits: Optional[mx.array] = None) -> None:
-        """Keep `state` (batch 1), which has read `ids` from the start; `logits` after the last of them
-        for a whole prompt. Older entries leave until the bytes fit; one larger than the bound is not kept."""
-        key = self._key(ids, self._hashes(ids))
+    def add(self, ids: Sequence[int], state: dict, logits: Optional[mx.array] = None, cuts: Sequence[int] = ()) -> None:
+        """Keep `state` (batch 1), which has read `ids` from the start with `cuts`; `logits` after the last
+        of them for a whole prompt. Older entries leave until the bytes fit; one larger than the bound is
+        not kept."""
+        key = self._key(ids, self._hashes(ids), cuts)
         old = self.entries.get(key)
         if old is not None and old.ids == tuple(ids) and (old.logits is not None or logits is None):
             self.entries.move_to_end(key)
@@ -135,7 +148,7 @@ class PromptCache:
             return
         if old is not None:
             self.nbytes -= self.entries.pop(key).nbytes
-        self.entries[key] = _Entry(tuple(ids), state, logits, nbytes)
+        self.entries[key] = _Entry(tuple(ids), key[2], state, logits, nbytes)
         self.nbytes += nbytes
         while self.nbytes > self.max_bytes:
             self.nbytes -= self.entries.popitem(last=False)[1].nbytes

@@ -293,7 +293,7 @@ class Job:
     max_tokens: int
     stops: list[str]
     emit: Callable[[tuple], None]
-    hints: tuple[int, ...] = ()
+    cuts: tuple[int, ...] = ()  # where the prompt's forward calls end (the end of a chat's system part)
     cached_tokens: list[int] = field(default_factory=list)  # per prompt, known once it was read
     uids: list[int] = field(default_factory=list)
 
@@ -396,7 +396,7 @@ class Engine:
             job.cached_tokens = [0] * len(job.prompts)
             try:
                 for p, ids in enumerate(job.prompts):
-                    uids = self.generator.insert(ids, job.params, job.max_tokens, self.eos, hints=job.hints)
+                    uids = self.generator.insert(ids, job.params, job.max_tokens, self.eos, cuts=job.cuts)
                     for i, uid in enumerate(uids):
                         self._choices[uid] = _Choice(job, p * len(job.params) + i, StreamingDetokenizer(self.tokenizer))
                     job.uids.extend(uids)
@@ -554,13 +554,15 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat_template: 
         return [SamplingParams(temp, top_p, req.top_k, req.min_p, (seed + i) % 2**64, logprobs)
                 for i in range(req.n)]
 
-    def hints_for(messages: list[dict], ids: list[int]) -> tuple[int, ...]:
-        """The end of the system part, when the template renders it as a prefix of the prompt's ids."""
+    def cuts_for(messages: list[dict], ids: list[int]) -> tuple[int, ...]:
+        """The end of the system part, when the template renders it as a prefix of the prompt's ids: the
+        prompt's reading is cut there and the cache keeps the state, so the next question after the same
+        system part reads only itself (mad.prompt_cache)."""
         if len(messages) < 2 or messages[0]["role"] not in ("system", "developer"):
             return ()
         try:
             head = [int(t) for t in tokenizer.encode(template.render(messages[:1], add_generation_prompt=False))]
-        except ApiError:  # a template that wants more than a system message: no hint
+        except ApiError:  # a template that wants more than a system message: no cut
             return ()
         return (len(head),) if head and ids[:len(head)] == head else ()
 
@@ -588,10 +590,10 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat_template: 
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        return await run_job(request, req, [ids], sampling(req, logprobs), hints_for(messages, ids), chat=True)
+        return await run_job(request, req, [ids], sampling(req, logprobs), cuts_for(messages, ids), chat=True)
 
     async def run_job(request: Request, req: _Request, prompts: list[list[int]], params: list[SamplingParams],
-                      hints: tuple, chat: bool):
+                      cuts: tuple, chat: bool):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
@@ -601,7 +603,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat_template: 
             except RuntimeError:  # the loop is closed: the server is shutting down
                 pass
 
-        job = Job(prompts, params, req.max_tokens or config.max_tokens, req.stops(), emit, hints)
+        job = Job(prompts, params, req.max_tokens or config.max_tokens, req.stops(), emit, cuts)
         engine.submit(job)
         rid = ("chatcmpl-" if chat else "cmpl-") + secrets.token_hex(12)
         n_choices = len(prompts) * len(params)

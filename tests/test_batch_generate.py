@@ -157,8 +157,9 @@ def test_prompt_cache_gives_the_same_tokens(loaded):
             assert mx.array_equal(state[node][name], a).item()
 
 
-def test_prompt_cache_branch_points_and_hints(loaded):
-    """A prompt that leaves a prefix seen before leaves a snapshot where it branched off, for the next one."""
+def test_prompt_cache_branch_points_and_cuts(loaded):
+    """A prompt that leaves a prefix seen before leaves a snapshot where it branched off, for the next one;
+    a cut is kept where it falls, and serves only prompts read with the same cut."""
     model, tok = loaded
     cache = PromptCache(1 << 30)
     a = [3 + i % 290 for i in range(700)]
@@ -168,10 +169,34 @@ def test_prompt_cache_branch_points_and_hints(loaded):
     c = a[:400] + [7] * 100
     assert batch_generate(model, tok, [c], max_tokens=1, prompt_cache=cache).cached_tokens == [256]
     d = [9] * 300 + [4] * 300
-    for hints, expected in (((), 0), ((300,), 256)):
+    for cuts, expected in (((), 0), ((300,), 300)):
         cache = PromptCache(1 << 30)
-        batch_generate(model, tok, [d], max_tokens=1, prompt_cache=cache, hints=hints)
-        assert cache.lookup([9] * 300 + [1])[0] == expected
+        batch_generate(model, tok, [d], max_tokens=1, prompt_cache=cache, cuts=cuts)
+        assert cache.lookup([9] * 300 + [1], cuts)[0] == expected
+        assert cache.lookup([9] * 300 + [1])[0] == 0  # read without the cut: other calls, no snapshot fits
+
+
+def test_a_cut_keeps_the_state_at_the_end_of_a_system_part(loaded):
+    """A cut (the end of a chat's system part) ends a forward call wherever it falls: the cache keeps the
+    state there, a new question after the same part reads only itself, and its tokens equal those of a run
+    without the cache with the same cut. The state at the cut is that of the part read as a whole prompt."""
+    model, tok = loaded
+    system = [3 + i % 290 for i in range(300)]
+    cache = PromptCache(1 << 30)
+    for i, question in enumerate([[5, 6, 7], [8, 9, 10, 11, 12], [13]]):
+        out = batch_generate(model, tok, [system + question], max_tokens=8, prompt_cache=cache, cuts=(300,))
+        assert out.tokens == batch_generate(model, tok, [system + question], max_tokens=8, cuts=(300,)).tokens
+        assert out.cached_tokens == [0 if i == 0 else 300]
+    k, state, logits = cache.lookup(system + [1], cuts=(300,))
+    assert k == 300 and logits is None
+    whole = PromptCache(1 << 30)
+    batch_generate(model, tok, [system], max_tokens=1, prompt_cache=whole)
+    _, ref, _ = whole.lookup(system)
+    for node, entries in ref.items():
+        for name, a in entries.items():
+            assert mx.array_equal(state[node][name], a).item()
+    # the same tokens without the cut are read in other calls: the snapshot at 300 does not serve them
+    assert batch_generate(model, tok, [system + [14]], max_tokens=1, prompt_cache=cache).cached_tokens == [0]
 
 
 def test_prompt_cache_is_bounded_by_bytes(loaded):
@@ -299,7 +324,7 @@ def count_traces(model) -> list:
 
 def test_prompt_calls_and_decode_buckets():
     """Whole blocks from the start, then decreasing powers of two; batch sizes rounded up to a power of two."""
-    from mad.generate import decode_bucket, next_prompt_end
+    from mad.generate import decode_bucket, next_prompt_end, resume_points
 
     for total in (1, 5, 255, 256, 257, 700, 1000):
         for start in range(0, total, PREFILL_BLOCK):
@@ -312,6 +337,13 @@ def test_prompt_calls_and_decode_buckets():
             assert ends[-1] == total and list(sizes[sizes == PREFILL_BLOCK].cumsum() + start)[-1:] in ([], [total - tail])
             assert sorted((int(s) for s in sizes if s < PREFILL_BLOCK), reverse=True) == [1 << b for b in range(8, -1, -1)
                                                                                          if tail & (1 << b)]
+    ends, pos = [], 0
+    while pos < 1000:  # with cuts: each segment read in blocks from its start, then powers of two
+        pos = next_prompt_end(pos, 1000, cuts=(300, 700))
+        ends.append(pos)
+    assert ends == [256, 288, 296, 300, 556, 684, 700, 956, 988, 996, 1000]
+    assert resume_points(1000, (300, 700)) == [256, 300, 556, 700, 956]
+    assert resume_points(1000) == [256, 512, 768]
     assert [decode_bucket(n) for n in range(1, 10)] == [1, 2, 4, 4, 8, 8, 8, 8, 16]
     assert [decode_bucket(n, 6) for n in (3, 5, 6, 7)] == [4, 6, 6, 7]
 

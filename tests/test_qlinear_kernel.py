@@ -116,6 +116,21 @@ def test_kernel_matches_dequantized_float32(i):
 
 
 @needs_cuda
+@pytest.mark.parametrize("features,stage,warps", [(1, 1, 4), (8, 2, 4), (2, 4, 8), (4, 3, 2)])
+@pytest.mark.parametrize("M", [1, 3])
+def test_every_launch_setting_computes_the_same_product(features, stage, warps, M):
+    """Features per warp, steps loaded ahead and warps per block change how the work is cut, not the
+    product: N = 37 leaves a warp's features partly past the end, K = 11 groups of 64 a partial last step
+    (and, with 3 steps loaded ahead, a partial last stage)."""
+    N, K = 37, 64 * 11
+    for bits in BITS:
+        m = packed_matrix(N, K, bits, 64, seed=features + bits)
+        x = mx.array(np.random.default_rng(M).normal(0, 1, (M, K)).astype(np.float32)).astype(mx.bfloat16)
+        (y,) = quantized_linear_device(x, m, poison=float("nan"), features=features, stage=stage, warps=warps)
+        assert rel_err(y, reference(x, m)[0]) < 1e-2
+
+
+@needs_cuda
 @pytest.mark.parametrize("bits", BITS)
 def test_kernel_on_a_decode_shape(bits):
     """A 4096-wide row of xLSTM-7B's shapes, one row of bfloat16 (the decode case)."""

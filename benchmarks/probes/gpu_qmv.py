@@ -7,7 +7,12 @@ rotating weights, so that the weights do not sit in L2); bandwidth = bytes of th
 and biases (or the bf16 weights) over the time. `mad_q*_err` is the relative (Frobenius) difference
 between MAD's kernel and MLX's product on one weight: a check that the timed kernel computes the same.
 
-    python benchmarks/probes/gpu_qmv.py [--bits 4 8] [--group-size 64] [--json PATH]
+`--configs R:S:W ...` times MAD's kernel with R output features per warp, S warp steps loaded ahead and
+W warps per block (default: the kernel's own choice). The bf16 product above the `linear` kernel's row
+limit is MLX's matmul.
+
+    python benchmarks/probes/gpu_qmv.py [--bits 4 8] [--group-size 64] [--rows 1 8] [--configs 4:1:4 8:2:4]
+                                        [--json PATH]
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ import json
 import mad  # noqa: F401
 import mlx.core as mx
 
-from mad.kernels.linear_device import linear_device
+from mad.kernels.linear_device import linear_device, row_limit
 from mad.kernels.qlinear import QuantizedMatrix
 from mad.kernels.qlinear_device import quantized_linear_device
 
@@ -32,6 +37,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--configs", nargs="+", default=[None], metavar="R:S:W",
+                    help="MAD kernel settings: features per warp, steps loaded ahead, warps per block")
     ap.add_argument("--quick", action="store_true", help="one small shape (a check that the script runs)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -42,7 +49,7 @@ def main() -> None:
         mx.eval(ws)
         for M in args.rows:
             x = mx.random.normal((M, K)).astype(mx.bfloat16)
-            s = time_chain(lambda a, w: linear_device(a, w)[0], ws, x)
+            s = time_chain(lambda a, w: linear_device(a, w)[0] if M <= row_limit() else a @ w.T, ws, x)
             row = {"shape": name, "N": N, "K": K, "M": M, "bf16_us": 1e6 * s, "bf16_GBps": 2 * N * K / s / 1e9}
             for bits in args.bits:
                 qs = [mx.quantize(w, group_size=args.group_size, bits=bits) for w in ws]
@@ -52,8 +59,12 @@ def main() -> None:
                                                                bits=bits), qs, x)
                 row[f"q{bits}_us"], row[f"q{bits}_GBps"] = 1e6 * t, nbytes / t / 1e9
                 packed = [QuantizedMatrix(*q, args.group_size, bits) for q in qs]
-                t = time_chain(lambda a, m: quantized_linear_device(a, m)[0], packed, x)
-                row[f"mad_q{bits}_us"], row[f"mad_q{bits}_GBps"] = 1e6 * t, nbytes / t / 1e9
+                for config in args.configs:
+                    R, S, W = (None, None, 4) if config is None else map(int, config.split(":"))
+                    name_r = f"mad_q{bits}" + ("" if config is None else f"_{R}:{S}:{W}")
+                    t = time_chain(lambda a, m: quantized_linear_device(a, m, features=R, stage=S, warps=W)[0],
+                                   packed, x)
+                    row[f"{name_r}_us"], row[f"{name_r}_GBps"] = 1e6 * t, nbytes / t / 1e9
                 mine = quantized_linear_device(x, packed[0])[0].astype(mx.float32)
                 theirs = mx.quantized_matmul(x, *qs[0], transpose=True, group_size=args.group_size,
                                              bits=bits).astype(mx.float32)
