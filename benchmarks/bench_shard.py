@@ -13,6 +13,13 @@ messages go through the kernel's loopback, and a collective's latency is a round
     python benchmarks/bench_shard.py                                  # xlstm-125m and the 1.3B stack, 1 2 4
     python benchmarks/bench_shard.py --topologies topologies/xlstm-125m.yaml --members 1,2 -p 256 -g 64
     python benchmarks/bench_shard.py --quick --json -                 # a tiny model, 1 and 2 members (CI)
+    python benchmarks/bench_shard.py --serve 4 --members 1,2 -p 64 -g 64   # mad serve, 4 concurrent clients
+
+With `--serve CLIENTS`, `mad serve` runs instead (with `--tensor-parallel` for N members: member 0 serves,
+the others run its steps): CLIENTS clients send a completion of -p prompt ids for -g tokens (temperature 0)
+at once, -n times after a warmup; reported are the completion tokens per second of all clients together
+(median over the rounds), what the exchanges of member 0's steps and the members' collectives cost beside
+one process.
 """
 
 from __future__ import annotations
@@ -87,6 +94,77 @@ def run(topology: str, members: int, args: argparse.Namespace) -> dict:
             "sent_bytes_per_token": tp.get("sent_bytes_per_token", 0)}
 
 
+def serve_run(topology: str, members: int, args: argparse.Namespace) -> dict:
+    """Completion tokens/s of `mad serve` on `members` processes, `args.serve` clients at once."""
+    import random
+    import statistics
+    import threading
+    import time
+    import urllib.request
+
+    base = free_ports(members + 1)
+    port = base + members
+    serve = [sys.executable, "-m", "mad.cli", "serve", topology, "--port", str(port), "--log-level", "warning",
+             "--dtype", args.dtype, "--max-batch", str(max(args.serve, 1)), *sum((["--set", s] for s in args.set), [])]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        if members == 1:
+            procs.append(subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                          env=env))
+        else:
+            hosts = Path(tmp) / "hosts.json"
+            hosts.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(members)]))
+            threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // members))
+            for r in range(members):
+                procs.append(subprocess.Popen([*serve, "--tensor-parallel"], stdout=subprocess.DEVNULL,
+                                              stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                                              env=dict(env, MLX_HOSTFILE=str(hosts), MLX_RANK=str(r),
+                                                       OMP_NUM_THREADS=threads)))
+        try:
+            deadline = time.time() + args.timeout
+            while True:
+                if any(proc.poll() is not None for proc in procs) or time.time() > deadline:
+                    raise SystemExit(f"{topology}: the server on {members} member(s) did not start:\n"
+                                     + procs[0].communicate(timeout=30)[1][-3000:])
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5).read()
+                    break
+                except OSError:
+                    time.sleep(0.5)
+
+            def complete(prompt: list[int], tokens: int) -> int:
+                body = json.dumps({"prompt": prompt, "max_tokens": tokens, "temperature": 0}).encode()
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body,
+                                                 headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(request, timeout=args.timeout) as reply:
+                    return json.loads(reply.read())["usage"]["completion_tokens"]
+
+            rng = random.Random(0)
+            prompts = [[rng.randrange(256) for _ in range(args.prompt)] for _ in range(args.serve)]
+            complete(prompts[0], 4)  # warmup: traces the prompt and decode shapes
+            rates = []
+            for _ in range(args.trials):
+                counts = [0] * args.serve
+
+                def client(i: int) -> None:
+                    counts[i] = complete(prompts[i], args.gen)
+
+                start = time.perf_counter()
+                workers = [threading.Thread(target=client, args=(i,)) for i in range(args.serve)]
+                for w in workers:
+                    w.start()
+                for w in workers:
+                    w.join()
+                rates.append(sum(counts) / (time.perf_counter() - start))
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+    return {"topology": topology, "members": members, "clients": args.serve, "tokens_per_s": statistics.median(rates)}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--topologies", default=None, help="comma-separated topology files")
@@ -99,6 +177,8 @@ def main() -> None:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--quick", action="store_true", help="a tiny model, 1 and 2 members, a few tokens (a smoke run)")
     p.add_argument("--json", nargs="?", const="-", default=None, help="write the results (- : stdout)")
+    p.add_argument("--serve", type=int, default=0, metavar="CLIENTS",
+                   help="measure mad serve with this many concurrent clients instead of mad bench")
     args = p.parse_args()
     topologies = args.topologies.split(",") if args.topologies else TOPOLOGIES
     members = [int(m) for m in args.members.split(",")]
@@ -106,6 +186,17 @@ def main() -> None:
         topologies, members = [QUICK_TOPOLOGY], [1, 2]
         args.prompt, args.gen, args.trials = 16, 4, 1
     out = sys.stderr if args.json == "-" else sys.stdout
+    if args.serve:
+        print(f"{'topology':24} {'members':>7} {'clients':>7} {'completion tok/s':>16}", file=out, flush=True)
+        rows = []
+        for t in topologies:
+            for m in members:
+                r = serve_run(t, m, args)
+                rows.append(r)
+                print(f"{Path(t).stem:24} {m:>7} {r['clients']:>7} {r['tokens_per_s']:>16.2f}", file=out, flush=True)
+        write_json({"prompt_tokens": args.prompt, "generation_tokens": args.gen, "trials": args.trials,
+                    "dtype": args.dtype, "serve_runs": rows}, args.json)
+        return
     print(f"{'topology':24} {'members':>7} {'prompt tok/s':>12} {'decode tok/s':>12} {'weights/member GB':>17} "
           f"{'peak GB':>8} {'coll/token':>10} {'B whole/token':>13} {'B sent/token':>12}", file=out, flush=True)
     rows = []

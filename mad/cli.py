@@ -411,13 +411,22 @@ def chat(source: Optional[Path] = typer.Argument(None, help="topology file, buil
          tokenizer: Optional[str] = typer.Option(None, "--tokenizer", help=TOKENIZER_HELP),
          save_state: Optional[Path] = typer.Option(None, "--save-state", help="save the conversation state at exit"),
          load_state: Optional[Path] = typer.Option(None, "--load-state", help="resume a saved conversation"),
+         system_prompt: Optional[str] = typer.Option(None, "--system-prompt", help="a system message read before "
+                                                     "the first turn (not with --load-state)"),
+         use_template: bool = typer.Option(True, "--chat-template/--no-chat-template", help="render each turn "
+                                           "with the checkpoint's chat template, when it has one [on]"),
          device: Device = None,
          tf32: Tf32 = False,
          trust_plugins: TrustPlugins = False,
          no_memory_check: NoMemoryCheck = False) -> None:
-    """Chat: each turn reads only the new text; the recurrent state carries the conversation."""
+    """Chat: each turn reads only the new text; the recurrent state carries the conversation.
+
+    With a chat template (the checkpoint's tokenizer_config.json, chat_template.json or .jinja) each turn
+    is the template's rendering of the new user message with the assistant's prompt after it (the first
+    turn also of the --system-prompt); without one, the line as typed."""
     import mlx.core as mx
 
+    from .chat_template import ChatTemplate, template_source
     from .generate import stream_generate
     from .loading import load, load_state_file, save_state_file
     from .sampling import check_sampling
@@ -430,11 +439,16 @@ def chat(source: Optional[Path] = typer.Argument(None, help="topology file, buil
     _check_seed(seed)
     check_sampling(SAMPLING_FLAGS, temp=temp, top_p=top_p, max_tokens=max_tokens)
     _check_state_paths(save_state, load_state)
+    if system_prompt is not None and load_state is not None:
+        raise MadError("--system-prompt starts a conversation and --load-state continues one: give one of them")
+    source, special, where = template_source(Path(path)) if use_template else (None, {}, "")
+    template = ChatTemplate(source, special, where) if source is not None else None
     mx.random.seed(seed)
     lm, tok = load(path, dtype=dtype, tokenizer=tokenizer, trust_plugins=trust_plugins,
                    memory_check=not no_memory_check)
     tok = _tokenizer_for(path, lm, tok, tokenizer)
     state = load_state_file(load_state, lm) if load_state else None
+    system = system_prompt  # read with the first turn
     interactive = sys.stdin.isatty()
     n = 0
     while True:
@@ -454,13 +468,17 @@ def chat(source: Optional[Path] = typer.Argument(None, help="topology file, buil
         if not line.strip():
             continue
         try:
-            for r in stream_generate(lm, tok, line.rstrip("\n") + "\n", max_tokens=max_tokens, state=state,
-                                     temp=temp, top_p=top_p):
+            if template is not None:
+                messages = [{"role": "system", "content": system}] if system else []
+                prompt = template.render(messages + [{"role": "user", "content": line.rstrip("\n")}])
+            else:
+                prompt = (system + "\n" if system else "") + line.rstrip("\n") + "\n"
+            for r in stream_generate(lm, tok, prompt, max_tokens=max_tokens, state=state, temp=temp, top_p=top_p):
                 print(r.text, end="", flush=True)
         except MadError as e:  # e.g. a character the vocabulary lacks: this turn only; the conversation goes on
             err_console.print(e.render(), markup=False, soft_wrap=True)
             continue
-        state = r.state
+        state, system = r.state, None
         print()
     if save_state and state is not None:
         save_state_file(save_state, state, "--save-state")
@@ -693,11 +711,15 @@ def serve(source: Optional[Path] = typer.Argument(None, help="topology file, bui
           log_level: str = typer.Option("info", "--log-level", help="uvicorn's: critical, error, warning, info, debug"),
           tf32: Tf32 = False,
           trust_plugins: TrustPlugins = False,
-          no_memory_check: NoMemoryCheck = False) -> None:
+          no_memory_check: NoMemoryCheck = False,
+          tensor_parallel: bool = typer.Option(False, "--tensor-parallel", help="serve split over the members of "
+                                               "the group this process was launched in (`mlx.launch -n 2 --backend "
+                                               "ring -- mad serve DIR --tensor-parallel`): member 0 serves, the "
+                                               "others run its steps and open no port")) -> None:
     """Serve the OpenAI API (completions, chat, streaming); concurrent clients are decoded as one batch."""
-    from .loading import load
     from .prompt_cache import DEFAULT_BYTES
     from .serve import MAX_BODY_BYTES, check_server_args, serve as run_server
+    from .shard import cli_io
 
     _setup(device, tf32=tf32)
     path = model or source
@@ -709,13 +731,24 @@ def serve(source: Optional[Path] = typer.Argument(None, help="topology file, bui
     if log_level not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise MadError(f"--log-level must be critical, error, warning, info or debug, got '{log_level}'")
     check_server_args(host, port, max_batch, max_tokens, prompt_cache_bytes, max_body_bytes, temp, top_p)
+    load = cli_io(tensor_parallel)[0]
+    if tensor_parallel:
+        import mlx.core as mx
+
+        mx.random.seed(0)  # fresh weights (a topology): every member draws the same
     lm, tok = load(path, dtype=dtype, overrides=set_, tokenizer=tokenizer, trust_plugins=trust_plugins,
                    memory_check=not no_memory_check)
     tok = _tokenizer_for(path, lm, tok, tokenizer)
     name = model_name or (Path(path).stem if Path(path).is_file() else Path(path).resolve().name)
-    run_server(lm, tok, model_name=name, folder=Path(path) if Path(path).is_dir() else None, host=host, port=port,
-               max_batch=max_batch, max_tokens=max_tokens, temp=temp, top_p=top_p,
-               prompt_cache_bytes=prompt_cache_bytes, max_body_bytes=max_body_bytes, log_level=log_level)
+    settings = dict(model_name=name, folder=Path(path) if Path(path).is_dir() else None, host=host, port=port,
+                    max_batch=max_batch, max_tokens=max_tokens, temp=temp, top_p=top_p,
+                    prompt_cache_bytes=prompt_cache_bytes, max_body_bytes=max_body_bytes, log_level=log_level)
+    if tensor_parallel:
+        from .shard_serve import serve_sharded
+
+        serve_sharded(lm, tok, **settings)  # member 0 serves, the others run its steps
+        return
+    run_server(lm, tok, **settings)
 
 
 def main() -> None:

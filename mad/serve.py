@@ -38,7 +38,8 @@ from typing import Any, Callable, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .errors import MadError, Source, printable
+from .chat_template import DEFAULT_TEMPLATE, ChatTemplate, TemplateError, load_chat_template
+from .errors import MadError, printable
 from .generate import MAX_TOP_LOGPROBS, BatchGenerator, BatchResult, SamplingParams
 from .prompt_cache import DEFAULT_BYTES, PromptCache
 from .tokenizers import StreamingDetokenizer
@@ -197,88 +198,6 @@ class ChatRequest(_Request):
         return v
 
 
-# ------------------------------------------------------------------------------------- chat templates
-DEFAULT_TEMPLATE = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                    "{% if add_generation_prompt %}assistant:{% endif %}")
-
-
-class ChatTemplate:
-    """A Jinja chat template, as transformers' `apply_chat_template` renders it (sandboxed: a template
-    from a checkpoint is data, never code); `DEFAULT_TEMPLATE` ("role: content" lines) when the model has none."""
-
-    def __init__(self, source: str = DEFAULT_TEMPLATE, special: Optional[dict] = None, where: str = "chat template"):
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise jinja2.exceptions.TemplateError(message)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-        env.filters["tojson"] = lambda x, indent=None, **kw: json.dumps(x, indent=indent, ensure_ascii=False)
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: time.strftime(fmt)
-        try:
-            self.template = env.from_string(source)
-        except jinja2.exceptions.TemplateError as e:
-            raise MadError(f"cannot read the chat template: {e}", Source(where)) from None
-        self.source = source
-        self.special = special or {}
-
-    def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
-        import jinja2
-
-        try:
-            return self.template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
-        except jinja2.exceptions.TemplateError as e:
-            raise ApiError(400, f"the chat template refused the messages: {e}", "messages") from None
-        except Exception as e:  # noqa: BLE001 - a template's own bug (a missing key, a type error)
-            raise ApiError(400, f"the chat template failed on the messages: {type(e).__name__}: {e}",
-                           "messages") from None
-
-
-def load_chat_template(folder: Optional[Path]) -> ChatTemplate:
-    """The chat template of a checkpoint folder: `chat_template.jinja`, `chat_template.json` or the
-    `chat_template` of `tokenizer_config.json` (a name->template list: "default", else the first), with
-    the special tokens that config names (`bos_token`, ...); the plain default when there is none."""
-    if folder is None or not Path(folder).is_dir():
-        return ChatTemplate()
-    folder = Path(folder)
-    config: dict = {}
-    file = folder / "tokenizer_config.json"
-    if file.is_file():
-        config = _json_file(file)
-    special = {}
-    for key in ("bos_token", "eos_token", "pad_token", "unk_token"):
-        value = config.get(key)
-        value = value.get("content") if isinstance(value, dict) else value
-        if isinstance(value, str):
-            special[key] = value
-    source, where = config.get("chat_template"), str(file)
-    if (folder / "chat_template.json").is_file():
-        source, where = _json_file(folder / "chat_template.json").get("chat_template"), str(folder / "chat_template.json")
-    if (folder / "chat_template.jinja").is_file():
-        source, where = (folder / "chat_template.jinja").read_text(encoding="utf-8"), str(folder / "chat_template.jinja")
-    if isinstance(source, list):
-        named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
-        source = named.get("default", next(iter(named.values()), None))
-    if source is None:
-        return ChatTemplate(special=special)
-    if not isinstance(source, str):
-        raise MadError(f"'chat_template' must be a string or a list of {{name, template}}, got {type(source).__name__}",
-                       Source(where))
-    return ChatTemplate(source, special, where)
-
-
-def _json_file(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise MadError(f"cannot read {file.name}: {e}", Source(str(file))) from None
-    if not isinstance(data, dict):
-        raise MadError(f"{file.name}: expected a JSON object", Source(str(file)))
-    return data
-
-
 # ------------------------------------------------------------------------------------------- the engine
 @dataclass(eq=False)
 class Job:
@@ -311,12 +230,16 @@ class Engine:
     """The thread that owns MLX: it admits jobs into one `BatchGenerator` (at most `max_batch` rows),
     steps it, turns tokens into text (stop strings, logprobs) and hands events to each job's `emit`."""
 
-    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 32, prompt_cache_bytes: int = DEFAULT_BYTES):
+    def __init__(self, model: Any, tokenizer: Any, max_batch: int = 32, prompt_cache_bytes: int = DEFAULT_BYTES,
+                 make_generator: Optional[Callable[..., Any]] = None):
         import mlx.core as mx
 
         self.model, self.tokenizer, self.max_batch = model, tokenizer, max_batch
         self.cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes else None
-        self.generator = BatchGenerator(model, prompt_cache=self.cache, max_batch=max_batch)
+        # tensor parallel (mad.shard_serve): a generator that also hands each step to the other members; it
+        # may ask the engine to wake every `wake_every` seconds while idle, and to `close` it as it stops
+        self._make_generator = make_generator or BatchGenerator
+        self.generator = self._make_generator(model, prompt_cache=self.cache, max_batch=max_batch)
         self.eos = tuple(getattr(tokenizer, "eos_token_ids", ()))
         self._device = mx.default_device()  # the device the command chose, for the engine's thread
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
@@ -356,6 +279,9 @@ class Engine:
         try:
             self._loop()
         finally:
+            close = getattr(self.generator, "close", None)  # tensor parallel: release the other members
+            if close is not None:
+                close()
             # MLX aborts the process at exit ("terminate called without an active exception") when a
             # compiled function traced by a thread that has ended is still alive: finish the work in
             # flight and drop this thread's traces before it ends
@@ -366,7 +292,8 @@ class Engine:
         while True:
             busy = self.generator.busy
             try:
-                command, job = self._inbox.get(block=not busy and not self._pending, timeout=None)
+                command, job = self._inbox.get(block=not busy and not self._pending,
+                                               timeout=getattr(self.generator, "wake_every", None))
             except queue.Empty:
                 command = None
             while command is not None:
@@ -420,7 +347,7 @@ class Engine:
         for job in jobs.values():
             self._cancel(job)
             job.emit(("error", message))
-        self.generator = BatchGenerator(self.model, prompt_cache=self.cache, max_batch=self.max_batch)
+        self.generator = self._make_generator(self.model, prompt_cache=self.cache, max_batch=self.max_batch)
 
     def _token(self, r: BatchResult) -> None:
         choice = self._choices.get(r.uid)
@@ -562,7 +489,7 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat_template: 
             return ()
         try:
             head = [int(t) for t in tokenizer.encode(template.render(messages[:1], add_generation_prompt=False))]
-        except ApiError:  # a template that wants more than a system message: no cut
+        except TemplateError:  # a template that wants more than a system message: no cut
             return ()
         return (len(head),) if head and ids[:len(head)] == head else ()
 
@@ -586,7 +513,11 @@ def create_app(model: Any, tokenizer: Any, config: ServerConfig, chat_template: 
     async def chat_completions(request: Request):
         req = await parse(request, ChatRequest)
         messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in req.messages]
-        ids = encode(template.render(messages), "messages")
+        try:
+            text = template.render(messages)
+        except TemplateError as e:
+            raise ApiError(400, e.diagnostics[0].message, "messages") from None
+        ids = encode(text, "messages")
         if req.max_completion_tokens is not None:
             req.max_tokens = req.max_completion_tokens
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
@@ -785,13 +716,14 @@ def check_server_args(host: str, port: int, max_batch: int, max_tokens: int, pro
 def serve(model: Any, tokenizer: Any, *, model_name: str, folder: Optional[Path] = None, host: str = "127.0.0.1",
           port: int = 8080, max_batch: int = 32, max_tokens: int = 512, temp: float = 0.0, top_p: float = 1.0,
           prompt_cache_bytes: int = DEFAULT_BYTES, max_body_bytes: int = MAX_BODY_BYTES,
-          log_level: str = "info") -> None:
-    """Serve a loaded model until interrupted (the `mad serve` command; flags checked by `check_server_args`)."""
+          log_level: str = "info", make_generator: Optional[Callable[..., Any]] = None) -> None:
+    """Serve a loaded model until interrupted (the `mad serve` command; flags checked by `check_server_args`).
+    `make_generator`: the engine's generator (tensor parallel: `mad.shard_serve`)."""
     import uvicorn
 
     template = load_chat_template(folder)
     config = ServerConfig(model_name, max_tokens, temp, top_p, max_body_bytes)
-    engine = Engine(model, tokenizer, max_batch, prompt_cache_bytes)
+    engine = Engine(model, tokenizer, max_batch, prompt_cache_bytes, make_generator)
     app = create_app(model, tokenizer, config, template, engine)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
 

@@ -27,17 +27,23 @@ to replication and the plan says so; recurrent heads that n does not divide are 
 inserted nodes; a `Program` compiles it unchanged (modes, state, prefill, generation). Every weight of a
 member keeps its checkpoint name and is a slice of it (`shard_weights`), read lazily from the checkpoint;
 a member's state holds its heads (`gather_state` / `shard_state` convert, so state files are the single
-process's). `load_sharded` and `build_sharded` are `mad.load` and `mad.build` over a group. See
-docs/sharding.md.
+process's). `load_sharded` and `build_sharded` are `mad.load` and `mad.build` over a group; a quantized checkpoint
+(`mad convert -q`) splits as its float model does, each packed matrix cut where its float matrix is
+(`ShardPlan.array_parts`). The commands (`cli_io`) watch every step: a member that hangs ends the group
+(`Watchdog`). See docs/sharding.md.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import math
 import os
 import subprocess
 import sys
 import threading
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -51,9 +57,12 @@ from .block import (Block, Cut, ShardRule, SplitConcat, SplitDense, SplitHeads, 
                     TensorType, is_builtin)
 from .errors import Diagnostic, MadError, Source
 from .graph import Graph, build_graph
+from .program import Program
 
 DEFAULT_TIMEOUT = 120.0
-"""Seconds a member waits for the others to join the group or to agree on the model before giving up."""
+"""Seconds a member waits for the others (to join the group, to agree on the model, to finish a step of a
+command) before giving up; `MAD_TP_TIMEOUT` (seconds) sets it for the commands."""
+TIMEOUT_ENV = "MAD_TP_TIMEOUT"
 
 
 # ----------------------------------------------------------------------------------------- layouts
@@ -295,6 +304,46 @@ class ShardPlan:
         return out
 
     # ------------------------------------------------------------------ weights and state
+    def array_parts(self, node: str, rel: str, shape: tuple) -> Optional[tuple[int, list[tuple[int, int]]]]:
+        """(axis, pieces) of the weight array `rel` of `node` whose whole shape is `shape`: member r holds
+        [start + r * size, start + (r + 1) * size) of each (start, size) along the axis; None when every
+        member holds it whole.
+
+        A quantized matrix (`mad.quantize`) is cut as its float matrix is: its packed weight, scales and
+        affine biases (`w.weight`, `w.scales`, `w.biases` of a float `w.weight`) hold the same rows, and
+        along the inputs a packed word holds 32 / bits values and a scale a group of values, so a cut
+        there is the float matrix's, in those units. It must fall on a group boundary (`quantized_cut_problem`
+        says where it does not)."""
+        cut = self._array_cut(node, rel, shape)
+        if cut is None:
+            return None
+        axis, parts, exact = cut
+        if not exact:
+            raise MadError(f"sharding weight '{node}.{rel}' {tuple(shape)}: a member's part of it along axis {axis} "
+                           "is not a whole number of quantization groups")
+        return axis, parts
+
+    def is_cut(self, node: str, rel: str) -> bool:
+        """Whether each member holds a part of the weight array `rel` of `node` (not the whole array)."""
+        return _float_weight(self.graph.g.nodes[node]["params"], rel) in self.nodes[node].weights
+
+    def _array_cut(self, node: str, rel: str, shape: tuple) -> Optional[tuple[int, list[tuple[int, int]], bool]]:
+        """`array_parts`, and whether the cut falls on whole units of the array (False: a quantized matrix
+        cut inside a group; the pieces are then meaningless)."""
+        plan = self.nodes[node]
+        floats = self.graph.g.nodes[node]["params"]
+        logical = _float_weight(floats, rel)
+        cutting = plan.weights.get(logical)
+        if cutting is None:
+            return None
+        axis = cutting.cut.axis % len(shape)
+        length = int(floats[logical][axis])
+        parts = cutting.parts(length, self.n)
+        if shape[axis] == length:
+            return axis, parts, True
+        exact = all((start * shape[axis]) % length == 0 and (size * shape[axis]) % length == 0 for start, size in parts)
+        return axis, [(start * shape[axis] // length, size * shape[axis] // length) for start, size in parts], exact
+
     def shard_weights(self, weights: dict[str, mx.array], local: dict[str, tuple], rank: int) -> dict[str, mx.array]:
         """Member `rank`'s weights: for each name of its graph's weights (`local`: name -> shape), the slice
         of the whole weight of that name in `weights` (lazy arrays: nothing is read before evaluation)."""
@@ -302,10 +351,9 @@ class ShardPlan:
         out = {}
         for name, shape in local.items():
             node, rel = _owner(g, name)
-            cutting = self.nodes[node].weights.get(rel)
             w = weights[name]
-            piece = take(w, cutting.cut.axis, cutting.parts(w.shape[cutting.cut.axis], self.n), rank) \
-                if cutting else w
+            cut = self.array_parts(node, rel, tuple(w.shape))
+            piece = take(w, cut[0], cut[1], rank) if cut else w
             if tuple(piece.shape) != tuple(shape):
                 raise MadError(f"sharding weight '{name}' {tuple(w.shape)}: member {rank}'s slice has shape "
                                f"{tuple(piece.shape)}, its graph expects {tuple(shape)}")
@@ -318,18 +366,25 @@ class ShardPlan:
         out = {}
         for node in self.graph.blocks():
             for rel, shape in self.graph.g.nodes[node]["params"].items():
-                name = f"{node}.{rel}"
-                cutting = self.nodes[node].weights.get(rel)
-                if cutting is not None:
-                    w = weights[name]
-                    gathered = mx.distributed.all_gather(w[None], group=group)
-                    out[name] = assemble(gathered, cutting.cut.axis, cutting.parts(shape[cutting.cut.axis], self.n),
-                                         self.n)
-                elif name in weights and self.nodes[node].fields_rank0 is None:
-                    out[name] = weights[name]  # whole on every member
-                else:  # member 0's alone: the others add zeros
-                    mine = weights[name] if rank == 0 else mx.zeros(shape, dtype=next(iter(weights.values())).dtype)
-                    out[name] = mx.distributed.all_sum(mine, group=group)
+                head = rel[:-len("weight")] if rel.endswith("weight") else None
+                # a quantized matrix: its packed weight, scales and biases (the same names on every member)
+                for rel in [rel] + ([head + "scales", head + "biases"] if head is not None else []):
+                    name = f"{node}.{rel}"
+                    cut = None
+                    if name in weights and self.is_cut(node, rel):
+                        cutting = self.nodes[node].weights[_float_weight(self.graph.g.nodes[node]["params"], rel)]
+                        w = weights[name]
+                        axis = cutting.cut.axis % w.ndim
+                        whole = tuple(d * self.n if i == axis else d for i, d in enumerate(w.shape))
+                        cut = self.array_parts(node, rel, whole)
+                    if cut is not None:
+                        gathered = mx.distributed.all_gather(w[None], group=group)
+                        out[name] = assemble(gathered, cut[0], cut[1], self.n)
+                    elif name in weights and self.nodes[node].fields_rank0 is None:
+                        out[name] = weights[name]  # whole on every member
+                    elif rel in self.graph.g.nodes[node]["params"]:  # member 0's alone: the others add zeros
+                        mine = weights[name] if rank == 0 else mx.zeros(shape, dtype=next(iter(weights.values())).dtype)
+                        out[name] = mx.distributed.all_sum(mine, group=group)
         return out
 
     def shard_state(self, state: dict, rank: int) -> dict:
@@ -388,6 +443,21 @@ class ShardPlan:
             total += self.graph.state_bytes(n) // (self.n if split else 1)
         return total
 
+    def quantized_group_sizes(self) -> list[int]:
+        """The quantization group sizes (`mad.quantize.MODES`) that split with this plan: every matrix cut
+        along its inputs leaves each member whole groups, so a checkpoint quantized in groups of that size
+        (`mad convert -q --q-group-size`) loads over these members."""
+        from .quantize import MODES
+
+        pieces = []
+        for node, plan in self.nodes.items():
+            for rel, cutting in plan.weights.items():
+                shape = self.graph.g.nodes[node]["params"].get(rel)
+                if shape is not None and len(shape) == 2 and cutting.cut.axis % 2 == 1:
+                    pieces += [v for part in cutting.parts(int(shape[1]), self.n) for v in part]
+        return [g for g in sorted({g for spec in MODES.values() for g in spec.group_sizes})
+                if all(p % g == 0 for p in pieces)]
+
     def summary(self, dtype_bytes: int = 4) -> dict:
         """The plan as data: per node its split, and the totals (`mad build --shard`, `mad bench --json`)."""
         coll = self.collectives(dtype_bytes)
@@ -401,6 +471,7 @@ class ShardPlan:
             "nodes": {n: {"split": p.how, **({"why": p.why} if p.why else {})} for n, p in self.nodes.items()},
             "collectives": coll,
             "fallbacks": dict(self.fallbacks),
+            "quantized_group_sizes": self.quantized_group_sizes(),
         }
 
     def table(self, dtype_bytes: int = 4) -> Any:
@@ -424,6 +495,9 @@ class ShardPlan:
             t.add_row(n, d["block_type"], how + (f" ({plan.why})" if plan.why else ""), shape,
                       f"{params:,}" if params else "")
         s = self.summary(dtype_bytes)
+        sizes = [str(g) for g in s["quantized_group_sizes"]]
+        sizes = (", ".join(sizes[:-1]) + " or " + sizes[-1] if len(sizes) > 1 else "".join(sizes)) or \
+            "no size MLX offers"
         kinds = {}
         for c in s["collectives"]:
             kinds[c["kind"]] = kinds.get(c["kind"], 0) + 1
@@ -432,7 +506,8 @@ class ShardPlan:
                      f"{human_bytes(s['member_state_bytes'])} of {human_bytes(s['state_bytes'])} per sequence; "
                      f"per token: {', '.join(f'{k} x{v}' for k, v in kinds.items()) or 'no collectives'}, "
                      f"{human_bytes(s['payload_bytes_per_token'])} made whole, "
-                     f"{human_bytes(s['sent_bytes_per_token'])} sent by each member (ring)")
+                     f"{human_bytes(s['sent_bytes_per_token'])} sent by each member (ring); quantized "
+                     f"(mad convert -q), it splits in groups of {sizes} inputs")
         return t
 
 
@@ -790,6 +865,93 @@ def _within(fn: Callable[[], None], timeout: float, what: str) -> None:
                        "answer (it failed to start, died or hangs)")
 
 
+def group_timeout() -> float:
+    """The seconds a command waits for the other members: `MAD_TP_TIMEOUT`, else DEFAULT_TIMEOUT."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if raw is None or not raw.strip():
+        return DEFAULT_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise MadError(f"{TIMEOUT_ENV} must be a positive number of seconds, got '{raw}'")
+    return value
+
+
+class Watchdog:
+    """Ends this member (one message on stderr, exit code 2) when it makes no progress for `timeout`
+    seconds: a member that is alive but never joins a collective (stuck, or waiting on something else)
+    would otherwise block the others in their collectives forever, a backend's collectives having no
+    timeout of their own (the ring backend's spin, holding a core).
+
+    Progress is counted, not measured: `tick()` (a member program's call, a message of the server's
+    engine) stores the time; a thread checks it every second or so. Nothing is added to the hot path but
+    that store, no host sync. A step of the model that takes longer than `timeout` by itself (a long prompt
+    segment on a slow machine) is taken for a hang too: raise `MAD_TP_TIMEOUT` for such runs."""
+
+    def __init__(self, rank: int, members: int, timeout: float):
+        self.rank, self.members, self.timeout = rank, members, timeout
+        self.what = "a step of the model"
+        self.who = self.default_who = (f"member {1 - rank}" if members == 2 else "a member of the group")
+        self._last = time.monotonic()
+        self._on, self._paused = True, False
+        threading.Thread(target=self._watch, name="mad-tp-watchdog", daemon=True).start()
+
+    def tick(self) -> None:
+        self._last = time.monotonic()
+
+    def waiting(self, what: str, who: Optional[str] = None) -> None:
+        """What this member waits for from now on (and from whom), for the message; counts as progress."""
+        self.what, self.who = what, who or self.default_who
+        self.tick()
+
+    def stop(self) -> None:
+        self._on = False
+
+    def pause(self, paused: bool) -> None:
+        """Stop (True) or restart (False) the clock: a phase without progress to count."""
+        self._paused = paused
+        self.tick()
+
+    def _watch(self) -> None:
+        while self._on:
+            time.sleep(min(1.0, self.timeout / 8))
+            if self._on and not self._paused and time.monotonic() - self._last > self.timeout:
+                print(f"error: tensor parallel: member {self.rank} of {self.members}: {self.what} took more than "
+                      f"{self.timeout:g} s: {self.who} did not take part (it hangs, or is stuck outside the "
+                      f"group's collectives); this member stops (set {TIMEOUT_ENV} to wait longer)",
+                      file=sys.stderr, flush=True)
+                os._exit(2)
+
+
+_COMMAND_WATCHDOG: list[Watchdog] = []  # the watchdog of this process's command, once its model is loaded
+
+
+def watchdog() -> Optional[Watchdog]:
+    """The running command's watchdog (None outside a `--tensor-parallel` command)."""
+    return _COMMAND_WATCHDOG[0] if _COMMAND_WATCHDOG else None
+
+
+def progress() -> None:
+    """Report progress to the command's watchdog, if there is one."""
+    if _COMMAND_WATCHDOG:
+        _COMMAND_WATCHDOG[0].tick()
+
+
+@contextmanager
+def _unwatched():
+    """The command's watchdog paused (a phase whose progress it cannot count: a stage-by-stage profile)."""
+    watch = watchdog()
+    if watch is not None:
+        watch.pause(True)
+    try:
+        yield
+    finally:
+        if watch is not None:
+            watch.pause(False)
+
+
 def _check_group(group: Any) -> tuple[int, int]:
     if not isinstance(group, mx.distributed.Group):
         raise MadError(f"group must be an mx.distributed.Group (mx.distributed.init()), got {type(group).__name__}")
@@ -840,6 +1002,24 @@ class Sharding:
         return self.plan.n
 
 
+class MemberProgram(Program):
+    """A member's `Program`: a `Program` that reports each call to the group's watchdog (`Watchdog`), the
+    progress by which a command tells a slow step from a member that hangs."""
+
+    def __call__(self, *args: Any, **kwargs: Any):
+        progress()
+        return super().__call__(*args, **kwargs)
+
+    def profile(self, *args: Any, **kwargs: Any) -> list[dict]:
+        # a diagnostic that runs each stage alone, repeatedly, without calls to count: not watched
+        with _unwatched():
+            return super().profile(*args, **kwargs)
+
+    def profile_block_types(self, *args: Any, **kwargs: Any) -> dict[str, dict]:
+        with _unwatched():
+            return super().profile_block_types(*args, **kwargs)
+
+
 def sharding_of(model: Any) -> Optional[Sharding]:
     """The `Sharding` of a model or program from `load_sharded` / `build_sharded`, or None."""
     program = getattr(model, "program", model)
@@ -847,13 +1027,13 @@ def sharding_of(model: Any) -> Optional[Sharding]:
 
 
 def _read_source(path: Path, dtype: Optional[str], overrides: list[str], trust_plugins: bool, tokenizer: Any):
-    """(full graph, {name: lazy weight}, dtype, tokenizer, where, fresh) of what `mad.load` reads at `path`: a
-    topology file or build folder (fresh weights, drawn from the random state as `mad.load` draws them),
-    a MAD checkpoint folder or a family's checkpoint folder (weights memory-mapped, renamed by its format).
-    Nothing is evaluated: each member then reads only its slices."""
+    """(full graph, {name: lazy weight}, dtype, tokenizer, where, fresh, quantization) of what `mad.load`
+    reads at `path`: a topology file or build folder (fresh weights, drawn from the random state as
+    `mad.load` draws them), a MAD checkpoint folder (`quantization`: the config of a quantized one, as
+    `mad convert -q` writes it, else None) or a family's checkpoint folder (weights memory-mapped, renamed
+    by its format). Nothing is evaluated: each member then reads only its slices."""
     from .loading import (_load_topology, mad_checkpoint_tokenizer, read_family_checkpoint, read_mad_meta,
                           read_safetensors)
-    from .program import Program
     from .save import is_mad_checkpoint
     from .tokenizers import tokenizer_of
 
@@ -864,29 +1044,29 @@ def _read_source(path: Path, dtype: Optional[str], overrides: list[str], trust_p
         file = path if path.is_file() else path / "resolved.yaml"
         graph = build_graph(_load_topology(file, overrides, trust_plugins))
         weights = Program(graph, compile="none", fuse=False).parameters()
-        return graph, weights, dtype or "float32", tok, str(file), True
+        return graph, weights, dtype or "float32", tok, str(file), True, None
     if is_mad_checkpoint(path):
         meta = read_mad_meta(path)
-        if meta.get("quantization") is not None:
-            raise MadError("a quantized checkpoint cannot be split over a group (yet): load it in one process, or "
-                           "split the unquantized model", Source(str(path)))
         graph = build_graph(_load_topology(path / "resolved.yaml", overrides, trust_plugins))
         weights, file_dtype = read_safetensors(path)
-        return graph, weights, dtype or file_dtype, tok or mad_checkpoint_tokenizer(path, meta), str(path), False
+        return graph, weights, dtype or file_dtype, tok or mad_checkpoint_tokenizer(path, meta), str(path), False, \
+            meta.get("quantization")
     if not path.exists():
         raise MadError(f"no such file or folder: {path}")
     if not path.is_dir():
         raise MadError(f"{path} is not a topology file or a model folder", Source(str(path)))
     ck = read_family_checkpoint(path, overrides, trust_plugins, tok)
-    return ck.graph, ck.weights, dtype or ck.dtype, ck.tokenizer, str(path), False
+    return ck.graph, ck.weights, dtype or ck.dtype, ck.tokenizer, str(path), False, None
 
 
 def _sharded_program(graph: Graph, weights: dict, group: Any, where: str, dtype: str, compile: str, fuse: Any,
-                     memory_check: bool, timeout: float, fresh: bool):
+                     memory_check: bool, timeout: float, fresh: bool, quantization: Optional[dict] = None):
     """The member's Program holding its slices of `weights`, after every member agreed that they all read
-    the same model (a member's own error is raised on every member, so none waits for the others)."""
+    the same model (a member's own error is raised on every member, so none waits for the others).
+    `quantization`: the config of a quantized checkpoint (`mad.quantize`): the member's program is
+    quantized the same way before its slices of the packed weights are loaded."""
     from .loading import check_memory, check_weights
-    from .program import Program, dtype_of
+    from .program import dtype_of
 
     rank, n = _check_group(group)
     error: Optional[MadError] = None
@@ -894,14 +1074,20 @@ def _sharded_program(graph: Graph, weights: dict, group: Any, where: str, dtype:
     program = None
     try:
         dtype_of(dtype)
-        if not fresh:
-            check_weights(graph, weights, where)
         plan = plan_shards(graph, n)
+        if quantization is not None:
+            _check_quantized(plan, weights, quantization, where)
+        elif not fresh:
+            check_weights(graph, weights, where)
         local = plan.local_graph(rank, group)
-        if memory_check:
+        if memory_check and quantization is None:
             check_memory(local, dtype, where)
         mx.reset_peak_memory()
-        program = Program(local, dtype=dtype, compile=compile, fuse=fuse)
+        program = MemberProgram(local, dtype=dtype, compile=compile, fuse=fuse)
+        if quantization is not None:
+            program.quantize(quantization)
+            if memory_check:
+                check_memory(local, dtype, where, weight_bytes=sum(a.nbytes for a in program.parameters().values()))
         shapes = {k: tuple(v.shape) for k, v in program.parameters().items()}
         mine, replicated = {}, []
         for name, shape in shapes.items():
@@ -913,7 +1099,7 @@ def _sharded_program(graph: Graph, weights: dict, group: Any, where: str, dtype:
             mx.eval(piece)
             mine[name] = piece
             node, rel = _owner(graph.g, name)
-            if rel not in plan.nodes[node].weights and plan.nodes[node].how != "rows":  # whole on every member
+            if plan.nodes[node].how != "rows" and not plan.is_cut(node, rel):  # whole on every member
                 replicated.append(mx.sum(piece.astype(mx.float32)))
         weights.clear()  # what this member does not hold (another member's bias)
         program.load_weights(mine, where=where)
@@ -922,7 +1108,8 @@ def _sharded_program(graph: Graph, weights: dict, group: Any, where: str, dtype:
             mx.eval(w)
         sums = mx.stack(replicated).tolist() if replicated else []
         structure = _digest(n, sorted((k, tuple(v)) for k, v in ((m, graph.g.nodes[m]["params"])
-                                                                    for m in graph.blocks())), str(dtype))
+                                                                    for m in graph.blocks())), str(dtype),
+                            json.dumps(quantization, sort_keys=True))
         content = _digest(sums)
         program.shard = Sharding(plan, rank, group, sum(w.nbytes for _, w in tree_flatten(program.root.parameters())),
                                  mx.get_peak_memory())
@@ -946,6 +1133,78 @@ def _sharded_program(graph: Graph, weights: dict, group: Any, where: str, dtype:
     return program
 
 
+def _check_quantized(plan: ShardPlan, weights: dict, quantization: dict, where: str) -> None:
+    """A quantized checkpoint against the whole quantized model (names, shapes and dtypes of its packed
+    weights, scales and biases, as `mad.load` checks them), then its split: a member must hold whole
+    quantization groups of every matrix split along its inputs (K / members a multiple of the group size),
+    else one error naming the node, and the member counts that split this checkpoint."""
+    from .loading import _located, check_weights
+    from .quantize import MODES, describe_quantization
+
+    graph = plan.graph
+    whole = Program(graph, compile="none", fuse=False)  # lazy: its arrays give the shapes, nothing is computed
+    with _located(Path(where)):
+        whole.quantize(quantization)
+    expected = whole.parameters()
+    try:
+        check_weights(graph, weights, where, expected)
+    except MadError as e:
+        note = (f"the weights are quantized as mad.json says ({describe_quantization(whole.quantization)}): a "
+                "packed weight is uint32 [out, in * bits / 32], its scales (and affine biases) [out, in / group_size]")
+        raise MadError([Diagnostic(d.message, d.source, d.notes + [note]) for d in e.diagnostics]) from None
+    shapes = {k: tuple(v.shape) for k, v in expected.items()}
+    bad = _quantized_cuts_inside_groups(plan, shapes)
+    if not bad:
+        return
+    node, logical = bad[0]
+    head = logical.rpartition(".")[0]
+    own = whole.quantization.get(f"{node}.{head}" if head else node)  # the module's own settings, if any
+    settings = own if isinstance(own, dict) else whole.quantization
+    group_size, mode = settings["group_size"], settings.get("mode", "affine")
+    cutting = plan.nodes[node].weights[logical]
+    inputs = int(graph.g.nodes[node]["params"][logical][cutting.cut.axis])
+    per_member = cutting.parts(inputs, plan.n)[0][1]
+    works = []
+    for m in range(1, plan.n):
+        try:
+            if not _quantized_cuts_inside_groups(plan_shards(graph, m), shapes):
+                works.append(str(m))
+        except MadError:
+            continue
+    sizes = [str(g) for g in MODES[mode].group_sizes if per_member % g == 0]
+    more = f" ({len(bad) - 1} more quantized {'matrix' if len(bad) == 2 else 'matrices'} likewise)" if len(bad) > 1 \
+        else ""
+    raise MadError([Diagnostic(
+        f"tensor parallel: node '{node}' ({graph.g.nodes[node]['block_type']}) is quantized in groups of "
+        f"{group_size} inputs, and {plan.n} members would each multiply {per_member} of its {inputs} inputs, not "
+        f"whole groups{more}: each member must hold whole quantization groups",
+        Source(where), [f"member counts that split this checkpoint: {', '.join(works)}"] +
+        ([f"or quantize the model in groups that divide {per_member} (mad convert -q --q-group-size "
+          f"{' or '.join(sizes)})"] if sizes else []))])
+
+
+def _quantized_cuts_inside_groups(plan: ShardPlan, shapes: dict[str, tuple]) -> list[tuple[str, str]]:
+    """(node, weight) of every quantized array of a whole model (`shapes`: name -> shape) that the plan
+    cuts inside a quantization group."""
+    bad = []
+    for name, shape in shapes.items():
+        node, rel = _owner(plan.graph.g, name)
+        cut = plan._array_cut(node, rel, shape)
+        matrix = (node, _float_weight(plan.graph.g.nodes[node]["params"], rel))
+        if cut is not None and not cut[2] and matrix not in bad:
+            bad.append(matrix)
+    return bad
+
+
+def _float_weight(floats: dict, rel: str) -> str:
+    """The float parameter that the array `rel` of a node is, or is part of: a quantized matrix's packed
+    `weight`, `scales` and affine `biases` (`w.weight`, `w.scales`, `w.biases`) replace its float `w.weight`."""
+    if rel in floats:
+        return rel
+    head, _, last = rel.rpartition(".")
+    return (head + "." if head else "") + "weight" if last in ("scales", "biases") else rel
+
+
 def build_sharded(path: str | Path, group: Any, overrides: list[str] = (), dtype: str = "float32",
                   compile: str = "program", fuse: Any = "auto", trust_plugins: bool = False,
                   timeout: float = DEFAULT_TIMEOUT):
@@ -953,7 +1212,6 @@ def build_sharded(path: str | Path, group: Any, overrides: list[str] = (), dtype
     the weights `mad.build` would draw from the same random state (so a sharded and a single-process build
     after the same `mx.random.seed` compute the same model). A collective: every member calls it."""
     from .loading import _load_topology
-    from .program import Program
 
     _check_group(group)
     try:
@@ -980,12 +1238,13 @@ def load_sharded(path: str | Path, group: Any, dtype: Optional[str] = None, over
     _check_load_args(path, dtype, overrides, compile, fuse, tokenizer)
     _check_group(group)
     try:
-        graph, weights, dtype, tok, where, fresh = _read_source(Path(path), dtype, list(overrides), trust_plugins,
-                                                                tokenizer)
+        graph, weights, dtype, tok, where, fresh, quantization = _read_source(Path(path), dtype, list(overrides),
+                                                                              trust_plugins, tokenizer)
     except MadError:
         _fail_together(group, timeout)
         raise
-    program = _sharded_program(graph, weights, group, where, dtype, compile, fuse, memory_check, timeout, fresh)
+    program = _sharded_program(graph, weights, group, where, dtype, compile, fuse, memory_check, timeout, fresh,
+                               quantization)
     return LanguageModel(program, tok), tok
 
 
@@ -1071,16 +1330,19 @@ def tensor_parallel_report(model: Any, echo: Callable[[str], None] = print) -> d
     return report
 
 
-def cli_io(tensor_parallel: bool, timeout: float = DEFAULT_TIMEOUT):
+def cli_io(tensor_parallel: bool, timeout: Optional[float] = None):
     """(load, load_state_file, save_state_file) for a command: `mad.loading`'s, or with `--tensor-parallel`
     the sharded ones over the group this process was launched in (`mlx.launch`). Members other than 0
     print nothing on stdout; member 0 reports every member's memory after loading, on stderr. A member lost
     while running (the backend's "connection to a peer was lost") ends the command with a MAD error message
-    and exit code 2."""
+    and exit code 2; once the model is loaded, a `Watchdog` ends it the same way when the command makes no
+    progress for `timeout` seconds (`group_timeout()`: `MAD_TP_TIMEOUT` or DEFAULT_TIMEOUT), a member
+    that hangs while alive."""
     from .loading import load as load_whole, load_state_file as load_whole_state, save_state_file as save_whole
 
     if not tensor_parallel:
         return load_whole, load_whole_state, save_whole
+    timeout = group_timeout() if timeout is None else timeout
     group = init_group(timeout=timeout)
     if group.rank() != 0:
         sys.stdout = open(os.devnull, "w")
@@ -1098,6 +1360,8 @@ def cli_io(tensor_parallel: bool, timeout: float = DEFAULT_TIMEOUT):
             print(f"Tensor parallel: {group.size()} members; weights per member: "
                   + ", ".join(f"{w / 1e9:.3f} GB" for w, _ in memory) + "; peak memory while loading: "
                   + ", ".join(f"{p / 1e9:.3f} GB" for _, p in memory), file=sys.stderr, flush=True)
+        if not _COMMAND_WATCHDOG:  # from here on every step is watched: a member that hangs ends the command
+            _COMMAND_WATCHDOG.append(Watchdog(group.rank(), group.size(), timeout))
         return model, tok
 
     def save_state(path, state, flag="state file"):
@@ -1106,14 +1370,25 @@ def cli_io(tensor_parallel: bool, timeout: float = DEFAULT_TIMEOUT):
     return load, load_state_file, save_state
 
 
+def is_backend_error(e: BaseException) -> bool:
+    """Whether `e` is a distributed backend's error (a lost member: "connection to a peer was lost")."""
+    return isinstance(e, RuntimeError) and str(e).startswith(("[ring]", "[nccl]", "[mpi]", "[jaccl]"))
+
+
+def exit_lost(e: BaseException) -> None:
+    """End this member after the backend's error `e` (a member lost): one MAD error message, exit code 2.
+    `os._exit`: from any thread, and without waiting on collectives that can no longer complete."""
+    print(f"error: tensor parallel: a member of the group was lost ({e})", file=sys.stderr, flush=True)
+    os._exit(2)
+
+
 def _report_lost_members() -> None:
     """Turn the backend's error for a lost member into a MAD error message and exit code 2."""
     previous = sys.excepthook
 
     def hook(kind, value, tb):
-        if isinstance(value, RuntimeError) and str(value).startswith(("[ring]", "[nccl]", "[mpi]", "[jaccl]")):
-            print(f"error: tensor parallel: a member of the group was lost ({value})", file=sys.stderr, flush=True)
-            os._exit(2)
+        if is_backend_error(value):
+            exit_lost(value)
         previous(kind, value, tb)
 
     sys.excepthook = hook

@@ -326,6 +326,8 @@ def test_mad_build_prints_the_plan(monkeypatch, capsys):
     assert "xlstm-v1-tiny over 2 members (tensor parallel)" in out
     assert "heads + all_gather" in out and "rows + all_sum" in out
     assert "per token: all_sum x8, all_gather x2" in " ".join(out.split())
+    # a quantized checkpoint splits where every member multiplies whole groups: I / 2 = 64 inputs at most
+    assert "quantized (mad convert -q), it splits in groups of 16, 32 or 64 inputs" in " ".join(out.split())
     code, out, err = cli(monkeypatch, capsys, "build", str(ROOT / "topologies" / "xlstm-tiny.yaml"), "--shard", "3")
     assert code == 2 and "Traceback" not in err
     assert "has 4 heads, which 3 members cannot share" in err
@@ -436,6 +438,21 @@ def test_bench_shard_quick(tmp_path):
     assert two["collectives_per_token"] == 3 * 2 + 2 + 2  # xlstm-v1-tiny: see test_plan_of_the_original_xlstm_stack
     assert len(two["weight_gb_per_member"]) == 2 and max(two["weight_gb_per_member"]) < one["weight_gb_per_member"][0]
     assert one["prompt_tps"] > 0 and two["generation_tps"] > 0
+
+
+def test_bench_shard_serve_quick(tmp_path):
+    """benchmarks/bench_shard.py --quick --serve: `mad serve` on one process and on 2 members (`--tensor-parallel`),
+    2 clients at once; only that every round completes is checked (and that the clients got tokens)."""
+    import pytest
+
+    pytest.importorskip("uvicorn")
+    out = tmp_path / "serve.json"
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_shard.py"), "--quick", "--serve", "2", "--json",
+                        str(out)], capture_output=True, text=True, timeout=300, cwd=ROOT, env=_env())
+    assert r.returncode == 0, r.stderr
+    runs = json.loads(out.read_text())["serve_runs"]
+    assert [(x["members"], x["clients"]) for x in runs] == [(1, 2), (2, 2)]
+    assert all(x["tokens_per_s"] > 0 for x in runs)
 
 
 # ----------------------------------------------------------------------------------------- the worker
@@ -630,6 +647,45 @@ def _worker(out: Path, cases: list[str]) -> None:
                 results["errors"][what] = str(e)
         barrier()
 
+    if any(c.startswith("quantized=") for c in cases):  # `mad convert -q` checkpoints, split
+        for folder in next(c for c in cases if c.startswith("quantized=")).split("=", 1)[1].split(","):
+            folder = Path(folder)
+            single, _ = mad.load(folder)
+            sharded, _ = mad.load(folder, group=group)
+
+            def quantized_modes():
+                lines = []
+                for mode in ("parallel", "chunkwise", "step"):
+                    b, _ = sharded(tokens, mode=mode)
+                    same_on_every_member(b)
+                    lines.append(close(single(tokens, mode=mode)[0], b, mode))
+                la, sa = single.prefill(tokens[:, :13], step_size=5)
+                lb, sb = sharded.prefill(tokens[:, :13], step_size=5)
+                lines.append(close(la, lb, "prefill"))
+                for t in range(13, 17):
+                    la, sa = single(tokens[:, t:t + 1], sa)
+                    lb, sb = sharded(tokens[:, t:t + 1], sb)
+                    lines.append(close(la, lb, f"step {t}"))
+                for k, v in flat(sa).items():
+                    close(v, flat(shard.gather_state(sharded, sb))[k], k)
+                return "; ".join(lines)
+
+            check(f"{folder.name}: quantized logits in every mode, prefill then steps", quantized_modes)
+
+            def packed():  # the members' packed slices put together are the checkpoint's arrays, exactly
+                whole, own = shard.gather_weights(sharded), single.program.parameters()
+                assert whole.keys() == own.keys()
+                assert all(mx.array_equal(whole[k], own[k]).item() for k in own), "weights differ"
+                mine = sharded.program.parameters()
+                packed = [k for k, v in mine.items() if v.dtype == mx.uint32]
+                assert packed and all(k in own for k in packed)
+                cut = [k for k in packed if mine[k].shape != own[k].shape]
+                assert any(mine[k].shape[1] * n == own[k].shape[1] for k in cut), "no matrix is cut by its inputs"
+                assert any(mine[k].shape[0] * n == own[k].shape[0] for k in cut), "no matrix is cut by its outputs"
+                return f"{len(packed)} packed weights, {len(cut)} of them cut"
+
+            check(f"{folder.name}: the members' packed weights make the checkpoint's", packed)
+
     if cases == ["die"]:
         sharded, _ = shard.load_sharded(HF_TINY, group)
         mx.eval(sharded(tokens)[0])
@@ -665,19 +721,47 @@ def test_save_refuses_one_members_part(tmp_path):
     assert not out.exists()
 
 
-def test_a_quantized_checkpoint_is_refused(tmp_path):
-    """Splitting packed weights by rows and columns is not supported: a clear error before any member reads."""
-    import mlx.core as mx
+def _quantized(tmp: Path, topology: str, group_size: int) -> Path:
+    """A `mad convert -q` checkpoint (4-bit affine, fresh weights, seed 0) of a topology."""
+    from mad.quantize import convert
+
+    out = tmp / f"{Path(topology).stem}-q{group_size}"
+    convert(ROOT / "topologies" / topology, out, quantize=True, bits=4, group_size=group_size, echo=lambda *_: None)
+    return out
+
+
+def test_quantized_checkpoints_split_exactly(tmp_path):
+    """Quantized checkpoints of both families over 2 members: the packed weights, scales and biases are cut
+    as their float matrices (by output rows, and by inputs at group boundaries), and the logits are the
+    single process's quantized model's within float32 summation order, in every mode."""
+    folders = [_quantized(tmp_path, t, 32) for t in ("xlstm-tiny.yaml", "xlstm-v1-tiny.yaml")]
+    results = launch(2, tmp_path, "quantized=" + ",".join(map(str, folders)))
+    assert_all_ok(results)
+    assert len(results[1]["checks"]) == 4
+
+
+def test_a_quantized_split_inside_groups_is_one_clear_error(tmp_path):
+    """A member must hold whole quantization groups: where K / members is not a multiple of the group size,
+    one error names the node and the member counts that work, before any member reads a weight."""
     import pytest
 
-    import mad
     from mad import shard
     from mad.errors import MadError
-    from mad.quantize import quantize_model
+    from mad.loading import read_mad_meta, read_safetensors
 
-    mx.random.seed(0)
-    model, _ = mad.load(ROOT / "topologies" / "xlstm-tiny.yaml")
-    quantize_model(model, group_size=32)
-    folder = mad.save(model, tmp_path / "q")
-    with pytest.raises(MadError, match="a quantized checkpoint cannot be split"):
-        shard._read_source(folder, None, [], False, None)
+    folder = _quantized(tmp_path, "xlstm-tiny.yaml", 32)  # out_proj: 64 inputs, proj_down: 192
+    graph = _graph(folder / "resolved.yaml")
+    quantization = read_mad_meta(folder)["quantization"]
+    shard._check_quantized(shard.plan_shards(graph, 2), read_safetensors(folder)[0], quantization, str(folder))
+    with pytest.raises(MadError) as e:
+        shard._check_quantized(shard.plan_shards(graph, 4), read_safetensors(folder)[0], quantization, str(folder))
+    text = e.value.render()
+    assert ("node 'backbone.blocks.0.mlstm_layer.out_proj' (linear) is quantized in groups of 32 inputs, and 4 "
+            "members would each multiply 16 of its 64 inputs, not whole groups") in " ".join(text.split()), text
+    assert "member counts that split this checkpoint: 1, 2" in text
+    assert len(e.value.diagnostics) == 1
+    # in groups of 64, two members are too many already
+    bad = _quantized(tmp_path, "xlstm-tiny.yaml", 64)  # 2 members: 32 of out_proj's 64 inputs each
+    with pytest.raises(MadError, match="is quantized in groups of 64 inputs, and 2 members would each multiply 32"):
+        shard._check_quantized(shard.plan_shards(_graph(bad / "resolved.yaml"), 2), read_safetensors(bad)[0],
+                               read_mad_meta(bad)["quantization"], str(bad))
