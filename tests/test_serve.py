@@ -19,6 +19,7 @@ import pytest
 
 import mad
 from mad.generate import stream_generate
+from serve_clients import concurrent_completions
 
 uvicorn = pytest.importorskip("uvicorn")
 openai = pytest.importorskip("openai")
@@ -267,21 +268,7 @@ def test_concurrent_clients_get_their_solo_tokens(srv):
     prompts = [f"Client {i} says: " + "la " * i for i in range(6)]
     expected = [solo(srv, p, 48) for p in prompts]
     srv.engine.generator.max_batch_seen = 0
-    texts = [None] * len(prompts)
-    barrier = threading.Barrier(len(prompts))
-
-    def client(i):
-        barrier.wait()
-        stream = srv.client.completions.create(model="hf-tiny", prompt=prompts[i], max_tokens=48, temperature=0,
-                                               stream=True)
-        texts[i] = "".join(c.choices[0].text for c in stream)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert texts == expected
+    assert concurrent_completions(srv.client, "hf-tiny", prompts, 48, timeout=120) == expected
     assert srv.engine.generator.max_batch_seen >= 2
     wait_idle(srv)
 

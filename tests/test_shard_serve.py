@@ -26,13 +26,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from serve_clients import concurrent_completions
 
 ROOT = Path(__file__).resolve().parents[1]
 HF_TINY = ROOT / "tests" / "fixtures" / "hf-tiny"
@@ -182,21 +182,7 @@ def test_concurrent_clients_get_their_solo_tokens(tp):
     # from member 0, or its forward calls would have other shapes than member 0's
     prompts = [f"Client {i} says: " + "la " * i for i in range(3)]
     expected = [solo(tp, p, 32) for p in prompts]
-    texts: list = [None] * len(prompts)
-    barrier = threading.Barrier(len(prompts))
-
-    def client(i: int) -> None:
-        barrier.wait()
-        stream = tp.client.completions.create(model="hf-tiny", prompt=prompts[i], max_tokens=32, temperature=0,
-                                              stream=True)
-        texts[i] = "".join(ch.choices[0].text for ch in stream)
-
-    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(prompts))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=180)
-    assert texts == expected
+    assert concurrent_completions(tp.client, "hf-tiny", prompts, 32, timeout=180) == expected
     assert health(tp)["running"] == 0
 
 
