@@ -51,30 +51,29 @@ def whole_bytes(topology: str, args: argparse.Namespace) -> int:
     return graph.param_count() * dtype_of(args.dtype).size
 
 
+def launch(command: list[str], members: int, tmp: Path, first_port: int, stdout: int) -> list[subprocess.Popen]:
+    """`command` as one plain process for 1 member, else as the members of a ring group on localhost with
+    `--tensor-parallel` (ports from `first_port`), started as mlx.launch starts them (MLX_HOSTFILE, MLX_RANK)
+    but without its launcher, whose I/O loop polls and would take CPU from the members."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    if members == 1:
+        return [subprocess.Popen(command, stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env)]
+    hosts = tmp / "hosts.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{first_port + r}"] for r in range(members)]))
+    # each member its share of the cores for the BLAS's threads (OpenMP's default is every core: members
+    # would oversubscribe them, and each collective wait for a time slice)
+    threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // members))
+    return [subprocess.Popen([*command, "--tensor-parallel"], stdout=stdout, stderr=subprocess.PIPE, text=True,
+                             cwd=ROOT, env=dict(env, MLX_HOSTFILE=str(hosts), MLX_RANK=str(r), OMP_NUM_THREADS=threads))
+            for r in range(members)]
+
+
 def run(topology: str, members: int, args: argparse.Namespace) -> dict:
-    """`mad bench --json` of `topology` on `members` processes: one plain process for 1, else the members
-    of a ring group on localhost with `--tensor-parallel`, started as mlx.launch starts them (MLX_HOSTFILE,
-    MLX_RANK) but without its launcher, whose I/O loop polls and would take CPU from the members."""
+    """`mad bench --json` of `topology` on `members` processes (`launch`)."""
     bench = [sys.executable, "-m", "mad.cli", "bench", topology, "--json", "-p", str(args.prompt), "-g", str(args.gen),
              "-n", str(args.trials), "--dtype", args.dtype, *sum((["--set", s] for s in args.set), [])]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
     with tempfile.TemporaryDirectory() as tmp:
-        procs = []
-        if members == 1:
-            procs.append(subprocess.Popen(bench, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                          env=env))
-        else:
-            base = free_ports(members)
-            hosts = Path(tmp) / "hosts.json"
-            hosts.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(members)]))
-            # each member its share of the cores for the BLAS's threads (OpenMP's default is every core:
-            # members would oversubscribe them, and each collective wait for a time slice)
-            threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // members))
-            for r in range(members):
-                procs.append(subprocess.Popen([*bench, "--tensor-parallel"], stdout=subprocess.PIPE,
-                                              stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                              env=dict(env, MLX_HOSTFILE=str(hosts), MLX_RANK=str(r),
-                                                       OMP_NUM_THREADS=threads)))
+        procs = launch(bench, members, Path(tmp), free_ports(members), subprocess.PIPE)
         try:
             outs = [proc.communicate(timeout=args.timeout) for proc in procs]
         finally:
@@ -106,21 +105,8 @@ def serve_run(topology: str, members: int, args: argparse.Namespace) -> dict:
     port = base + members
     serve = [sys.executable, "-m", "mad.cli", "serve", topology, "--port", str(port), "--log-level", "warning",
              "--dtype", args.dtype, "--max-batch", str(max(args.serve, 1)), *sum((["--set", s] for s in args.set), [])]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    procs = []
     with tempfile.TemporaryDirectory() as tmp:
-        if members == 1:
-            procs.append(subprocess.Popen(serve, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                          env=env))
-        else:
-            hosts = Path(tmp) / "hosts.json"
-            hosts.write_text(json.dumps([[f"127.0.0.1:{base + r}"] for r in range(members)]))
-            threads = env.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // members))
-            for r in range(members):
-                procs.append(subprocess.Popen([*serve, "--tensor-parallel"], stdout=subprocess.DEVNULL,
-                                              stderr=subprocess.PIPE, text=True, cwd=ROOT,
-                                              env=dict(env, MLX_HOSTFILE=str(hosts), MLX_RANK=str(r),
-                                                       OMP_NUM_THREADS=threads)))
+        procs = launch(serve, members, Path(tmp), base, subprocess.DEVNULL)
         try:
             deadline = time.time() + args.timeout
             while True:
