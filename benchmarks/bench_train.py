@@ -309,12 +309,16 @@ def main(argv: Optional[list[str]] = None) -> dict:
 
     if a.device == "gpu" and not torch.cuda.is_available():
         ap.error("--device gpu: PyTorch sees no CUDA GPU here")
+    # glibc's malloc settings move both sides' CPU figures by a third here (freed buffers returned to the
+    # kernel and faulted in again): say which were set, as they reach both processes
+    malloc = {k: v for k, v in os.environ.items() if k.startswith("MALLOC_") or k == "GLIBC_TUNABLES"}
     print(f"bench_train: {platform.platform()}, {os.cpu_count()} CPUs, load average "
-          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, device {a.device}", file=log)
+          f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}, device {a.device}"
+          + (f", malloc environment {malloc}" if malloc else ""), file=log)
     t0 = time.perf_counter()
     families = ("7b", "v1") if a.family == "both" else (a.family,)
     results = {"device": a.device, "batch": a.batch, "seq": a.seq, "quick": a.quick, "platform": platform.platform(),
-               "cpus": os.cpu_count(), "load_average_start": os.getloadavg(),
+               "cpus": os.cpu_count(), "load_average_start": os.getloadavg(), "malloc_environment": malloc,
                "benchmarks": {f: compare(f, a, log) for f in families}}
     results["load_average_end"] = os.getloadavg()
     results["seconds"] = time.perf_counter() - t0

@@ -172,6 +172,8 @@ def chunk_recurrence(
         m_c = max(g_c + m_{c-1}, a_max_c)
         C_c = exp(g_c + m_{c-1} - m_c) C_{c-1} + exp(a_max_c - m_c) C_loc_c      (n_c likewise)
 
+    Its gradient is written by hand (`_recurrence_backward`); the forward is this loop.
+
     Args:
         C_loc: Chunk sums (B, NH, NC, DQK, DV) float32, stabilised by a_max.
         n_loc: Chunk sums (B, NH, NC, DQK) float32.
@@ -182,7 +184,13 @@ def chunk_recurrence(
     Returns:
         The states entering each chunk, stacked on axis 2, and the state after the last chunk.
     """
-    C, n, m = state
+    C_in, n_in, m_in, C, n, m = _recurrence(C_loc, n_loc, g, a_max, *state)
+    return (C_in, n_in, m_in), (C, n, m)
+
+
+@mx.custom_function
+def _recurrence(C_loc: mx.array, n_loc: mx.array, g: mx.array, a_max: mx.array, C: mx.array, n: mx.array,
+                m: mx.array) -> Tuple[mx.array, ...]:
     C_in, n_in, m_in = [], [], []
     for c in range(g.shape[2]):                                 # short loop, elementwise only
         C_in.append(C)
@@ -194,8 +202,47 @@ def chunk_recurrence(
         C = decay[..., None, None] * C + gain[..., None, None] * C_loc[:, :, c]
         n = decay[..., None] * n + gain[..., None] * n_loc[:, :, c]
         m = m_new
-    stacked = (mx.stack(C_in, axis=2), mx.stack(n_in, axis=2), mx.stack(m_in, axis=2))
-    return stacked, (C, n, m)
+    return mx.stack(C_in, axis=2), mx.stack(n_in, axis=2), mx.stack(m_in, axis=2), C, n, m
+
+
+def _inner(a: mx.array, b: mx.array, dims: int) -> mx.array:
+    """sum(a * b) over the last `dims` axes, as one BLAS dot product per leading index (no product array)."""
+    lead = a.shape[:a.ndim - dims]
+    return (a.reshape(*lead, 1, -1) @ b.reshape(*lead, -1, 1)).reshape(lead)
+
+
+def _recurrence_backward(primals: list, cotangents: list, outputs: list) -> Tuple[mx.array, ...]:
+    """The gradient of `_recurrence`, chunk by chunk in reverse. Per chunk, the cotangent of the new C (n)
+    gives those of decay and gain as inner products with C_{c-1} and C_loc_c (dot products, where autodiff
+    would form the products and sum them), of C_loc_c and C_{c-1} as scalings; decay and gain pass theirs to
+    g, a_max and the m's by the derivatives of exp and of max(g_c + m_{c-1}, a_max_c), whose tie goes to
+    a_max as in MLX's autodiff. The entering states' own cotangents (the stacked outputs) join at each step."""
+    C_loc, n_loc, g, a_max = primals[:4]
+    gC_in, gn_in, gm_in, gC, gn, gm = cotangents
+    C_in, n_in, m_in = outputs[:3]
+    gC_loc, gn_loc, gg, ga = [], [], [], []
+    for c in range(g.shape[2] - 1, -1, -1):
+        C_prev, n_prev, m_prev = C_in[:, :, c], n_in[:, :, c], m_in[:, :, c]
+        m_new = mx.maximum(g[..., c] + m_prev, a_max[..., c])
+        decay = mx.exp(g[..., c] + m_prev - m_new)
+        gain = mx.exp(a_max[..., c] - m_new)
+        g_decay = (_inner(gC, C_prev, 2) + _inner(gn, n_prev, 1)) * decay   # d(g_c + m_{c-1} - m_c)
+        g_gain = (_inner(gC, C_loc[:, :, c], 2) + _inner(gn, n_loc[:, :, c], 1)) * gain  # d(a_max_c - m_c)
+        gC_loc.append(gain[..., None, None] * gC)
+        gn_loc.append(gain[..., None] * gn)
+        g_m = (gm - g_decay) - g_gain                           # the cotangent of m_c = max(g_c + m_{c-1}, a_max_c)
+        first = (g[..., c] + m_prev) > a_max[..., c]
+        g_first = mx.where(first, g_m, 0.0)
+        gg.append(g_decay + g_first)
+        ga.append(g_gain + mx.where(first, 0.0, g_m))
+        gC = decay[..., None, None] * gC + gC_in[:, :, c]
+        gn = decay[..., None] * gn + gn_in[:, :, c]
+        gm = (g_decay + g_first) + gm_in[:, :, c]
+    return (mx.stack(gC_loc[::-1], axis=2), mx.stack(gn_loc[::-1], axis=2), mx.stack(gg[::-1], axis=-1),
+            mx.stack(ga[::-1], axis=-1), gC, gn, gm)
+
+
+_recurrence.vjp(_recurrence_backward)
 
 
 def chunk_outputs(

@@ -26,7 +26,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
 import numpy as np
-from mlx.utils import tree_flatten, tree_map_with_path
+from mlx.utils import tree_flatten, tree_map, tree_map_with_path
 
 from .errors import MadError, Source
 from .graph import MAX_TENSOR
@@ -134,19 +134,96 @@ def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
     return optim.AdamW(learning_rate=cfg.lr_at, weight_decay=cfg.weight_decay)
 
 
+def next_token_loss(logits: mx.array, targets: mx.array, reduction: str = "mean") -> mx.array:
+    """The cross-entropy of `logits` (..., V) at the integer `targets` (...), computed in float32:
+    logsumexp(z) - z[target] per position, then reduced ("mean", "sum" or "none"): the numbers of
+    `nn.losses.cross_entropy` to float32 rounding, faster to differentiate on the CPU.
+
+    On the vocabulary-wide logits of a training step (25.7M of them for 512 tokens of xlstm-125m) MLX's
+    `logsumexp` and the `softmax` of its gradient are the slowest part of the loss on the CPU (MLX's CPU
+    `exp`, see kernels/activations.py). Here the exponentials go through the "exp" kernel (the CPU's
+    arithmetic exp, within 1 ulp of `mx.exp`), once: the forward keeps p = exp(z - max z) and its sum s,
+    and the gradient of a position's loss is p / s - onehot(target), one fused elementwise pass."""
+    from .kernels.registry import dispatch
+
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    exp = dispatch("exp")
+
+    @mx.custom_function
+    def loss(z: mx.array, y: mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        z32 = z.astype(mx.float32)
+        top = mx.max(z32, axis=-1, keepdims=True)
+        p = exp(z32 - top)                                      # <= 1
+        s = p.sum(axis=-1, keepdims=True)                       # >= 1
+        picked = mx.take_along_axis(z32, y[..., None], axis=-1)
+        return ((top + mx.log(s)) - picked)[..., 0], p, s
+
+    @loss.vjp
+    def loss_vjp(primals, cotangents, outputs):
+        z, y = primals
+        _, p, s = outputs
+        hit = mx.arange(z.shape[-1], dtype=y.dtype) == y[..., None]
+        dz = cotangents[0][..., None] * (p * (1.0 / s) - hit)   # softmax(z) - onehot(y), scaled
+        return dz.astype(z.dtype), mx.zeros_like(y)
+
+    per_position = loss(logits, targets)[0]
+    if reduction == "none":
+        return per_position
+    return per_position.mean() if reduction == "mean" else per_position.sum()
+
+
+def _blocks(g: mx.array, parts: int = 64) -> mx.array:
+    """g flattened to (k, 1, n / k) in float32, k the largest divisor of its size n up to `parts`: a few
+    blocks, each one dot product for BLAS (whose own blocking keeps its sums accurate)."""
+    g = g.astype(mx.float32) if g.dtype != mx.float32 else g
+    k = math.gcd(g.size, parts)
+    return g.reshape(k, 1, g.size // k)
+
+
+def global_norm(grads: Any) -> mx.array:
+    """sqrt(sum of every squared entry of the gradient tree), accurate to float32 rounding at any size.
+
+    Each array's sum of squares is a batch of matrix products (k, 1, n/k) @ (k, n/k, 1): BLAS dot products
+    of a few blocks, summed. `g.square().sum()` (`optim.clip_grad_norm`'s) adds millions of squares into
+    one float32 accumulator on MLX's CPU, where the later terms fall below its rounding: 1e-3 low on 1.6M
+    entries, 3-10% on the 38.6M of xlstm-125m's embedding (tests/test_grad.py holds this one to 1e-6), and
+    slower than the products."""
+    total = mx.array(0.0, mx.float32)
+    for _, g in tree_flatten(grads):
+        b = _blocks(g)
+        total = total + (b @ b.swapaxes(-1, -2)).sum()
+    return mx.sqrt(total)
+
+
+def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, mx.array]:
+    """`optim.clip_grad_norm` with `global_norm`: (the gradients scaled by min(max_norm / (norm + 1e-6), 1),
+    the norm before scaling)."""
+    norm = global_norm(grads)
+    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
+
+
 def compile_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float,
                  loss_fn: Callable[..., mx.array]) -> tuple[Callable[..., tuple[mx.array, mx.array]], list]:
     """One training step as one compiled function: `step(*batch) -> (loss, gradient norm)`: the loss and
     its gradients, clipping (grad_clip 0: off; the norm is then 0), the optimizer's update. Returns the
-    step and the state it compiles over (the model's and the optimizer's)."""
+    step and the state it compiles over (the model's and the optimizer's). The norm is `global_norm`'s.
+
+    The gradients are made row-contiguous before the update (a no-op for those that are): a weight's
+    gradient from a matrix product can come out as a transposed view, and MLX's CPU runs a fused kernel
+    over a mix of layouts (the optimizer's moments are contiguous) as a loop with run-time strides that
+    the compiler does not vectorise: on xlstm-125m's CPU step the AdamW update took longer than the
+    copies that avoid it (benchmarks/bench_train.py)."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
     @partial(mx.compile, inputs=state, outputs=state)
     def step(*batch: mx.array) -> tuple[mx.array, mx.array]:
         loss, grads = value_and_grad(*batch)
+        grads = tree_map(mx.contiguous, grads)
         if grad_clip > 0:
-            grads, norm = optim.clip_grad_norm(grads, grad_clip)
+            grads, norm = clip_grad_norm(grads, grad_clip)
         else:
             norm = mx.array(0.0)
         optimizer.update(model, grads)
@@ -163,7 +240,7 @@ class Stepper:
         self.optimizer = optimizer
 
         def loss_fn(x: mx.array, y: mx.array) -> mx.array:
-            return nn.losses.cross_entropy(forward(x), y, reduction="mean")
+            return next_token_loss(forward(x), y, "mean")
 
         self.step, self.state = compile_step(self.module, optimizer, grad_clip, loss_fn)
         self.evaluate = compile_eval(model)
@@ -179,7 +256,7 @@ def compile_eval(model: Any) -> Callable[[mx.array, mx.array], mx.array]:
     # which must leave the trace as a real array
     @partial(mx.compile, inputs=state, outputs=state)
     def evaluate(x: mx.array, y: mx.array) -> mx.array:
-        return nn.losses.cross_entropy(forward(x), y, reduction="sum")
+        return next_token_loss(forward(x), y, "sum")
 
     return evaluate
 
@@ -548,4 +625,5 @@ def _run(model, tok, cfg: TrainConfig, out: Path, data_dir: Path, meta: dict, sa
     return {"step": end, "loss": last_loss, "eval_loss": last_eval, "out": str(out)}
 
 
-__all__ = ["SCHEDULES", "TrainConfig", "Stepper", "svg_plot", "train", "trainable"]
+__all__ = ["SCHEDULES", "TrainConfig", "Stepper", "clip_grad_norm", "global_norm", "next_token_loss", "svg_plot",
+           "train", "trainable"]

@@ -344,3 +344,115 @@ def test_freeze_leaves_frozen_weights_out(family):
 def test_model_is_hashable_and_compares_by_identity(family):
     a, b = load(family), load(family)
     assert a == a and a != b and len({a, b}) == 2
+
+
+# ----------------------------------------------------------------------------------------- the step's loss and clip
+def test_next_token_loss_is_the_cross_entropy():
+    """`mad.train.next_token_loss` (the training step's loss, the CPU's arithmetic exp, a hand-written gradient):
+    the values of `nn.losses.cross_entropy` and the float64 gradient softmax - onehot, compiled or not."""
+    from mad.train import next_token_loss
+
+    keys = mx.random.split(mx.random.key(7), 3)
+    z = mx.random.normal((2, 37, 300), key=keys[0]) * 8.0  # logits far apart: exp's range is exercised
+    y = mx.random.randint(0, 300, (2, 37), key=keys[1])
+    w = mx.random.normal((2, 37), key=keys[2])
+    for reduction in ("none", "mean", "sum"):
+        want = nn.losses.cross_entropy(z, y, reduction=reduction)
+        for fn in (next_token_loss, mx.compile(partial(next_token_loss, reduction=reduction))):
+            got = fn(z, y, reduction) if fn is next_token_loss else fn(z, y)
+            assert got.shape == want.shape and got.dtype == mx.float32
+            assert rel(got, want) <= 1e-6, reduction
+    z64, y64 = np_(z), np.array(y)
+    p = np.exp(z64 - z64.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.zeros_like(p)
+    np.put_along_axis(onehot, y64[..., None], 1.0, axis=-1)
+    exact = np_(w)[..., None] * (p - onehot)
+    grad = mx.grad(lambda z: (next_token_loss(z, y, "none") * w).sum())
+    for fn in (grad, mx.compile(grad)):
+        assert rel(fn(z), exact) <= 1e-6
+    with pytest.raises(ValueError, match="reduction"):
+        next_token_loss(z, y, "max")
+
+
+def test_global_norm_is_float32_accurate_at_any_size():
+    """The clipping norm against float64, on a tree with a 1.6M-entry array (summing its squares into one
+    float32 accumulator, as `g.square().sum()` does on MLX's CPU, is ~1e-3 off there), a transposed view,
+    sizes with no divisor 64 and a bfloat16 array."""
+    from mad.train import clip_grad_norm, global_norm
+
+    keys = mx.random.split(mx.random.key(3), 5)
+    grads = {"big": mx.random.normal((1536, 1024), key=keys[0]) * 1e-3,
+             "odd": [mx.random.normal((7,), key=keys[1]), mx.random.normal((5, 3), key=keys[2]).T],
+             "half": mx.random.normal((96, 33), key=keys[3]).astype(mx.bfloat16)}
+    exact = np.sqrt(sum((np_(g) ** 2).sum() for _, g in tree_flatten(grads)))
+    norm = global_norm(grads)
+    assert norm.dtype == mx.float32 and abs(norm.item() - exact) <= 1e-6 * exact
+    # clipping scales every array by min(max_norm / (norm + 1e-6), 1), in its own dtype (optim.clip_grad_norm's rule)
+    for max_norm in (0.5 * exact, 2.0 * exact):
+        clipped, n = clip_grad_norm(grads, max_norm)
+        assert n.item() == norm.item()
+        factor = min(max_norm / (exact + 1e-6), 1.0)
+        for (k, g), (_, c) in zip(tree_flatten(grads), tree_flatten(clipped)):
+            assert c.dtype == g.dtype and c.shape == g.shape, k
+            tol = 1e-2 if g.dtype == mx.bfloat16 else 1e-6
+            assert rel(c, np_(g) * factor) <= tol, k
+
+
+# ----------------------------------------------------------------------------------------- the sLSTM's backward
+def _slstm_inputs(seed, B=2, NH=3, T=23, DH=8, scale=3.0, with_state=False, tie=False):
+    keys = mx.random.split(mx.random.key(seed), 10)
+    gates = [mx.random.normal((B, NH, T, DH), key=keys[j]) * scale for j in range(4)]
+    R = mx.random.normal((NH, 4 * DH, DH), key=keys[4]) * 0.5
+    b = mx.random.normal((4 * NH * DH,), key=keys[5])
+    state = None
+    if with_state:  # a continued state, the first row fresh (n = 0): the elementwise zero-state rule on a mixed batch
+        y, c, m = (mx.random.normal((B, NH, DH), key=keys[k]) for k in (6, 7, 8))
+        n = (mx.abs(mx.random.normal((B, NH, DH), key=keys[9])) + 0.5) * (mx.arange(B) > 0)[:, None, None]
+        state = (y, c, n, m)
+    if tie:  # R = 0, b = 0 and the first input gate equal to m + logsigmoid(f), in float32: max(i, lfm) ties
+        R, b = mx.zeros_like(R), mx.zeros_like(b)
+        lfm = state[3] - mx.logaddexp(0.0, -gates[1][:, :, 0])
+        gates[0] = mx.concatenate([lfm[:, :, None], gates[0][:, :, 1:]], axis=2)
+    return (*gates, R, b), state
+
+
+@pytest.mark.parametrize("case", [{}, {"with_state": True}, {"scale": 30.0}, {"scale": 30.0, "with_state": True},
+                                  {"T": 2, "with_state": True}, {"T": 3, "with_state": True, "tie": True}],
+                         ids=["fresh", "state", "large", "large-state", "T2", "tie"])
+def test_slstm_hand_written_backward_is_autodiff_of_the_loop(case):
+    """`slstm_sequence`'s VJP (backpropagation through time by hand) against MLX's autodiff of the same
+    recurrence stepped with `slstm_step`, for h and the final state, from a fresh, a continued and a mixed
+    state, with gates large enough that the clamps min(., 1) and the stabiliser's max switch (scale 30), and
+    on exact ties of max(i, m + logsigmoid(f)), where the cotangent goes autodiff's way."""
+    from mad.kernels.slstm import slstm_sequence, slstm_step
+
+    args, state = _slstm_inputs(7 + len(case), **case)
+    T = args[0].shape[2]
+
+    def stepped(i, f, z, o, R, b, st):
+        hs = []
+        for t in range(T):
+            h, st = slstm_step(*(g[:, :, t:t + 1] for g in (i, f, z, o)), R, b, st)
+            hs.append(h)
+        return mx.concatenate(hs, axis=2), st
+
+    h_seq, s_seq = slstm_sequence(*args, state)
+    h_step, s_step = stepped(*args, state)
+    for got, want in zip((h_seq, *s_seq), (h_step, *s_step)):  # the forward: the same steps, bit for bit
+        assert np.array_equal(np_(got), np_(want))
+    weights = [mx.random.normal(x.shape, key=mx.random.key(40 + k)) for k, x in enumerate((h_seq, *s_seq))]
+    primals = list(args) + (list(state) if state is not None else [])
+
+    def loss(fn):
+        def value(*xs):
+            h, st = fn(*xs[:6], tuple(xs[6:]) if state is not None else None)
+            return sum((w * x).sum() for w, x in zip(weights, (h, *st)))
+        return value
+
+    argnums = tuple(range(len(primals)))
+    want = mx.grad(loss(stepped), argnums=argnums)(*primals)
+    for fn in (mx.grad(loss(slstm_sequence), argnums=argnums), mx.compile(mx.grad(loss(slstm_sequence), argnums=argnums))):
+        got = fn(*primals)
+        for k, (g, w) in enumerate(zip(got, want)):
+            assert rel(g, w) <= 1e-6, k  # the same derivatives; R and b summed in another order

@@ -362,3 +362,55 @@ def test_very_negative_input_gates_give_finite_gradients(mode):
     grads = mx.grad(lambda *a: run(*a).sum(), argnums=(0, 1, 2, 3, 4))(q, k, v, i, f)
     for name, g in zip("qkvif", grads):
         assert mx.all(mx.isfinite(g)).item(), name
+
+
+def _recurrence_by_autodiff(C_loc, n_loc, g, a_max, state):
+    """The chunk recurrence written out plainly (the formulas of kernels.mlstm.chunk_recurrence), for MLX's
+    autodiff to differentiate."""
+    C, n, m = state
+    ins = []
+    for c in range(g.shape[2]):
+        ins.append((C, n, m))
+        m_new = mx.maximum(g[..., c] + m, a_max[..., c])
+        decay, gain = mx.exp(g[..., c] + m - m_new), mx.exp(a_max[..., c] - m_new)
+        C = decay[..., None, None] * C + gain[..., None, None] * C_loc[:, :, c]
+        n = decay[..., None] * n + gain[..., None] * n_loc[:, :, c]
+        m = m_new
+    return tuple(mx.stack(x, axis=2) for x in zip(*ins)), (C, n, m)
+
+
+@pytest.mark.parametrize("case", ["plain", "large", "tie", "one-chunk"])
+def test_chunk_recurrence_gradient_is_autodiff_of_the_loop(case):
+    """chunk_recurrence's hand-written VJP against MLX's autodiff of the same loop: every input (chunk sums,
+    log decays, stabilisers, the entering state) for cotangents on every output (the stacked entering states
+    and the final state), compiled or not; "tie" makes max(g_0 + m_0, a_max_0) an exact tie, whose cotangent
+    goes to a_max in MLX's autodiff."""
+    from mad.kernels.mlstm import chunk_recurrence
+
+    nc = 1 if case == "one-chunk" else 5
+    spread = 20.0 if case == "large" else 3.0
+    keys = mx.random.split(mx.random.key(90), 7)
+    C_loc = mx.random.normal((B, NH, nc, DQK, DV), key=keys[0])
+    n_loc = mx.random.normal((B, NH, nc, DQK), key=keys[1])
+    g = -mx.abs(mx.random.normal((B, NH, nc), key=keys[2])) * spread
+    a_max = mx.random.normal((B, NH, nc), key=keys[3]) * spread
+    state = (mx.random.normal((B, NH, DQK, DV), key=keys[4]), mx.random.normal((B, NH, DQK), key=keys[5]),
+             mx.random.normal((B, NH), key=keys[6]))
+    if case == "tie":
+        a_max = mx.concatenate([(g[..., 0] + state[2])[..., None], a_max[..., 1:]], axis=-1)
+    got_out, want_out = chunk_recurrence(C_loc, n_loc, g, a_max, state), _recurrence_by_autodiff(C_loc, n_loc, g, a_max, state)
+    flat = lambda out: [*out[0], *out[1]]  # noqa: E731
+    for a, b in zip(flat(got_out), flat(want_out)):
+        assert np.array_equal(to_np(a), to_np(b))  # the forward is the loop itself
+    weights = [mx.random.normal(x.shape, key=mx.random.key(100 + j)) for j, x in enumerate(flat(want_out))]
+
+    def loss(fn):
+        return lambda *p: sum((w * x).sum() for w, x in zip(weights, flat(fn(*p[:4], tuple(p[4:])))))
+
+    primals = (C_loc, n_loc, g, a_max, *state)
+    argnums = tuple(range(len(primals)))
+    want = mx.grad(loss(_recurrence_by_autodiff), argnums=argnums)(*primals)
+    for fn in (mx.grad(loss(chunk_recurrence), argnums=argnums), mx.compile(mx.grad(loss(chunk_recurrence), argnums=argnums))):
+        for k, (a, b) in enumerate(zip(fn(*primals), want)):
+            err = np.abs(to_np(a) - to_np(b)).max() / max(np.abs(to_np(b)).max(), 1e-30)
+            assert err <= 1e-6, (k, err)  # the same derivatives; the inner products summed in another order
