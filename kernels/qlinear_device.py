@@ -51,17 +51,13 @@ MAX_ROWS = 8
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 WARPS = 4  # warps per block
+STAGE = 1  # warp steps whose loads are issued before any of them is computed (more: no faster, benchmarks/NOTES-gpu.md 29)
 
 
 def features_per_warp(rows: int) -> int:
     """R, the output features one warp computes, for `rows` rows of x: more features share each slice of x,
     fewer keep the registers (R x rows float32 sums per lane) within budget."""
     return 4 if rows <= 2 else 2
-
-
-def stage_steps(rows: int) -> int:
-    """STAGE, the warp steps whose loads are issued before any of them is computed (bytes in flight)."""
-    return 1
 
 
 QLINEAR_HEADER = """
@@ -199,7 +195,7 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
                             features: Optional[int] = None, stage: Optional[int] = None,
                             warps: int = WARPS) -> list[mx.array]:
     """`kernels.qlinear.quantized_linear` with the decode kernel; Unsupported for inputs it does not handle.
-    `features`, `stage` and `warps` override `features_per_warp`, `stage_steps` and WARPS (benchmarks
+    `features`, `stage` and `warps` override `features_per_warp`, STAGE and WARPS (benchmarks
     compare the choices)."""
     *lead, K = x.shape
     M = math.prod(lead)
@@ -216,7 +212,7 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
     check_parts(splits, caps)
     has_cap = any(caps)
     R = features_per_warp(M) if features is None else features
-    S = stage_steps(M) if stage is None else stage
+    S = STAGE if stage is None else stage
     (y,) = QLINEAR_KERNEL(
         backend,
         inputs=[x.reshape(M, K), w, scales, biases, _UNUSED if bias is None else bias,

@@ -363,7 +363,9 @@ class BatchGenerator:
             key = mx.random.key(p.seed if p.seed is not None else secrets.randbits(63)) if p.temp > 0 else None
             rows.append(_Row(self._next_uid, p, max_tokens, eos, key))
             self._next_uid += 1
-        cuts = tuple(sorted({int(c) for c in cuts if 0 < int(c) < len(ids)}))
+        if isinstance(cuts, (str, bytes)) or not all(isinstance(c, int) and not isinstance(c, bool) for c in cuts):
+            raise MadError(f"cuts: expected positions in the prompt (integers), got {cuts!r}")
+        cuts = tuple(sorted({c for c in cuts if 0 < c < len(ids)}))  # at the ends a cut changes nothing
         self._waiting.append(_Prompt(ids, rows, state, state is None, cuts))
         return [r.uid for r in rows]
 

@@ -223,6 +223,8 @@ def test_prompt_cache_is_bounded_by_bytes(loaded):
     (lambda m, t: batch_generate(m, t, ["a"], seed=-3), "seed"),
     (lambda m, t: batch_generate(m, t, ["a"], repetition_penalty=1.1), "unknown argument 'repetition_penalty'"),
     (lambda m, t: BatchGenerator(m).insert([1, 2], [SamplingParams(logprobs=99)]), "logprobs"),
+    (lambda m, t: BatchGenerator(m).insert([1, 2, 3], cuts=[1.5]), "cuts: expected positions"),
+    (lambda m, t: batch_generate(m, t, ["abc"], max_tokens=1, cuts="12"), "cuts: expected positions"),
     (lambda m, t: BatchGenerator(m).insert("text"), "token ids"),
     (lambda m, t: BatchGenerator(m).insert([1, True]), "integers"),
     (lambda m, t: BatchGenerator(m).insert([1], max_tokens=0), "at least 1"),

@@ -154,6 +154,7 @@ def test_bench_serve_quick(tmp_path):
     run("bench_serve.py", "--quick", "--json", str(out))
     res = json.loads(out.read_text())
     assert res["identical_to_solo"] and res["concurrent_tokens_per_s"] > 0 and res["cached_tokens_hit"][0] > 0
+    assert res["chat_cached_tokens_hit"][0] == res["prefix_tokens"]  # the whole system message, where it was cut
 
 
 @pytest.mark.reference
