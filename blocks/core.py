@@ -10,8 +10,8 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from mad.kernels.registry import dispatch
-from mad.block import (Block, Cut, Dim, FiniteFloat, LinearForm, OptDim, PositiveFloat, ShapeError, SplitDense,
-                       SplitHeads, TensorType, expect_float, expect_last, register, with_last)
+from mad.block import (Block, Cut, Dim, FiniteFloat, FoldForm, LinearForm, OptDim, PositiveFloat, ShapeError,
+                       SplitDense, SplitHeads, TensorType, expect_float, expect_last, register, with_last)
 
 
 # --------------------------------------------------------------------------------- embedding
@@ -51,9 +51,13 @@ class LinearModule(nn.Module):
         self._tied_weight = lambda: source.weight
 
     def __call__(self, x: mx.array) -> mx.array:
-        w = self._tied_weight() if self._tied_weight is not None else self.weight
         # a decode-sized device kernel (bias and soft-cap included) where there is one
-        return dispatch("linear")(x, w, self.bias if "bias" in self else None, (), (self._cap,))[0]
+        return dispatch("linear")(x, *self.linear_args())[0]
+
+    def linear_args(self) -> tuple:
+        """(weight, bias, splits, caps): the `linear` kernel's arguments after x."""
+        w = self._tied_weight() if self._tied_weight is not None else self.weight
+        return w, self.bias if "bias" in self else None, (), (self._cap,)
 
 
 @register("linear")
@@ -122,6 +126,9 @@ class RMSNormBlock(Block):
 
     def build(self, x: TensorType) -> nn.Module:
         return RMSNormModule(int(x.shape[-1]), self.eps, self.weight)
+
+    def fold_form(self, x: TensorType) -> Optional[FoldForm]:
+        return FoldForm("rms_norm", eps=float(self.eps), weight="weight") if self.weight else None
 
 
 class LayerNormModule(nn.Module):

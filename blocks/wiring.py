@@ -3,14 +3,14 @@ per-channel scale (channel_scale). `ACTIVATIONS` and `gated` are shared with the
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, Optional
 
 import mlx.core as mx
 import mlx.nn as nn
 
 from mad.kernels.registry import dispatch, kernels
-from mad.block import (Block, Cut, Dim, NonNegDim, ShapeError, SplitConcat, SplitHeads, SplitSlice, TensorType,
-                       expect_float, register, same_types, with_last)
+from mad.block import (Block, Cut, Dim, FoldForm, NonNegDim, ShapeError, SplitConcat, SplitHeads, SplitSlice,
+                       TensorType, expect_float, register, same_types, with_last)
 from mad.dims import shape_str
 
 ACTIVATIONS: dict[str, Callable[[mx.array], mx.array]] = {
@@ -61,6 +61,9 @@ class AddBlock(Block):
     def build(self, *xs: TensorType) -> Callable:
         return _add
 
+    def fold_form(self, *xs: TensorType) -> Optional[FoldForm]:
+        return FoldForm("add") if len(xs) == 2 else None
+
     def shard_rule(self, *xs: TensorType) -> SplitHeads:
         return SplitHeads.channels(int(xs[0].shape[-1]))
 
@@ -80,6 +83,9 @@ class GateBlock(Block):
 
     def build(self, gate: TensorType, x: TensorType) -> Callable:
         return gated(self.act)
+
+    def fold_form(self, gate: TensorType, x: TensorType) -> Optional[FoldForm]:
+        return FoldForm("gate", act=self.act)
 
     def shard_rule(self, gate: TensorType, x: TensorType) -> SplitHeads:
         return SplitHeads.channels(int(x.shape[-1]))

@@ -23,11 +23,12 @@ limit is read when a program is traced: set it before the first call it should g
 from __future__ import annotations
 
 import functools
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 
 from .device import DeviceKernel
+from .fold import PAIR_ACTIVATIONS, fold_shape
 from .linear import check_parts, split_parts
 from .registry import Unsupported, register_device_kernel
 
@@ -38,37 +39,63 @@ WARPS = 4  # output features per block (one warp each)
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 LINEAR_BODY = """
+    constexpr int P = PAIR ? 2 : 1;             // weight rows per output: n, and NOUT + n for a pair
+    constexpr int NOUT = N / P;
     const int lane = THREAD_X;                  // 0..31
     const int n = BLOCK_X * WARPS + THREAD_Y;   // output feature of this warp
-    if (n < N) {
-        float acc[M];
+    if (n < NOUT) {
+        float acc[M][P];
+        float ss[M];                            // NORM: the sum of squares of each row of x
 #pragma unroll
-        for (int r = 0; r < M; ++r) acc[r] = 0.0f;
-        const size_t row = (size_t)n * K;
+        for (int r = 0; r < M; ++r) {
+            ss[r] = 0.0f;
+#pragma unroll
+            for (int p = 0; p < P; ++p) acc[r][p] = 0.0f;
+        }
 #pragma unroll 4
         for (int k = lane * 8; k < K; k += 256) {
-            float wv[8];
-            load8(w + row + k, wv);
+            float wv[P][8];
+#pragma unroll
+            for (int p = 0; p < P; ++p) load8(w + (size_t)(n + p * NOUT) * K + k, wv[p]);
+            float gv[8];
+            if (NORM) load8(g + k, gv);
 #pragma unroll
             for (int r = 0; r < M; ++r) {
                 float xv[8];
                 load8(x + (size_t)r * K + k, xv);
+                if (NORM) {
 #pragma unroll
-                for (int e = 0; e < 8; ++e) acc[r] += wv[e] * xv[e];
+                    for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                }
+#pragma unroll
+                for (int p = 0; p < P; ++p)
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) acc[r][p] += wv[p][e] * xv[e];
             }
         }
-        const float b = HAS_BIAS ? static_cast<float>(bias[n]) : 0.0f;
-        const float c = HAS_CAP ? cap[n] : 0.0f;   // 0: this feature's part is not capped
 #pragma unroll
         for (int r = 0; r < M; ++r) {
-            float total = WARP_SUM(acc[r]) + b;
-            if (c > 0.0f) total = c * TANH(total / c);
-            if (lane == 0) y[(size_t)r * N + n] = static_cast<T>(total);
+            // rms_norm(x) W^T = rsqrt(mean(x^2) + eps) (x g) W^T: the row's scale applied to the sums
+            const float scale = NORM ? 1.0f / SQRT(WARP_SUM(ss[r]) / K + normp[0]) : 1.0f;
+            float part[P];
+#pragma unroll
+            for (int p = 0; p < P; ++p) {
+                const int row = n + p * NOUT;
+                float total = WARP_SUM(acc[r][p]) * scale + (HAS_BIAS ? static_cast<float>(bias[row]) : 0.0f);
+                const float c = HAS_CAP ? cap[row] : 0.0f;   // 0: this feature's part is not capped
+                if (c > 0.0f) total = c * TANH(total / c);
+                part[p] = total;
+            }
+            float out = part[0];
+            if (PAIR) out = (ACT == 1 ? 1.0f : part[0]) / (1.0f + EXP(-part[0])) * part[P - 1];   // 1 sigmoid, 2 silu
+            if (RESIDUAL) out += static_cast<float>(res[(size_t)r * NOUT + n]);
+            if (lane == 0) y[(size_t)r * NOUT + n] = static_cast<T>(out);
         }
     }
 """
 
-LINEAR_KERNEL = DeviceKernel("mad_linear", inputs=["x", "w", "bias", "cap"], outputs=["y"], body=LINEAR_BODY)
+LINEAR_KERNEL = DeviceKernel("mad_linear", inputs=["x", "w", "bias", "cap", "g", "normp", "res"], outputs=["y"],
+                             body=LINEAR_BODY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -102,10 +129,10 @@ def row_limit() -> int:
     return _row_limit
 
 
-def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
-                  caps: Sequence[Optional[float]] = (None,), *, backend: str = "cuda",
-                  poison: Optional[float] = None) -> list[mx.array]:
-    """`kernels.linear.linear` with the decode kernel; Unsupported for shapes it does not handle."""
+def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence[int],
+            caps: Sequence[Optional[float]], backend: str, poison: Optional[float], norm: Optional[tuple] = None,
+            pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None) -> mx.array:
+    """The kernel's (M, width) result for x (..., K); Unsupported for shapes it does not handle."""
     *lead, K = x.shape
     N = w.shape[0]
     M = 1
@@ -113,17 +140,53 @@ def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, spl
         M *= d
     if M > _row_limit or K % 8 or w.ndim != 2 or w.shape[1] != K or x.dtype != w.dtype or x.dtype not in DTYPES:
         raise Unsupported(f"linear: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
+    if norm is not None and (norm[0] is None or norm[0].shape != (K,)):
+        raise Unsupported("linear: a norm without a weight of the input's width")
     check_parts(splits, caps)
     has_cap = any(caps)
+    width = N if width is None else width
     (y,) = LINEAR_KERNEL(
         backend,
         inputs=[x.reshape(M, K), w, _UNUSED if bias is None else bias,
-                _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED],
+                _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
+                _UNUSED if norm is None else norm[0], _UNUSED if norm is None else _eps(norm[1]),
+                _UNUSED if residual is None else residual.reshape(M, width)],
         template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS),
-                  ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap)],
-        grid=(-(-N // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
-        output_shapes=[(M, N)], output_dtypes=[w.dtype], init_value=poison)
-    return split_parts(y.reshape(*lead, N), splits)
+                  ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap), ("NORM", norm is not None),
+                  ("PAIR", pair is not None), ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0),
+                  ("RESIDUAL", residual is not None)],
+        grid=(-(-width // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
+        output_shapes=[(M, width)], output_dtypes=[w.dtype], init_value=poison)
+    return y.reshape(*lead, width)
+
+
+@functools.lru_cache(maxsize=None)
+def _eps(eps: float) -> mx.array:
+    """A norm's epsilon as the float32 array the kernel reads (one per value, made once)."""
+    return mx.array([eps], mx.float32)
+
+
+def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
+                  caps: Sequence[Optional[float]] = (None,), *, backend: str = "cuda",
+                  poison: Optional[float] = None) -> list[mx.array]:
+    """`kernels.linear.linear` with the decode kernel; Unsupported for shapes it does not handle."""
+    return split_parts(_launch(x, w, bias, splits, caps, backend, poison), splits)
+
+
+def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,
+                         splits: Sequence[int] = (), caps: Sequence[Optional[float]] = (None,), *,
+                         norm: Optional[tuple] = None, pair: Optional[str] = None,
+                         residual: Optional[mx.array] = None, backend: str = "cuda",
+                         poison: Optional[float] = None) -> Any:
+    """`kernels.fold.folded_linear` with the decode kernel (float weights); Unsupported otherwise."""
+    if not isinstance(weight, mx.array):
+        raise Unsupported("folded_linear: a quantized weight (kernels/qlinear_device.py)")
+    width = fold_shape(x, weight.shape[0], splits, pair, residual)
+    if width is None:
+        raise Unsupported(f"folded_linear: parts {list(splits)}, pair {pair}")
+    y = _launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width)
+    return y if pair is not None or residual is not None else split_parts(y, splits)
 
 
 register_device_kernel("linear", linear_device)
+register_device_kernel("folded_linear", folded_linear_device)

@@ -36,14 +36,15 @@ reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
 
 from .device import DeviceKernel
 from .linear import check_parts, split_parts
-from .linear_device import _UNUSED, DTYPES, _cap_vector
+from .fold import PAIR_ACTIVATIONS, fold_shape
+from .linear_device import _UNUSED, DTYPES, _cap_vector, _eps, folded_linear_device
 from .qlinear import QuantizedMatrix
 from .registry import Unsupported, register_variant
 
@@ -82,14 +83,26 @@ QLINEAR_BODY = """
     constexpr int WORDS = K / PER_WORD;          // words per packed row
     constexpr int GROUPS = K / GROUP_SIZE;       // scales (and biases) per row
     constexpr float OFFSET = (float)(1 << BITS);
+    constexpr int P = PAIR ? 2 : 1;              // weight rows per output: o, and NOUT + o for a pair
+    constexpr int NOUT = N / P;
+    constexpr int OUTS = R / P;                  // outputs per warp
     const int lane = THREAD_X;                   // 0..31
-    const int n0 = (BLOCK_X * WARPS + THREAD_Y) * R;   // this warp's first output feature
-    if (n0 < N) {
-        float acc[M][R];
+    const int o0 = (BLOCK_X * WARPS + THREAD_Y) * OUTS;   // this warp's first output
+    if (o0 < NOUT) {
+        int rows[R];                             // the weight row of each of the warp's R sums
 #pragma unroll
-        for (int r = 0; r < M; ++r)
+        for (int f = 0; f < R; ++f) {
+            const int o = min(o0 + f % OUTS, NOUT - 1);   // past the last output: a repeat, never stored
+            rows[f] = o + (f / OUTS) * NOUT;
+        }
+        float acc[M][R];
+        float ss[M];                             // NORM: the sum of squares of each row of x
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            ss[r] = 0.0f;
 #pragma unroll
             for (int f = 0; f < R; ++f) acc[r][f] = 0.0f;
+        }
 #pragma unroll
         for (int first = 0; first < STEPS; first += STAGE) {     // STAGE steps' loads in flight at once
             unsigned int words[STAGE][R][4];
@@ -99,7 +112,7 @@ QLINEAR_BODY = """
                 const int k = ((first + i) * 32 + lane) * CHUNK;   // values k .. k + CHUNK - 1 (K % CHUNK == 0)
 #pragma unroll
                 for (int f = 0; f < R; ++f) {
-                    const int n = min(n0 + f, N - 1);   // past the last feature: a repeat, never stored
+                    const int n = rows[f];
                     if (first + i < STEPS && k < K) {
                         const uint4 raw = *reinterpret_cast<const uint4*>(w + (size_t)n * WORDS + k / PER_WORD);
                         words[i][f][0] = raw.x; words[i][f][1] = raw.y; words[i][f][2] = raw.z; words[i][f][3] = raw.w;
@@ -130,10 +143,16 @@ QLINEAR_BODY = """
                                 const int j = h * 8 + e;            // value j of the chunk
                                 v[f][e] = offset_value<BITS>(words[i][f][j / PER_WORD], j % PER_WORD);
                             }
+                        float gv[8];
+                        if (NORM) load8(g + k + h * 8, gv);
 #pragma unroll
                         for (int r = 0; r < M; ++r) {
                             float xv[8];
                             load8(x + (size_t)r * K + k + h * 8, xv);
+                            if (NORM) {
+#pragma unroll
+                                for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                            }
 #pragma unroll
                             for (int e = 0; e < 8; ++e) sx[r] += xv[e];
 #pragma unroll
@@ -150,21 +169,32 @@ QLINEAR_BODY = """
             }
         }
 #pragma unroll
-        for (int f = 0; f < R; ++f) {
-            const int n = n0 + f;
-            const float bn = (HAS_BIAS && n < N) ? static_cast<float>(bias[n]) : 0.0f;
-            const float cn = (HAS_CAP && n < N) ? cap[n] : 0.0f;   // 0: this feature's part is not capped
+        for (int r = 0; r < M; ++r) {
+            // rms_norm(x) W^T = rsqrt(mean(x^2) + eps) (x g) W^T: the row's scale applied to the sums
+            const float scale = NORM ? 1.0f / SQRT(WARP_SUM(ss[r]) / K + normp[0]) : 1.0f;
+            float part[R];
 #pragma unroll
-            for (int r = 0; r < M; ++r) {
-                float total = WARP_SUM(acc[r][f]) + bn;
+            for (int f = 0; f < R; ++f) {
+                const int n = rows[f];
+                float total = WARP_SUM(acc[r][f]) * scale + (HAS_BIAS ? static_cast<float>(bias[n]) : 0.0f);
+                const float cn = HAS_CAP ? cap[n] : 0.0f;   // 0: this feature's part is not capped
                 if (cn > 0.0f) total = cn * TANH(total / cn);
-                if (lane == 0 && n < N) y[(size_t)r * N + n] = static_cast<T>(total);
+                part[f] = total;
+            }
+#pragma unroll
+            for (int f = 0; f < OUTS; ++f) {
+                const int o = o0 + f;
+                float out = part[f];
+                if (PAIR) out = (ACT == 1 ? 1.0f : part[f]) / (1.0f + EXP(-part[f])) * part[f + OUTS];   // 1 sigmoid, 2 silu
+                if (RESIDUAL && o < NOUT) out += static_cast<float>(res[(size_t)r * NOUT + o]);
+                if (lane == 0 && o < NOUT) y[(size_t)r * NOUT + o] = static_cast<T>(out);
             }
         }
     }
 """
 
-QLINEAR_KERNEL = DeviceKernel("mad_quantized_linear", inputs=["x", "w", "scales", "biases", "bias", "cap"],
+QLINEAR_KERNEL = DeviceKernel("mad_quantized_linear",
+                              inputs=["x", "w", "scales", "biases", "bias", "cap", "g", "normp", "res"],
                               outputs=["y"], body=QLINEAR_BODY, header=QLINEAR_HEADER)
 
 
@@ -189,6 +219,45 @@ def unpack_row(words: np.ndarray, bits: int, K: int) -> np.ndarray:
     return out
 
 
+def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], splits: Sequence[int],
+            caps: Sequence[Optional[float]], backend: str, poison: Optional[float], features: Optional[int] = None,
+            stage: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None, pair: Optional[str] = None,
+            residual: Optional[mx.array] = None, width: Optional[int] = None) -> mx.array:
+    """The kernel's (..., width) result; Unsupported for inputs it does not handle."""
+    *lead, K = x.shape
+    M = math.prod(lead)
+    w, scales, biases, group_size, bits = packed.weight, packed.scales, packed.biases, packed.group_size, packed.bits
+    N = w.shape[0]
+    groups = (N, K // group_size)
+    R = features_per_warp(M) if features is None else features
+    if (packed.mode != "affine" or bits not in BITS or group_size not in GROUP_SIZES or biases is None
+            or not 1 <= M <= MAX_ROWS or x.dtype not in DTYPES or K % group_size
+            or w.dtype != mx.uint32 or w.shape != (N, K * bits // 32) or scales.shape != groups
+            or biases.shape != groups or not mx.issubdtype(scales.dtype, mx.floating)
+            or not mx.issubdtype(biases.dtype, mx.floating) or (bias is not None and bias.shape != (N,))
+            or (pair is not None and R % 2) or (norm is not None and (norm[0] is None or norm[0].shape != (K,)))):
+        raise Unsupported(f"quantized_linear: x {x.shape} {x.dtype}, {bits}-bit {packed.mode} weight {w.shape}, "
+                          f"group size {group_size}")
+    check_parts(splits, caps)
+    has_cap = any(caps)
+    width = N if width is None else width
+    S = STAGE if stage is None else stage
+    outs = R // 2 if pair is not None else R
+    (y,) = QLINEAR_KERNEL(
+        backend,
+        inputs=[x.reshape(M, K), w, scales, biases, _UNUSED if bias is None else bias,
+                _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
+                _UNUSED if norm is None else norm[0], _UNUSED if norm is None else _eps(norm[1]),
+                _UNUSED if residual is None else residual.reshape(M, width)],
+        template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
+                  ("R", R), ("STAGE", S), ("WARPS", warps), ("HAS_BIAS", bias is not None),
+                  ("HAS_CAP", has_cap), ("NORM", norm is not None), ("PAIR", pair is not None),
+                  ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0), ("RESIDUAL", residual is not None)],
+        grid=(-(-width // (warps * outs)) * 32, warps, 1), threadgroup=(32, warps, 1),
+        output_shapes=[(M, width)], output_dtypes=[x.dtype], init_value=poison)
+    return y.reshape(*lead, width)
+
+
 def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array] = None,
                             splits: Sequence[int] = (), caps: Sequence[Optional[float]] = (None,), *,
                             backend: str = "cuda", poison: Optional[float] = None,
@@ -197,32 +266,25 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
     """`kernels.qlinear.quantized_linear` with the decode kernel; Unsupported for inputs it does not handle.
     `features`, `stage` and `warps` override `features_per_warp`, STAGE and WARPS (benchmarks
     compare the choices)."""
-    *lead, K = x.shape
-    M = math.prod(lead)
-    w, scales, biases, group_size, bits = packed.weight, packed.scales, packed.biases, packed.group_size, packed.bits
-    N = w.shape[0]
-    groups = (N, K // group_size)
-    if (packed.mode != "affine" or bits not in BITS or group_size not in GROUP_SIZES or biases is None
-            or not 1 <= M <= MAX_ROWS or x.dtype not in DTYPES or K % group_size
-            or w.dtype != mx.uint32 or w.shape != (N, K * bits // 32) or scales.shape != groups
-            or biases.shape != groups or not mx.issubdtype(scales.dtype, mx.floating)
-            or not mx.issubdtype(biases.dtype, mx.floating) or (bias is not None and bias.shape != (N,))):
-        raise Unsupported(f"quantized_linear: x {x.shape} {x.dtype}, {bits}-bit {packed.mode} weight {w.shape}, "
-                          f"group size {group_size}")
-    check_parts(splits, caps)
-    has_cap = any(caps)
-    R = features_per_warp(M) if features is None else features
-    S = STAGE if stage is None else stage
-    (y,) = QLINEAR_KERNEL(
-        backend,
-        inputs=[x.reshape(M, K), w, scales, biases, _UNUSED if bias is None else bias,
-                _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED],
-        template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
-                  ("R", R), ("STAGE", S), ("WARPS", warps), ("HAS_BIAS", bias is not None),
-                  ("HAS_CAP", has_cap)],
-        grid=(-(-N // (warps * R)) * 32, warps, 1), threadgroup=(32, warps, 1),
-        output_shapes=[(M, N)], output_dtypes=[x.dtype], init_value=poison)
-    return split_parts(y.reshape(*lead, N), splits)
+    return split_parts(_launch(x, packed, bias, splits, caps, backend, poison, features, stage, warps), splits)
+
+
+def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,
+                                   splits: Sequence[int] = (), caps: Sequence[Optional[float]] = (None,), *,
+                                   norm: Optional[tuple] = None, pair: Optional[str] = None,
+                                   residual: Optional[mx.array] = None, backend: str = "cuda",
+                                   poison: Optional[float] = None) -> Any:
+    """`kernels.fold.folded_linear` with the decode kernel for a quantized weight, the float kernel
+    (kernels/linear_device.py) for a float one."""
+    if not isinstance(weight, QuantizedMatrix):
+        return folded_linear_device(x, weight, bias, splits, caps, norm=norm, pair=pair, residual=residual,
+                                    backend=backend, poison=poison)
+    width = fold_shape(x, weight.weight.shape[0], splits, pair, residual)
+    if width is None:
+        raise Unsupported(f"folded_linear: parts {list(splits)}, pair {pair}")
+    y = _launch(x, weight, bias, splits, caps, backend, poison, norm=norm, pair=pair, residual=residual, width=width)
+    return y if pair is not None or residual is not None else split_parts(y, splits)
 
 
 register_variant("quantized_linear", "cuda", quantized_linear_device)
+register_variant("folded_linear", "cuda", folded_quantized_linear_device)

@@ -136,6 +136,12 @@ class Block(BaseModel):
         (the default) if it computes anything else. Only the declaration is read, never the module."""
         return None
 
+    def fold_form(self, *inputs: TensorType) -> Optional["FoldForm"]:
+        """Declare elementwise work that a `linear` next to this node may do in its own kernel at decode
+        (`mad.passes.find_folds`): an RMS norm before a linear, a residual add or a gated activation after
+        one. None (the default): none. Only the declaration is read, never the module."""
+        return None
+
     def shard_rule(self, *inputs: TensorType) -> Optional["ShardRule"]:
         """Declare how this node may be split over the members of a tensor-parallel group (`mad.shard`):
         by heads (`SplitHeads`), as a dense map (`SplitDense`), over a hidden dim (`SplitHidden`), or as a
@@ -156,6 +162,22 @@ class LinearForm:
     weight: str = "weight"
     bias: Optional[str] = None
     softcap: Optional[float] = None
+
+
+@dataclass(frozen=True)
+class FoldForm:
+    """What `Block.fold_form` declares (`kernels/fold.py` computes it):
+
+      "rms_norm"  y = x * rsqrt(mean(x^2) + eps) * weight over the last dim (`weight` names the
+                  parameter); a linear reading y may read x and apply it
+      "add"       y = a + b (two inputs); the linear computing a or b may add the other to its result
+      "gate"      y = act(gate) * x; a fused pair of linears computing gate and x may return y
+    """
+
+    kind: str
+    eps: float = 0.0
+    weight: Optional[str] = None
+    act: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------- tensor parallelism

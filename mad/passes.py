@@ -48,7 +48,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from .block import LinearForm
+from .block import FoldForm, LinearForm
 from .errors import MadError
 from .graph import Graph
 from .kernels.registry import dispatch
@@ -147,6 +147,89 @@ def find_sibling_linears(graph: Graph, by_stage: bool = False,
     return groups
 
 
+@dataclass(frozen=True)
+class Fold:
+    """Work a linear unit (a `linear` node, or a fused group at its first member) does in its own kernel
+    at decode (kernels/fold.py): it reads the input of the RMS norm `norm` instead of the norm's output,
+    and/or its result goes to `node`, an `add` whose other input is `residual` or a `gate` whose
+    activation is `pair`. Where no kernel takes the call, every node runs as it would unfolded."""
+
+    unit: str
+    node: str                        # where the result goes: the unit itself, or the add / gate node
+    norm: Optional[str] = None       # the rms_norm node the unit reads
+    residual: Optional[str] = None   # the add's other input
+    pair: Optional[str] = None       # the gate's activation (act(first member) * second member)
+
+    def describe(self) -> dict:
+        """The fold as data (for `plan.json`)."""
+        return {k: v for k, v in (("linear", self.unit), ("into", self.node), ("norm", self.norm),
+                                  ("residual", self.residual), ("pair", self.pair)) if v is not None}
+
+
+def fold_forms(graph: Graph) -> dict[str, FoldForm]:
+    """{node: its declared `FoldForm`} (`Block.fold_form`)."""
+    g = graph.g
+    out = {}
+    for n in graph.blocks():
+        d = g.nodes[n]
+        form = d["spec"].fold_form(*(g.nodes[s]["type"] for s in d["inputs"]))
+        if form is not None:
+            out[n] = form
+    return out
+
+
+def find_folds(graph: Graph, groups: list[FusionGroup]) -> list[Fold]:
+    """The folds of `graph` with the fused `groups` (`Fold`), in the order of their units.
+
+    A unit is a fusable linear node (`linear_forms`) outside the groups, or a group. It folds
+      - the RMS norm it reads (one input, a weight), whoever else reads the norm;
+      - an `add` of two inputs, one of them a single linear node that nothing else reads and that is no
+        output of the graph: the add's other input becomes the linear's residual;
+      - a `gate` whose gate and x are the two members of a group of two (in that order, equal widths),
+        read by nothing else and no outputs of the graph.
+    """
+    g = graph.g
+    forms = fold_forms(graph)
+    outputs = set(graph.outputs.values())
+    readers: dict[str, list[str]] = {}
+    for n in graph.blocks():
+        for s in g.nodes[n]["inputs"]:
+            readers.setdefault(s, []).append(n)
+    grouped = {m: grp for grp in groups for m in grp.members}
+    units = {n: g.nodes[n]["inputs"][0] for n in linear_forms(graph) if n not in grouped}
+    units.update({grp.members[0]: grp.source for grp in groups})
+
+    def norm_of(unit: str) -> Optional[str]:
+        src = units[unit]
+        form = forms.get(src)
+        return src if form is not None and form.kind == "rms_norm" and len(g.nodes[src]["inputs"]) == 1 else None
+
+    def alone(n: str, reader: str) -> bool:
+        return readers.get(n) == [reader] and n not in outputs
+
+    claimed: dict[str, Fold] = {}
+    for n, form in forms.items():
+        ins = g.nodes[n]["inputs"]
+        if form.kind == "add" and len(ins) == 2:
+            for lin, other in ((ins[1], ins[0]), (ins[0], ins[1])):
+                if lin in units and lin not in grouped and lin != other and alone(lin, n) and lin not in claimed:
+                    claimed[lin] = Fold(lin, n, norm_of(lin), residual=other)
+                    break
+        elif form.kind == "gate" and len(ins) == 2:
+            grp = grouped.get(ins[0])
+            if (grp is not None and grp.members == tuple(ins) and grp.widths[0] == grp.widths[1]
+                    and all(alone(m, n) for m in ins) and grp.members[0] not in claimed):
+                claimed[grp.members[0]] = Fold(grp.members[0], n, norm_of(grp.members[0]), pair=form.act)
+    folds = []
+    for unit in units:
+        if unit in claimed:
+            folds.append(claimed[unit])
+        elif norm_of(unit) is not None:
+            folds.append(Fold(unit, unit, norm_of(unit)))
+    order = {n: i for i, n in enumerate(graph.blocks())}
+    return sorted(folds, key=lambda f: order[f.unit])
+
+
 class FusedLinear(nn.Module):
     """One `FusionGroup` as one matmul: `x -> [y_1, ..., y_n]`, the members' outputs in order.
 
@@ -189,8 +272,12 @@ class FusedLinear(nn.Module):
         return [("weight", form.weight)] + ([("bias", form.bias)] if form.bias is not None else [])
 
     def __call__(self, x: mx.array) -> list[mx.array]:
-        return dispatch("linear")(x, self.weight, self.bias if "bias" in self else None,
-                                  [stop for _, stop in self.group.bounds[:-1]], self.group.softcap)
+        return dispatch("linear")(x, *self.linear_args())
+
+    def linear_args(self) -> tuple:
+        """(weight, bias, splits, caps): the `linear` kernel's arguments after x."""
+        return (self.weight, self.bias if "bias" in self else None, [stop for _, stop in self.group.bounds[:-1]],
+                self.group.softcap)
 
     # ------------------------------------------------------------------ the members' names
     def named_parameters(self) -> dict[str, mx.array]:

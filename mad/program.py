@@ -23,6 +23,11 @@ optimizers) reads and updates.
 positionwise nodes that feed only the outputs (a language model's final norm and head, the last block's
 feed-forward) then run on that position alone.
 
+With fusion on, a linear also does the elementwise work next to it in its own kernel where a device
+kernel takes the call (decode-sized calls on a GPU): the RMS norm it reads, the residual add or the gated
+activation it feeds (`mad.passes.find_folds`, kernels/fold.py; `MAD_FOLD=0` turns it off). Everywhere
+else the nodes run as they are.
+
 `quantize(config)` swaps the projections, the head and the embeddings for MLX-quantized modules
 (`mad.quantize`), after the program is built and before weights are loaded; the fusion pass then groups
 only siblings quantized alike.
@@ -46,7 +51,7 @@ from .block import TensorType
 from .dims import Sym, shape_str
 from .errors import Diagnostics, MadError
 from .graph import Graph, check_state
-from .passes import FusionGroup, find_sibling_linears
+from .passes import Fold, FusionGroup, find_folds, find_sibling_linears
 from .quantize import fused_linear, quantized_modules
 
 Mode = Literal["auto", "step", "chunkwise", "parallel"]
@@ -91,6 +96,15 @@ def fuse_enabled(fuse: FuseMode) -> bool:
     if isinstance(fuse, bool):
         return fuse
     raise MadError(f"fuse must be True, False or 'auto', got {fuse!r}")
+
+
+def fold_enabled() -> bool:
+    """Whether linears fold their neighbours' elementwise work (`MAD_FOLD=0` turns it off; on by default,
+    with fusion, in a program compiled whole)."""
+    env = os.environ.get("MAD_FOLD", "")
+    if env not in ("", "0", "1"):
+        raise MadError(f"MAD_FOLD must be 0 or 1, got '{env}'")
+    return env != "0"
 
 
 @dataclass
@@ -146,6 +160,7 @@ class Program:
         self._fuse_env = os.environ.get("MAD_FUSE") or None  # shown in the plan when it decided
         self._by_stage = compile == "stage"
         self.fusion_groups: list[FusionGroup] = find_sibling_linears(graph, by_stage=self._by_stage)
+        self._fold_on = fold_enabled()  # read once: a program folds (or not) for its whole life
         self.quantization: Optional[dict] = None  # the config `quantize` applied (mad.quantize)
         # every node's module, built in execution order whether fused or not (so a fused and an unfused
         # program built from the same random seed start from the same weights)
@@ -197,6 +212,12 @@ class Program:
         self._compiled: dict[Any, Callable] = {}
         self.traces: list[tuple[tuple[int, ...], bool]] = []  # (first input's shape, last_only) per whole-program trace
         self.tail = self._last_only_nodes(active)
+        # folds need the whole program's values at hand (not a stage's) and a module that gives its arguments
+        folds = find_folds(self.graph, active) if self.fused and not self._by_stage and self._fold_on else []
+        self.folds: list[Fold] = [f for f in folds if hasattr(self._unit(f.unit), "linear_args")]
+        self._fold_at = {f.node: f for f in self.folds}
+        self._fold_forms = {f.norm: self.graph.g.nodes[f.norm]["spec"].fold_form(
+            self.graph.g.nodes[self.reads[f.norm][0]]["type"]) for f in self.folds if f.norm is not None}
 
     def modules(self) -> dict[str, Callable]:
         """Every node's module (or function, for nodes without weights), by node, in execution order."""
@@ -279,6 +300,7 @@ class Program:
             "outputs": self.graph.outputs,
             "fuse": {"setting": self.fuse, "MAD_FUSE": self._fuse_env, "enabled": self.fused,
                      "groups": [grp.describe() for grp in self.fusion_groups]},
+            "folds": [f.describe() for f in self.folds],
             "quantization": self.quantization,
         }
 
@@ -417,14 +439,49 @@ class Program:
         for n in nodes:
             group = self._group_of.get(n)
             if group is not None:  # a fused group runs at its first member and yields every member's output
-                if n == group.members[0]:
-                    env.update(zip(group.members, self._fused[n](self._read(env, group.source, n, last_only))))
-                continue
-            xs = [self._read(env, s, n, last_only) for s in self.reads[n]]
-            if n in self.stateful:
-                env[n], new_state[n] = self.fns[n](*xs, state=None if mode == "parallel" else state[n], mode=mode)
+                if n != group.members[0]:
+                    continue
+                env.update(zip(group.members, self._fused[n](self._read(env, group.source, n, last_only))))
             else:
-                env[n] = self.fns[n](*xs)
+                xs = [self._read(env, s, n, last_only) for s in self.reads[n]]
+                if n in self.stateful:
+                    env[n], new_state[n] = self.fns[n](*xs, state=None if mode == "parallel" else state[n], mode=mode)
+                else:
+                    env[n] = self.fns[n](*xs)
+            if n in self._fold_at:
+                self._fold(self._fold_at[n], env, last_only)
+
+    def _unit(self, unit: str) -> Any:
+        """The module of a fold's linear unit: its group's fused module, or its own."""
+        return self._fused[unit] if unit in self._fused else self.fns[unit]
+
+    def _fold(self, f: Fold, env: dict, last_only: bool) -> None:
+        """Replace the value(s) fold `f` produces by its folded kernel's where one takes the call
+        (kernels/fold.py `apply`; MLX drops the unfolded nodes no output reads then)."""
+        from .kernels.fold import apply  # here: importing MAD loads no kernel module (kernels/registry.py)
+
+        group = self._group_of.get(f.unit)
+        raw = self.reads[f.norm][0] if f.norm is not None else group.source if group else self.reads[f.unit][0]
+        if raw not in env or (f.residual is not None and f.residual not in env):
+            return  # a part of the program run alone (`profile`): the nodes as they are
+        norm = None
+        if f.norm is not None:
+            form = self._fold_forms[f.norm]
+            x = self._read(env, raw, f.norm, last_only)
+            norm = (self.fns[f.norm][form.weight], form.eps)
+        else:
+            x = self._read(env, raw, f.unit, last_only)
+        if f.node == f.unit:
+            members = group.members if group else (f.unit,)
+            value = [env[m] for m in members]
+            out = apply(value, x, *self._unit(f.unit).linear_args(), norm=norm)
+            if all(a.shape == b.shape for a, b in zip(out, value)):
+                env.update(zip(members, out))
+        else:
+            residual = self._read(env, f.residual, f.node, last_only) if f.residual is not None else None
+            out = apply(env[f.node], x, *self._unit(f.unit).linear_args(), norm=norm, pair=f.pair, residual=residual)
+            if out.shape == env[f.node].shape:
+                env[f.node] = out
 
     def _stage_fn(self, stage: Stage, mode: str, last_only: bool, inputs: dict, state: dict) -> tuple[dict, dict]:
         env, new_state = dict(inputs), {}

@@ -139,6 +139,13 @@ def quantized_linear(x: mx.array, w: mx.array, scales: mx.array, biases: Optiona
     return dispatch("quantized_linear")(x, packed, bias, splits, caps)
 
 
+def packed_matrix(module: nn.Module, q: QuantSettings) -> Any:
+    """The `kernels.qlinear.QuantizedMatrix` of a quantized module's arrays."""
+    from .kernels.qlinear import QuantizedMatrix  # here: importing MAD loads no kernel module (kernels/registry.py)
+
+    return QuantizedMatrix(*_arrays(module), q.group_size, q.bits, q.mode)
+
+
 def _arrays(module: nn.Module) -> tuple[mx.array, mx.array, Optional[mx.array]]:
     """(packed weight, scales, biases or None) of a quantized module."""
     return module["weight"], module["scales"], module["biases"] if "biases" in module else None
@@ -192,9 +199,12 @@ class QuantizedLinear(nn.Module):
         self._tied = lambda: source  # a function, not a child module: the weights stay the source's
 
     def __call__(self, x: mx.array) -> mx.array:
+        return dispatch("quantized_linear")(x, *self.linear_args())[0]
+
+    def linear_args(self) -> tuple:
+        """(packed matrix, bias, splits, caps): the `quantized_linear` kernel's arguments after x."""
         source = self._tied() if self._tied is not None else self
-        return quantized_linear(x, *_arrays(source), self.q, self["bias"] if "bias" in self else None, (),
-                                (self._cap,))[0]
+        return packed_matrix(source, self.q), self["bias"] if "bias" in self else None, (), (self._cap,)
 
 
 class QuantizedFusedLinear(nn.Module):
@@ -228,8 +238,12 @@ class QuantizedFusedLinear(nn.Module):
         return [(a, a) for a in self.row_attrs() if a != "bias" or form.bias is not None]
 
     def __call__(self, x: mx.array) -> list[mx.array]:
-        return quantized_linear(x, *_arrays(self), self.group.quant, self["bias"] if "bias" in self else None,
-                                [stop for _, stop in self.group.bounds[:-1]], self.group.softcap)
+        return dispatch("quantized_linear")(x, *self.linear_args())
+
+    def linear_args(self) -> tuple:
+        """(packed matrix, bias, splits, caps): the `quantized_linear` kernel's arguments after x."""
+        return (packed_matrix(self, self.group.quant), self["bias"] if "bias" in self else None,
+                [stop for _, stop in self.group.bounds[:-1]], self.group.softcap)
 
 
 # ----------------------------------------------------------------------------------------- what is quantized

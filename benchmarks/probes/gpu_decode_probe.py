@@ -4,13 +4,14 @@ Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 s
   mad            the MAD-built model, a compiled step, evaluated every step
   mad-async      the same, double-buffered as in `mad bench` (the next step queued before reading)
   mad-call       host time of one call alone (graph replay, no evaluation)
+  mad-eval       `mx.eval` of a step whose graph was built beforehand (host dispatch + device, no build)
   matmuls        only the weight matmuls of the 7B step (same shapes, same count), compiled: the
                  bandwidth floor plus launch gaps, without anything else
   bytes-floor    weight bytes (+ float32 state read and written) / measured copy bandwidth
 Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU machine:
 
     python benchmarks/probes/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
-        [--compare-fuse]
+        [--compare-fuse | --compare-fold] [--bits 4]   # --bits: quantized as bench_quant.py does (no matmuls row)
 """
 
 from __future__ import annotations
@@ -56,21 +57,35 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-def compare_fuse(args) -> None:
-    """Decode ms/step of the fused and the unfused program on the same weights, 5 interleaved rounds."""
+def compare(args, what: str) -> None:
+    """Decode ms/step of two programs on the same weights, 5 interleaved rounds: fused against unfused
+    sibling projections (`what` "fuse"), or folded against unfolded norms, residual adds and gated
+    activations (`what` "fold", `MAD_FOLD`); quantized first with `--bits`."""
+    import os
+
     from mad.model import LanguageModel
+    from mad.quantize import quantize_model
 
     models = {}
-    for fuse in (True, False):
-        program = mad.build(args.topology, args.overrides, dtype="bfloat16", fuse=fuse)
+    for on in (True, False):
+        os.environ["MAD_FOLD"] = "1" if on or what != "fold" else "0"
+        program = mad.build(args.topology, args.overrides, dtype="bfloat16", fuse=on if what == "fuse" else True)
         if models:
             program.load_weights(next(iter(models.values())).program.parameters())
         mx.eval(program.parameters())
-        models["fused" if fuse else "unfused"] = LanguageModel(program)
+        models[f"{what}ed" if on else f"un{what}ed"] = LanguageModel(program)
+    os.environ.pop("MAD_FOLD")
+    for model in models.values() if args.bits else ():
+        quantize_model(model, bits=args.bits, group_size=64)  # the same float weights, quantized alike
+        for w in model.program.parameters().values():
+            mx.eval(w)
+        mx.clear_cache()
     B = args.batch
     tokens = mx.random.randint(0, 1000, (B, 16)).astype(mx.int32)
     states = {k: m(tokens)[1] for k, m in models.items()}
     token = mx.random.randint(0, 1000, (B, 1)).astype(mx.int32)
+    first, second = (m(token, states[k], check_tokens=False)[0] for k, m in models.items())
+    agree = float(mx.max(mx.abs(first.astype(mx.float32) - second.astype(mx.float32))))
 
     times = {k: [] for k in models}
     for k in models:
@@ -78,7 +93,8 @@ def compare_fuse(args) -> None:
     for _ in range(5):
         for k in models:
             times[k].append(decode_ms(models[k], token, states[k], args.steps))
-    print(json.dumps({"batch": B, **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
+    print(json.dumps({"batch": B, "bits": args.bits, "overrides": args.overrides, "max_abs_logit_diff": agree,
+                      **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
                       **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
 
 
@@ -90,15 +106,24 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--json")
+    ap.add_argument("--bits", type=int, default=None, help="quantize the projections and head (affine, group 64)")
     ap.add_argument("--compare-fuse", action="store_true",
                     help="only time fused vs unfused decode (same weights), interleaved")
+    ap.add_argument("--compare-fold", action="store_true",
+                    help="only time folded vs unfolded decode (same weights, MAD_FOLD), interleaved")
     args = ap.parse_args()
     set_policy(args.kernels)
-    if args.compare_fuse:
-        return compare_fuse(args)
+    if args.compare_fuse or args.compare_fold:
+        return compare(args, "fuse" if args.compare_fuse else "fold")
 
     model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
     program = model.program
+    if args.bits:
+        from mad.quantize import quantize_model
+        quantize_model(model, bits=args.bits, group_size=64)
+        for w in program.parameters().values():
+            mx.eval(w)
+        mx.clear_cache()
     B = args.batch
     tokens = mx.random.randint(0, model.vocab_size, (B, 16)).astype(mx.int32)
     _, state = model(tokens)
@@ -118,11 +143,18 @@ def main() -> None:
     out["mad-async"] = statistics.median(decode_ms(model, token, state, args.steps) for _ in range(3))
     out["mad-call"] = median_ms(lambda: model(token, state, check_tokens=False), args.steps)
     mx.eval(state)
+    evals = []
+    for _ in range(args.steps):
+        built = model(token, state, check_tokens=False)
+        start = time.perf_counter()
+        mx.eval(built)
+        evals.append(time.perf_counter() - start)
+    out["mad-eval"] = 1e3 * statistics.median(evals)
 
     # the weight matmuls alone: every 2-D weight of the program once, as x @ W^T, chained so that
     # each waits for the one before (as in the model)
     weights = [w for k, w in program.parameters().items() if w.ndim == 2 and "embeddings" not in k]
-    weight_bytes = sum(w.nbytes for w in weights)
+    weight_bytes = sum(w.nbytes for k, w in program.parameters().items() if "embeddings" not in k)
     xs = {d: mx.random.normal((B, d)).astype(mx.bfloat16) for d in {w.shape[1] for w in weights}}
 
     def matmuls(xs, ws):
@@ -132,9 +164,10 @@ def main() -> None:
             acc = acc + (x @ w.T)[:, :1].astype(mx.float32)
         return acc
 
-    mm = mx.compile(lambda xs: matmuls(xs, weights))
-    mx.eval(mm(xs))
-    out["matmuls"] = median_ms(lambda: mx.eval(mm(xs)), args.steps)
+    if not args.bits:
+        mm = mx.compile(lambda xs: matmuls(xs, weights))
+        mx.eval(mm(xs))
+        out["matmuls"] = median_ms(lambda: mx.eval(mm(xs)), args.steps)
 
     bw = copy_bandwidth()
     state_bytes = sum(a.nbytes for n in state.values() for a in n.values())
@@ -143,7 +176,7 @@ def main() -> None:
     out["state_GB"] = state_bytes / 1e9
     out["copy_TBps"] = bw / 1e12
     out["tokens_per_s_async"] = 1e3 * B / out["mad-async"]
-    print(json.dumps({"batch": B, "overrides": args.overrides, "kernels": args.kernels, **out}, indent=1))
+    print(json.dumps({"batch": B, "bits": args.bits, "overrides": args.overrides, "kernels": args.kernels, **out}, indent=1))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)

@@ -1,0 +1,92 @@
+"""A linear layer with its neighbours' elementwise work folded in: one kernel where decode ran two or three.
+
+    folded_linear(x, weight, bias, splits, caps, norm=None, pair=None, residual=None)
+
+At decode every weight is read once per token, and the small operations around each product (the RMS norm
+before it, the residual add or the gated activation after it) cost a launch each, about as long as a
+product of a few million weights. `mad.passes.find_folds` finds where such an operation sits next to a
+`linear` node (or a fused group of them), and the Program hands the ingredients to `apply`:
+
+  x          the linear's input, or the norm's input when `norm` is given
+  weight     W [N, K], float, or a `kernels.qlinear.QuantizedMatrix`; `bias`, `splits`, `caps` as for
+             the `linear` kernel (kernels/linear.py)
+  norm       (g, eps): the linear reads rms_norm(x, g, eps) = x * rsqrt(mean(x^2) + eps) * g
+  pair       an activation name: W holds two parts of equal width (splits == [N / 2]) and the result is
+             act(part 0) * part 1 (a gated feed-forward's gate and up projections, fused)
+  residual   r: the result is r + (the single part, or the pair's product)
+
+Without `pair` and `residual` the result is the list of parts (as `linear` returns it), otherwise one
+array. `folded_linear` is the reference: the unfused operations, in MLX. The device variants
+(kernels/linear_device.py, kernels/qlinear_device.py) do it in one kernel, in float32, rounded once.
+
+`apply(value, ...)` is what a Program calls, with `value`, what its unfused nodes computed: where a device
+variant takes the call it returns the variant's result (differentiable, by the reference's gradient), and
+`value` is then what no output reads (a compiled program drops it); anywhere else (the CPU, the reference
+policy, calls larger than decode) it returns `value` itself, so nothing changes there.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import mlx.core as mx
+
+from .linear import linear
+from .qlinear import QuantizedMatrix, quantized_linear
+from .registry import Unsupported, backend, get, policy, register_kernel, with_reference_gradient
+
+PAIR_ACTIVATIONS = ("sigmoid", "silu")  # what the device kernels apply to a pair's first part
+
+
+def folded_linear(x: mx.array, weight: Any, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
+                  caps: Sequence[Optional[float]] = (None,), *, norm: Optional[tuple] = None,
+                  pair: Optional[str] = None, residual: Optional[mx.array] = None) -> Any:
+    """The unfused operations (see the module docstring)."""
+    if norm is not None:
+        x = mx.fast.rms_norm(x, norm[0], norm[1])
+    if isinstance(weight, QuantizedMatrix):
+        parts = quantized_linear(x, weight, bias, splits, caps)
+    else:
+        parts = linear(x, weight, bias, splits, caps)
+    if pair is None and residual is None:
+        return parts
+    y = parts[0]
+    if pair is not None:
+        a, b = parts
+        y = (mx.sigmoid(a) if pair == "sigmoid" else a * mx.sigmoid(a)) * b
+    return y if residual is None else residual + y
+
+
+def fold_shape(x: mx.array, n: int, splits: Sequence[int], pair: Optional[str],
+               residual: Optional[mx.array]) -> Optional[int]:
+    """The result's width for a device variant, or None where the call is not one the kernels take: a
+    pair needs two parts of equal width and a known activation, a residual one part (or a pair) of r's
+    shape and x's dtype."""
+    if pair is not None:
+        if pair not in PAIR_ACTIVATIONS or len(splits) != 1 or 2 * splits[0] != n:
+            return None
+        width = n // 2
+    else:
+        width = n
+        if residual is not None and splits:
+            return None
+    if residual is not None and (residual.shape != (*x.shape[:-1], width) or residual.dtype != x.dtype):
+        return None
+    return width
+
+
+def apply(value: Any, x: mx.array, weight: Any, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
+          caps: Sequence[Optional[float]] = (None,), **fold: Any) -> Any:
+    """The device variant's result where one takes the call, else `value` (see the module docstring)."""
+    kernel = get("folded_linear")
+    chosen = backend() if policy() == "auto" else None
+    variant = kernel.variants.get(chosen) if chosen else None
+    if variant is None:
+        return value
+    try:
+        return with_reference_gradient(variant, kernel.reference, (x, weight, bias, splits, caps), fold)
+    except Unsupported:
+        return value
+
+
+register_kernel("folded_linear", folded_linear)
