@@ -36,6 +36,10 @@ MAX_ROWS = 4  # with more rows MLX's own matmul is faster (see benchmarks/RESULT
 MAX_INVARIANT_ROWS = 64  # the most rows `batch_invariant` lets the kernel take (M float32 accumulators per lane)
 _row_limit = MAX_ROWS
 WARPS = 4  # output features per block (one warp each)
+# Whether the float kernel takes a fold's norm: each of its warps (one per output feature) would read the
+# norm's weight next to x, and bf16 decode of xLSTM-7B ran 2-6% slower so (benchmarks/NOTES-gpu.md 30).
+# The quantized kernel shares those loads among R features and takes it.
+FOLD_NORM = False
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 LINEAR_BODY = """
@@ -181,6 +185,8 @@ def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = No
     """`kernels.fold.folded_linear` with the decode kernel (float weights); Unsupported otherwise."""
     if not isinstance(weight, mx.array):
         raise Unsupported("folded_linear: a quantized weight (kernels/qlinear_device.py)")
+    if norm is not None and not FOLD_NORM:
+        raise Unsupported("folded_linear: the float kernel leaves norms to their own kernel (FOLD_NORM)")
     width = fold_shape(x, weight.shape[0], splits, pair, residual)
     if width is None:
         raise Unsupported(f"folded_linear: parts {list(splits)}, pair {pair}")

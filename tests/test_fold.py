@@ -17,6 +17,7 @@ import mad
 from mad.errors import MadError
 from mad.kernels import registry
 from mad.kernels.fold import apply, folded_linear
+from mad.kernels import linear_device
 from mad.kernels.linear import linear
 from mad.kernels.qlinear import QuantizedMatrix
 from mad.passes import find_folds
@@ -196,7 +197,7 @@ CASES = [(q, M, dtype, tol) for q in (None, 4, 8) for M in (1, 3) for dtype, tol
 @needs_cuda
 @pytest.mark.parametrize("quantized,M,dtype,tol", CASES)
 @pytest.mark.parametrize("fold", ["norm", "pair", "norm+pair", "residual", "pair+residual", "norm+residual"])
-def test_kernel_matches_the_reference(quantized, M, dtype, tol, fold):
+def test_kernel_matches_the_reference(monkeypatch, quantized, M, dtype, tol, fold):
     """Rows 1 and 3, bf16 and float32 (4-/8-bit weights: x's dtype), a bias, a soft-cap on one part, K = 11
     groups of 64 (not a multiple of a warp's step), widths not a multiple of the warps per block."""
     K, width = 64 * 11, 37
@@ -212,6 +213,7 @@ def test_kernel_matches_the_reference(quantized, M, dtype, tol, fold):
         kw["residual"] = rand((M, 1, width), 40, dtype=dtype)
     want = _float32_reference(x, weight, bias, splits, caps, **kw)
     value = object()
+    monkeypatch.setattr(linear_device, "FOLD_NORM", True)  # off by default (speed), held to the reference all the same
     got = apply(value, x, weight, bias, splits, caps, **kw)
     assert got is not value, "no kernel took the call"
     if isinstance(want, list):
@@ -222,10 +224,12 @@ def test_kernel_matches_the_reference(quantized, M, dtype, tol, fold):
 
 @needs_cuda
 def test_kernel_declines_what_it_does_not_handle():
-    """More rows than the decode kernels take, or a pair of unequal parts: `apply` returns the value."""
+    """More rows than the decode kernels take, a norm for the float kernel (FOLD_NORM), or a pair of unequal
+    parts: `apply` returns the value."""
     w = rand((32, 64), 0, 0.1, mx.bfloat16)
     value = object()
     assert apply(value, rand((64, 64), 1, dtype=mx.bfloat16), w) is value
+    assert apply(value, rand((1, 64), 1, dtype=mx.bfloat16), w, norm=(rand((64,), 2, dtype=mx.bfloat16), 1e-6)) is value
     assert apply(value, rand((1, 64), 1, dtype=mx.bfloat16), w, None, [10], (None, None), pair="silu") is value
 
 
