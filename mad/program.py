@@ -200,6 +200,8 @@ class Program:
                 for m, form, (start, stop) in zip(grp.members, grp.forms, grp.bounds)
                 for attr, name in fl.member_params(form)]
         self._synced: dict[str, tuple] = {}
+        self._watch: dict[str, list] = {}
+        self._watched: Optional[list] = None
         for first in self._fused:
             self._point_members(first)
         # what the compiled functions read: every module but the fused members' (whose arrays reach them
@@ -341,11 +343,20 @@ class Program:
             self._set(module, path, fl[attr][start:stop])
         self._synced[first] = (tuple(fl[a] for a in self._attrs[first]),
                                tuple(self._get(m, p) for m, p, *_ in self._slots[first]))
+        # (owner, key, the array there now) of every array the group's sync reads: one flat identity check
+        # per call tells that nothing was replaced
+        owners = [(self._get(m, p[:-1]), p[-1]) for m, p, *_ in self._slots[first]]
+        self._watch[first] = [(fl, a, fl[a]) for a in self._attrs[first]] + [(o, k, o[k]) for o, k in owners]
+        self._watched = None
 
     def _sync_fused(self) -> None:
         """Rebuild each group's concatenation from its members' arrays where any was replaced since the
         last sync (an identity check, cheap enough for every call), then point the members at its rows.
         Where only the concatenation was replaced (`FusedLinear.load`), the members follow it."""
+        if self._watched is None:
+            self._watched = [w for ws in self._watch.values() for w in ws]
+        if all(owner[key] is a for owner, key, a in self._watched):
+            return
         for first, fl in self._fused.items():
             concatenations, synced = self._synced[first]
             slots = self._slots[first]
