@@ -1,13 +1,13 @@
-"""The CPU backend: which BLAS MLX's CPU matrix products call.
+"""The CPU backend: which BLAS MLX's CPU matrix products call, how large blocks are allocated, and the
+streams that large elementwise work is split over.
 
-A backend module holds what differs per execution backend (as tinygrad's runtime/ops_*.py); this one
-holds the CPU's only difference, the BLAS. The Linux `mlx[cpu]` wheel carries the reference
-(unoptimised) BLAS, many times slower than an optimised one (see benchmarks/RESULTS.md). MLX's CPU
-matmul is a call to `cblas_sgemm` (its linear algebra calls LAPACK's `sgetrf_` and the like), which the
-dynamic linker resolves when `mlx.core` is imported (Python loads extension modules with `RTLD_NOW`). A
-library loaded with `RTLD_GLOBAL` before that sits in the process's global symbol scope, which the linker
-searches before `libmlx.so`'s own dependencies, so MLX's calls go to it; MLX itself is unchanged, and the
-products stay float32 BLAS products.
+A backend module holds what differs per execution backend (as tinygrad's runtime/ops_*.py). The Linux
+`mlx[cpu]` wheel carries the reference (unoptimised) BLAS, many times slower than an optimised one (see
+benchmarks/RESULTS.md). MLX's CPU matmul is a call to `cblas_sgemm` (its linear algebra calls LAPACK's
+`sgetrf_` and the like), which the dynamic linker resolves when `mlx.core` is imported (Python loads
+extension modules with `RTLD_NOW`). A library loaded with `RTLD_GLOBAL` before that sits in the process's
+global symbol scope, which the linker searches before `libmlx.so`'s own dependencies, so MLX's calls go to
+it; MLX itself is unchanged, and the products stay float32 BLAS products.
 
 `select_blas()` runs when `mad` is imported, so `import mad` must come before `import mlx.core`: when MLX
 is already loaded, it warns that the fast BLAS could not be used. What it loads is chosen by the
@@ -26,7 +26,11 @@ CUDA.
 In a process that also runs PyTorch, PyTorch's work slows once MKL has run (benchmarks/probes/probe_mkl_torch.py;
 see benchmarks/RESULTS.md): such programs may prefer `MAD_BLAS=mlx`.
 
-This module must not import MLX: it runs before `mlx.core` is loaded.
+`reuse_large_blocks()` (called by `mad.train` on the CPU) sets glibc's malloc so that large freed blocks
+are reused, not handed back to the kernel: see its docstring. `parallel_streams()` gives the CPU streams
+that large elementwise work is split over (MLX's CPU runs an elementwise kernel on one core).
+
+This module must not import MLX when it is imported: it runs before `mlx.core` is loaded.
 """
 
 from __future__ import annotations
@@ -38,10 +42,17 @@ import warnings
 from importlib import metadata
 from typing import Optional
 
-__all__ = ["BLAS", "ENV", "select_blas"]
+__all__ = ["BLAS", "ENV", "MALLOC_ENV", "LARGE_BLOCK", "STREAMS", "parallel_streams", "reuse_large_blocks",
+           "select_blas"]
 
 BLAS: Optional[str] = None
 ENV = "MAD_BLAS"
+MALLOC_ENV = "MAD_MALLOC"
+LARGE_BLOCK = 1 << 30  # blocks up to this size come from the heap; as much freed memory stays at its top
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+_MALLOC = {"done": False}
+STREAMS = min(os.cpu_count() or 1, 4)  # CPU streams that large elementwise work is split over
+_EXTRA_STREAMS: list = []
 
 
 def _mkl_rt() -> Optional[str]:
@@ -84,3 +95,50 @@ def select_blas() -> Optional[str]:
         return None
     BLAS = path
     return path
+
+
+def reuse_large_blocks() -> bool:
+    """Let glibc's malloc reuse large freed blocks (up to `LARGE_BLOCK`) instead of returning them to the
+    kernel; True if set (now or before).
+
+    MLX's CPU arrays are `malloc` blocks. glibc serves a block above its mmap threshold (128 KiB, raised
+    as such blocks are freed, to 32 MiB at most) with a fresh `mmap` and unmaps it on `free`, so each
+    array of that size is faulted in and zeroed page by page by the kernel every time: a CPU training step
+    allocates and frees the same large arrays every step (xlstm-125m at batch 2 x 256: 103 MB logits and
+    their gradients, 154 MB weight gradients and AdamW outputs), and the kernel's page handling took about
+    a fifth of benchmarks/bench_train.py's step (perf). With the mmap threshold and the trim threshold at
+    `LARGE_BLOCK`, such blocks come from the heap and are reused there. The cost: the process keeps freed
+    memory (up to `LARGE_BLOCK` at the heap's top, and freed blocks inside it) instead of returning it
+    (xlstm-125m's step: peak RSS 3.7 GB instead of 3.5), so this is set for training, not at import.
+    Nothing is set elsewhere than glibc, when `MAD_MALLOC=default`, or when the environment sets either
+    threshold (`MALLOC_MMAP_THRESHOLD_`, `MALLOC_TRIM_THRESHOLD_`, or their `GLIBC_TUNABLES`): the user's
+    settings stand."""
+    if _MALLOC["done"]:
+        return True
+    if not sys.platform.startswith("linux") or os.environ.get(MALLOC_ENV, "").strip().lower() == "default":
+        return False
+    tunables = os.environ.get("GLIBC_TUNABLES", "")
+    if any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables
+           for name in ("mmap_threshold", "trim_threshold")):
+        return False
+    try:
+        mallopt = ctypes.CDLL("libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False  # not glibc (musl has no mallopt tuning of this kind)
+    mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
+    _MALLOC["done"] = bool(mallopt(_M_MMAP_THRESHOLD, LARGE_BLOCK)) and bool(mallopt(_M_TRIM_THRESHOLD, LARGE_BLOCK))
+    return _MALLOC["done"]
+
+
+def parallel_streams() -> list:
+    """The current CPU stream and `STREAMS - 1` others (made once, as each is a thread of MLX's).
+
+    MLX's CPU runs an elementwise kernel on one core, and the kernels of different streams at once, each
+    stream on a thread of its own: large elementwise work that falls into independent parts (the AdamW
+    update of each weight) runs on several cores this way.
+    Imports MLX: call it once `mlx.core` is loaded."""
+    import mlx.core as mx
+
+    while len(_EXTRA_STREAMS) < STREAMS - 1:
+        _EXTRA_STREAMS.append(mx.new_stream(mx.cpu))
+    return [mx.default_stream(mx.cpu), *_EXTRA_STREAMS[:max(STREAMS - 1, 0)]]

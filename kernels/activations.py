@@ -91,8 +91,7 @@ def _float32(*xs: mx.array) -> None:
             raise Unsupported(f"the CPU variant computes in float32, got {x.dtype}")
 
 
-def exp_cpu(x: mx.array) -> mx.array:
-    _float32(x)
+def _exp_cpu(x: mx.array) -> mx.array:
     return exp_poly(x)
 
 
@@ -102,35 +101,79 @@ def _one_plus_exp_neg(g: mx.array) -> mx.array:
     return (1.0 + pow2) + s * pow2
 
 
-def sigmoid_cpu(x: mx.array) -> mx.array:
-    _float32(x)
+def _sigmoid_cpu(x: mx.array) -> mx.array:
     return 1.0 / _one_plus_exp_neg(x)
 
 
-def silu_cpu(x: mx.array) -> mx.array:
-    _float32(x)
+def _silu_cpu(x: mx.array) -> mx.array:
     return x / _one_plus_exp_neg(x)
 
 
-def sigmoid_mul_cpu(g: mx.array, x: mx.array) -> mx.array:
-    """sigmoid(g) * x."""
-    _float32(g, x)
+def _sigmoid_mul_cpu(g: mx.array, x: mx.array) -> mx.array:
     return x / _one_plus_exp_neg(g)
 
 
-def silu_mul_cpu(g: mx.array, x: mx.array) -> mx.array:
-    """silu(g) * x."""
-    _float32(g, x)
+def _silu_mul_cpu(g: mx.array, x: mx.array) -> mx.array:
     return g * x / _one_plus_exp_neg(g)
 
 
+# The VJPs: the references' (MLX's Exp and Sigmoid VJPs, the product rule of x * sigmoid(x) and of the
+# gates' products) in the same order of operations, with sigmoid(g) as 1 / (1 + exp(-g)) from the arithmetic
+# exp (recomputed: the forward keeps no second array) or the kernel's own output. The reference's VJP (the
+# registry's default) would run the reference's forward again in the backward: MLX's CPU exp.
+def _exp_vjp(primals, cotangent, y):
+    return cotangent * y
+
+
+def _sigmoid_vjp(primals, cotangent, s):
+    return cotangent * (s * (1.0 - s))
+
+
+def _silu_vjp(x, cotangent, y):
+    s = 1.0 / _one_plus_exp_neg(x)
+    return cotangent * s + (cotangent * x) * (s * (1.0 - s))
+
+
+def _sigmoid_mul_vjp(primals, cotangent, y):
+    g, x = primals
+    s = 1.0 / _one_plus_exp_neg(g)
+    return (cotangent * x) * (s * (1.0 - s)), cotangent * s
+
+
+def _silu_mul_vjp(primals, cotangent, y):
+    g, x = primals
+    s = 1.0 / _one_plus_exp_neg(g)
+    cx = cotangent * x
+    return cx * s + (cx * g) * (s * (1.0 - s)), cotangent * (g * s)
+
+
+def _cpu_kernel(forward, vjp, doc: str):
+    """`forward` as a differentiable float32 kernel with `vjp` (other dtypes: `Unsupported`)."""
+    fn = mx.custom_function(forward)
+    fn.vjp(vjp)
+
+    def kernel(*xs: mx.array) -> mx.array:
+        _float32(*xs)
+        return fn(*xs)
+
+    kernel.__name__, kernel.__doc__ = forward.__name__.lstrip("_"), doc
+    return kernel
+
+
+exp_cpu = _cpu_kernel(_exp_cpu, _exp_vjp, "exp(x) (see `exp_parts`).")
+sigmoid_cpu = _cpu_kernel(_sigmoid_cpu, _sigmoid_vjp, "sigmoid(x) = 1 / (1 + exp(-x)).")
+silu_cpu = _cpu_kernel(_silu_cpu, _silu_vjp, "silu(x) = x / (1 + exp(-x)).")
+sigmoid_mul_cpu = _cpu_kernel(_sigmoid_mul_cpu, _sigmoid_mul_vjp, "sigmoid(g) * x.")
+silu_mul_cpu = _cpu_kernel(_silu_mul_cpu, _silu_mul_vjp, "silu(g) * x.")
+
+
 register_kernel("exp", mx.exp)
-register_variant("exp", "cpu", exp_cpu)
+register_variant("exp", "cpu", exp_cpu, own_gradient=True)
 register_kernel("sigmoid", mx.sigmoid)
-register_variant("sigmoid", "cpu", sigmoid_cpu)
+register_variant("sigmoid", "cpu", sigmoid_cpu, own_gradient=True)
 register_kernel("silu", nn.silu)
-register_variant("silu", "cpu", silu_cpu)
+register_variant("silu", "cpu", silu_cpu, own_gradient=True)
 register_kernel("sigmoid_mul", lambda g, x: mx.sigmoid(g) * x)
-register_variant("sigmoid_mul", "cpu", sigmoid_mul_cpu)
+register_variant("sigmoid_mul", "cpu", sigmoid_mul_cpu, own_gradient=True)
 register_kernel("silu_mul", lambda g, x: nn.silu(g) * x)
-register_variant("silu_mul", "cpu", silu_mul_cpu)
+register_variant("silu_mul", "cpu", silu_mul_cpu, own_gradient=True)

@@ -12,7 +12,15 @@ The CPU variant computes each part of a multi-token call as a product of its own
 for that part, a view): the same products as the unfused layers, and contiguous outputs. Split
 columns of one product are strided arrays, for which MLX's CPU kernels run a loop with run-time
 strides that the compiler does not vectorise, so the elementwise work that follows (a feed-forward's
-SiLU gate) runs slower on them (see benchmarks/RESULTS.md, `python benchmarks/cpu_parts.py`). A single row (decode) keeps the one product.
+SiLU gate) runs slower on them (see benchmarks/RESULTS.md, `python benchmarks/cpu_parts.py`). A single
+row (decode) keeps the one product.
+
+The CPU variant carries its own gradient (`linear_vjp`), the reference's math laid out for training on the
+CPU: the parts' cotangents joined into one dY, then dX = dY W and dW = dY^T X as one product each (dW
+comes out contiguous, where autodiff of x @ w.T gives a transposed view that AdamW's fused update reads
+with run-time strides, or a copy), db = the column sums of dY, and a soft-capped part's derivative
+1 - t^2 with t = y / cap from its output y (MLX's tanh VJP computes cosh, a second transcendental over
+every element: all-position logits in training).
 """
 
 from __future__ import annotations
@@ -48,16 +56,57 @@ def linear(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Se
     return [softcap(p, c) if c else p for p, c in zip(split_parts(y, splits), caps)]
 
 
+def _products(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence[int]) -> list[mx.array]:
+    """The parts of x @ w.T + bias before their caps: one product per part when x has more than one row."""
+    if not splits or x.size == x.shape[-1]:
+        return split_parts(x @ w.T if bias is None else mx.addmm(bias, x, w.T), splits)
+    bounds = list(zip((0, *splits), (*splits, w.shape[0])))
+    return [x @ w[a:b].T if bias is None else mx.addmm(bias[a:b], x, w[a:b].T) for a, b in bounds]
+
+
+def _listed(xs) -> list[mx.array]:
+    return list(xs) if isinstance(xs, (list, tuple)) else [xs]
+
+
+def _uncapped(g: mx.array, y: mx.array, cap: Optional[float]) -> mx.array:
+    """The cotangent of a part before its soft-cap, from the cotangent g of its output y: g (1 - t^2) with
+    tanh's value t = y / cap."""
+    if not cap:
+        return g
+    t = y / cap
+    return g * (1.0 - t * t)
+
+
+def linear_vjp(primals: Sequence[mx.array], cotangents: Sequence[mx.array], outputs: Sequence[mx.array],
+               caps: Sequence[Optional[float]]) -> list[mx.array]:
+    """(dX, dW[, db]) of the parts of softcap(x @ w.T + b) at the parts' cotangents: see the module docstring."""
+    x, w = primals[0], primals[1]
+    dz = [_uncapped(g, y, c) for g, y, c in zip(cotangents, outputs, caps)]
+    dy = mx.concatenate(dz, axis=-1) if len(dz) > 1 else dz[0]
+    rows = dy.reshape(-1, dy.shape[-1])
+    grads = [dy @ w, rows.T @ x.reshape(-1, x.shape[-1])]
+    if len(primals) > 2:
+        grads.append(rows.sum(axis=0))
+    return grads
+
+
 def linear_cpu(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
                caps: Sequence[Optional[float]] = (None,)) -> list[mx.array]:
-    """`linear`, one product per part when x has more than one row (see the module docstring)."""
-    if not splits or x.size == x.shape[-1]:
-        return linear(x, w, bias, splits, caps)
+    """`linear`, one product per part when x has more than one row, differentiable by `linear_vjp` (see the
+    module docstring)."""
     check_parts(splits, caps)
-    bounds = list(zip((0, *splits), (*splits, w.shape[0])))
-    parts = [x @ w[a:b].T if bias is None else mx.addmm(bias[a:b], x, w[a:b].T) for a, b in bounds]
-    return [softcap(p, c) if c else p for p, c in zip(parts, caps)]
+
+    @mx.custom_function
+    def parts(*arrays: mx.array) -> list[mx.array]:
+        x, w, *b = arrays
+        return [softcap(p, c) if c else p for p, c in zip(_products(x, w, b[0] if b else None, splits), caps)]
+
+    @parts.vjp
+    def _(primals, cotangents, outputs):
+        return linear_vjp(_listed(primals), _listed(cotangents), _listed(outputs), caps)
+
+    return _listed(parts(x, w) if bias is None else parts(x, w, bias))
 
 
 register_kernel("linear", linear)
-register_variant("linear", "cpu", linear_cpu)
+register_variant("linear", "cpu", linear_cpu, own_gradient=True)

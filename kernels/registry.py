@@ -22,6 +22,10 @@ returns the function to call, chosen when a model is traced (never per step at r
 A variant may decline an input it does not support (a dtype, a too-large head) by raising
 `Unsupported`; `dispatch` then falls back to the reference for that call. The decision depends on
 shapes and dtypes only, so it is made once while tracing.
+
+Under autodiff a variant's gradient is its reference's (`with_reference_gradient`), unless the variant
+was registered with `own_gradient=True`: it is then differentiable itself (an `mx.custom_function` with a
+VJP written for it, held to the reference's gradient by tests/test_grad.py) and is called as it is.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Kernel:
     name: str
     reference: Callable
     variants: dict[str, Callable] = field(default_factory=dict)
+    own_gradient: set[str] = field(default_factory=set)  # backends whose variant carries its own VJP
 
 
 _KERNELS: dict[str, Kernel] = {}
@@ -82,12 +87,17 @@ def register_kernel(name: str, reference: Callable) -> Kernel:
     return _KERNELS[name]
 
 
-def register_variant(name: str, backend_name: str, fn: Callable) -> None:
+def register_variant(name: str, backend_name: str, fn: Callable, *, own_gradient: bool = False) -> None:
     """Register a variant of kernel `name` (built in, or registered before) for backend "cuda", "metal" or
-    "cpu"."""
+    "cpu". `own_gradient`: `fn` is differentiable as it is (its own VJP); else the reference's VJP is used."""
     if backend_name not in BACKENDS:
         raise ValueError(f"unknown backend {backend_name!r}; expected one of {BACKENDS}")
-    (_KERNELS[name] if name in _KERNELS else get(name)).variants[backend_name] = fn
+    kernel = _KERNELS[name] if name in _KERNELS else get(name)
+    kernel.variants[backend_name] = fn
+    if own_gradient:
+        kernel.own_gradient.add(backend_name)
+    else:
+        kernel.own_gradient.discard(backend_name)
 
 
 def register_device_kernel(name: str, fn: Callable) -> None:
@@ -156,9 +166,11 @@ def dispatch(name: str) -> Callable:
     if variant is None:
         return kernel.reference
 
+    own = chosen in kernel.own_gradient
+
     def run(*args, **kwargs):
         try:
-            return with_reference_gradient(variant, kernel.reference, args, kwargs)
+            return variant(*args, **kwargs) if own else with_reference_gradient(variant, kernel.reference, args, kwargs)
         except Unsupported:
             return kernel.reference(*args, **kwargs)
 

@@ -130,8 +130,55 @@ def trainable(model: Any) -> tuple[nn.Module, Callable[[mx.array], mx.array]]:
     return model, lambda x: model(x, check_tokens=False)[0]
 
 
-def make_optimizer(cfg: TrainConfig) -> optim.Optimizer:
-    return optim.AdamW(learning_rate=cfg.lr_at, weight_decay=cfg.weight_decay)
+def update_streams() -> list[mx.Stream]:
+    """The streams `AdamW` spreads an update over: `backends.cpu.parallel_streams()` on the CPU, the default
+    stream elsewhere."""
+    if mx.default_device() != mx.cpu:
+        return [mx.default_stream(mx.default_device())]
+    from .backends.cpu import parallel_streams
+
+    return parallel_streams()
+
+
+class AdamW(optim.AdamW):
+    """`optim.AdamW`, the same state and arithmetic, for the compiled step: `update(model, gradients, scale)`
+    multiplies each gradient by the clipping factor `scale` first, and the parameters' updates (each with its
+    scaling, which fuses into it) are spread by size over `update_streams()`.
+
+    MLX's CPU runs an elementwise kernel on one core, and the kernels of different streams at once, each
+    stream on a thread of its own. An update reads and writes every weight and both moments (xlstm-125m:
+    162M of each): on one core it was the longest elementwise work of a CPU training step."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self._scale: Optional[mx.array] = None
+        self._streams: list = []
+        self._load: list[int] = []
+
+    def update(self, model: nn.Module, gradients: dict, scale: Optional[mx.array] = None) -> None:
+        """`optim.AdamW.update` with every gradient multiplied by `scale` (a scalar array; None: as they are)."""
+        self._scale = scale
+        try:
+            super().update(model, gradients)
+        finally:
+            self._scale = None
+
+    def apply_gradients(self, gradients: dict, parameters: dict) -> dict:
+        self._streams = update_streams()
+        self._load = [0] * len(self._streams)
+        return super().apply_gradients(gradients, parameters)
+
+    def apply_single(self, gradient: mx.array, parameter: mx.array, state: dict) -> mx.array:
+        i = self._load.index(min(self._load))  # the least loaded stream so far, in the gradients' order
+        self._load[i] += gradient.size
+        with mx.stream(self._streams[i]):
+            if self._scale is not None:
+                gradient = (gradient * self._scale).astype(gradient.dtype)
+            return super().apply_single(gradient, parameter, state)
+
+
+def make_optimizer(cfg: TrainConfig) -> AdamW:
+    return AdamW(learning_rate=cfg.lr_at, weight_decay=cfg.weight_decay)
 
 
 def next_token_loss(logits: mx.array, targets: mx.array, reduction: str = "mean") -> mx.array:
@@ -196,11 +243,16 @@ def global_norm(grads: Any) -> mx.array:
     return mx.sqrt(total)
 
 
+def clip_scale(norm: mx.array, max_norm: float) -> mx.array:
+    """`optim.clip_grad_norm`'s factor: min(max_norm / (norm + 1e-6), 1)."""
+    return mx.minimum(max_norm / (norm + 1e-6), 1.0)
+
+
 def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, mx.array]:
-    """`optim.clip_grad_norm` with `global_norm`: (the gradients scaled by min(max_norm / (norm + 1e-6), 1),
+    """`optim.clip_grad_norm` with `global_norm`: (the gradients scaled by `clip_scale`, each in its own dtype,
     the norm before scaling)."""
     norm = global_norm(grads)
-    scale = mx.minimum(max_norm / (norm + 1e-6), 1.0)
+    scale = clip_scale(norm, max_norm)
     return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
 
 
@@ -214,7 +266,9 @@ def compile_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float,
     gradient from a matrix product can come out as a transposed view, and MLX's CPU runs a fused kernel
     over a mix of layouts (the optimizer's moments are contiguous) as a loop with run-time strides that
     the compiler does not vectorise: on xlstm-125m's CPU step the AdamW update took longer than the
-    copies that avoid it (benchmarks/bench_train.py)."""
+    copies that avoid it (benchmarks/bench_train.py). MAD's `AdamW` takes the clipping factor itself, so
+    that the scaling fuses into each parameter's update on that update's stream; another optimizer gets
+    the scaled gradients."""
     value_and_grad = nn.value_and_grad(model, loss_fn)
     state = [model.state, optimizer.state]
 
@@ -222,11 +276,12 @@ def compile_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float,
     def step(*batch: mx.array) -> tuple[mx.array, mx.array]:
         loss, grads = value_and_grad(*batch)
         grads = tree_map(mx.contiguous, grads)
-        if grad_clip > 0:
-            grads, norm = clip_grad_norm(grads, grad_clip)
+        norm = global_norm(grads) if grad_clip > 0 else mx.array(0.0)
+        scale = clip_scale(norm, grad_clip) if grad_clip > 0 else None
+        if isinstance(optimizer, AdamW):
+            optimizer.update(model, grads, scale)  # the scaling fused into each parameter's update
         else:
-            norm = mx.array(0.0)
-        optimizer.update(model, grads)
+            optimizer.update(model, grads if scale is None else tree_map(lambda g: (g * scale).astype(g.dtype), grads))
         return loss, norm
 
     return step, state
@@ -236,6 +291,10 @@ class Stepper:
     """The compiled training step and the compiled held-out loss of one model and optimizer."""
 
     def __init__(self, model: Any, optimizer: optim.Optimizer, grad_clip: float):
+        if mx.default_device() == mx.cpu:
+            from .backends.cpu import reuse_large_blocks
+
+            reuse_large_blocks()  # the step's large arrays, reused from step to step
         self.module, forward = trainable(model)
         self.optimizer = optimizer
 
@@ -625,5 +684,5 @@ def _run(model, tok, cfg: TrainConfig, out: Path, data_dir: Path, meta: dict, sa
     return {"step": end, "loss": last_loss, "eval_loss": last_eval, "out": str(out)}
 
 
-__all__ = ["SCHEDULES", "TrainConfig", "Stepper", "clip_grad_norm", "global_norm", "next_token_loss", "svg_plot",
-           "train", "trainable"]
+__all__ = ["SCHEDULES", "AdamW", "TrainConfig", "Stepper", "clip_grad_norm", "clip_scale", "global_norm",
+           "next_token_loss", "svg_plot", "train", "trainable"]

@@ -1,8 +1,9 @@
 """Training what you wire: gradients through the kernels, the Program and the `LanguageModel` (an nn.Module).
 
 - Every kernel variant is differentiable: `dispatch` wraps it in an `mx.custom_function` whose VJP is the
-  reference's (kernels/registry.py), so the gradient through dispatch is the reference's gradient, and the
-  forward is the variant's, unchanged.
+  reference's (kernels/registry.py), or calls a variant registered with its own VJP (the CPU linear and
+  activations, tests/test_train_speed_parts.py) as it is; either way the gradient through dispatch is the
+  reference's gradient (to float32 rounding), and the forward is the variant's, unchanged.
 - `mad.load` gives an `nn.Module` whose parameter names are the checkpoint names, fused or not;
   `nn.value_and_grad` and `mlx.optimizers` work on it in the modes training uses, and an update reaches the
   compiled program without re-tracing it.
