@@ -10,6 +10,44 @@ import mlx.nn as nn
 
 from mad.block import Block, Cut, Dim, ShapeError, SplitHeads, TensorType, expect_float, register
 
+
+def _taps(xp: mx.array, wt: mx.array, length: int) -> mx.array:
+    """sum_j xp[:, j:j+length] * wt[j]: xp (B, L, F), wt (K, F), taps in order (the j-th tap reads the
+    j-th oldest input of the window); each tap's weight row is contiguous."""
+    y = xp[:, 0:length] * wt[0]
+    for j in range(1, wt.shape[0]):
+        y = y + xp[:, j:j + length] * wt[j]
+    return y
+
+
+@mx.custom_function
+def _conv(xp: mx.array, wt: mx.array) -> mx.array:
+    """The taps of a causal depthwise conv: xp (B, T+K-1, F) (K-1 past inputs, then the T new ones),
+    wt (K, F) -> (B, T, F), no bias."""
+    return _taps(xp, wt, xp.shape[1] - wt.shape[0] + 1)
+
+
+def _conv_vjp(primals: list, cotangent: mx.array, output: mx.array) -> tuple[mx.array, mx.array]:
+    """The gradient as a few fused multiply-adds and one column sum per tap. The cotangent of an input is
+    the same taps run backwards over the cotangent padded with K-1 zeros on each side:
+    d xp[s] = sum_j wt[j] g[s - j]. A tap's weight gradient is sum over (batch, time) of g * its input
+    window, contiguous. (Autodiff of the forward pads a full copy of xp per tap and sums over a strided
+    window: several times slower on the CPU.)"""
+    xp, wt = primals
+    g = cotangent
+    B, L, F = xp.shape
+    K = wt.shape[0]
+    T = L - K + 1
+    zeros = mx.zeros((B, K - 1, F), dtype=g.dtype)
+    gp = mx.concatenate([zeros, g, zeros], axis=1)              # (B, T + 2K - 2, F)
+    d_xp = _taps(gp, wt[::-1], L)                               # tap j of the window reads g[s - (K-1-j)]
+    d_wt = mx.stack([(g * xp[:, j:j + T]).sum(axis=(0, 1)) for j in range(K)])
+    return d_xp, d_wt
+
+
+_conv.vjp(_conv_vjp)
+
+
 class _ConvWeights(nn.Module):
     def __init__(self, dim: int, kernel: int, bias: bool):
         super().__init__()
@@ -36,9 +74,8 @@ class CausalConv1d(nn.Module):
         prev = state["x"].astype(x.dtype) if state is not None else mx.zeros((B, k - 1, F), dtype=x.dtype)
         xp = mx.concatenate([prev, x], axis=1)                         # (B, K-1+T, F)
         w = self.conv.weight[:, 0, :].astype(x.dtype)                    # (F, K)
-        y = xp[:, 0:T] * w[:, 0]
-        for j in range(1, k):
-            y = y + xp[:, j:j + T] * w[:, j]
+        # one step (decoding): plain taps; a sequence: through `_conv`, for its gradient
+        y = _taps(xp, w.T, T) if T == 1 else _conv(xp, mx.contiguous(w.T))
         if "bias" in self.conv:
             y = y + self.conv.bias
         return y, {"x": xp[:, T:].astype(mx.float32)}

@@ -21,6 +21,7 @@ The cell's math lives in `mad.kernels.mlstm` (pure MLX; device kernels are teste
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Optional
 
 import mlx.core as mx
@@ -55,8 +56,13 @@ class MLSTMCell(nn.Module):
                 cell_state, eps=self.eps, scale=self.scale)
             return h.reshape(b, 1, -1), {"C": c, "n": n, "m": m}
         gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
-        h, (c, n, m) = mlstm_sequence(self._heads(q), self._heads(k), self._heads(v), *gates, cell_state,
-                                      chunk_size=self.chunk_size, eps=self.eps, mode=mode, scale=self.scale)
+        # head-major copies made once (the scaled one by its product): every product of the cell reads
+        # them, and a product of a transposed view would copy it again
+        factor = 1.0 / math.sqrt(q.shape[-1] // self.heads)
+        qh = self._heads(q) * factor if self.scale == "q" else mx.contiguous(self._heads(q))
+        kh = self._heads(k) * factor if self.scale == "k" else mx.contiguous(self._heads(k))
+        h, (c, n, m) = mlstm_sequence(qh, kh, mx.contiguous(self._heads(v)), *gates, cell_state,
+                                      chunk_size=self.chunk_size, eps=self.eps, mode=mode, scale="none")
         b, _, t, _ = h.shape
         return h.transpose(0, 2, 1, 3).reshape(b, t, -1), {"C": c, "n": n, "m": m}
 

@@ -33,9 +33,14 @@ gives every row what it would get alone. The min(., 1) clamps only act in the ze
 Dtypes: the recurrence (R y, gates, state) runs in float32 whatever the input dtype; the output h is
 returned in the dtype of ``i``. No function syncs with the host; control flow depends on shapes only.
 
-Speed: the sequence is a loop over time of one small batched matmul (R y) and one compiled elementwise
-step (``mx.compile``). The input-side projections are done for the whole sequence before the loop, by the
-caller. On CUDA GPUs `dispatch("slstm_sequence")` runs the whole loop in one kernel launch instead
+Speed: the input-side projections are done for the whole sequence before the loop, by the caller; a step
+of the loop is one batched product R y (a product per head: few BLAS calls, as each call of a
+multithreaded BLAS costs a synchronisation), the four gates' slices of it and the compiled elementwise
+step (``mx.compile``). The loop works head-major, with the batch inside the heads: the state as
+(1, NH, B, DH), R y as (1, NH, B, 4 DH), the inputs as (T, 4, NH, B, DH) split once into contiguous
+per-step, per-gate blocks, so a step copies nothing. The loop itself is compiled per shape
+(`_loop`), so a call outside a compiled program does not pay Python's per-step cost.
+On CUDA GPUs `dispatch("slstm_sequence")` runs the whole loop in one kernel launch instead
 (``kernels/slstm_device.py``), tested against this function. The gradient of the loop is written by hand
 (``_sequence_backward``, an ``mx.custom_function`` VJP): backpropagation through time with one R^T product
 and one compiled elementwise step per time step, and the weight gradients summed over all steps at the
@@ -65,33 +70,41 @@ def zero_state(batch: int, heads: int, head_dim: int) -> State:
 
 
 def recurrent_to_matmul(R: mx.array) -> mx.array:
-    """(NH, 4*DH, DH) vanilla layout -> (NH, DH, 4*DH) float32, so that y (B, NH, 1, DH) @ it = R y."""
+    """(NH, 4*DH, DH) vanilla layout -> (NH, DH, 4*DH) float32 (a transposed view: BLAS reads R's rows), so
+    that y (1, NH, B, DH) @ it = R y as (1, NH, B, 4*DH), gate-major in the last dim."""
     return R.astype(_F32).transpose(0, 2, 1)
 
 
 def bias_to_heads(b: mx.array, heads: int) -> mx.array:
-    """(4*NH*DH,) gate-major -> (NH, 4, DH) float32."""
-    return b.astype(_F32).reshape(4, heads, -1).transpose(1, 0, 2)
+    """(4*NH*DH,) gate-major -> (4, NH, 1, DH) float32."""
+    return b.astype(_F32).reshape(4, heads, 1, -1)
 
 
 def _log_sigmoid(x: mx.array) -> mx.array:
     return -mx.logaddexp(0.0, -x)
 
 
-def _recurrent(y: mx.array, Rt: mx.array) -> mx.array:
-    """R y per head (block-diagonal): y (B, NH, DH) @ Rt (NH, DH, 4*DH) -> (B, NH, 4, DH)."""
-    B, NH, DH = y.shape
-    return (y[:, :, None, :] @ Rt).reshape(B, NH, 4, DH)
+def _gate_exps(i_raw: mx.array, lfm: mx.array, fresh: mx.array) -> Tuple[mx.array, mx.array]:
+    """exp(i_raw - m_new) and exp(lfm - m_new) with one exp: m_new is i_raw (a fresh state, or i_raw >= lfm)
+    or else lfm, so one argument is 0 (exp 1) and the other is +-(lfm - i_raw), the same float32 number
+    (a - b = -(b - a) exactly) as each difference computed on its own."""
+    i_wins = fresh | (i_raw >= lfm)
+    d = lfm - i_raw
+    e = mx.exp(mx.where(i_wins, d, -d))
+    return mx.where(i_wins, 1.0, e), mx.where(i_wins, e, 1.0)
 
 
-def _cell(wx: mx.array, ry: mx.array, bh: mx.array, c: mx.array, n: mx.array, m: mx.array) -> State:
-    """One step's elementwise part, given R y: wx, ry (B, NH, 4, DH), bh (NH, 4, DH), all float32."""
-    raw = (wx + ry) + bh                                        # NX-AI: Wx + Ry + b
-    i_raw, f_raw, z_raw, o_raw = raw[:, :, 0], raw[:, :, 1], raw[:, :, 2], raw[:, :, 3]
+def _cell(wi: mx.array, wf: mx.array, wz: mx.array, wo: mx.array, ri: mx.array, rf: mx.array, rz: mx.array,
+          ro: mx.array, bi: mx.array, bf: mx.array, bz: mx.array, bo: mx.array, c: mx.array, n: mx.array,
+          m: mx.array) -> State:
+    """One step's elementwise part, given R y, gate by gate: W x, R y, b of gates i, f, z, o and the state
+    c, n, m, all float32 of one shape."""
+    i_raw, f_raw, z_raw, o_raw = (wi + ri) + bi, (wf + rf) + bf, (wz + rz) + bz, (wo + ro) + bo  # NX-AI: Wx + Ry + b
     lfm = m + _log_sigmoid(f_raw)
-    m_new = mx.where(n == 0.0, i_raw, mx.maximum(i_raw, lfm))
-    i_act = mx.minimum(mx.exp(i_raw - m_new), 1.0)
-    f_act = mx.minimum(mx.exp(lfm - m_new), 1.0)
+    fresh = n == 0.0
+    m_new = mx.where(fresh, i_raw, mx.maximum(i_raw, lfm))
+    i_exp, f_exp = _gate_exps(i_raw, lfm, fresh)                # exp(i_raw - m_new), exp(lfm - m_new)
+    i_act, f_act = mx.minimum(i_exp, 1.0), mx.minimum(f_exp, 1.0)
     c_new = f_act * c + i_act * mx.tanh(z_raw)
     n_new = f_act * n + i_act
     y_new = mx.sigmoid(o_raw) * c_new / n_new
@@ -101,24 +114,56 @@ def _cell(wx: mx.array, ry: mx.array, bh: mx.array, c: mx.array, n: mx.array, m:
 _cell_compiled = mx.compile(_cell)
 
 
-def _pointwise(wx: mx.array, Rt: mx.array, bh: mx.array, y: mx.array, c: mx.array, n: mx.array,
-               m: mx.array) -> State:
-    """One step. wx (B, NH, 4, DH) float32; Rt (NH, DH, 4*DH) float32; bh (NH, 4, DH) float32."""
-    return _cell_compiled(wx, _recurrent(y, Rt), bh, c, n, m)
+def _step(wx: list, Rt: mx.array, bh: list, y: mx.array, c: mx.array, n: mx.array, m: mx.array
+          ) -> Tuple[State, mx.array]:
+    """One step in the loop's layout: wx and bh the four gates' (1, NH, B, DH) blocks, Rt (NH, DH, 4 DH),
+    the state (1, NH, B, DH). Returns the new state and R y (1, NH, B, 4 DH)."""
+    ry = y @ Rt
+    DH = y.shape[-1]
+    return _cell_compiled(*wx, *(ry[..., g * DH:(g + 1) * DH] for g in range(4)), *bh, c, n, m), ry
+
+
+def _bias_blocks(bh: mx.array, batch: int) -> list:
+    """(4, NH, 1, DH) -> the four gates' biases as contiguous (1, NH, B, DH) blocks."""
+    _, NH, _, DH = bh.shape
+    return [mx.contiguous(mx.broadcast_to(bh[g:g + 1], (1, NH, batch, DH))) for g in range(4)]
+
+
+def _loop_fn(wx: mx.array, Rt: mx.array, bh: mx.array, y: mx.array, c: mx.array, n: mx.array,
+             m: mx.array) -> Tuple[mx.array, ...]:
+    T, _, NH, B, DH = wx.shape
+    blocks = mx.split(wx.reshape(T * 4, NH, B, DH), T * 4)     # contiguous (1, NH, B, DH) blocks, step-major
+    bias = _bias_blocks(bh, B)
+    seqs: Tuple[list, ...] = ([], [], [], [], [])
+    for t in range(T):                                          # shape-only loop
+        (y, c, n, m), ry = _step(blocks[4 * t:4 * t + 4], Rt, bias, y, c, n, m)
+        for seq, v in zip(seqs, (y, c, n, m, ry)):
+            seq.append(v)
+    return tuple(mx.concatenate(seq) for seq in seqs)
+
+
+_loop = mx.compile(_loop_fn)
+
+
+@mx.custom_function
+def _sequence(wx: mx.array, Rt: mx.array, bh: mx.array, y: mx.array, c: mx.array, n: mx.array,
+              m: mx.array) -> Tuple[mx.array, ...]:
+    """The loop over time: wx (T, 4, NH, B, DH) float32, the state (1, NH, B, DH) -> every step's y, c, n, m
+    (T, NH, B, DH) and R y (T, NH, B, 4 DH), the last kept for the backward."""
+    return _loop(wx, Rt, bh, y, c, n, m)
 
 
 def _cell_derivatives(wx: mx.array, ry: mx.array, bh: mx.array, c: mx.array, n: mx.array, m: mx.array,
                       c_new: mx.array, n_new: mx.array) -> Tuple[mx.array, ...]:
-    """What the backward of `_cell` needs from the forward, for any number of steps at once (leading dims
-    (..., B, NH)): the step's values recomputed from its inputs with `_cell`'s operations (c_new, n_new are the
-    forward's own) and the masks of its min/max/where. With them the backward of a step is linear in the
-    cotangents of its new state (`_cell_backward`)."""
-    raw = (wx + ry) + bh
-    i_raw, f_raw, z_raw, o_raw = raw[..., 0, :], raw[..., 1, :], raw[..., 2, :], raw[..., 3, :]
+    """What the backward of `_cell` needs from the forward, for all steps at once (wx (T, 4, NH, B, DH),
+    ry (T, NH, B, 4 DH), bh (4, NH, 1, DH), the states (T, NH, B, DH)): the step's values recomputed from its
+    inputs with `_cell`'s operations (c_new, n_new are the forward's own) and the masks of its min/max/where.
+    With them the backward of a step is linear in the cotangents of its new state (`_cell_backward`)."""
+    DH = wx.shape[-1]
+    i_raw, f_raw, z_raw, o_raw = ((wx[:, g] + ry[..., g * DH:(g + 1) * DH]) + bh[g] for g in range(4))
     lfm = m + _log_sigmoid(f_raw)
     fresh = n == 0.0
-    m_new = mx.where(fresh, i_raw, mx.maximum(i_raw, lfm))
-    i_exp, f_exp = mx.exp(i_raw - m_new), mx.exp(lfm - m_new)
+    i_exp, f_exp = _gate_exps(i_raw, lfm, fresh)
     s_o = mx.sigmoid(o_raw)
     return (s_o, s_o * c_new, s_o * (1.0 - s_o), mx.square(n_new), c_new, n_new, c, n, mx.tanh(z_raw),
             mx.minimum(i_exp, 1.0), mx.minimum(f_exp, 1.0), mx.square(mx.cosh(z_raw)),
@@ -130,11 +175,11 @@ def _cell_backward(gy: mx.array, gc: mx.array, gn: mx.array, gm: mx.array, s_o: 
                    ds_o: mx.array, n_sq: mx.array, c_new: mx.array, n_new: mx.array, c: mx.array, n: mx.array,
                    tz: mx.array, i_act: mx.array, f_act: mx.array, cosh_sq: mx.array, i_exp: mx.array,
                    f_exp: mx.array, i_wins: mx.array, dlogsig_f: mx.array) -> Tuple[mx.array, ...]:
-    """The backward of one `_cell` step: from the cotangents (gy, gc, gn, gm) of its new state to those of raw
-    = Wx + Ry + b (B, NH, 4, DH) and of the previous c, n, m, with `_cell_derivatives`' values. Each derivative
-    is the one MLX's autodiff takes of `_cell`'s operation, ties included: min(u, 1) and max(a, b) pass the
-    cotangent to their second argument on a tie (i_exp, f_exp hold 0 where their min took the 1, i_wins where
-    i_raw is the new m), d tanh(x) = 1 / cosh(x)^2, d logsigmoid(x) = 1 - sigmoid(x)."""
+    """The backward of one `_cell` step: from the cotangents (gy, gc, gn, gm) of its new state to those of
+    the raw gates Wx + Ry + b (i, f, z, o) and of the previous c, n, m, with `_cell_derivatives`' values.
+    Each derivative is the one MLX's autodiff takes of `_cell`'s operation, ties included: min(u, 1) and
+    max(a, b) pass the cotangent to their second argument on a tie (i_exp, f_exp hold 0 where their min
+    took the 1, i_wins where i_raw is the new m), d tanh(x) = 1 / cosh(x)^2, d logsigmoid(x) = 1 - sigmoid(x)."""
     # y_new = num / n_new with num = s_o c_new
     g_num = gy / n_new
     gn = gn - (gy * num) / n_sq
@@ -149,53 +194,48 @@ def _cell_backward(gy: mx.array, gc: mx.array, gn: mx.array, gm: mx.array, s_o: 
     gi = g_i + mx.where(i_wins, g_m, 0.0)
     g_lfm = g_f + mx.where(i_wins, 0.0, g_m)
     gf = g_lfm * dlogsig_f
-    return mx.stack([gi, gf, gz, go], axis=-2), gc * f_act, gn * f_act, g_lfm
+    return gi, gf, gz, go, gc * f_act, gn * f_act, g_lfm
+
+
+def _backward_step(g_out: list, g_carried: list, derivatives: list) -> Tuple[mx.array, ...]:
+    """A step of the reverse loop: the cotangents of the step's outputs (y, c, n, m: those of the stacked
+    outputs plus those carried from the step after) through `_cell_backward`. Returns the raw gates'
+    cotangents as one (1, NH, B, 4 DH) block (gate-major, for the R^T product) and the carried c, n, m."""
+    gi, gf, gz, go, gc, gn, gm = _cell_backward(*(a + b for a, b in zip(g_out, g_carried)), *derivatives)
+    return mx.concatenate([gi, gf, gz, go], axis=-1), gc, gn, gm
 
 
 _cell_derivatives_compiled = mx.compile(_cell_derivatives)
-_cell_backward_compiled = mx.compile(_cell_backward)
-
-
-@mx.custom_function
-def _sequence(wx: mx.array, Rt: mx.array, bh: mx.array, y: mx.array, c: mx.array, n: mx.array,
-              m: mx.array) -> Tuple[mx.array, ...]:
-    """The loop over time: wx (T, B, NH, 4, DH) float32 -> every step's y, c, n, m (T, B, NH, DH) and R y
-    (T, B, NH, 4, DH), the last kept for the backward."""
-    ys, cs, ns, ms, rys = [], [], [], [], []
-    for t in range(wx.shape[0]):                                # shape-only loop
-        ry = _recurrent(y, Rt)
-        y, c, n, m = _cell_compiled(wx[t], ry, bh, c, n, m)
-        for seq, v in zip((ys, cs, ns, ms, rys), (y, c, n, m, ry)):
-            seq.append(v)
-    return tuple(mx.stack(seq) for seq in (ys, cs, ns, ms, rys))
+_backward_step_compiled = mx.compile(_backward_step)
 
 
 def _sequence_backward(primals: list, cotangents: list, outputs: list) -> Tuple[mx.array, ...]:
     """Backpropagation through time, by hand. What the backward of each step takes from the forward is computed
-    for all steps at once (`_cell_derivatives`); the reverse loop then runs one small elementwise kernel
-    (`_cell_backward`) and one R^T product per step; the weight gradients are two reductions over all steps
-    at the end (sum_t y_{t-1}^T g_raw_t as one product per head, sum_t g_raw_t). Autodiff of the loop instead
-    builds a (B, NH, DH, 4*DH) product per step and sums the 2T of them: several times slower."""
+    for all steps at once (`_cell_derivatives`) and split into per-step blocks; the reverse loop then runs one
+    small elementwise kernel (`_backward_step`) and one R^T product per step; the weight gradients are two
+    reductions over all steps at the end (sum_t y_{t-1}^T g_raw_t as one product per head, sum_t g_raw_t).
+    Autodiff of the loop instead builds a (B, NH, DH, 4*DH) product per step and sums the 2T of them:
+    several times slower. (R y's own cotangent is ignored: R y leaves `_sequence` only for this backward.)"""
     wx, Rt, bh, y0, c0, n0, m0 = primals
-    gY, gC, gN, gM = cotangents[:4]
     Y, C, N, M, RY = outputs
-    T, B, NH, _, DH = wx.shape
-    prev = [mx.concatenate([s0[None], S[:-1]]) for s0, S in ((y0, Y), (c0, C), (n0, N), (m0, M))]
+    T, _, NH, B, DH = wx.shape
+    prev = [mx.concatenate([s0, S[:-1]]) for s0, S in ((y0, Y), (c0, C), (n0, N), (m0, M))]  # (T, NH, B, DH)
     derivatives = _cell_derivatives_compiled(wx, RY, bh, *prev[1:], C, N)
-    arrays = (gY, gC, gN, gM, *derivatives)
-    Rt_T = Rt.swapaxes(-1, -2)                                  # (NH, 4*DH, DH)
-    gy, gc, gn, gm = (mx.zeros_like(y0) for _ in range(4))
+    steps = [mx.split(a, T) for a in (*cotangents[:4], *derivatives)]  # per array, T blocks (1, NH, B, DH)
+    R = Rt.transpose(0, 2, 1)                                   # (NH, 4 DH, DH): g_raw @ R = R^T g_raw per head
+    carried = [mx.zeros_like(y0) for _ in range(4)]
     graws = []
     for t in range(T - 1, -1, -1):
-        step = [a[t:t + 1] for a in arrays]                     # step t, its leading 1 kept
-        g_new, ds = step[:4], step[4:]
-        graw, gc, gn, gm = _cell_backward_compiled(g_new[0] + gy, g_new[1] + gc, g_new[2] + gn, g_new[3] + gm, *ds)
-        gy = (graw.reshape(B, NH, 1, 4 * DH) @ Rt_T).reshape(B, NH, DH)  # R^T g_raw per head: the cotangent of y_{t-1}
+        graw, *carried[1:] = _backward_step_compiled([s[t] for s in steps[:4]], carried,
+                                                     [s[t] for s in steps[4:]])
+        carried[0] = graw @ R                                   # the cotangent of y_{t-1}
         graws.append(graw)
-    G = mx.concatenate(graws[::-1])                             # (T, B, NH, 4, DH)
-    g_Rt = prev[0].transpose(2, 3, 0, 1).reshape(NH, DH, T * B) @ G.transpose(2, 0, 1, 3, 4).reshape(NH, T * B, 4 * DH)
-    gc, gn, gm = (g.reshape(B, NH, DH) for g in (gc, gn, gm))
-    return G, g_Rt, G.sum(axis=(0, 1)), gy, gc, gn, gm
+    G = mx.concatenate(graws[::-1])                             # (T, NH, B, 4 DH)
+    y_prev = prev[0].transpose(1, 3, 0, 2).reshape(NH, DH, T * B)
+    g_Rt = y_prev @ G.transpose(1, 0, 2, 3).reshape(NH, T * B, 4 * DH)
+    G = G.reshape(T, NH, B, 4, DH)
+    g_bh = G.sum(axis=(0, 2)).transpose(1, 0, 2)[:, :, None, :]
+    return (G.transpose(0, 3, 1, 2, 4), g_Rt, g_bh, *carried)
 
 
 _sequence.vjp(_sequence_backward)
@@ -213,8 +253,27 @@ def _check(i: mx.array, f: mx.array, z: mx.array, o: mx.array, R: mx.array, b: m
 
 
 def _stack_inputs(i, f, z, o) -> mx.array:
-    """(B, NH, T, DH) x 4 -> (T, B, NH, 4, DH) float32: one contiguous slab per step."""
-    return mx.stack([g.astype(_F32) for g in (i, f, z, o)], axis=3).transpose(2, 0, 1, 3, 4)
+    """(B, NH, T, DH) x 4 -> (T, 4, NH, B, DH) float32, contiguous: the loop's per-step, per-gate blocks."""
+    return mx.stack([g.astype(_F32).transpose(2, 1, 0, 3) for g in (i, f, z, o)], axis=1)
+
+
+def _to_loop(state: State) -> State:
+    """(B, NH, DH) -> the loop's (1, NH, B, DH)."""
+    return tuple(s.astype(_F32).transpose(1, 0, 2)[None] for s in state)  # type: ignore[return-value]
+
+
+def _from_loop(state: State) -> State:
+    """The loop's (1, NH, B, DH) (or (NH, B, DH)) -> (B, NH, DH)."""
+    return tuple(s.reshape(s.shape[-3:]).transpose(1, 0, 2) for s in state)  # type: ignore[return-value]
+
+
+def _one_step(i, f, z, o, R, b, state: Optional[State]) -> State:
+    """A single step from (B, NH, DH) states to the new (B, NH, DH) state: the loop's step, by itself."""
+    B, NH, _, DH = i.shape
+    state = state if state is not None else zero_state(B, NH, DH)
+    blocks = [g.astype(_F32).transpose(2, 1, 0, 3) for g in (i, f, z, o)]  # (1, NH, B, DH) each
+    new, _ = _step(blocks, recurrent_to_matmul(R), _bias_blocks(bias_to_heads(b, NH), B), *_to_loop(state))
+    return _from_loop(new)
 
 
 def slstm_step(
@@ -233,11 +292,9 @@ def slstm_step(
         h (B, NH, 1, DH) in i's dtype, and the float32 state (y, c, n, m) after the step.
     """
     _check(i, f, z, o, R, b)
-    B, NH, T, DH = i.shape
-    if T != 1:
-        raise ValueError(f"slstm_step needs T == 1, got T = {T}")
-    state = state if state is not None else zero_state(B, NH, DH)
-    new = _pointwise(_stack_inputs(i, f, z, o)[0], recurrent_to_matmul(R), bias_to_heads(b, NH), *state)
+    if i.shape[2] != 1:
+        raise ValueError(f"slstm_step needs T == 1, got T = {i.shape[2]}")
+    new = _one_step(i, f, z, o, R, b, state)
     return new[0][:, :, None, :].astype(i.dtype), new
 
 
@@ -260,13 +317,14 @@ def slstm_sequence(
     B, NH, T, DH = i.shape
     if T < 1:
         raise ValueError("slstm_sequence needs T >= 1")
-    y, c, n, m = state if state is not None else zero_state(B, NH, DH)
-    if T == 1:                                                  # one step (decoding): nothing to stack
-        state = _pointwise(_stack_inputs(i, f, z, o)[0], recurrent_to_matmul(R), bias_to_heads(b, NH), y, c, n, m)
-        return state[0][:, :, None, :].astype(i.dtype), state
-    Y, C, N, M, _ = _sequence(_stack_inputs(i, f, z, o), recurrent_to_matmul(R), bias_to_heads(b, NH), y, c, n, m)
-    h = Y.transpose(1, 2, 0, 3)                                 # (B, NH, T, DH)
-    return h.astype(i.dtype), (Y[-1], C[-1], N[-1], M[-1])
+    if T == 1:                                                  # one step (decoding): no loop to differentiate
+        new = _one_step(i, f, z, o, R, b, state)
+        return new[0][:, :, None, :].astype(i.dtype), new
+    state = state if state is not None else zero_state(B, NH, DH)
+    Y, C, N, M, _ = _sequence(_stack_inputs(i, f, z, o), recurrent_to_matmul(R), bias_to_heads(b, NH),
+                              *_to_loop(state))
+    h = Y.transpose(2, 1, 0, 3)                                 # (T, NH, B, DH) -> (B, NH, T, DH)
+    return h.astype(i.dtype), _from_loop((Y[-1], C[-1], N[-1], M[-1]))
 
 
 register_kernel("slstm_sequence", slstm_sequence)
