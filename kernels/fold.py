@@ -31,9 +31,9 @@ from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 
-from .linear import linear
+from .linear import linear, split_parts
 from .qlinear import QuantizedMatrix, quantized_linear
-from .registry import Unsupported, backend, get, policy, register_kernel, with_reference_gradient
+from .registry import Unsupported, chosen_variant, register_kernel, with_reference_gradient
 
 PAIR_ACTIVATIONS = ("sigmoid", "silu")  # what the device kernels apply to a pair's first part
 
@@ -57,30 +57,28 @@ def folded_linear(x: mx.array, weight: Any, bias: Optional[mx.array] = None, spl
     return y if residual is None else residual + y
 
 
-def fold_shape(x: mx.array, n: int, splits: Sequence[int], pair: Optional[str],
-               residual: Optional[mx.array]) -> Optional[int]:
-    """The result's width for a device variant, or None where the call is not one the kernels take: a
+def fold_width(x: mx.array, n: int, splits: Sequence[int], pair: Optional[str],
+               residual: Optional[mx.array]) -> int:
+    """The result's width for a device variant; `Unsupported` where the call is not one the kernels take: a
     pair needs two parts of equal width and a known activation, a residual one part (or a pair) of r's
     shape and x's dtype."""
-    if pair is not None:
-        if pair not in PAIR_ACTIVATIONS or len(splits) != 1 or 2 * splits[0] != n:
-            return None
-        width = n // 2
-    else:
-        width = n
-        if residual is not None and splits:
-            return None
-    if residual is not None and (residual.shape != (*x.shape[:-1], width) or residual.dtype != x.dtype):
-        return None
+    width = n // 2 if pair is not None else n
+    if ((pair is not None and (pair not in PAIR_ACTIVATIONS or len(splits) != 1 or 2 * splits[0] != n))
+            or (pair is None and residual is not None and splits)
+            or (residual is not None and (residual.shape != (*x.shape[:-1], width) or residual.dtype != x.dtype))):
+        raise Unsupported(f"folded_linear: parts {list(splits)}, pair {pair}")
     return width
+
+
+def fold_result(y: mx.array, splits: Sequence[int], pair: Optional[str], residual: Optional[mx.array]) -> Any:
+    """A variant's result from its kernel's output y: one array with a pair or a residual, else the parts."""
+    return y if pair is not None or residual is not None else split_parts(y, splits)
 
 
 def apply(value: Any, x: mx.array, weight: Any, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
           caps: Sequence[Optional[float]] = (None,), **fold: Any) -> Any:
     """The device variant's result where one takes the call, else `value` (see the module docstring)."""
-    kernel = get("folded_linear")
-    chosen = backend() if policy() == "auto" else None
-    variant = kernel.variants.get(chosen) if chosen else None
+    kernel, _, variant = chosen_variant("folded_linear")
     if variant is None:
         return value
     try:

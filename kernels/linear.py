@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .registry import register_kernel, register_variant
+from .registry import listed, register_kernel, register_variant
 
 
 def softcap(x: mx.array, cap: float) -> mx.array:
@@ -62,10 +62,6 @@ def _products(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequen
         return split_parts(x @ w.T if bias is None else mx.addmm(bias, x, w.T), splits)
     bounds = list(zip((0, *splits), (*splits, w.shape[0])))
     return [x @ w[a:b].T if bias is None else mx.addmm(bias[a:b], x, w[a:b].T) for a, b in bounds]
-
-
-def _listed(xs) -> list[mx.array]:
-    return list(xs) if isinstance(xs, (list, tuple)) else [xs]
 
 
 def _uncapped(g: mx.array, y: mx.array, cap: Optional[float]) -> mx.array:
@@ -103,9 +99,9 @@ def linear_cpu(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits
 
     @parts.vjp
     def _(primals, cotangents, outputs):
-        return linear_vjp(_listed(primals), _listed(cotangents), _listed(outputs), caps)
+        return linear_vjp(listed(primals), listed(cotangents), listed(outputs), caps)
 
-    return _listed(parts(x, w) if bias is None else parts(x, w, bias))
+    return listed(parts(x, w) if bias is None else parts(x, w, bias))
 
 
 register_kernel("linear", linear)

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 
 from .device import DeviceKernel
-from .fold import PAIR_ACTIVATIONS, fold_shape
+from .fold import PAIR_ACTIVATIONS, fold_result, fold_width
 from .linear import check_parts, split_parts
 from .registry import Unsupported, register_device_kernel
 
@@ -187,11 +187,9 @@ def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = No
         raise Unsupported("folded_linear: a quantized weight (kernels/qlinear_device.py)")
     if norm is not None and not FOLD_NORM:
         raise Unsupported("folded_linear: the float kernel leaves norms to their own kernel (FOLD_NORM)")
-    width = fold_shape(x, weight.shape[0], splits, pair, residual)
-    if width is None:
-        raise Unsupported(f"folded_linear: parts {list(splits)}, pair {pair}")
-    y = _launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width)
-    return y if pair is not None or residual is not None else split_parts(y, splits)
+    width = fold_width(x, weight.shape[0], splits, pair, residual)
+    return fold_result(_launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width),
+                       splits, pair, residual)
 
 
 register_device_kernel("linear", linear_device)

@@ -43,7 +43,7 @@ import numpy as np
 
 from .device import DeviceKernel
 from .linear import check_parts, split_parts
-from .fold import PAIR_ACTIVATIONS, fold_shape
+from .fold import PAIR_ACTIVATIONS, fold_result, fold_width
 from .linear_device import _UNUSED, DTYPES, _cap_vector, _eps, folded_linear_device
 from .qlinear import QuantizedMatrix
 from .registry import Unsupported, register_variant
@@ -279,11 +279,9 @@ def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.a
     if not isinstance(weight, QuantizedMatrix):
         return folded_linear_device(x, weight, bias, splits, caps, norm=norm, pair=pair, residual=residual,
                                     backend=backend, poison=poison)
-    width = fold_shape(x, weight.weight.shape[0], splits, pair, residual)
-    if width is None:
-        raise Unsupported(f"folded_linear: parts {list(splits)}, pair {pair}")
+    width = fold_width(x, weight.weight.shape[0], splits, pair, residual)
     y = _launch(x, weight, bias, splits, caps, backend, poison, norm=norm, pair=pair, residual=residual, width=width)
-    return y if pair is not None or residual is not None else split_parts(y, splits)
+    return fold_result(y, splits, pair, residual)
 
 
 register_variant("quantized_linear", "cuda", quantized_linear_device)

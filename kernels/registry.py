@@ -40,7 +40,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 
 __all__ = ["BUILTIN", "Unsupported", "register_kernel", "register_variant", "register_device_kernel", "dispatch", "get",
-           "backend", "use_reference", "set_policy", "policy", "kernels", "load_builtin"]
+           "chosen_variant", "listed", "backend", "use_reference", "set_policy", "policy", "kernels", "load_builtin"]
 
 GPU_BACKENDS = ("cuda", "metal")
 BACKENDS = (*GPU_BACKENDS, "cpu")
@@ -158,11 +158,18 @@ def backend() -> Optional[str]:
     return None
 
 
-def dispatch(name: str) -> Callable:
-    """The function to run kernel `name` with under the current policy and device."""
+def chosen_variant(name: str) -> tuple[Kernel, Optional[str], Optional[Callable]]:
+    """(kernel `name`, the backend whose variant the current policy and device choose, that variant): the
+    backend and variant are None where the reference runs."""
     kernel = get(name)
     chosen = backend() if policy() == "auto" else None
     variant = kernel.variants.get(chosen) if chosen else None
+    return kernel, (chosen if variant is not None else None), variant
+
+
+def dispatch(name: str) -> Callable:
+    """The function to run kernel `name` with under the current policy and device."""
+    kernel, chosen, variant = chosen_variant(name)
     if variant is None:
         return kernel.reference
 
@@ -213,7 +220,7 @@ def _fill(skeleton: Any, leaves: Sequence[mx.array]) -> Any:
     return skeleton
 
 
-def _listed(xs: Any) -> list[mx.array]:
+def listed(xs: Any) -> list[mx.array]:
     """A custom function's primals, tangents or cotangents as a list (MLX passes one array bare)."""
     return list(xs) if isinstance(xs, (list, tuple)) else [xs]
 
@@ -246,7 +253,7 @@ def with_reference_gradient(variant: Callable, reference: Callable, args: tuple,
 
     @forward.vjp
     def _vjp(primals, cotangents, outputs):
-        return tuple(mx.vjp(flat(reference), _listed(primals), _listed(cotangents))[1])
+        return tuple(mx.vjp(flat(reference), listed(primals), listed(cotangents))[1])
 
     out = forward(*arrays)
     return _fill(result["skeleton"], out if isinstance(out, (list, tuple)) else [out])

@@ -159,6 +159,7 @@ class Fold:
     norm: Optional[str] = None       # the rms_norm node the unit reads
     residual: Optional[str] = None   # the add's other input
     pair: Optional[str] = None       # the gate's activation (act(first member) * second member)
+    norm_form: Optional[FoldForm] = None  # what `norm` declares (its weight's name and eps)
 
     def describe(self) -> dict:
         """The fold as data (for `plan.json`)."""
@@ -207,25 +208,29 @@ def find_folds(graph: Graph, groups: list[FusionGroup]) -> list[Fold]:
     def alone(n: str, reader: str) -> bool:
         return readers.get(n) == [reader] and n not in outputs
 
+    def fold(unit: str, node: str, **work: Any) -> Fold:
+        norm = norm_of(unit)
+        return Fold(unit, node, norm, norm_form=forms.get(norm) if norm else None, **work)
+
     claimed: dict[str, Fold] = {}
     for n, form in forms.items():
         ins = g.nodes[n]["inputs"]
         if form.kind == "add" and len(ins) == 2:
             for lin, other in ((ins[1], ins[0]), (ins[0], ins[1])):
                 if lin in units and lin not in grouped and lin != other and alone(lin, n) and lin not in claimed:
-                    claimed[lin] = Fold(lin, n, norm_of(lin), residual=other)
+                    claimed[lin] = fold(lin, n, residual=other)
                     break
         elif form.kind == "gate" and len(ins) == 2:
             grp = grouped.get(ins[0])
             if (grp is not None and grp.members == tuple(ins) and grp.widths[0] == grp.widths[1]
                     and all(alone(m, n) for m in ins) and grp.members[0] not in claimed):
-                claimed[grp.members[0]] = Fold(grp.members[0], n, norm_of(grp.members[0]), pair=form.act)
+                claimed[grp.members[0]] = fold(grp.members[0], n, pair=form.act)
     folds = []
     for unit in units:
         if unit in claimed:
             folds.append(claimed[unit])
         elif norm_of(unit) is not None:
-            folds.append(Fold(unit, unit, norm_of(unit)))
+            folds.append(fold(unit, unit))
     order = {n: i for i, n in enumerate(graph.blocks())}
     return sorted(folds, key=lambda f: order[f.unit])
 

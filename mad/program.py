@@ -218,8 +218,6 @@ class Program:
         folds = find_folds(self.graph, active) if self.fused and not self._by_stage and self._fold_on else []
         self.folds: list[Fold] = [f for f in folds if hasattr(self._unit(f.unit), "linear_args")]
         self._fold_at = {f.node: f for f in self.folds}
-        self._fold_forms = {f.norm: self.graph.g.nodes[f.norm]["spec"].fold_form(
-            self.graph.g.nodes[self.reads[f.norm][0]]["type"]) for f in self.folds if f.norm is not None}
 
     def modules(self) -> dict[str, Callable]:
         """Every node's module (or function, for nodes without weights), by node, in execution order."""
@@ -477,9 +475,8 @@ class Program:
             return  # a part of the program run alone (`profile`): the nodes as they are
         norm = None
         if f.norm is not None:
-            form = self._fold_forms[f.norm]
             x = self._read(env, raw, f.norm, last_only)
-            norm = (self.fns[f.norm][form.weight], form.eps)
+            norm = (self.fns[f.norm][f.norm_form.weight], f.norm_form.eps)
         else:
             x = self._read(env, raw, f.unit, last_only)
         if f.node == f.unit:
