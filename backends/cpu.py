@@ -42,8 +42,8 @@ import warnings
 from importlib import metadata
 from typing import Optional
 
-__all__ = ["BLAS", "ENV", "MALLOC_ENV", "LARGE_BLOCK", "STREAMS", "parallel_streams", "reuse_large_blocks",
-           "select_blas"]
+__all__ = ["BLAS", "ENV", "MALLOC_ENV", "LARGE_BLOCK", "STREAMS", "malloc_opted_out", "parallel_streams",
+           "reuse_large_blocks", "select_blas"]
 
 BLAS: Optional[str] = None
 ENV = "MAD_BLAS"
@@ -97,6 +97,17 @@ def select_blas() -> Optional[str]:
     return path
 
 
+def malloc_opted_out() -> bool:
+    """Whether `MAD_MALLOC=default` asks to leave glibc's malloc as it is (unset or empty: reuse large blocks
+    while training); any other value is a `MadError` naming the variable."""
+    value = os.environ.get(MALLOC_ENV, "").strip().lower()
+    if value not in ("", "default"):
+        from mad.errors import MadError  # here: this module is imported before the rest of MAD
+
+        raise MadError(f"{MALLOC_ENV} must be 'default' or unset, got {os.environ[MALLOC_ENV]!r}")
+    return value == "default"
+
+
 def reuse_large_blocks() -> bool:
     """Let glibc's malloc reuse large freed blocks (up to `LARGE_BLOCK`) instead of returning them to the
     kernel; True if set (now or before).
@@ -115,7 +126,7 @@ def reuse_large_blocks() -> bool:
     settings stand."""
     if _MALLOC["done"]:
         return True
-    if not sys.platform.startswith("linux") or os.environ.get(MALLOC_ENV, "").strip().lower() == "default":
+    if malloc_opted_out() or not sys.platform.startswith("linux"):
         return False
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     if any(f"MALLOC_{name.upper()}_" in os.environ or f"glibc.malloc.{name}" in tunables

@@ -248,12 +248,16 @@ def clip_scale(norm: mx.array, max_norm: float) -> mx.array:
     return mx.minimum(max_norm / (norm + 1e-6), 1.0)
 
 
+def scaled(grads: Any, scale: mx.array) -> Any:
+    """Every gradient times `scale`, each in its own dtype."""
+    return tree_map(lambda g: (g * scale).astype(g.dtype), grads)
+
+
 def clip_grad_norm(grads: Any, max_norm: float) -> tuple[Any, mx.array]:
     """`optim.clip_grad_norm` with `global_norm`: (the gradients scaled by `clip_scale`, each in its own dtype,
     the norm before scaling)."""
     norm = global_norm(grads)
-    scale = clip_scale(norm, max_norm)
-    return tree_map(lambda g: (g * scale).astype(g.dtype), grads), norm
+    return scaled(grads, clip_scale(norm, max_norm)), norm
 
 
 def compile_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float,
@@ -281,7 +285,7 @@ def compile_step(model: nn.Module, optimizer: optim.Optimizer, grad_clip: float,
         if isinstance(optimizer, AdamW):
             optimizer.update(model, grads, scale)  # the scaling fused into each parameter's update
         else:
-            optimizer.update(model, grads if scale is None else tree_map(lambda g: (g * scale).astype(g.dtype), grads))
+            optimizer.update(model, grads if scale is None else scaled(grads, scale))
         return loss, norm
 
     return step, state
@@ -486,6 +490,10 @@ def train(source: Optional[str | Path], data: str | Path, out: str | Path, confi
         saved = _read_state(out)
         cfg = _given(cfg, given, saved["config"])
     cfg.check()
+    if mx.default_device() == mx.cpu:
+        from .backends.cpu import malloc_opted_out
+
+        malloc_opted_out()  # a bad MAD_MALLOC is reported before anything is read or written
     if resume and saved["step"] >= cfg.steps:
         raise MadError(f"--resume: the run in {out} is at step {saved['step']}, --steps {cfg.steps} is reached; "
                        f"give a larger --steps to train on")

@@ -183,6 +183,14 @@ def test_bad_flags(flags, message, corpus, tmp_path, monkeypatch, capsys):
     assert not out.exists()
 
 
+def test_bad_malloc_setting(corpus, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MAD_MALLOC", "off")
+    out = tmp_path / "out"
+    code, _, err = cli(monkeypatch, capsys, "train", TINY, "--data", corpus, "-o", out, "--steps", "1")
+    assert code == 2 and "MAD_MALLOC must be 'default' or unset, got 'off'" in err and "Traceback" not in err, err
+    assert not out.exists()
+
+
 def bad_data(tmp_path: Path, name: str, content: bytes) -> Path:
     f = tmp_path / name
     f.write_bytes(content)
