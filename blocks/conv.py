@@ -61,14 +61,17 @@ class CausalConv1d(nn.Module):
     """Depthwise causal conv over time: y_t = b + sum_j w[:, 0, j] * x_{t-K+1+j} (x_s = 0 before the start,
     or the state's inputs). State `x`: the last K-1 inputs (B, K-1, F), float32 (exact for any input dtype).
     NX-AI's step state holds the last K inputs in the weights' dtype; the oldest is rolled out before the
-    next product, so the K-1 newest carry the same information."""
+    next product, so the K-1 newest carry the same information. `valid`: the positions from it on are
+    padding; the state keeps the K-1 inputs up to position valid - 1."""
+
+    inert_padding = True
 
     def __init__(self, dim: int, kernel: int, bias: bool):
         super().__init__()
         self.conv = _ConvWeights(dim, kernel, bias)  # weight names as NX-AI: conv.weight, conv.bias
         self._k = kernel
 
-    def __call__(self, x: mx.array, state: Optional[dict] = None, mode: str = "auto"):
+    def __call__(self, x: mx.array, state: Optional[dict] = None, mode: str = "auto", valid: Optional[mx.array] = None):
         B, T, F = x.shape
         k = self._k
         prev = state["x"].astype(x.dtype) if state is not None else mx.zeros((B, k - 1, F), dtype=x.dtype)
@@ -78,7 +81,8 @@ class CausalConv1d(nn.Module):
         y = _taps(xp, w.T, T) if T == 1 else _conv(xp, mx.contiguous(w.T))
         if "bias" in self.conv:
             y = y + self.conv.bias
-        return y, {"x": xp[:, T:].astype(mx.float32)}
+        last = xp[:, T:] if valid is None else mx.take(xp, valid + mx.arange(k - 1), axis=1)
+        return y, {"x": last.astype(mx.float32)}
 
 
 class _PointwiseConv(CausalConv1d):

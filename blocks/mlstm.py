@@ -29,12 +29,15 @@ import mlx.nn as nn
 
 from mad.block import (Block, Cut, Dim, FiniteFloat, PositiveFloat, ShapeError, SplitHeads, TensorType, expect_float,
                        register)
-from mad.kernels.mlstm import mlstm_sequence
+from mad.kernels.mlstm import inert_gates, mlstm_sequence
 from mad.kernels.registry import dispatch
 
 
 class MLSTMCell(nn.Module):
-    """(B, T, NH*DQK) x2, (B, T, NH*DV), gates (B, T, NH) x2 -> (B, T, NH*DV), with state (C, n, m)."""
+    """(B, T, NH*DQK) x2, (B, T, NH*DV), gates (B, T, NH) x2 -> (B, T, NH*DV), with state (C, n, m).
+    `valid`: the positions from it on are padding, made inert through their gates (`inert_gates`)."""
+
+    inert_padding = True
 
     def __init__(self, heads: int, chunk_size: int, eps: float, mode: str, scale: str = "q"):
         super().__init__()
@@ -44,7 +47,7 @@ class MLSTMCell(nn.Module):
         b, t, _ = x.shape
         return x.reshape(b, t, self.heads, -1).transpose(0, 2, 1, 3)
 
-    def __call__(self, q, k, v, i, f, state: Optional[dict], mode: str = "auto"):
+    def __call__(self, q, k, v, i, f, state: Optional[dict], mode: str = "auto", valid: Optional[mx.array] = None):
         mode = self.mode if self.mode != "auto" else mode
         cell_state = None if state is None else (state["C"], state["n"], state["m"])
         b, t, _ = q.shape
@@ -56,6 +59,8 @@ class MLSTMCell(nn.Module):
                 cell_state, eps=self.eps, scale=self.scale)
             return h.reshape(b, 1, -1), {"C": c, "n": n, "m": m}
         gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
+        if valid is not None:
+            gates = inert_gates(*gates, valid)
         # head-major copies made once (the scaled one by its product): every product of the cell reads
         # them, and a product of a transposed view would copy it again
         factor = 1.0 / math.sqrt(q.shape[-1] // self.heads)

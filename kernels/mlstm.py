@@ -33,7 +33,7 @@ from .registry import dispatch, register_kernel
 
 State = Tuple[mx.array, mx.array, mx.array]
 
-__all__ = ["State", "mlstm_step", "mlstm_chunkwise", "mlstm_parallel", "mlstm_sequence"]
+__all__ = ["State", "inert_gates", "mlstm_step", "mlstm_chunkwise", "mlstm_parallel", "mlstm_sequence"]
 
 _F32 = mx.float32
 
@@ -122,6 +122,19 @@ def mlstm_step(
     qn = (q_hat @ n_new.astype(q.dtype)[..., None]).astype(_F32)  # q^ . n_t (B, NH, 1, 1)
     den = mx.maximum(mx.abs(qn), _exp_neg(m_new)[..., None, None]) + eps
     return (num / den).astype(v.dtype), (C_new, n_new, m_new)
+
+
+PAD_INPUT_GATE, PAD_FORGET_GATE = -1e30, 1e30  # inert positions' gate pre-activations (`inert_gates`)
+
+
+def inert_gates(i: mx.array, f: mx.array, valid: mx.array) -> Tuple[mx.array, mx.array]:
+    """Gate pre-activations (..., T) whose positions from `valid` (an int32 array of one element) on are
+    inert: exp(i~ - m) is 0 there and logsigmoid(f~) exactly 0, so those positions add nothing to C and n,
+    keep m (m = max(lf + m, i~)) and leave every decay sum as it was: the state after the call is the one
+    the first `valid` positions leave. Finite values, not infinities: a chunk of padding alone would meet
+    -inf - (-inf)."""
+    pad = mx.arange(i.shape[-1]) >= valid
+    return mx.where(pad, PAD_INPUT_GATE, i), mx.where(pad, PAD_FORGET_GATE, f)
 
 
 def chunk_log_weights(b: mx.array, ic: mx.array) -> Tuple[mx.array, mx.array, mx.array]:

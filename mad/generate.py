@@ -8,7 +8,9 @@ Each prompt of a batch is read on its own (batch 1), then the states are concate
 and decoded one token per step; a finished sequence leaves (its row is sliced out), a new one joins after its
 own prompt. A decode step runs at a few batch sizes only (`decode_bucket`: powers of two, with inert copies
 of a row as padding) and a prompt is read in calls of a few shapes (`next_prompt_end`), so the compiled
-program is traced a bounded number of times. Each row samples with its own parameters and PRNG key, so a
+program is traced a bounded number of times: whole blocks, then the rest in one call padded to a power of
+two with inert positions (`Program`'s `valid`) where the model can, else in pieces of decreasing powers
+of two (each of which reads every weight once more). Each row samples with its own parameters and PRNG key, so a
 sequence gives the same tokens in a batch as alone.
 
 Prompts are read in blocks of `PREFILL_BLOCK` tokens counted from the start (or from a cut the caller
@@ -39,23 +41,30 @@ from .tokenizers import ByteTokenizer, HFTokenizer, StreamingDetokenizer
 PREFILL_BLOCK = 256  # prompt tokens per forward call, counted from the start (module doc: why a fixed block)
 
 
-def next_prompt_end(pos: int, total: int, block: int = PREFILL_BLOCK, cuts: Sequence[int] = ()) -> int:
+def next_prompt_end(pos: int, total: int, block: int = PREFILL_BLOCK, cuts: Sequence[int] = (),
+                    pad: bool = False) -> int:
     """Where the batch reader's next forward call over a prompt of `total` tokens ends, having read `pos`.
 
     The prompt is read in segments: from the start to the first of `cuts` (positions where a call must end,
     e.g. the end of a chat's system part), from there to the next, and so on to `total`. A segment is read
-    in whole blocks of `block` tokens counted from its start, then the rest in pieces of decreasing powers
-    of two (200 = 128 + 64 + 8): at most `block.bit_length()` distinct call shapes, so the compiled
+    in whole blocks of `block` tokens counted from its start, then the rest: in one call when `pad` (run
+    at `padded_width` tokens, the positions after the rest inert), else in pieces of decreasing powers of
+    two (200 = 128 + 64 + 8). Either way at most `block.bit_length()` distinct call shapes, so the compiled
     program is traced a bounded number of times however many prompt lengths come. The calls depend on
-    (pos, total, cuts) only, so a prompt continued from a snapshot at a `resume_points` position makes the
-    calls, and gets the numbers, of one read from the start.
+    (pos, total, cuts, pad) only, so a prompt continued from a snapshot at a `resume_points` position makes
+    the calls, and gets the numbers, of one read from the start.
     """
     start = max((c for c in cuts if c <= pos), default=0)
     end = min((c for c in cuts if pos < c < total), default=total)
     whole = start + (end - start) // block * block
     if pos < whole:
         return min(whole, start + ((pos - start) // block + 1) * block)
-    return pos + (1 << ((end - pos).bit_length() - 1))
+    return end if pad else pos + (1 << ((end - pos).bit_length() - 1))
+
+
+def padded_width(n: int) -> int:
+    """The tokens of a call that reads `n` prompt tokens and pads the rest: the next power of two."""
+    return 1 << (n - 1).bit_length()
 
 
 def resume_points(total: int, cuts: Sequence[int] = (), block: int = PREFILL_BLOCK) -> list[int]:
@@ -305,11 +314,14 @@ class BatchGenerator:
     `prompt_cache` (a `mad.prompt_cache.PromptCache`): a prompt continues from the longest cached prefix
     and leaves snapshots for later prompts; the tokens are the same with and without it (see the module
     doc on blocks). Not thread-safe: the server gives it one thread of its own.
+
+    `pad_prompts`: read the rest of a prompt after its whole blocks in one padded call (`next_prompt_end`);
+    None (default): where the model can (`pads_exactly`), False: in power-of-two pieces.
     """
 
     def __init__(self, model: LanguageModel, *, prefill_block: int = PREFILL_BLOCK,
                  prefill_budget: Optional[int] = PREFILL_STEP, prompt_cache: Any = None,
-                 max_batch: Optional[int] = None):
+                 max_batch: Optional[int] = None, pad_prompts: Optional[bool] = None):
         for name, value in (("prefill_block", prefill_block), ("prefill_budget", prefill_budget),
                             ("max_batch", max_batch)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -317,7 +329,12 @@ class BatchGenerator:
         if prompt_cache is not None and prompt_cache.block != prefill_block:
             raise MadError(f"the prompt cache keeps states every {prompt_cache.block} tokens and the generator "
                            f"reads prompts in blocks of {prefill_block}: they must agree")
+        can_pad = bool(getattr(model, "pads_exactly", False))
+        if pad_prompts and not can_pad:
+            raise MadError("pad_prompts: this model cannot end a call in inert padding (a stateful block "
+                           "without it, e.g. sLSTM)")
         self.model = model
+        self.pad = can_pad if pad_prompts is None else bool(pad_prompts)
         self.block = prefill_block
         self.budget = prefill_budget
         self.max_batch = max_batch
@@ -417,9 +434,17 @@ class BatchGenerator:
             self._keep(keep)
         self._removed.clear()
 
-    def _forward(self, tokens: mx.array, state: Optional[dict], last_only: bool = False) -> tuple[mx.array, dict]:
+    def _forward(self, tokens: mx.array, state: Optional[dict], last_only: bool = False,
+                 valid: Optional[int] = None) -> tuple[mx.array, dict]:
         self.call_shapes.add((tuple(tokens.shape), last_only))
-        return self.model(tokens, state, last_only=last_only, check_tokens=False)
+        return self.model(tokens, state, last_only=last_only, check_tokens=False, valid=valid)
+
+    def _prompt_call(self, ids: list[int], state: Optional[dict]) -> tuple[mx.array, dict]:
+        """Read `ids` (one call's piece of a prompt; `next_prompt_end`), padded with inert positions (token 0)
+        to `padded_width` when the generator pads: the last real position's logits and the state."""
+        width = padded_width(len(ids)) if self.pad else len(ids)
+        tokens = mx.array([ids + [0] * (width - len(ids))], dtype=mx.int32)
+        return self._forward(tokens, state, last_only=True, valid=len(ids) if self.pad else None)
 
     def _keep(self, keep: list[int]) -> None:
         """Keep only these rows of the batch, in this order (then padding, see `_gather`)."""
@@ -451,8 +476,8 @@ class BatchGenerator:
                 self._start(p)
             total = len(p.ids)
             while p.pos < total and (budget is None or budget > 0):
-                end = next_prompt_end(p.pos, total, self.block, p.cuts)
-                out, p.state = self._forward(mx.array([p.ids[p.pos:end]], dtype=mx.int32), p.state, last_only=True)
+                end = next_prompt_end(p.pos, total, self.block, p.cuts, self.pad)
+                out, p.state = self._prompt_call(p.ids[p.pos:end], p.state)
                 budget = None if budget is None else budget - (end - p.pos)
                 p.pos = end
                 if end == total:
@@ -637,4 +662,5 @@ __all__ = ["BatchGenerator", "BatchResponse", "BatchResult", "ByteTokenizer", "G
            "LanguageModel", "MAX_TOP_LOGPROBS", "PREFILL_BLOCK", "PREFILL_STEP", "SamplingParams",
            "StreamingDetokenizer", "apply_repetition_penalty", "batch_generate", "check_prompt", "check_sampling",
            "check_state_arrays", "decode_bucket", "generate", "generate_step", "make_sampler", "next_prompt_end",
-           "print_stats", "prompt_ids", "resolve_tokenizer", "resume_points", "state_spec", "stream_generate"]
+           "padded_width", "print_stats", "prompt_ids", "resolve_tokenizer", "resume_points", "state_spec",
+           "stream_generate"]

@@ -99,9 +99,18 @@ class LanguageModel(nn.Module):
         self.program.load_weights(weights, strict=strict)
         return self
 
+    @property
+    def pads_exactly(self) -> bool:
+        """Whether a call can end in inert padding (`valid`; `Program.pads_exactly`)."""
+        return self.program.pads_exactly
+
     def __call__(self, tokens: mx.array, state: Optional[dict] = None, mode: str = "auto",
-                 last_only: bool = False, check_tokens: bool = True) -> tuple[mx.array, dict]:
+                 last_only: bool = False, check_tokens: bool = True,
+                 valid: Optional[int] = None) -> tuple[mx.array, dict]:
         """logits (B, T, V), or (B, 1, V) at the last position with `last_only`, and the new state.
+
+        `valid` (1..T): the positions from `valid` on are padding that changes nothing (`Program`): the
+        state is the one the first `valid` tokens leave, and `last_only` reads position valid - 1.
 
         `check_tokens` (default on): the tokens must be a 2-D integer array of ids inside the vocabulary
         (one host read of their min and max: ids outside would read memory outside the embedding), and a
@@ -114,7 +123,7 @@ class LanguageModel(nn.Module):
             tokens = self.check_tokens(tokens)
             if state is not None:
                 check_state_arrays(self.program.graph, state, batch=tokens.shape[0], spec=self._state_spec)
-        outputs, state = self.program({self.input_name: tokens}, state, mode=mode, last_only=last_only)
+        outputs, state = self.program({self.input_name: tokens}, state, mode=mode, last_only=last_only, valid=valid)
         return outputs[self.output_name].astype(mx.float32), state
 
     def check_tokens(self, tokens: Any, what: str = "tokens") -> mx.array:

@@ -23,6 +23,13 @@ optimizers) reads and updates.
 positionwise nodes that feed only the outputs (a language model's final norm and head, the last block's
 feed-forward) then run on that position alone.
 
+`valid` (an int32 array of one element, r) makes the positions from r on inert padding: every stateful
+node leaves its state as the first r positions left it, and `last_only` reads position r - 1. A prompt
+piece of any length then runs at one of a few padded shapes in one call (`mad.generate.next_prompt_end`)
+instead of several calls of power-of-two lengths, each reading every weight. A program pads when each of
+its stateful modules declares it can (`inert_padding = True` and a `valid` argument: the mLSTM cell, the
+causal conv); `pads_exactly` says whether it does.
+
 With fusion on, a linear also does the elementwise work next to it in its own kernel where a device
 kernel takes the call (decode-sized calls on a GPU): the RMS norm it reads, the residual add or the gated
 activation it feeds (`mad.passes.find_folds`, kernels/fold.py; `MAD_FOLD=0` turns it off). Everywhere
@@ -77,8 +84,11 @@ def seq_axis(t: TensorType) -> int | None:
     return next((i for i, d in enumerate(t.shape) if isinstance(d, Sym) and d.kind == "seq"), None)
 
 
-def last_position(x: mx.array, axis: int) -> mx.array:
-    return x[(slice(None),) * axis + (slice(-1, None),)]
+def last_position(x: mx.array, axis: int, valid: Optional[mx.array] = None) -> mx.array:
+    """Position -1 of `axis` (size 1 there), or position valid - 1 when the positions after it are padding."""
+    if valid is None:
+        return x[(slice(None),) * axis + (slice(-1, None),)]
+    return mx.take(x, valid - 1, axis=axis)
 
 
 def fuse_enabled(fuse: FuseMode) -> bool:
@@ -434,37 +444,39 @@ class Program:
         return state
 
     # ------------------------------------------------------------------ running
-    def _read(self, env: dict, src: str, node: str, last_only: bool) -> mx.array:
-        """The value `node` reads from `src`: its last position when `node` runs on that alone."""
+    def _read(self, env: dict, src: str, node: str, last_only: bool, valid: Optional[mx.array] = None) -> mx.array:
+        """The value `node` reads from `src`: its last (real) position when `node` runs on that alone."""
         x = env[src]
         if last_only and node in self.tail and src not in self.tail:
             axis = seq_axis(self.graph.g.nodes[src]["type"])
             if axis is not None:
-                return last_position(x, axis)
+                return last_position(x, axis, valid)
         return x
 
     def _run_nodes(self, nodes: list[str], env: dict, state: dict, new_state: dict, mode: str,
-                   last_only: bool = False) -> None:
+                   last_only: bool = False, valid: Optional[mx.array] = None) -> None:
+        pad = {} if valid is None else {"valid": valid}
         for n in nodes:
             group = self._group_of.get(n)
             if group is not None:  # a fused group runs at its first member and yields every member's output
                 if n != group.members[0]:
                     continue
-                env.update(zip(group.members, self._fused[n](self._read(env, group.source, n, last_only))))
+                env.update(zip(group.members, self._fused[n](self._read(env, group.source, n, last_only, valid))))
             else:
-                xs = [self._read(env, s, n, last_only) for s in self.reads[n]]
+                xs = [self._read(env, s, n, last_only, valid) for s in self.reads[n]]
                 if n in self.stateful:
-                    env[n], new_state[n] = self.fns[n](*xs, state=None if mode == "parallel" else state[n], mode=mode)
+                    env[n], new_state[n] = self.fns[n](*xs, state=None if mode == "parallel" else state[n], mode=mode,
+                                                       **pad)
                 else:
                     env[n] = self.fns[n](*xs)
             if n in self._fold_at:
-                self._fold(self._fold_at[n], env, last_only)
+                self._fold(self._fold_at[n], env, last_only, valid)
 
     def _unit(self, unit: str) -> Any:
         """The module of a fold's linear unit: its group's fused module, or its own."""
         return self._fused[unit] if unit in self._fused else self.fns[unit]
 
-    def _fold(self, f: Fold, env: dict, last_only: bool) -> None:
+    def _fold(self, f: Fold, env: dict, last_only: bool, valid: Optional[mx.array] = None) -> None:
         """Replace the value(s) fold `f` produces by its folded kernel's where one takes the call
         (kernels/fold.py `apply`; MLX drops the unfolded nodes no output reads then)."""
         from .kernels.fold import apply  # here: importing MAD loads no kernel module (kernels/registry.py)
@@ -475,10 +487,10 @@ class Program:
             return  # a part of the program run alone (`profile`): the nodes as they are
         norm = None
         if f.norm is not None:
-            x = self._read(env, raw, f.norm, last_only)
+            x = self._read(env, raw, f.norm, last_only, valid)
             norm = (self.fns[f.norm][f.norm_form.weight], f.norm_form.eps)
         else:
-            x = self._read(env, raw, f.unit, last_only)
+            x = self._read(env, raw, f.unit, last_only, valid)
         if f.node == f.unit:
             members = group.members if group else (f.unit,)
             value = [env[m] for m in members]
@@ -486,7 +498,7 @@ class Program:
             if all(a.shape == b.shape for a, b in zip(out, value)):
                 env.update(zip(members, out))
         else:
-            residual = self._read(env, f.residual, f.node, last_only) if f.residual is not None else None
+            residual = self._read(env, f.residual, f.node, last_only, valid) if f.residual is not None else None
             out = apply(env[f.node], x, *self._unit(f.unit).linear_args(), norm=norm, pair=f.pair, residual=residual)
             if out.shape == env[f.node].shape:
                 env[f.node] = out
@@ -496,19 +508,21 @@ class Program:
         self._run_nodes(stage.nodes, env, state, new_state, mode, last_only)
         return {n: env[n] for n in stage.writes}, new_state
 
-    def _outputs(self, env: dict, last_only: bool) -> dict[str, mx.array]:
+    def _outputs(self, env: dict, last_only: bool, valid: Optional[mx.array] = None) -> dict[str, mx.array]:
         out = {}
         for k, v in self.graph.outputs.items():
             axis = seq_axis(self.graph.g.nodes[v]["type"])
-            out[k] = last_position(env[v], axis) if last_only and v not in self.tail and axis is not None else env[v]
+            out[k] = last_position(env[v], axis, valid) if last_only and v not in self.tail and axis is not None \
+                else env[v]
         return out
 
-    def _program_fn(self, mode: str, last_only: bool, inputs: dict, state: dict) -> tuple[dict, dict]:
+    def _program_fn(self, mode: str, last_only: bool, inputs: dict, state: dict,
+                    valid: Optional[mx.array] = None) -> tuple[dict, dict]:
         # MLX calls this only while tracing (once per new input shape): the log shows what a run traced
         self.traces.append((tuple(next(iter(inputs.values())).shape), last_only))
         env, new_state = dict(inputs), {}
-        self._run_nodes(self.nodes, env, state, new_state, mode, last_only)
-        return self._outputs(env, last_only), new_state
+        self._run_nodes(self.nodes, env, state, new_state, mode, last_only, valid)
+        return self._outputs(env, last_only, valid), new_state
 
     def _fn(self, key: Any, fn: Callable) -> Callable:
         if key not in self._compiled:
@@ -592,14 +606,42 @@ class Program:
         self._run_nodes(self.nodes, env, state, {}, mode)
         return {n: env[n] for n in self.nodes}
 
+    @property
+    def pads_exactly(self) -> bool:
+        """Whether a call can end in inert padding (`valid`, module doc): every stateful module declares
+        `inert_padding`, and the program runs whole (not stage by stage)."""
+        return not self._by_stage and all(getattr(self.fns.get(n), "inert_padding", False) for n in self.stateful)
+
+    def _padding(self, valid: Any, inputs: dict) -> Optional[mx.array]:
+        """`valid` checked against the inputs' sequence length T, as the array the padded program reads (also
+        for valid = T: a caller that pads some calls runs one trace per shape), or None."""
+        if valid is None:
+            return None
+        x = next(iter(inputs.values()))
+        t = x.shape[1] if x.ndim > 1 else 1
+        if isinstance(valid, bool) or not isinstance(valid, int) or not 1 <= valid <= t:
+            raise MadError(f"valid must be an integer from 1 to the sequence length {t}, got {valid!r}")
+        if not self.pads_exactly:
+            if valid == t:
+                return None
+            which = [n for n in self.nodes if n in self.stateful
+                     and not getattr(self.fns.get(n), "inert_padding", False)]
+            raise MadError(f"this program cannot end a call in padding: "
+                           + (f"node '{which[0]}' keeps state without inert padding" if which
+                              else "it runs stage by stage"))
+        return mx.array([valid], dtype=mx.int32)
+
     def __call__(self, inputs: Any, state: dict | None = None, mode: Mode = "auto",
-                 last_only: bool = False) -> tuple[dict, dict]:
+                 last_only: bool = False, valid: Optional[int] = None) -> tuple[dict, dict]:
         """Run the program on `inputs` ({name: array} or one array) from `state` (None = zeros).
 
         Returns (outputs {name: array}, new_state). Nothing is evaluated: MLX stays lazy. With
         `last_only`, each output that has a sequence dim holds its last position only (size 1 there).
+        `valid` (1..T): the positions from `valid` on are inert padding (module doc); `last_only` then
+        reads position valid - 1, and the state is the one the first `valid` positions leave.
         """
         inputs = self._check_inputs(inputs)
+        pad = self._padding(valid, inputs)
         if state is None:
             batch = next(iter(inputs.values())).shape[0] if inputs else 1
             state = self.init_state(batch)
@@ -609,10 +651,11 @@ class Program:
         if self._fused:
             self._sync_fused()
         if self.compile_mode != "stage":
-            fn = self._compiled.get((mode, last_only))
+            key = (mode, last_only, pad is not None)
+            fn = self._compiled.get(key)
             if fn is None:
-                fn = self._fn((mode, last_only), partial(self._program_fn, mode, last_only))
-            return fn(inputs, state)
+                fn = self._fn(key, partial(self._program_fn, mode, last_only))
+            return fn(inputs, state) if pad is None else fn(inputs, state, pad)
         env = dict(inputs)
         new_state: dict = {}
         for stage in self.stages:
