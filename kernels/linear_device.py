@@ -17,7 +17,10 @@ own float32 accumulator per lane, the same k order, the same warp reduction), so
 bits alone and in a batch; MLX's matmul, which runs above the limit, picks its algorithm by M and does
 not. A server that must give each client exactly its solo tokens raises the limit to its largest decode
 batch (`batch_invariant`); the default keeps MLX's faster matmul for larger batches (`mad bench`). The
-limit is read when a program is traced: set it before the first call it should govern.
+limit is read when a program is traced: set it before the first call it should govern. It governs
+decode-shaped calls (x (B, 1, K), or a flat (M, K)): a prompt piece (B, T > 1, K) keeps MLX's matmul above
+MAX_ROWS, since the server reads each prompt alone and its numbers depend only on its own calls (the
+kernel at 32 rows of one prompt would take several times the matmul's time to the first token).
 """
 
 from __future__ import annotations
@@ -142,7 +145,8 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
     M = 1
     for d in lead:
         M *= d
-    if M > _row_limit or K % 8 or w.ndim != 2 or w.shape[1] != K or x.dtype != w.dtype or x.dtype not in DTYPES:
+    limit = _row_limit if x.ndim < 3 or x.shape[-2] == 1 else MAX_ROWS  # the switch governs decode shapes
+    if M > limit or K % 8 or w.ndim != 2 or w.shape[1] != K or x.dtype != w.dtype or x.dtype not in DTYPES:
         raise Unsupported(f"linear: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
     if norm is not None and (norm[0] is None or norm[0].shape != (K,)):
         raise Unsupported("linear: a norm without a weight of the input's width")

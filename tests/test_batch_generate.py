@@ -13,6 +13,7 @@ import pytest
 
 import mad
 from mad.generate import PREFILL_BLOCK, BatchGenerator, SamplingParams, batch_generate, stream_generate
+from mad.kernels.registry import Unsupported
 from mad.loading import save_state_file
 from mad.prompt_cache import PromptCache, state_nbytes
 
@@ -409,6 +410,10 @@ def test_batch_invariant_switch():
     try:
         ld.batch_invariant(16)
         assert ld.row_limit() == 16
+        # a prompt piece (one sequence, 16 positions) keeps MLX's matmul: the kernel declines it before launching
+        x, w = mx.zeros((1, 16, 64)), mx.zeros((32, 64))
+        with pytest.raises(Unsupported, match="linear"):
+            ld.linear_device(x, w)
     finally:
         ld.batch_invariant(None)
     assert ld.row_limit() == ld.MAX_ROWS
