@@ -155,17 +155,17 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
     width = N if width is None else width
     (y,) = LINEAR_KERNEL(
         backend,
-        inputs=[x.reshape(M, K), w, _UNUSED if bias is None else bias,
+        inputs=[x, w, _UNUSED if bias is None else bias,
                 _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
                 _UNUSED if norm is None else norm[0], _UNUSED if norm is None else _eps(norm[1]),
-                _UNUSED if residual is None else residual.reshape(M, width)],
+                _UNUSED if residual is None else residual],
         template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS),
                   ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap), ("NORM", norm is not None),
                   ("PAIR", pair is not None), ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0),
                   ("RESIDUAL", residual is not None)],
         grid=(-(-width // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
-        output_shapes=[(M, width)], output_dtypes=[w.dtype], init_value=poison)
-    return y.reshape(*lead, width)
+        output_shapes=[(*lead, width)], output_dtypes=[w.dtype], init_value=poison)
+    return y
 
 
 @functools.lru_cache(maxsize=None)

@@ -13,6 +13,7 @@ consecutive threads on consecutive addresses; each thread loads UNROLL rows befo
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
@@ -136,23 +137,27 @@ def mlstm_step_device(
     if state is None:
         state = (mx.zeros((B, NH, DQK, DV), mx.float32), mx.zeros((B, NH, DQK), mx.float32),
                  mx.zeros((B, NH), mx.float32))
-    C, n, m = (s.astype(mx.float32) for s in state)
-    rows = B * NH
+    C, n, m = (s if s.dtype == mx.float32 else s.astype(mx.float32) for s in state)
+    # the kernel indexes flat, row-contiguous arrays: inputs and outputs keep their shapes (no reshape
+    # nodes, which cost a decode step host time per layer)
     h, C_new, n_new, m_new = STEP_KERNEL(
         backend,
-        inputs=[q.reshape(rows, DQK), k.reshape(rows, DQK), v.reshape(rows, DV),
-                i.reshape(rows), f.reshape(rows),
-                C.reshape(rows, DQK, DV), n.reshape(rows, DQK), m.reshape(rows), mx.array([eps], mx.float32)],
+        inputs=[q, k, v, i, f, C, n, m, _eps(eps)],
         template=[("T", v.dtype), ("DQK", DQK), ("DV", DV), ("TX", TX), ("TY", TY), ("UNROLL", UNROLL),
                   ("SCALE_Q", scale == "q")],
-        grid=(math.ceil(DV / TX) * TX, rows * TY, 1),
+        grid=(math.ceil(DV / TX) * TX, B * NH * TY, 1),
         threadgroup=(TX, TY, 1),
-        output_shapes=[(rows, DV), (rows, DQK, DV), (rows, DQK), (rows,)],
+        output_shapes=[(B, NH, 1, DV), (B, NH, DQK, DV), (B, NH, DQK), (B, NH)],
         output_dtypes=[v.dtype, mx.float32, mx.float32, mx.float32],
         init_value=poison,
     )
-    return (h.reshape(B, NH, 1, DV),
-            (C_new.reshape(B, NH, DQK, DV), n_new.reshape(B, NH, DQK), m_new.reshape(B, NH)))
+    return h, (C_new, n_new, m_new)
+
+
+@functools.lru_cache(maxsize=None)
+def _eps(eps: float) -> mx.array:
+    """The denominator's epsilon as the float32 array the kernel reads (made once per value)."""
+    return mx.array([eps], mx.float32)
 
 
 RECURRENCE_BODY = """

@@ -245,17 +245,17 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
     outs = R // 2 if pair is not None else R
     (y,) = QLINEAR_KERNEL(
         backend,
-        inputs=[x.reshape(M, K), w, scales, biases, _UNUSED if bias is None else bias,
+        inputs=[x, w, scales, biases, _UNUSED if bias is None else bias,
                 _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
                 _UNUSED if norm is None else norm[0], _UNUSED if norm is None else _eps(norm[1]),
-                _UNUSED if residual is None else residual.reshape(M, width)],
+                _UNUSED if residual is None else residual],
         template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
                   ("R", R), ("STAGE", S), ("WARPS", warps), ("HAS_BIAS", bias is not None),
                   ("HAS_CAP", has_cap), ("NORM", norm is not None), ("PAIR", pair is not None),
                   ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0), ("RESIDUAL", residual is not None)],
         grid=(-(-width // (warps * outs)) * 32, warps, 1), threadgroup=(32, warps, 1),
-        output_shapes=[(M, width)], output_dtypes=[x.dtype], init_value=poison)
-    return y.reshape(*lead, width)
+        output_shapes=[(*lead, width)], output_dtypes=[x.dtype], init_value=poison)
+    return y
 
 
 def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array] = None,
