@@ -33,7 +33,7 @@ import mlx.core as mx
 
 from .linear import linear, split_parts
 from .qlinear import QuantizedMatrix, quantized_linear
-from .registry import Unsupported, chosen_variant, register_kernel, with_reference_gradient
+from .registry import Unsupported, chosen_variant, gradients, register_kernel, with_reference_gradient
 
 PAIR_ACTIVATIONS = ("sigmoid", "silu")  # what the device kernels apply to a pair's first part
 
@@ -82,6 +82,8 @@ def apply(value: Any, x: mx.array, weight: Any, bias: Optional[mx.array] = None,
     if variant is None:
         return value
     try:
+        if not gradients():
+            return variant(x, weight, bias, splits, caps, **fold)
         return with_reference_gradient(variant, kernel.reference, (x, weight, bias, splits, caps), fold)
     except Unsupported:
         return value

@@ -26,11 +26,15 @@ shapes and dtypes only, so it is made once while tracing.
 Under autodiff a variant's gradient is its reference's (`with_reference_gradient`), unless the variant
 was registered with `own_gradient=True`: it is then differentiable itself (an `mx.custom_function` with a
 VJP written for it, held to the reference's gradient by tests/test_grad.py) and is called as it is.
+Inside `inference()` (generation, serving, benchmarks, evaluation) no gradient is taken: variants run bare,
+without the custom function around each call, whose graph node a decode step would otherwise pay for at
+every kernel call; the numbers are the same. A `Program` keys its compiled functions by `gradients()`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import functools
 import importlib
 import os
@@ -40,7 +44,8 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 
 __all__ = ["BUILTIN", "Unsupported", "register_kernel", "register_variant", "register_device_kernel", "dispatch", "get",
-           "chosen_variant", "listed", "backend", "use_reference", "set_policy", "policy", "kernels", "load_builtin"]
+           "chosen_variant", "listed", "backend", "use_reference", "set_policy", "policy", "kernels", "load_builtin",
+           "inference", "gradients"]
 
 GPU_BACKENDS = ("cuda", "metal")
 BACKENDS = (*GPU_BACKENDS, "cpu")
@@ -53,6 +58,25 @@ BUILTIN = ("activations", "fold", "linear", "linear_device", "mlstm", "mlstm_dev
 
 class Unsupported(Exception):
     """Raised by a device variant for inputs it does not handle; the reference runs instead."""
+
+
+_GRADIENTS: contextvars.ContextVar[bool] = contextvars.ContextVar("mad_gradients", default=True)
+
+
+def gradients() -> bool:
+    """Whether calls traced now may be differentiated (False inside `inference()`)."""
+    return _GRADIENTS.get()
+
+
+@contextlib.contextmanager
+def inference() -> Iterator[None]:
+    """Trace and run without gradients in this thread (module doc): variants run bare. Taking a gradient
+    of something traced inside fails (`[Primitive::vjp]` of a custom kernel)."""
+    token = _GRADIENTS.set(False)
+    try:
+        yield
+    finally:
+        _GRADIENTS.reset(token)
 
 
 @dataclass
@@ -177,7 +201,9 @@ def dispatch(name: str) -> Callable:
 
     def run(*args, **kwargs):
         try:
-            return variant(*args, **kwargs) if own else with_reference_gradient(variant, kernel.reference, args, kwargs)
+            if own or not _GRADIENTS.get():
+                return variant(*args, **kwargs)
+            return with_reference_gradient(variant, kernel.reference, args, kwargs)
         except Unsupported:
             return kernel.reference(*args, **kwargs)
 

@@ -44,6 +44,7 @@ _cpu.select_blas()  # before mlx.core is imported: see backends/cpu.py
 from .block import Block, Dim, OptDim, ShapeError, TensorType, register  # noqa: E402
 from .errors import MadError  # noqa: E402
 from .graph import Graph, build_graph  # noqa: E402
+from .kernels.registry import inference  # noqa: E402
 from .program import Program  # noqa: E402
 from .topology import load_topology  # noqa: E402
 from .generate import generate, stream_generate  # noqa: E402  (functions shadow the module name, as in mlx-lm)
@@ -67,4 +68,4 @@ def build(path, overrides=(), dtype="float32", compile="program", fuse="auto", t
 
 
 __all__ = ["Block", "Dim", "OptDim", "Graph", "MadError", "Program", "ShapeError", "TensorType", "build",
-           "build_graph", "generate", "load", "load_topology", "register", "save", "stream_generate"]
+           "build_graph", "generate", "inference", "load", "load_topology", "register", "save", "stream_generate"]

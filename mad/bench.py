@@ -27,6 +27,7 @@ import mlx.core as mx
 
 from .backends import cpu
 from .errors import MadError
+from .kernels.registry import inference
 from .model import PREFILL_STEP, LanguageModel
 
 KEYS = ("prompt_tps", "generation_tps", "peak_memory")
@@ -49,10 +50,11 @@ def _trial(model: LanguageModel, prompt: mx.array, generation_tokens: int, prefi
     prompt_time = time.perf_counter() - start
 
     start = time.perf_counter()
-    for _ in range(generation_tokens):
-        logits, state = model(token[:, None], state, check_tokens=False)  # no sync between steps
-        token = mx.argmax(logits[:, -1], axis=-1)
-        mx.async_eval(token, state)
+    with inference():  # kernels run bare, as in generation (kernels/registry.py)
+        for _ in range(generation_tokens):
+            logits, state = model(token[:, None], state, check_tokens=False)  # no sync between steps
+            token = mx.argmax(logits[:, -1], axis=-1)
+            mx.async_eval(token, state)
     mx.eval(token, state)
     generation_time = time.perf_counter() - start
     return Trial(batch * prompt_tokens / prompt_time,

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 
 from .errors import MadError
+from .kernels.registry import inference
 from .model import PREFILL_STEP, LanguageModel, check_prompt, check_state_arrays, state_spec
 from .sampling import apply_repetition_penalty, check_sampling, filtered_logprobs, make_sampler
 from .tokenizers import ByteTokenizer, HFTokenizer, StreamingDetokenizer
@@ -136,7 +137,8 @@ def generate_step(model: LanguageModel, prompt: mx.array, state: Optional[dict] 
     while True:
         if repetition_penalty != 1.0:
             history = mx.concatenate([history, token])[-repetition_context:]  # bounded, however long the run
-        next_logits, next_state = model(token[:, None], state, check_tokens=False)
+        with inference():  # kernels run bare: no gradient of a decode step (kernels/registry.py)
+            next_logits, next_state = model(token[:, None], state, check_tokens=False)
         next_token = sample(next_logits[:, -1])
         mx.async_eval(next_token, next_state)
         yield token, next_state
@@ -437,7 +439,8 @@ class BatchGenerator:
     def _forward(self, tokens: mx.array, state: Optional[dict], last_only: bool = False,
                  valid: Optional[int] = None) -> tuple[mx.array, dict]:
         self.call_shapes.add((tuple(tokens.shape), last_only))
-        return self.model(tokens, state, last_only=last_only, check_tokens=False, valid=valid)
+        with inference():  # kernels run bare: no gradient of generation (kernels/registry.py)
+            return self.model(tokens, state, last_only=last_only, check_tokens=False, valid=valid)
 
     def _prompt_call(self, ids: list[int], state: Optional[dict]) -> tuple[mx.array, dict]:
         """Read `ids` (one call's piece of a prompt; `next_prompt_end`), padded with inert positions (token 0)

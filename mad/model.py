@@ -24,6 +24,7 @@ from mlx.utils import tree_flatten, tree_unflatten
 
 from .dims import shape_str
 from .errors import Diagnostics, MadError
+from .kernels.registry import inference
 from .program import Program
 
 
@@ -168,10 +169,11 @@ class LanguageModel(nn.Module):
             if state is not None:
                 check_state_arrays(self.program.graph, state, batch=tokens.shape[0], spec=self._state_spec)
         total = tokens.shape[1]
-        for start in range(0, total, step_size):
-            logits, state = self(tokens[:, start:start + step_size], state, last_only=True, check_tokens=False)
-            if start + step_size < total:
-                mx.eval(state)
+        with inference():  # no gradient of a prompt's reading: kernels run bare (kernels/registry.py)
+            for start in range(0, total, step_size):
+                logits, state = self(tokens[:, start:start + step_size], state, last_only=True, check_tokens=False)
+                if start + step_size < total:
+                    mx.eval(state)
         return logits[:, -1], state
 
 

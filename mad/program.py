@@ -58,6 +58,7 @@ from .block import TensorType
 from .dims import Sym, shape_str
 from .errors import Diagnostics, MadError
 from .graph import Graph, check_state
+from .kernels.registry import gradients
 from .passes import Fold, FusionGroup, find_folds, find_sibling_linears
 from .quantize import fused_linear, quantized_modules
 
@@ -651,7 +652,7 @@ class Program:
         if self._fused:
             self._sync_fused()
         if self.compile_mode != "stage":
-            key = (mode, last_only, pad is not None)
+            key = (mode, last_only, pad is not None, gradients())  # inside `inference()`: kernels run bare
             fn = self._compiled.get(key)
             if fn is None:
                 fn = self._fn(key, partial(self._program_fn, mode, last_only))

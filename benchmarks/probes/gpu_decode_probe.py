@@ -11,7 +11,10 @@ Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 s
 Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU machine:
 
     python benchmarks/probes/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
-        [--compare-fuse | --compare-fold] [--bits 4]   # --bits: quantized as bench_quant.py does (no matmuls row)
+        [--compare-fuse | --compare-fold | --compare-inference] [--bits 4]
+        # --bits: quantized as bench_quant.py does (no matmuls row)
+Decode steps run inside `mad.inference()` (as generation does); `--compare-inference` times them inside and
+outside it (kernels bare or wrapped for gradients), interleaved on one model.
 """
 
 from __future__ import annotations
@@ -57,6 +60,31 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
+def compare_inference(args) -> None:
+    """Decode ms/step inside and outside `mad.inference()`, same model, 5 interleaved rounds."""
+    import contextlib
+
+    model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
+    if args.bits:
+        from mad.quantize import quantize_model
+        quantize_model(model, bits=args.bits, group_size=64)
+        mx.eval(model.program.parameters())
+    B = args.batch
+    _, state = model(mx.random.randint(0, 1000, (B, 16)).astype(mx.int32))
+    token = mx.random.randint(0, 1000, (B, 1)).astype(mx.int32)
+    modes = {"inference": mad.inference, "gradients": contextlib.nullcontext}
+    times = {k: [] for k in modes}
+    for k, ctx in modes.items():
+        with ctx():
+            decode_ms(model, token, state, 5)
+    for _ in range(5):
+        for k, ctx in modes.items():
+            with ctx():
+                times[k].append(decode_ms(model, token, state, args.steps))
+    print(json.dumps({"batch": B, "bits": args.bits, **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
+                      **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
+
+
 def compare(args, what: str) -> None:
     """Decode ms/step of two programs on the same weights, 5 interleaved rounds: fused against unfused
     sibling projections (`what` "fuse"), or folded against unfolded norms, residual adds and gated
@@ -88,11 +116,12 @@ def compare(args, what: str) -> None:
     agree = float(mx.max(mx.abs(first.astype(mx.float32) - second.astype(mx.float32))))
 
     times = {k: [] for k in models}
-    for k in models:
-        decode_ms(models[k], token, states[k], 5)
-    for _ in range(5):
+    with mad.inference():
         for k in models:
-            times[k].append(decode_ms(models[k], token, states[k], args.steps))
+            decode_ms(models[k], token, states[k], 5)
+        for _ in range(5):
+            for k in models:
+                times[k].append(decode_ms(models[k], token, states[k], args.steps))
     print(json.dumps({"batch": B, "bits": args.bits, "overrides": args.overrides, "max_abs_logit_diff": agree,
                       **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
                       **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
@@ -111,8 +140,17 @@ def main() -> None:
                     help="only time fused vs unfused decode (same weights), interleaved")
     ap.add_argument("--compare-fold", action="store_true",
                     help="only time folded vs unfolded decode (same weights, MAD_FOLD), interleaved")
+    ap.add_argument("--compare-inference", action="store_true",
+                    help="only time decode inside vs outside mad.inference(), interleaved")
     args = ap.parse_args()
     set_policy(args.kernels)
+    if args.compare_inference:
+        return compare_inference(args)
+    with mad.inference():
+        return run(args)
+
+
+def run(args) -> None:
     if args.compare_fuse or args.compare_fold:
         return compare(args, "fuse" if args.compare_fuse else "fold")
 
