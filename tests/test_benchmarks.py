@@ -54,6 +54,7 @@ GPU = {
     "gpu_mlstm_cell.py": ["--tokens", "256", "--heads", "2", "--dqk", "64", "--dv", "64", "--chunks", "64",
                           "--dtypes", "float32", "--trials", "1", "--no-limits"],
     "probes/gpu_mlstm_float32.py": [],
+    "probes/gpu_mqar.py": ["--set", "dims.D=32", "--steps", "3", "--eval-every", "3", "--budget", "60"],
     "gpu_slstm.py": ["layer", "--batch", "1", "--tokens", "64", "--trials", "1"],
     "probes/gpu_step_kernels.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2"],
     "probes/gpu_tf32_probe.py": [],
