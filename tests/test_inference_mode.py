@@ -11,6 +11,7 @@ from pathlib import Path
 import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
+import pytest
 
 import mad
 from mad.kernels.registry import gradients
@@ -72,3 +73,23 @@ def test_the_switch_is_per_thread():
         t.join()
         seen["here"] = gradients()
     assert seen == {"other": True, "here": False} and gradients()
+
+
+@pytest.mark.skipif(not mx.cuda.is_available(), reason="needs MLX with CUDA (the device kernels, folds)")
+@pytest.mark.parametrize("bits", [None, 4])
+def test_same_numbers_on_the_gpu(bits):
+    """The device kernels bare and wrapped (decode step, bf16 and 4-bit, folds on): the same bits."""
+    model, _ = mad.load(ROOT / "topologies" / "xlstm-7b.yaml", dtype="bfloat16",
+                        overrides=["dims.D=512", "dims.L=2", "dims.NH=4", "dims.V=512"])
+    if bits:
+        from mad.quantize import quantize_model
+        quantize_model(model, bits=bits, group_size=64)
+    _, state = model(mx.array([[5, 6, 7]], dtype=mx.int32))
+    step = mx.array([[9]], dtype=mx.int32)
+    plain = model(step, state)
+    with mad.inference():
+        bare = model(step, state)
+    assert mx.array_equal(plain[0], bare[0]).item()
+    for node, entries in plain[1].items():
+        for name, a in entries.items():
+            assert mx.array_equal(a, bare[1][node][name]).item(), (node, name)
