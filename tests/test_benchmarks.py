@@ -37,7 +37,7 @@ CPU = {"bench_framework.py": (), "cpu_parts.py": (), "probes/probe_float32_order
        "bench_hf.py": ("torch", "transformers"), "bench_nxai.py": ("torch", "xlstm"),
        "bench_train.py": ("torch", "transformers", "xlstm", "mlstm_kernels"),
        "bench_quant.py": (), "bench_serve.py": ("uvicorn", "starlette", "openai"), "bench_shard.py": (),
-       "probes/probe_mkl_torch.py": ("torch", "xlstm")}
+       "probes/probe_mkl_torch.py": ("torch", "xlstm"), "probes/ttft_cache.py": ()}
 HELPERS = {"common.py", "mad_worker.py"}
 # GPU-only scripts and small arguments for a smoke run
 GPU = {
@@ -112,6 +112,13 @@ def test_bench_framework_quick(args, tmp_path):
 def test_cpu_parts_quick():
     r = run("cpu_parts.py", "--quick")
     assert "GFLOP/s" in r.stdout and "mLSTM cell" in r.stdout
+
+
+def test_ttft_cache_small():
+    r = run("probes/ttft_cache.py", "--topology", "topologies/xlstm-tiny.yaml", "--system", "300", "--question", "8",
+            "--rounds", "2", "--dtype", "float32", "--device", "cpu")
+    res = json.loads(r.stdout)
+    assert all(res[k]["miss_ms"] > 0 and res[k]["hit_ms"] > 0 for k in ("pad=True", "pad=False"))
 
 
 def test_probe_float32_orders_quick():
