@@ -60,8 +60,11 @@ def _act_args(n):
 def _quantized_linear_args(key):
     from mad.kernels.qlinear import QuantizedMatrix
 
+    from mad.kernels.qlinear import PROMPT_ROWS
+
     k = mx.random.split(key, 3)
-    x = mx.random.normal((2, 1, 64), key=k[0])
+    # the rows each variant takes: the GPU's decode kernel a few, the CPU's a prompt (kernels/qlinear.py)
+    x = mx.random.normal((2, PROMPT_ROWS + 4 if backend() == "cpu" else 1, 64), key=k[0])
     packed = QuantizedMatrix(*mx.quantize(mx.random.normal((20, 64), key=k[1]) * 0.3, 32, 4), group_size=32, bits=4)
     b = mx.random.normal((20,), key=k[2]) * 0.1
     return (x, packed), {"bias": b, "splits": [7, 9], "caps": (None, 2.0, None)}
