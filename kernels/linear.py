@@ -21,6 +21,13 @@ comes out contiguous, where autodiff of x @ w.T gives a transposed view that Ada
 with run-time strides, or a copy), db = the column sums of dY, and a soft-capped part's derivative
 1 - t^2 with t = y / cap from its output y (MLX's tanh VJP computes cosh, a second transcendental over
 every element: all-position logits in training).
+
+A bfloat16 or float16 call of several positions (a prompt, training) on the CPU is computed in float32 (x
+and W converted, the bias and the cap on the float32 sums, one rounding at the end; its gradient's
+products too): MLX's CPU has no BLAS for 16-bit types and multiplies 256 rows 30x slower than it converts
+and multiplies in float32, with no better accuracy (it accumulates in float32 as well). A decode step (one
+position per sequence) keeps the 16-bit product: converting every weight at every step cost more than it
+saved (xlstm-125m, bf16: 8.5-9.0 against 9.2-10.2 tokens/s).
 """
 
 from __future__ import annotations
@@ -73,17 +80,38 @@ def _uncapped(g: mx.array, y: mx.array, cap: Optional[float]) -> mx.array:
     return g * (1.0 - t * t)
 
 
+HALF = (mx.bfloat16, mx.float16)
+
+
+def _float32(*arrays: Optional[mx.array]) -> list[Optional[mx.array]]:
+    return [None if a is None else a.astype(mx.float32) for a in arrays]
+
+
 def linear_vjp(primals: Sequence[mx.array], cotangents: Sequence[mx.array], outputs: Sequence[mx.array],
                caps: Sequence[Optional[float]]) -> list[mx.array]:
     """(dX, dW[, db]) of the parts of softcap(x @ w.T + b) at the parts' cotangents: see the module docstring."""
     x, w = primals[0], primals[1]
     dz = [_uncapped(g, y, c) for g, y, c in zip(cotangents, outputs, caps)]
     dy = mx.concatenate(dz, axis=-1) if len(dz) > 1 else dz[0]
+    if x.dtype in HALF and x.ndim >= 3 and x.shape[-2] > 1:  # in float32, as the forward (module docstring)
+        x, w, dy = _float32(x, w, dy)
     rows = dy.reshape(-1, dy.shape[-1])
     grads = [dy @ w, rows.T @ x.reshape(-1, x.shape[-1])]
     if len(primals) > 2:
         grads.append(rows.sum(axis=0))
-    return grads
+    return [g.astype(p.dtype) for g, p in zip(grads, primals)]
+
+
+def _capped_products(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence[int],
+                     caps: Sequence[Optional[float]]) -> list[mx.array]:
+    """The capped parts; a 16-bit call of several positions computed in float32 and rounded once (module
+    docstring)."""
+    dtype = x.dtype
+    wide = dtype in HALF and x.ndim >= 3 and x.shape[-2] > 1
+    if wide:
+        x, w, bias = _float32(x, w, bias)
+    parts = [softcap(p, c) if c else p for p, c in zip(_products(x, w, bias, splits), caps)]
+    return [p.astype(dtype) for p in parts] if wide else parts
 
 
 def linear_cpu(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
@@ -92,12 +120,12 @@ def linear_cpu(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits
     module docstring)."""
     check_parts(splits, caps)
     if not gradients():  # `inference()`: the same operations without the custom function's node
-        return [softcap(p, c) if c else p for p, c in zip(_products(x, w, bias, splits), caps)]
+        return _capped_products(x, w, bias, splits, caps)
 
     @mx.custom_function
     def parts(*arrays: mx.array) -> list[mx.array]:
         x, w, *b = arrays
-        return [softcap(p, c) if c else p for p, c in zip(_products(x, w, b[0] if b else None, splits), caps)]
+        return _capped_products(x, w, b[0] if b else None, splits, caps)
 
     @parts.vjp
     def _(primals, cotangents, outputs):

@@ -326,6 +326,33 @@ def test_linear_on_the_cpu_is_a_product_per_part(on_cpu):
     assert linear_cpu(x, w, None)[0].shape == (1, 1, 10)
 
 
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float16])
+def test_linear_on_the_cpu_takes_16_bit_products_in_float32(dtype, on_cpu):
+    """A 16-bit call of several positions: the float32 products of the converted inputs, bias and cap on the
+    float32 sums, one rounding (bit for bit); its gradients are those of the float32 computation, rounded
+    to the primals' dtypes. One position (decode) keeps the 16-bit product."""
+    rng = np.random.default_rng(5)
+    x32, w32, b32 = (mx.array(rng.normal(0, 1, s).astype(np.float32)).astype(dtype).astype(mx.float32)
+                     for s in ((2, 9, 16), (10, 16), (10,)))
+    x, w, b = (a.astype(dtype) for a in (x32, w32, b32))
+    got = linear_cpu(x, w, b, (4, 7), (None, 2.0, None))
+    want = linear_cpu(x32, w32, b32, (4, 7), (None, 2.0, None))
+    for g, wt in zip(got, want):
+        assert g.dtype == dtype and mx.array_equal(g, wt.astype(dtype)).item()
+    one = x[:, :1]
+    got = linear_cpu(one, w, b, (4, 7), (None, 2.0, None))
+    for g, wt in zip(got, linear(one, w, b, (4, 7), (None, 2.0, None))):
+        assert g.dtype == dtype and mx.array_equal(g, wt).item()  # the 16-bit product, as before
+
+    def loss(x, w, b):
+        return sum((p.astype(mx.float32) ** 2).sum() for p in linear_cpu(x, w, b, (4, 7), (None, 2.0, None)))
+
+    got = mx.grad(loss, argnums=(0, 1, 2))(x, w, b)
+    want = mx.grad(loss, argnums=(0, 1, 2))(x32, w32, b32)
+    for g, wt in zip(got, want):
+        assert g.dtype == dtype and rel_err(g.astype(mx.float32), wt) < 2e-2  # outputs rounded to 16 bits first
+
+
 @needs_gpu
 @pytest.mark.parametrize("M,K,N", [(1, 4096, 333), (3, 64, 7), (4, 1000, 4096), (2, 10944, 129), (1, 8, 1)])
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2), (mx.float16, 1e-2)])
