@@ -68,7 +68,7 @@ def test_the_kernels_unpacking_is_mlx_layout(bits, group_size):
 def test_quantized_linear_is_registered_for_cuda():
     kernel = registry.get("quantized_linear")
     assert kernel.reference is quantized_linear
-    assert set(kernel.variants) == {"cuda"}
+    assert set(kernel.variants) == {"cpu", "cuda"}  # the CPU's for prompts (tests/test_qlinear_cpu.py)
 
 
 def test_reference_adds_the_bias_and_caps_each_part(on_cpu):
