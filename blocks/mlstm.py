@@ -61,6 +61,10 @@ class MLSTMCell(nn.Module):
         gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
         if valid is not None:
             gates = inert_gates(*gates, valid)
+        dtype = v.dtype
+        if dtype in (mx.bfloat16, mx.float16) and mx.default_device() == mx.cpu:
+            # the CPU has no 16-bit BLAS: float32 products are faster there, and exact to more bits
+            q, k, v = (a.astype(mx.float32) for a in (q, k, v))
         # head-major copies made once (the scaled one by its product): every product of the cell reads
         # them, and a product of a transposed view would copy it again
         factor = 1.0 / math.sqrt(q.shape[-1] // self.heads)
@@ -69,7 +73,7 @@ class MLSTMCell(nn.Module):
         h, (c, n, m) = mlstm_sequence(qh, kh, mx.contiguous(self._heads(v)), *gates, cell_state,
                                       chunk_size=self.chunk_size, eps=self.eps, mode=mode, scale="none")
         b, _, t, _ = h.shape
-        return h.transpose(0, 2, 1, 3).reshape(b, t, -1), {"C": c, "n": n, "m": m}
+        return h.transpose(0, 2, 1, 3).reshape(b, t, -1).astype(dtype), {"C": c, "n": n, "m": m}
 
 
 @register("mlstm_cell")

@@ -23,8 +23,9 @@ CPU mispredicts on random signs), and the clip's `minimum`/`maximum`, branches t
 alone, where they are rarely taken.
 
 The results are within 1 ulp of `mx.exp` on [-88, 88] (arguments outside are clipped) and within a few
-ulp of the references for the others (tests/test_kernels.py). The CPU variants take float32 and hand
-other dtypes to the reference. The gate forms compute act(g) * x with one division: x / (1 + e^-g)
+ulp of the references for the others (tests/test_kernels.py). The CPU variants compute in float32: a
+bfloat16/float16 call is converted, computed and rounded once (MLX's CPU evaluates 16-bit transcendentals
+about 20x slower, rounding after each operation); float64 goes to the reference. The gate forms compute act(g) * x with one division: x / (1 + e^-g)
 and g x / (1 + e^-g) (the blocks' output gates and gated feed-forwards).
 The mLSTM cell's chunkwise form takes "exp" for its L x L decay matrix (kernels/mlstm.py).
 
@@ -153,6 +154,10 @@ def _cpu_kernel(forward, vjp, doc: str):
     fn.vjp(vjp)
 
     def kernel(*xs: mx.array) -> mx.array:
+        dtype = xs[0].dtype
+        if dtype in (mx.bfloat16, mx.float16) and all(x.dtype == dtype for x in xs):
+            wide = [x.astype(mx.float32) for x in xs]  # computed in float32, rounded once
+            return (fn(*wide) if gradients() else forward(*wide)).astype(dtype)
         _float32(*xs)
         return fn(*xs) if gradients() else forward(*xs)  # `inference()`: no custom function's node
 
