@@ -63,7 +63,7 @@ class MLSTMCell(nn.Module):
             gates = inert_gates(*gates, valid)
         dtype = v.dtype
         if dtype in (mx.bfloat16, mx.float16) and mx.default_device() == mx.cpu:
-            # the CPU has no 16-bit BLAS: float32 products are faster there, and exact to more bits
+            # products in float32 on the CPU (`mlstm_sequence`), the 1/sqrt(DQK) scale too; h rounded once
             q, k, v = (a.astype(mx.float32) for a in (q, k, v))
         # head-major copies made once (the scaled one by its product): every product of the cell reads
         # them, and a product of a transposed view would copy it again

@@ -18,7 +18,9 @@ State ``(C, n, m)``: C (B, NH, DQK, DV), n (B, NH, DQK), m (B, NH), always float
 
 Dtypes (as NX-AI): gates, their cumulative sums, m, C, n and the denominator are float32.
 Only the products with q run in q's dtype (C and n are cast to it); all other sums,
-including the state updates k v^T, are accumulated in float32. h is returned in v's dtype.
+including the state updates k v^T, are accumulated in float32. h is returned in v's dtype. On the CPU,
+`mlstm_sequence` takes 16-bit q, k, v of several positions in float32 (MLX's CPU has no 16-bit BLAS) and
+rounds h once; a single step keeps their dtype, as the decode step's `linear` does.
 No function syncs with the host: control flow depends on shapes only.
 """
 
@@ -420,6 +422,13 @@ def mlstm_sequence(
         h (B, NH, T, DV) in v's dtype, and the float32 state after the last step.
     """
     _check_shapes(q, k, v, i, f)
+    dtype = v.dtype
+    if dtype in (mx.bfloat16, mx.float16) and q.dtype == dtype and q.shape[2] > 1 and mx.default_device() == mx.cpu:
+        # the CPU has no 16-bit BLAS: its products run in float32 (faster there, and exact to more bits);
+        # h is rounded to v's dtype once, at the end
+        h, state = mlstm_sequence(q.astype(_F32), k.astype(_F32), v.astype(_F32), i, f, state, chunk_size, eps,
+                                  mode, scale)
+        return h.astype(dtype), state
     q, k = _apply_scale(q, k, scale)                            # once; the calls below take "none"
     T = q.shape[2]
     if T < 1:
