@@ -23,7 +23,8 @@ optimizers) reads and updates.
 positionwise nodes that feed only the outputs (a language model's final norm and head, the last block's
 feed-forward) then run on that position alone.
 
-`valid` (an int32 array of one element, r) makes the positions from r on inert padding: every stateful
+`valid=r` (an integer; the compiled program reads it as an array, so every r of one width runs one trace)
+makes the positions from r on inert padding: every stateful
 node leaves its state as the first r positions left it, and `last_only` reads position r - 1. A prompt
 piece of any length then runs at one of a few padded shapes in one call (`mad.generate.next_prompt_end`)
 instead of several calls of power-of-two lengths, each reading every weight. A program pads when each of
