@@ -29,7 +29,7 @@ import mlx.nn as nn
 
 from mad.block import (Block, Cut, Dim, FiniteFloat, PositiveFloat, ShapeError, SplitHeads, TensorType, expect_float,
                        register)
-from mad.kernels.mlstm import inert_gates, mlstm_sequence
+from mad.kernels.mlstm import float32_products, inert_gates, mlstm_sequence
 from mad.kernels.registry import dispatch
 
 
@@ -62,8 +62,7 @@ class MLSTMCell(nn.Module):
         if valid is not None:
             gates = inert_gates(*gates, valid)
         dtype = v.dtype
-        if dtype in (mx.bfloat16, mx.float16) and mx.default_device() == mx.cpu:
-            # products in float32 on the CPU (`mlstm_sequence`), the 1/sqrt(DQK) scale too; h rounded once
+        if float32_products(v, t):  # as `mlstm_sequence` would, before the 1/sqrt(DQK) scale; h rounded once
             q, k, v = (a.astype(mx.float32) for a in (q, k, v))
         # head-major copies made once (the scaled one by its product): every product of the cell reads
         # them, and a product of a transposed view would copy it again

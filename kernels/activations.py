@@ -40,6 +40,7 @@ from __future__ import annotations
 import mlx.core as mx
 import mlx.nn as nn
 
+from .linear import HALF
 from .registry import Unsupported, gradients, register_kernel, register_variant
 
 __all__ = ["exp_cpu", "exp_parts", "exp_poly", "sigmoid_cpu", "silu_cpu", "sigmoid_mul_cpu", "silu_mul_cpu"]
@@ -155,7 +156,7 @@ def _cpu_kernel(forward, vjp, doc: str):
 
     def kernel(*xs: mx.array) -> mx.array:
         dtype = xs[0].dtype
-        if dtype in (mx.bfloat16, mx.float16) and all(x.dtype == dtype for x in xs):
+        if dtype in HALF and all(x.dtype == dtype for x in xs):
             wide = [x.astype(mx.float32) for x in xs]  # computed in float32, rounded once
             return (fn(*wide) if gradients() else forward(*wide)).astype(dtype)
         _float32(*xs)

@@ -22,6 +22,7 @@ is counted in threads, as in MLX.
 
 from __future__ import annotations
 
+import functools
 import importlib
 from typing import Optional, Sequence
 
@@ -39,6 +40,13 @@ def backend_module(backend: str):
 def kernel_source(backend: str, body: str) -> tuple[str, str]:
     """(header, source) for `backend` ("cuda" or "metal"): the same body behind its preamble."""
     return backend_module(backend).kernel_source(body)
+
+
+@functools.lru_cache(maxsize=None)
+def scalar(value: float) -> mx.array:
+    """A float32 number a kernel reads as an input (an epsilon), made once per value: a new array per call
+    would be another constant in every traced graph."""
+    return mx.array([value], mx.float32)
 
 
 class DeviceKernel:

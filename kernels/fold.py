@@ -33,7 +33,7 @@ import mlx.core as mx
 
 from .linear import linear, split_parts
 from .qlinear import QuantizedMatrix, quantized_linear
-from .registry import Unsupported, chosen_variant, gradients, register_kernel, with_reference_gradient
+from .registry import Unsupported, chosen_variant, register_kernel, run_variant
 
 PAIR_ACTIVATIONS = ("sigmoid", "silu")  # what the device kernels apply to a pair's first part
 
@@ -78,13 +78,11 @@ def fold_result(y: mx.array, splits: Sequence[int], pair: Optional[str], residua
 def apply(value: Any, x: mx.array, weight: Any, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
           caps: Sequence[Optional[float]] = (None,), **fold: Any) -> Any:
     """The device variant's result where one takes the call, else `value` (see the module docstring)."""
-    kernel, _, variant = chosen_variant("folded_linear")
+    kernel, chosen, variant = chosen_variant("folded_linear")
     if variant is None:
         return value
     try:
-        if not gradients():
-            return variant(x, weight, bias, splits, caps, **fold)
-        return with_reference_gradient(variant, kernel.reference, (x, weight, bias, splits, caps), fold)
+        return run_variant(kernel, chosen, variant, (x, weight, bias, splits, caps), fold)
     except Unsupported:
         return value
 

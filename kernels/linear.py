@@ -83,6 +83,18 @@ def _uncapped(g: mx.array, y: mx.array, cap: Optional[float]) -> mx.array:
 HALF = (mx.bfloat16, mx.float16)
 
 
+def several_positions(x: mx.array) -> bool:
+    """Whether x (..., T, K) holds a sequence of several positions (a prompt, training), not a decode step's
+    one position per sequence (nor a flat matrix of rows)."""
+    return x.ndim >= 3 and x.shape[-2] > 1
+
+
+def _in_float32(x: mx.array) -> bool:
+    """Whether the CPU variant takes this call's products in float32: 16-bit, several positions (module
+    docstring); the forward and its VJP ask alike."""
+    return x.dtype in HALF and several_positions(x)
+
+
 def _float32(*arrays: Optional[mx.array]) -> list[Optional[mx.array]]:
     return [None if a is None else a.astype(mx.float32) for a in arrays]
 
@@ -93,7 +105,7 @@ def linear_vjp(primals: Sequence[mx.array], cotangents: Sequence[mx.array], outp
     x, w = primals[0], primals[1]
     dz = [_uncapped(g, y, c) for g, y, c in zip(cotangents, outputs, caps)]
     dy = mx.concatenate(dz, axis=-1) if len(dz) > 1 else dz[0]
-    if x.dtype in HALF and x.ndim >= 3 and x.shape[-2] > 1:  # in float32, as the forward (module docstring)
+    if _in_float32(x):
         x, w, dy = _float32(x, w, dy)
     rows = dy.reshape(-1, dy.shape[-1])
     grads = [dy @ w, rows.T @ x.reshape(-1, x.shape[-1])]
@@ -107,7 +119,7 @@ def _capped_products(x: mx.array, w: mx.array, bias: Optional[mx.array], splits:
     """The capped parts; a 16-bit call of several positions computed in float32 and rounded once (module
     docstring)."""
     dtype = x.dtype
-    wide = dtype in HALF and x.ndim >= 3 and x.shape[-2] > 1
+    wide = _in_float32(x)
     if wide:
         x, w, bias = _float32(x, w, bias)
     parts = [softcap(p, c) if c else p for p, c in zip(_products(x, w, bias, splits), caps)]

@@ -30,9 +30,9 @@ from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 
-from .device import DeviceKernel
+from .device import DeviceKernel, scalar
 from .fold import PAIR_ACTIVATIONS, fold_result, fold_width
-from .linear import check_parts, split_parts
+from .linear import check_parts, several_positions, split_parts
 from .registry import Unsupported, register_device_kernel
 
 MAX_ROWS = 4  # with more rows MLX's own matmul is faster (see benchmarks/RESULTS.md)
@@ -145,7 +145,7 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
     M = 1
     for d in lead:
         M *= d
-    limit = _row_limit if x.ndim < 3 or x.shape[-2] == 1 else MAX_ROWS  # the switch governs decode shapes
+    limit = MAX_ROWS if several_positions(x) else _row_limit  # the switch governs decode shapes
     if M > limit or K % 8 or w.ndim != 2 or w.shape[1] != K or x.dtype != w.dtype or x.dtype not in DTYPES:
         raise Unsupported(f"linear: x {x.shape} {x.dtype}, w {w.shape} {w.dtype}")
     if norm is not None and (norm[0] is None or norm[0].shape != (K,)):
@@ -157,7 +157,7 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
         backend,
         inputs=[x, w, _UNUSED if bias is None else bias,
                 _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
-                _UNUSED if norm is None else norm[0], _UNUSED if norm is None else _eps(norm[1]),
+                _UNUSED if norm is None else norm[0], _UNUSED if norm is None else scalar(norm[1]),
                 _UNUSED if residual is None else residual],
         template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS),
                   ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap), ("NORM", norm is not None),
@@ -166,12 +166,6 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
         grid=(-(-width // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
         output_shapes=[(*lead, width)], output_dtypes=[w.dtype], init_value=poison)
     return y
-
-
-@functools.lru_cache(maxsize=None)
-def _eps(eps: float) -> mx.array:
-    """A norm's epsilon as the float32 array the kernel reads (one per value, made once)."""
-    return mx.array([eps], mx.float32)
 
 
 def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),

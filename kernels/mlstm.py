@@ -31,11 +31,12 @@ from typing import Optional, Tuple
 
 import mlx.core as mx
 
+from .linear import HALF
 from .registry import dispatch, register_kernel
 
 State = Tuple[mx.array, mx.array, mx.array]
 
-__all__ = ["State", "inert_gates", "mlstm_step", "mlstm_chunkwise", "mlstm_parallel", "mlstm_sequence"]
+__all__ = ["State", "float32_products", "inert_gates", "mlstm_step", "mlstm_chunkwise", "mlstm_parallel", "mlstm_sequence"]
 
 _F32 = mx.float32
 
@@ -137,6 +138,12 @@ def inert_gates(i: mx.array, f: mx.array, valid: mx.array) -> Tuple[mx.array, mx
     -inf - (-inf)."""
     pad = mx.arange(i.shape[-1]) >= valid
     return mx.where(pad, PAD_INPUT_GATE, i), mx.where(pad, PAD_FORGET_GATE, f)
+
+
+def float32_products(v: mx.array, positions: int) -> bool:
+    """Whether 16-bit q, k, v over `positions` take their products in float32: on the CPU, which has no
+    16-bit BLAS, for several positions (module docstring)."""
+    return v.dtype in HALF and positions > 1 and mx.default_device() == mx.cpu
 
 
 def chunk_log_weights(b: mx.array, ic: mx.array) -> Tuple[mx.array, mx.array, mx.array]:
@@ -423,9 +430,7 @@ def mlstm_sequence(
     """
     _check_shapes(q, k, v, i, f)
     dtype = v.dtype
-    if dtype in (mx.bfloat16, mx.float16) and q.dtype == dtype and q.shape[2] > 1 and mx.default_device() == mx.cpu:
-        # the CPU has no 16-bit BLAS: its products run in float32 (faster there, and exact to more bits);
-        # h is rounded to v's dtype once, at the end
+    if q.dtype == dtype and float32_products(v, q.shape[2]):  # h rounded to v's dtype once, at the end
         h, state = mlstm_sequence(q.astype(_F32), k.astype(_F32), v.astype(_F32), i, f, state, chunk_size, eps,
                                   mode, scale)
         return h.astype(dtype), state

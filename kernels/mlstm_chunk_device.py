@@ -47,7 +47,7 @@ import mlx.core as mx
 
 from mad.backends.cuda import launch_bounds
 
-from .device import DeviceKernel
+from .device import DeviceKernel, scalar
 from .mlstm import State, chunk_log_weights
 from .registry import Unsupported, register_variant
 
@@ -575,7 +575,7 @@ def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, 
     chunks = B * NH * NC
     (h,) = outputs_kernel(MIN_BLOCKS)(
         backend,
-        inputs=[qc, kc, vc, b.astype(mx.float32), ic.astype(mx.float32), C, n, m, mx.array([eps], mx.float32)],
+        inputs=[qc, kc, vc, b.astype(mx.float32), ic.astype(mx.float32), C, n, m, scalar(eps)],
         template=[("F32", f32), ("L", L), ("DQK", DQK), ("DV", DV), ("RT", RT), ("CT", CT), ("THREADS", THREADS)],
         grid=(chunks * THREADS, -(-L // RT), -(-DV // CT)), threadgroup=(THREADS, 1, 1),
         output_shapes=[(B, NH, NC, L, DV)], output_dtypes=[mx.float32], init_value=poison,

@@ -13,13 +13,12 @@ consecutive threads on consecutive addresses; each thread loads UNROLL rows befo
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Optional
 
 import mlx.core as mx
 
-from .device import DeviceKernel
+from .device import DeviceKernel, scalar
 from .mlstm import State, _check_shapes
 from .registry import Unsupported, register_device_kernel
 
@@ -142,7 +141,7 @@ def mlstm_step_device(
     # nodes, which cost a decode step host time per layer)
     h, C_new, n_new, m_new = STEP_KERNEL(
         backend,
-        inputs=[q, k, v, i, f, C, n, m, _eps(eps)],
+        inputs=[q, k, v, i, f, C, n, m, scalar(eps)],
         template=[("T", v.dtype), ("DQK", DQK), ("DV", DV), ("TX", TX), ("TY", TY), ("UNROLL", UNROLL),
                   ("SCALE_Q", scale == "q")],
         grid=(math.ceil(DV / TX) * TX, B * NH * TY, 1),
@@ -152,12 +151,6 @@ def mlstm_step_device(
         init_value=poison,
     )
     return h, (C_new, n_new, m_new)
-
-
-@functools.lru_cache(maxsize=None)
-def _eps(eps: float) -> mx.array:
-    """The denominator's epsilon as the float32 array the kernel reads (made once per value)."""
-    return mx.array([eps], mx.float32)
 
 
 RECURRENCE_BODY = """

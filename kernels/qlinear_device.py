@@ -41,10 +41,10 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .device import DeviceKernel
+from .device import DeviceKernel, scalar
 from .linear import check_parts, split_parts
 from .fold import PAIR_ACTIVATIONS, fold_result, fold_width
-from .linear_device import _UNUSED, DTYPES, _cap_vector, _eps, folded_linear_device
+from .linear_device import _UNUSED, DTYPES, _cap_vector, folded_linear_device
 from .qlinear import QuantizedMatrix
 from .registry import Unsupported, register_variant
 
@@ -247,7 +247,7 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
         backend,
         inputs=[x, w, scales, biases, _UNUSED if bias is None else bias,
                 _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
-                _UNUSED if norm is None else norm[0], _UNUSED if norm is None else _eps(norm[1]),
+                _UNUSED if norm is None else norm[0], _UNUSED if norm is None else scalar(norm[1]),
                 _UNUSED if residual is None else residual],
         template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
                   ("R", R), ("STAGE", S), ("WARPS", warps), ("HAS_BIAS", bias is not None),

@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 import mlx.core as mx
 
 __all__ = ["BUILTIN", "Unsupported", "register_kernel", "register_variant", "register_device_kernel", "dispatch", "get",
-           "chosen_variant", "listed", "backend", "use_reference", "set_policy", "policy", "kernels", "load_builtin",
+           "chosen_variant", "run_variant", "listed", "backend", "use_reference", "set_policy", "policy", "kernels", "load_builtin",
            "inference", "gradients"]
 
 GPU_BACKENDS = ("cuda", "metal")
@@ -191,19 +191,24 @@ def chosen_variant(name: str) -> tuple[Kernel, Optional[str], Optional[Callable]
     return kernel, (chosen if variant is not None else None), variant
 
 
+def run_variant(kernel: Kernel, chosen: str, variant: Callable, args: tuple, kwargs: dict) -> Any:
+    """`variant(*args, **kwargs)` (the variant `chosen_variant` chose), differentiable: as it is where it
+    carries its own gradient or inside `inference()`, else through the reference's VJP
+    (`with_reference_gradient`). `Unsupported` propagates: the caller decides what runs instead."""
+    if chosen in kernel.own_gradient or not _GRADIENTS.get():
+        return variant(*args, **kwargs)
+    return with_reference_gradient(variant, kernel.reference, args, kwargs)
+
+
 def dispatch(name: str) -> Callable:
     """The function to run kernel `name` with under the current policy and device."""
     kernel, chosen, variant = chosen_variant(name)
     if variant is None:
         return kernel.reference
 
-    own = chosen in kernel.own_gradient
-
     def run(*args, **kwargs):
         try:
-            if own or not _GRADIENTS.get():
-                return variant(*args, **kwargs)
-            return with_reference_gradient(variant, kernel.reference, args, kwargs)
+            return run_variant(kernel, chosen, variant, args, kwargs)
         except Unsupported:
             return kernel.reference(*args, **kwargs)
 

@@ -173,7 +173,7 @@ class AdamW(optim.AdamW):
         self._load[i] += gradient.size
         with mx.stream(self._streams[i]):
             if self._scale is not None:
-                gradient = (gradient * self._scale).astype(gradient.dtype)
+                gradient = scaled(gradient, self._scale)
             return super().apply_single(gradient, parameter, state)
 
 

@@ -12,16 +12,12 @@ import numpy as np
 import pytest
 
 import mad
-from mad.kernels.qlinear import PROMPT_ROWS, QuantizedMatrix, dequantized, quantized_linear, quantized_linear_cpu
+from mad.kernels.qlinear import PROMPT_ROWS, dequantized, quantized_linear, quantized_linear_cpu
 from mad.kernels.registry import Unsupported, dispatch, use_reference
 
+from test_qlinear_kernel import packed_matrix
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def packed_matrix(n: int, k: int, bits: int, group_size: int, dtype=mx.float32, seed: int = 0) -> QuantizedMatrix:
-    w = mx.array(np.random.default_rng(seed).standard_normal((n, k)).astype(np.float32) * 0.05).astype(dtype)
-    q, scales, biases = mx.quantize(w, group_size=group_size, bits=bits)
-    return QuantizedMatrix(q, scales, biases, group_size, bits)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -54,11 +50,11 @@ def test_prompt_calls_equal_the_reference(bits, dtype, on_cpu):
 @pytest.mark.parametrize("shape", [(1, 1, 128), (32, 1, 128), (4, 128), (1, PROMPT_ROWS - 1, 128)])
 def test_decode_shaped_calls_keep_the_reference(shape, on_cpu):
     with pytest.raises(Unsupported):
-        quantized_linear_cpu(mx.zeros(shape), packed_matrix(64, 128, 4, 64))
+        quantized_linear_cpu(mx.zeros(shape), packed_matrix(64, 128, 4, 64, mx.float32))
 
 
 def test_gradients_reach_x_and_the_bias(on_cpu):
-    m = packed_matrix(64, 128, 4, 64)
+    m = packed_matrix(64, 128, 4, 64, mx.float32)
     x = mx.array(np.random.default_rng(1).standard_normal((1, 12, 128)).astype(np.float32))
     bias = mx.zeros((64,))
 
