@@ -331,12 +331,14 @@ class BatchGenerator:
         if prompt_cache is not None and prompt_cache.block != prefill_block:
             raise MadError(f"the prompt cache keeps states every {prompt_cache.block} tokens and the generator "
                            f"reads prompts in blocks of {prefill_block}: they must agree")
+        if pad_prompts is not None and not isinstance(pad_prompts, bool):
+            raise MadError(f"pad_prompts must be True, False or None, got {pad_prompts!r}")
         can_pad = bool(getattr(model, "pads_exactly", False))
         if pad_prompts and not can_pad:
             raise MadError("pad_prompts: this model cannot end a call in inert padding (a stateful block "
                            "without it, e.g. sLSTM)")
         self.model = model
-        self.pad = can_pad if pad_prompts is None else bool(pad_prompts)
+        self.pad = can_pad if pad_prompts is None else pad_prompts
         self.block = prefill_block
         self.budget = prefill_budget
         self.max_batch = max_batch

@@ -115,6 +115,12 @@ def test_bad_valid_values(bad, on_cpu):
         model(random_tokens(model, 8, 0), valid=bad)
 
 
+@pytest.mark.parametrize("bad", ["yes", 1, 0.0])
+def test_bad_pad_prompts(bad, on_cpu):
+    with pytest.raises(MadError, match="pad_prompts must be True, False or None"):
+        BatchGenerator(mad.load(HF_TINY)[0], pad_prompts=bad)
+
+
 def test_prompt_calls_with_padding():
     """Whole blocks from the start of each segment, then its rest in one call of a power-of-two width."""
     ends, pos = [], 0
