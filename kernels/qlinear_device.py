@@ -30,7 +30,9 @@ against `mx.dequantize` on the CPU).
 Same call as the reference `kernels.qlinear.quantized_linear`. The variant takes x (M, K) with
 M <= MAX_ROWS in bfloat16, float16 or float32, and an affine matrix of 4 or 8 bits with group size 32, 64
 or 128; anything else (other bits, the floating-point modes) runs the reference. CUDA only: the unpacking
-reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run.
+reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run. The variant first offers
+the call to the tensor-core kernel (kernels/qlinear_mma.py: 4 bits, bf16 or f16 rows), which leaves this
+kernel 8-bit weights and float32 rows.
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from .linear import check_parts, split_parts
 from .fold import PAIR_ACTIVATIONS, fold_result, fold_width
 from .linear_device import _UNUSED, DTYPES, _cap_vector, folded_linear_device
 from .qlinear import QuantizedMatrix
+from .qlinear_mma import launch_mma
 from .registry import Unsupported, register_variant
 
 MAX_ROWS = 8
@@ -53,6 +56,9 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 WARPS = 4  # warps per block
 STAGE = 1  # warp steps whose loads are issued before any of them is computed (more: no faster, benchmarks/NOTES-gpu.md 29)
+# Whether 4-bit calls with bf16/f16 inputs run the tensor-core kernel (kernels/qlinear_mma.py) where it
+# takes them; this kernel runs the rest (8 bits, float32 inputs). Benchmarks compare the two by it.
+TENSOR_CORES = True
 
 
 def features_per_warp(rows: int) -> int:
@@ -222,8 +228,16 @@ def unpack_row(words: np.ndarray, bits: int, K: int) -> np.ndarray:
 def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], splits: Sequence[int],
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], features: Optional[int] = None,
             stage: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None, pair: Optional[str] = None,
-            residual: Optional[mx.array] = None, width: Optional[int] = None) -> mx.array:
-    """The kernel's (..., width) result; Unsupported for inputs it does not handle."""
+            residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None) -> mx.array:
+    """The kernel's (..., width) result; Unsupported for inputs it does not handle. The tensor-core kernel
+    takes the call where it can (`TENSOR_CORES`), unless this kernel's own settings are asked for."""
+    if TENSOR_CORES and features is None and stage is None and warps == WARPS:
+        try:
+            return launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split,
+                              unused=_UNUSED, cap_vector=_cap_vector)
+        except Unsupported:
+            if split is not None:
+                raise
     *lead, K = x.shape
     M = math.prod(lead)
     w, scales, biases, group_size, bits = packed.weight, packed.scales, packed.biases, packed.group_size, packed.bits
@@ -262,11 +276,13 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
                             splits: Sequence[int] = (), caps: Sequence[Optional[float]] = (None,), *,
                             backend: str = "cuda", poison: Optional[float] = None,
                             features: Optional[int] = None, stage: Optional[int] = None,
-                            warps: int = WARPS) -> list[mx.array]:
-    """`kernels.qlinear.quantized_linear` with the decode kernel; Unsupported for inputs it does not handle.
-    `features`, `stage` and `warps` override `features_per_warp`, STAGE and WARPS (benchmarks
-    compare the choices)."""
-    return split_parts(_launch(x, packed, bias, splits, caps, backend, poison, features, stage, warps), splits)
+                            warps: int = WARPS, split: Optional[int] = None) -> list[mx.array]:
+    """`kernels.qlinear.quantized_linear` with the decode kernels; Unsupported for inputs they do not handle.
+    `features`, `stage` and `warps` ask for this module's kernel with those settings (`features_per_warp`,
+    STAGE, WARPS otherwise), `split` for the tensor-core kernel with that many warps per block (tests and
+    benchmarks compare the choices)."""
+    return split_parts(_launch(x, packed, bias, splits, caps, backend, poison, features, stage, warps,
+                               split=split), splits)
 
 
 def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,

@@ -11,7 +11,7 @@ Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 s
 Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU machine:
 
     python benchmarks/probes/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
-        [--compare-fuse | --compare-fold | --compare-inference] [--bits 4]
+        [--compare-fuse | --compare-fold | --compare-inference | --compare-tensor-cores] [--bits 4]
         # --bits: quantized as bench_quant.py does (no matmuls row)
 Decode steps run inside `mad.inference()` (as generation does); `--compare-inference` times them inside and
 outside it (kernels bare or wrapped for gradients), interleaved on one model.
@@ -85,6 +85,42 @@ def compare_inference(args) -> None:
                       **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
 
 
+def compare_tensor_cores(args) -> None:
+    """Decode ms/step of a quantized model with its 4-bit products on the tensor-core kernel
+    (kernels/qlinear_mma.py) and on the per-value kernel (`qlinear_device.TENSOR_CORES`, read when a step
+    is traced): two models on the same weights, 5 interleaved rounds."""
+    from mad.kernels import qlinear_device
+    from mad.quantize import quantize_model
+
+    base, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
+    other, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
+    other.program.load_weights(base.program.parameters())
+    models = {"tensor_cores": base, "per_value": other}
+    for model in models.values():
+        quantize_model(model, bits=args.bits or 4, group_size=64)
+        mx.eval(model.program.parameters())
+    mx.clear_cache()
+    B = args.batch
+    tokens = mx.random.randint(0, base.vocab_size, (B, 16)).astype(mx.int32)
+    token = mx.random.randint(0, base.vocab_size, (B, 1)).astype(mx.int32)
+    states, logits = {}, {}
+    with mad.inference():
+        for k, model in models.items():
+            qlinear_device.TENSOR_CORES = k == "tensor_cores"   # each model traces its steps with its kernel
+            states[k] = model(tokens)[1]
+            logits[k] = model(token, states[k], check_tokens=False)[0].astype(mx.float32)
+            decode_ms(model, token, states[k], 5)
+        qlinear_device.TENSOR_CORES = True
+        agree = float(mx.max(mx.abs(logits["tensor_cores"] - logits["per_value"])))
+        times = {k: [] for k in models}
+        for _ in range(5):
+            for k in models:
+                times[k].append(decode_ms(models[k], token, states[k], args.steps))
+    print(json.dumps({"batch": B, "bits": args.bits or 4, "max_abs_logit_diff": agree,
+                      **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
+                      **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
+
+
 def compare(args, what: str) -> None:
     """Decode ms/step of two programs on the same weights, 5 interleaved rounds: fused against unfused
     sibling projections (`what` "fuse"), or folded against unfolded norms, residual adds and gated
@@ -140,12 +176,16 @@ def main() -> None:
                     help="only time fused vs unfused decode (same weights), interleaved")
     ap.add_argument("--compare-fold", action="store_true",
                     help="only time folded vs unfolded decode (same weights, MAD_FOLD), interleaved")
+    ap.add_argument("--compare-tensor-cores", action="store_true",
+                    help="4-bit decode with the tensor-core kernel against the per-value kernel, interleaved")
     ap.add_argument("--compare-inference", action="store_true",
                     help="only time decode inside vs outside mad.inference(), interleaved")
     args = ap.parse_args()
     set_policy(args.kernels)
     if args.compare_inference:
         return compare_inference(args)
+    if args.compare_tensor_cores:
+        return compare_tensor_cores(args)
     with mad.inference():
         return run(args)
 

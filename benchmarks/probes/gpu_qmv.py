@@ -7,8 +7,10 @@ rotating weights, so that the weights do not sit in L2); bandwidth = bytes of th
 and biases (or the bf16 weights) over the time. `mad_q*_err` is the relative (Frobenius) difference
 between MAD's kernel and MLX's product on one weight: a check that the timed kernel computes the same.
 
-`--configs R:S:W ...` times MAD's kernel with R output features per warp, S warp steps loaded ahead and
-W warps per block (default: the kernel's own choice). The bf16 product above the `linear` kernel's row
+`--configs` times MAD's kernels: `mma` / `mma:S` the tensor-core kernel (kernels/qlinear_mma.py; S warps
+per block over k), `fma` the per-value kernel (kernels/qlinear_device.py) with its defaults, `R:S:W` the
+per-value kernel with R output features per warp, S warp steps loaded ahead and W warps per block
+(default: the variant's own choice). The bf16 product above the `linear` kernel's row
 limit is MLX's matmul.
 
     python benchmarks/probes/gpu_qmv.py [--bits 4 8] [--group-size 64] [--rows 1 8] [--configs 4:1:4 8:2:4]
@@ -25,11 +27,25 @@ import mlx.core as mx
 
 from mad.kernels.linear_device import linear_device, row_limit
 from mad.kernels.qlinear import QuantizedMatrix
-from mad.kernels.qlinear_device import quantized_linear_device
+from mad.kernels.qlinear_device import features_per_warp, quantized_linear_device
 
 from gpu_gemv import CHAIN, time_chain  # the bf16 probe's timing (this folder is on sys.path when run)
 
 SHAPES = {"q|k|v|o": (12288, 4096), "up|gate": (21888, 4096), "down": (4096, 10944), "lm_head": (50304, 4096)}
+
+
+def launch_settings(config, rows: int) -> dict:
+    """quantized_linear_device's keywords for a --configs entry: None (the kernel the variant picks), "mma"
+    or "mma:S" (the tensor-core kernel, S warps per block), "fma" (the per-value kernel, its defaults) or
+    "R:S:W" (the per-value kernel so)."""
+    if config is None:
+        return {}
+    if config.startswith("mma"):
+        return {"split": int(config.split(":")[1])} if ":" in config else {}
+    if config == "fma":
+        return {"features": features_per_warp(rows)}
+    R, S, W = map(int, config.split(":"))
+    return {"features": R, "stage": S, "warps": W}
 
 
 def main() -> None:
@@ -37,8 +53,8 @@ def main() -> None:
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
-    ap.add_argument("--configs", nargs="+", default=[None], metavar="R:S:W",
-                    help="MAD kernel settings: features per warp, steps loaded ahead, warps per block")
+    ap.add_argument("--configs", nargs="+", default=[None], metavar="CONFIG",
+                    help="MAD kernel settings: mma, mma:S, fma or R:S:W (the docstring)")
     ap.add_argument("--quick", action="store_true", help="one small shape (a check that the script runs)")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -60,10 +76,9 @@ def main() -> None:
                 row[f"q{bits}_us"], row[f"q{bits}_GBps"] = 1e6 * t, nbytes / t / 1e9
                 packed = [QuantizedMatrix(*q, args.group_size, bits) for q in qs]
                 for config in args.configs:
-                    R, S, W = (None, None, 4) if config is None else map(int, config.split(":"))
-                    name_r = f"mad_q{bits}" + ("" if config is None else f"_{R}:{S}:{W}")
-                    t = time_chain(lambda a, m: quantized_linear_device(a, m, features=R, stage=S, warps=W)[0],
-                                   packed, x)
+                    name_r = f"mad_q{bits}" + ("" if config is None else f"_{config}")
+                    kw = launch_settings(config, M)
+                    t = time_chain(lambda a, m: quantized_linear_device(a, m, **kw)[0], packed, x)
                     row[f"{name_r}_us"], row[f"{name_r}_GBps"] = 1e6 * t, nbytes / t / 1e9
                 mine = quantized_linear_device(x, packed[0])[0].astype(mx.float32)
                 theirs = mx.quantized_matmul(x, *qs[0], transpose=True, group_size=args.group_size,

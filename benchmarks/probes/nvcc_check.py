@@ -1,0 +1,88 @@
+"""Compile a MAD device kernel offline with nvcc, without a GPU: does it build, how many registers, spills.
+
+Writes the source MLX's `mx.fast.cuda_kernel` would hand NVRTC (the same signature: inputs as `const T*`,
+outputs as `T*`, template arguments as `constexpr` constants and `using` aliases, the backend's preamble
+and the kernel's header in front), with MLX's own device header replaced by the CUDA headers it pulls in,
+and runs `nvcc -cubin -Xptxas -v` on it for one architecture. Catches syntax errors, register use and
+spills before a GPU lease is spent on them; it does not run anything.
+
+    python benchmarks/probes/nvcc_check.py kernels.qlinear_mma:QMMA_KERNEL \
+        --inputs x:bfloat16 w:uint32 scales:bfloat16 biases:bfloat16 bias:float32 cap:float32 g:float32 \
+                 normp:float32 res:float32 --outputs y:bfloat16 \
+        --template T=bfloat16 HALF=false M=1 K=4096 N=12288 GROUP_SIZE=64 SPLIT=8 HAS_BIAS=false \
+                   HAS_CAP=false NORM=false PAIR=false ACT=0 RESIDUAL=false [--arch sm_90] [--keep DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
+              "int32": "int32_t", "uint8": "uint8_t", "bool": "bool"}
+MLX_HEADER = """
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cstdint>
+#include <cooperative_groups.h>
+#define inf __int_as_float(0x7f800000)
+"""
+
+
+def source(kernel, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]],
+           template: list[tuple[str, str]]) -> str:
+    """The kernel's full CUDA source as MLX builds it (mlx/backend/cuda/custom_kernel.cpp, build_kernel)."""
+    from mad.backends import cuda
+
+    header, body = cuda.kernel_source(kernel.body)
+    params = [f"    const {CUDA_TYPES[t]}* {n}" for n, t in inputs] + [f"    {CUDA_TYPES[t]}* {n}" for n, t in outputs]
+    consts = []
+    for name, value in template:
+        if value in CUDA_TYPES:
+            consts.append(f"  using {name} = {CUDA_TYPES[value]};")
+        elif value in ("true", "false"):
+            consts.append(f"  constexpr bool {name} = {value};")
+        else:
+            consts.append(f"  constexpr int {name} = {int(value)};")
+    return (MLX_HEADER + header + kernel.header + "namespace mlx::core::cu {\n\nnamespace cg = cooperative_groups;\n\n"
+            + f"__global__ void {kernel.name}(\n" + ",\n".join(params) + ") {\n" + "\n".join(consts) + "\n\n"
+            + body + "\n}\n\n} // namespace mlx::core::cu\n")
+
+
+def pairs(values: list[str]) -> list[tuple[str, str]]:
+    return [tuple(v.split("=", 1) if "=" in v else v.split(":", 1)) for v in values]  # type: ignore[misc]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("kernel", help="module:NAME of a kernels.device.DeviceKernel, e.g. kernels.qlinear_mma:QMMA_KERNEL")
+    ap.add_argument("--inputs", nargs="+", required=True, metavar="NAME:DTYPE")
+    ap.add_argument("--outputs", nargs="+", required=True, metavar="NAME:DTYPE")
+    ap.add_argument("--template", nargs="*", default=[], metavar="NAME=VALUE")
+    ap.add_argument("--arch", default="sm_90")
+    ap.add_argument("--keep", help="folder to keep the source and cubin in")
+    a = ap.parse_args()
+    if not shutil.which("nvcc"):
+        sys.exit("nvcc_check: nvcc is not on PATH")
+    module, name = a.kernel.split(":")
+    kernel = getattr(importlib.import_module(module if module.startswith("mad.") else "mad." + module), name)
+    text = source(kernel, pairs(a.inputs), pairs(a.outputs), pairs(a.template))
+    folder = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
+    folder.mkdir(parents=True, exist_ok=True)
+    cu = folder / f"{kernel.name}.cu"
+    cu.write_text(text)
+    run = subprocess.run(["nvcc", f"-arch={a.arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o",
+                          str(folder / f"{kernel.name}.cubin"), str(cu)], capture_output=True, text=True)
+    print(run.stdout + run.stderr)
+    print(f"source: {cu}")
+    sys.exit(run.returncode)
+
+
+if __name__ == "__main__":
+    main()
