@@ -88,25 +88,30 @@ def compare_inference(args) -> None:
 def compare_tensor_cores(args) -> None:
     """Decode ms/step of a quantized model with its 4-bit products on the tensor-core kernel
     (kernels/qlinear_mma.py) and on the per-value kernel (`qlinear_device.TENSOR_CORES`, read when a step
-    is traced): two models on the same weights, 5 interleaved rounds."""
+    is traced), and of the bf16 model they were quantized from: three models on the same weights, 5
+    interleaved rounds; the logits' largest difference between the two kernels."""
     from mad.kernels import qlinear_device
     from mad.quantize import quantize_model
 
     base, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
-    other, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
-    other.program.load_weights(base.program.parameters())
-    models = {"tensor_cores": base, "per_value": other}
-    for model in models.values():
-        quantize_model(model, bits=args.bits or 4, group_size=64)
+    models = {}
+    for name in ("tensor_cores", "per_value", "bf16"):
+        model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
+        model.program.load_weights(base.program.parameters())
+        if name != "bf16":
+            quantize_model(model, bits=args.bits or 4, group_size=64)
         mx.eval(model.program.parameters())
+        models[name] = model
+    del base
     mx.clear_cache()
     B = args.batch
-    tokens = mx.random.randint(0, base.vocab_size, (B, 16)).astype(mx.int32)
-    token = mx.random.randint(0, base.vocab_size, (B, 1)).astype(mx.int32)
+    V = models["bf16"].vocab_size
+    tokens = mx.random.randint(0, V, (B, 16)).astype(mx.int32)
+    token = mx.random.randint(0, V, (B, 1)).astype(mx.int32)
     states, logits = {}, {}
     with mad.inference():
         for k, model in models.items():
-            qlinear_device.TENSOR_CORES = k == "tensor_cores"   # each model traces its steps with its kernel
+            qlinear_device.TENSOR_CORES = k != "per_value"   # each model traces its steps with its kernel
             states[k] = model(tokens)[1]
             logits[k] = model(token, states[k], check_tokens=False)[0].astype(mx.float32)
             decode_ms(model, token, states[k], 5)
