@@ -30,9 +30,9 @@ against `mx.dequantize` on the CPU).
 Same call as the reference `kernels.qlinear.quantized_linear`. The variant takes x (M, K) with
 M <= MAX_ROWS in bfloat16, float16 or float32, and an affine matrix of 4 or 8 bits with group size 32, 64
 or 128; anything else (other bits, the floating-point modes) runs the reference. CUDA only: the unpacking
-reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run. The variant first offers
-the call to the tensor-core kernel (kernels/qlinear_mma.py: 4 bits, bf16 or f16 rows), which leaves this
-kernel 8-bit weights and float32 rows.
+reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run. With `TENSOR_CORES` on
+(off by default: slower so far) the variant first offers the call to the tensor-core kernel
+(kernels/qlinear_mma.py: 4 bits, bf16 or f16 rows).
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ GROUP_SIZES = (32, 64, 128)
 WARPS = 4  # warps per block
 STAGE = 1  # warp steps whose loads are issued before any of them is computed (more: no faster, benchmarks/NOTES-gpu.md 29)
 # Whether 4-bit calls with bf16/f16 inputs run the tensor-core kernel (kernels/qlinear_mma.py) where it
-# takes them; this kernel runs the rest (8 bits, float32 inputs). Benchmarks compare the two by it.
-TENSOR_CORES = True
+# takes them (this kernel runs the rest). Off: on an H200 it decoded xLSTM-7B at 139 tokens/s against this
+# kernel's 189 (benchmarks/NOTES-gpu.md 33). Benchmarks and tests turn it on to compare.
+TENSOR_CORES = False
 
 
 def features_per_warp(rows: int) -> int:
@@ -230,8 +231,9 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
             stage: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None, pair: Optional[str] = None,
             residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None) -> mx.array:
     """The kernel's (..., width) result; Unsupported for inputs it does not handle. The tensor-core kernel
-    takes the call where it can (`TENSOR_CORES`), unless this kernel's own settings are asked for."""
-    if TENSOR_CORES and features is None and stage is None and warps == WARPS:
+    takes the call where it can when `TENSOR_CORES` is on or `split` is given, unless this kernel's own
+    settings are asked for."""
+    if (TENSOR_CORES or split is not None) and features is None and stage is None and warps == WARPS:
         try:
             return launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split,
                               unused=_UNUSED, cap_vector=_cap_vector)

@@ -26,6 +26,12 @@ CUDA = mx.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs MLX with a CUDA GPU")
 
 
+@pytest.fixture(autouse=True)
+def tensor_cores(monkeypatch):
+    """The variant offers its calls to the tensor-core kernel (off by default: kernels/qlinear_device.py)."""
+    monkeypatch.setattr(qlinear_device, "TENSOR_CORES", True)
+
+
 # ------------------------------------------------------------------------------- the fragments (numpy)
 def _halves(reg: int, half: bool) -> tuple[float, float]:
     """The two 16-bit floats of a 32-bit register (low half first), as float64."""

@@ -115,7 +115,7 @@ def compare_tensor_cores(args) -> None:
             states[k] = model(tokens)[1]
             logits[k] = model(token, states[k], check_tokens=False)[0].astype(mx.float32)
             decode_ms(model, token, states[k], 5)
-        qlinear_device.TENSOR_CORES = True
+        qlinear_device.TENSOR_CORES = False
         agree = float(mx.max(mx.abs(logits["tensor_cores"] - logits["per_value"])))
         times = {k: [] for k in models}
         for _ in range(5):

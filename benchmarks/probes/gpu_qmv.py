@@ -27,6 +27,7 @@ import mlx.core as mx
 
 from mad.kernels.linear_device import linear_device, row_limit
 from mad.kernels.qlinear import QuantizedMatrix
+from mad.kernels import qlinear_device
 from mad.kernels.qlinear_device import features_per_warp, quantized_linear_device
 
 from gpu_gemv import CHAIN, time_chain  # the bf16 probe's timing (this folder is on sys.path when run)
@@ -41,7 +42,7 @@ def launch_settings(config, rows: int) -> dict:
     if config is None:
         return {}
     if config.startswith("mma"):
-        return {"split": int(config.split(":")[1])} if ":" in config else {}
+        return {"split": int(config.split(":")[1]) if ":" in config else None, "tensor_cores": True}
     if config == "fma":
         return {"features": features_per_warp(rows)}
     R, S, W = map(int, config.split(":"))
@@ -78,7 +79,9 @@ def main() -> None:
                 for config in args.configs:
                     name_r = f"mad_q{bits}" + ("" if config is None else f"_{config}")
                     kw = launch_settings(config, M)
+                    qlinear_device.TENSOR_CORES = kw.pop("tensor_cores", False)
                     t = time_chain(lambda a, m: quantized_linear_device(a, m, **kw)[0], packed, x)
+                    qlinear_device.TENSOR_CORES = False
                     row[f"{name_r}_us"], row[f"{name_r}_GBps"] = 1e6 * t, nbytes / t / 1e9
                 mine = quantized_linear_device(x, packed[0])[0].astype(mx.float32)
                 theirs = mx.quantized_matmul(x, *qs[0], transpose=True, group_size=args.group_size,
