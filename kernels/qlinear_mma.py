@@ -36,6 +36,11 @@ dtype (what `mx.fast.rms_norm` hands the reference product).
 
 CUDA only (inline PTX), compute capability 8.0 or newer; `Unsupported` for everything else (8 bits, float32
 x, more than 8 rows), which the per-value kernel or the reference then runs.
+
+Status: off by default (`qlinear_device.TENSOR_CORES`). On an H200 it is slower than the per-value kernel
+(xLSTM-7B decode 139 against 189 tokens/s; benchmarks/NOTES-gpu.md 33): the four lanes of a fragment row
+load the same 16 bytes and a warp walks its groups one memory round trip at a time, so too few bytes are
+in flight. What it establishes is the fragment mapping and the unpacking (emulated in numpy by the tests).
 """
 
 from __future__ import annotations
