@@ -57,8 +57,9 @@ GROUP_SIZES = (32, 64, 128)
 WARPS = 4  # warps per block
 STAGE = 1  # warp steps whose loads are issued before any of them is computed (more: no faster, benchmarks/NOTES-gpu.md 29)
 # Whether 4-bit calls with bf16/f16 inputs run the tensor-core kernel (kernels/qlinear_mma.py) where it
-# takes them (this kernel runs the rest). Off: on an H200 it decoded xLSTM-7B at 139 tokens/s against this
-# kernel's 189 (benchmarks/NOTES-gpu.md 33). Benchmarks and tests turn it on to compare.
+# takes them (this kernel runs the rest). Off: its first form decoded xLSTM-7B at 139 tokens/s on an H200
+# against this kernel's 189 (benchmarks/NOTES-gpu.md 33), its second is unmeasured. Benchmarks and tests
+# turn it on to compare.
 TENSOR_CORES = False
 
 
@@ -229,14 +230,15 @@ def unpack_row(words: np.ndarray, bits: int, K: int) -> np.ndarray:
 def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], splits: Sequence[int],
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], features: Optional[int] = None,
             stage: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None, pair: Optional[str] = None,
-            residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None) -> mx.array:
+            residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None,
+            ahead: Optional[int] = None) -> mx.array:
     """The kernel's (..., width) result; Unsupported for inputs it does not handle. The tensor-core kernel
     takes the call where it can when `TENSOR_CORES` is on or `split` is given, unless this kernel's own
     settings are asked for."""
     if (TENSOR_CORES or split is not None) and features is None and stage is None and warps == WARPS:
         try:
             return launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split,
-                              unused=_UNUSED, cap_vector=_cap_vector)
+                              unused=_UNUSED, cap_vector=_cap_vector, ahead=ahead)
         except Unsupported:
             if split is not None:
                 raise
@@ -278,13 +280,14 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
                             splits: Sequence[int] = (), caps: Sequence[Optional[float]] = (None,), *,
                             backend: str = "cuda", poison: Optional[float] = None,
                             features: Optional[int] = None, stage: Optional[int] = None,
-                            warps: int = WARPS, split: Optional[int] = None) -> list[mx.array]:
+                            warps: int = WARPS, split: Optional[int] = None,
+                            ahead: Optional[int] = None) -> list[mx.array]:
     """`kernels.qlinear.quantized_linear` with the decode kernels; Unsupported for inputs they do not handle.
     `features`, `stage` and `warps` ask for this module's kernel with those settings (`features_per_warp`,
-    STAGE, WARPS otherwise), `split` for the tensor-core kernel with that many warps per block (tests and
-    benchmarks compare the choices)."""
+    STAGE, WARPS otherwise), `split` (and `ahead`) for the tensor-core kernel with that many warps per block
+    (and groups loaded ahead); tests and benchmarks compare the choices."""
     return split_parts(_launch(x, packed, bias, splits, caps, backend, poison, features, stage, warps,
-                               split=split), splits)
+                               split=split, ahead=ahead), splits)
 
 
 def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,

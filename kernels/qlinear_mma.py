@@ -6,9 +6,9 @@ value into a float, then a float32 FMA per row of x. This one hands the products
 (`mma.sync.m16n8k16`, float32 accumulators), so what is left per weight is its unpacking, half an
 instruction a value:
 
-- **Two values per instruction pair.** The nibbles t and t + 4 of a packed word sit 16 bits apart; one
+- **Two values per instruction pair.** The nibbles s and s + 4 of a packed word sit 16 bits apart; one
   rotation brings both into the mantissa bits worth 2^-1 .. 2^-4 of the two halves of a register, one
-  `lop3` masks them and ORs in the exponent of 1.0: the pair (1 + q_t / 16, 1 + q_{t+4} / 16) in bf16 (or
+  `lop3` masks them and ORs in the exponent of 1.0: the pair (1 + q_s / 16, 1 + q_{s+4} / 16) in bf16 (or
   f16), exact. No conversions, no subtraction.
 - **The affine map per group, on the products.** With v = 1 + q / 16 a group's part of the product is
       s sum(q x) + b sum(x) = 16 s sum(v x) + (b - 16 s) sum(x),
@@ -17,11 +17,14 @@ instruction a value:
   - 16 s sum(x) as small as in the per-value kernel (v in [1, 2), as 16 + q in [16, 32) there).
 - **The fragment layout decides the order of k.** In an m16n8k16 product, lane (g, t) of the warp holds
   A's rows g and g + 8 at columns 2t, 2t + 1, 2t + 8, 2t + 9 and B's column g at rows 2t, 2t + 1, 2t + 8,
-  2t + 9. A dot product does not care in which order its terms are summed, so those logical columns are
-  mapped to the physical k whose nibbles one rotation brings into place: for 16 values starting at k0,
-  column 2t <- k0 + t, 2t + 1 <- k0 + t + 4, 2t + 8 <- k0 + 8 + t, 2t + 9 <- k0 + 12 + t, and x is read
-  in that order for B. Each lane loads whole 16-byte runs of its rows (the four lanes of a row read the
-  same run: one request) and keeps the two nibbles it owns of each word.
+  2t + 9. A dot product does not care in which order its terms are summed, so the lanes' columns are
+  mapped to the physical k of the words each lane loads itself: of a quantization group, lane t holds
+  GROUP_SIZE / 32 consecutive words of each of its four rows (the quad's lanes, side by side, read the
+  group's run of each row: no byte loaded twice, no exchange between lanes), and product j of the group
+  takes nibbles s, s + 4 (columns 2t, 2t + 1) and s + 1, s + 5 (2t + 8, 2t + 9) of the lane's word j / 2,
+  s = 2 (j mod 2). B is then x at those k, two `prmt`s from one 16-byte load of x.
+- **Groups loaded ahead.** A warp keeps AHEAD more groups' words (a few registers each) loading while it
+  computes one, so a warp has several groups' bytes in flight instead of one memory round trip per group.
 - **Split over k.** A warp computes 32 weight rows (two tiles; for a gated pair, 16 gate rows and the 16
   up rows of the same outputs) over every SPLIT-th quantization group; the SPLIT warps of a block sum their
   partial results through shared memory in a fixed order, and warp 0 adds the bias, soft-cap, pair
@@ -37,10 +40,10 @@ dtype (what `mx.fast.rms_norm` hands the reference product).
 CUDA only (inline PTX), compute capability 8.0 or newer; `Unsupported` for everything else (8 bits, float32
 x, more than 8 rows), which the per-value kernel or the reference then runs.
 
-Status: off by default (`qlinear_device.TENSOR_CORES`). On an H200 it is slower than the per-value kernel
-(xLSTM-7B decode 139 against 189 tokens/s; benchmarks/NOTES-gpu.md 33): the four lanes of a fragment row
-load the same 16 bytes and a warp walks its groups one memory round trip at a time, so too few bytes are
-in flight. What it establishes is the fragment mapping and the unpacking (emulated in numpy by the tests).
+Status: off by default (`qlinear_device.TENSOR_CORES`). Its first form (the four lanes of a fragment row
+loading the same 16 bytes, one group at a time) was slower than the per-value kernel on an H200 (xLSTM-7B
+decode 139 against 189 tokens/s; benchmarks/NOTES-gpu.md 33); this form (distinct loads, groups ahead) has
+not run on a GPU yet. The tests emulate its fragments in numpy on every machine.
 """
 
 from __future__ import annotations
@@ -96,12 +99,12 @@ QMMA_BODY = r"""
     constexpr unsigned ONE = HALF ? 0x3C003C00u : 0x3F803F80u;   // 1.0 in both halves
     constexpr int WORDS = K / 8;                       // uint32 words per packed row
     constexpr int GROUPS = K / GROUP_SIZE;
-    constexpr int ITERS = GROUP_SIZE / 32;             // 16-byte runs per row and group
+    constexpr int WPL = GROUP_SIZE / 32;               // words a lane holds of each row and group (1, 2, 4)
+    constexpr int NB = AHEAD + 1;                      // groups in registers: the current one and AHEAD more
     constexpr int P = PAIR ? 2 : 1;
     constexpr int NOUT = N / P;
     const int lane = THREAD_X, warp = THREAD_Y;
     const int gid = lane >> 2, tig = lane & 3;         // the fragment's row group and column pair
-    const int rot = (4 * tig - QBIT) & 31;             // rotation bringing nibbles tig, tig + 4 into place
     SHARED float red[SPLIT][2][4][32];
     SHARED float rs[8];
 
@@ -135,16 +138,44 @@ QMMA_BODY = r"""
 
     const int col = gid < M ? gid : M - 1;             // B's column gid: row gid of x (lanes past M give 0)
     const bool live = gid < M;
-    const unsigned short* xb = reinterpret_cast<const unsigned short*>(x) + (size_t)col * K;
-    auto xbits = [&](int k) -> unsigned {
-        if constexpr (NORM) {
-            return bits16<T>(static_cast<float>(x[(size_t)col * K + k]) * rs[col] * static_cast<float>(g[k]));
+    // the 8 values x[col][k0 .. k0 + 8) as four packed pairs (x0 x1, x2 x3, x4 x5, x6 x7); with a folded norm
+    // x * rsqrt * g rounded once to T
+    auto xrun = [&](int k0, unsigned* r) {
+        if (!live) {
+            r[0] = r[1] = r[2] = r[3] = 0u;
+        } else if constexpr (NORM) {
+            float xv[8], gv[8];
+            load8(x + (size_t)col * K + k0, xv);
+            load8(g + k0, gv);
+#pragma unroll
+            for (int e = 0; e < 4; ++e)
+                r[e] = bits16<T>(xv[2 * e] * rs[col] * gv[2 * e]) | (bits16<T>(xv[2 * e + 1] * rs[col] * gv[2 * e + 1]) << 16);
         } else {
-            return xb[k];
+            const uint4 u = *reinterpret_cast<const uint4*>(x + (size_t)col * K + k0);
+            r[0] = u.x; r[1] = u.y; r[2] = u.z; r[3] = u.w;
         }
     };
-    auto bpair = [&](int k) -> unsigned { return live ? (xbits(k) | (xbits(k + 4) << 16)) : 0u; };
-    auto nib = [&](unsigned word) -> unsigned { return (__funnelshift_r(word, word, rot) & MASKQ) | ONE; };
+    // the lane's words of group grp: WPL consecutive words of each of its four rows, at word tig * WPL of the group
+    auto load_group = [&](int grp, unsigned (&wd)[2][2][WPL], float (&sb)[2][2][2]) {
+#pragma unroll
+        for (int tau = 0; tau < 2; ++tau)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const unsigned* src = w + (size_t)rows[tau][h] * WORDS + grp * (GROUP_SIZE / 8) + tig * WPL;
+                if constexpr (WPL == 4) {
+                    const uint4 u = *reinterpret_cast<const uint4*>(src);
+                    wd[tau][h][0] = u.x; wd[tau][h][1] = u.y; wd[tau][h][2] = u.z; wd[tau][h][3] = u.w;
+                } else if constexpr (WPL == 2) {
+                    const uint2 u = *reinterpret_cast<const uint2*>(src);
+                    wd[tau][h][0] = u.x; wd[tau][h][1] = u.y;
+                } else {
+                    wd[tau][h][0] = src[0];
+                }
+                const size_t gi = (size_t)rows[tau][h] * GROUPS + grp;
+                sb[tau][h][0] = static_cast<float>(scales[gi]);
+                sb[tau][h][1] = static_cast<float>(biases[gi]);
+            }
+    };
 
     float acc[2][4];
 #pragma unroll
@@ -152,25 +183,13 @@ QMMA_BODY = r"""
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[tau][i] = 0.0f;
 
+    unsigned wd[NB][2][2][WPL];                        // slot 0: the group being computed; 1..AHEAD: in flight
+    float sb[NB][2][2][2];
+#pragma unroll
+    for (int a = 0; a < AHEAD; ++a)
+        if (warp + a * SPLIT < GROUPS) load_group(warp + a * SPLIT, wd[a], sb[a]);
     for (int grp = warp; grp < GROUPS; grp += SPLIT) {
-        uint4 wv[ITERS][2][2];
-#pragma unroll
-        for (int it = 0; it < ITERS; ++it)
-#pragma unroll
-            for (int tau = 0; tau < 2; ++tau)
-#pragma unroll
-                for (int h = 0; h < 2; ++h)
-                    wv[it][tau][h] = *reinterpret_cast<const uint4*>(
-                        w + (size_t)rows[tau][h] * WORDS + (grp * GROUP_SIZE + it * 32) / 8);
-        float s16[2][2], c[2][2];
-#pragma unroll
-        for (int tau = 0; tau < 2; ++tau)
-#pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const size_t gi = (size_t)rows[tau][h] * GROUPS + grp;
-                s16[tau][h] = 16.0f * static_cast<float>(scales[gi]);
-                c[tau][h] = static_cast<float>(biases[gi]) - s16[tau][h];
-            }
+        if (grp + AHEAD * SPLIT < GROUPS) load_group(grp + AHEAD * SPLIT, wd[AHEAD], sb[AHEAD]);
         float d[2][4], e[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -178,25 +197,42 @@ QMMA_BODY = r"""
             d[0][i] = 0.0f;
             d[1][i] = 0.0f;
         }
+        unsigned xr[4];
 #pragma unroll
-        for (int it = 0; it < ITERS; ++it)
+        for (int j = 0; j < 2 * WPL; ++j) {            // 16 values a step: nibbles s, s + 4, s + 1, s + 5 of word j / 2
+            const int wi = j >> 1, s = 2 * (j & 1);
+            if ((j & 1) == 0) xrun(grp * GROUP_SIZE + 8 * (tig * WPL + wi), xr);
+            const unsigned b0 = __byte_perm(xr[j & 1], xr[2 + (j & 1)], 0x5410);   // x[k0 + s], x[k0 + s + 4]
+            const unsigned b1 = __byte_perm(xr[j & 1], xr[2 + (j & 1)], 0x7632);   // x[k0 + s + 1], x[k0 + s + 5]
+            const int rot0 = (4 * s - QBIT) & 31, rot1 = (4 * s + 4 - QBIT) & 31;
 #pragma unroll
-            for (int p = 0; p < 2; ++p) {                  // 16 values: words 2p, 2p + 1 of each run
-                const int k = grp * GROUP_SIZE + it * 32 + 16 * p;
-                const unsigned b0 = bpair(k + tig), b1 = bpair(k + 8 + tig);
-#pragma unroll
-                for (int tau = 0; tau < 2; ++tau) {
-                    const uint4 lo = wv[it][tau][0], hi = wv[it][tau][1];
-                    const unsigned lw0 = p ? lo.z : lo.x, lw1 = p ? lo.w : lo.y;
-                    const unsigned hw0 = p ? hi.z : hi.x, hw1 = p ? hi.w : hi.y;
-                    mma_16816<HALF>(d[tau], nib(lw0), nib(hw0), nib(lw1), nib(hw1), b0, b1);
-                }
-                mma_16816<HALF>(e, ONE, ONE, ONE, ONE, b0, b1);
+            for (int tau = 0; tau < 2; ++tau) {
+                const unsigned lo = wd[0][tau][0][wi], hi = wd[0][tau][1][wi];
+                mma_16816<HALF>(d[tau], (__funnelshift_r(lo, lo, rot0) & MASKQ) | ONE,
+                                (__funnelshift_r(hi, hi, rot0) & MASKQ) | ONE,
+                                (__funnelshift_r(lo, lo, rot1) & MASKQ) | ONE,
+                                (__funnelshift_r(hi, hi, rot1) & MASKQ) | ONE, b0, b1);
             }
+            mma_16816<HALF>(e, ONE, ONE, ONE, ONE, b0, b1);
+        }
 #pragma unroll
         for (int tau = 0; tau < 2; ++tau)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[tau][i] += s16[tau][i >> 1] * d[tau][i] + c[tau][i >> 1] * e[i];
+            for (int i = 0; i < 4; ++i) {
+                const float s16 = 16.0f * sb[0][tau][i >> 1][0];
+                acc[tau][i] += s16 * d[tau][i] + (sb[0][tau][i >> 1][1] - s16) * e[i];
+            }
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)                // the queue moves up a slot
+#pragma unroll
+            for (int tau = 0; tau < 2; ++tau)
+#pragma unroll
+                for (int h = 0; h < 2; ++h) {
+#pragma unroll
+                    for (int q = 0; q < WPL; ++q) wd[a][tau][h][q] = wd[a + 1][tau][h][q];
+                    sb[a][tau][h][0] = sb[a + 1][tau][h][0];
+                    sb[a][tau][h][1] = sb[a + 1][tau][h][1];
+                }
     }
 
 #pragma unroll
@@ -262,13 +298,18 @@ def split_for(blocks: int, groups: int) -> int:
     return max(1, min(MAX_SPLIT, groups, TARGET_WARPS // max(blocks, 1)))
 
 
+def groups_ahead(group_size: int) -> int:
+    """Groups a warp has loading while it computes one: the registers they take grow with the group."""
+    return 2 if group_size <= 64 else 1
+
+
 def launch_mma(x: mx.array, packed, bias: Optional[mx.array], splits: Sequence[int], caps: Sequence[Optional[float]],
                backend: str, poison: Optional[float], norm: Optional[tuple] = None, pair: Optional[str] = None,
                residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None,
-               unused: Optional[mx.array] = None, cap_vector=None) -> mx.array:
-    """The kernel's (..., width) result; Unsupported for inputs it does not handle. `split` overrides
-    `split_for` (tests and benchmarks); `unused` and `cap_vector` are the caller's stand-in array and
-    per-feature cap vector (kernels/linear_device.py)."""
+               unused: Optional[mx.array] = None, cap_vector=None, ahead: Optional[int] = None) -> mx.array:
+    """The kernel's (..., width) result; Unsupported for inputs it does not handle. `split` and `ahead`
+    override `split_for` and `groups_ahead` (tests and benchmarks); `unused` and `cap_vector` are the
+    caller's stand-in array and per-feature cap vector (kernels/linear_device.py)."""
     *lead, K = x.shape
     M = math.prod(lead)
     w, scales, biases, group_size = packed.weight, packed.scales, packed.biases, packed.group_size
@@ -294,7 +335,8 @@ def launch_mma(x: mx.array, packed, bias: Optional[mx.array], splits: Sequence[i
                 unused if norm is None else norm[0], unused if norm is None else scalar(norm[1]),
                 unused if residual is None else residual],
         template=[("T", x.dtype), ("HALF", x.dtype == mx.float16), ("M", M), ("K", K), ("N", N),
-                  ("GROUP_SIZE", group_size), ("SPLIT", S), ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap),
+                  ("GROUP_SIZE", group_size), ("SPLIT", S), ("AHEAD", groups_ahead(group_size) if ahead is None else ahead),
+                  ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap),
                   ("NORM", norm is not None), ("PAIR", pair is not None),
                   ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0), ("RESIDUAL", residual is not None)],
         grid=(blocks * 32, S, 1), threadgroup=(32, S, 1),

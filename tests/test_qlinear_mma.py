@@ -41,10 +41,10 @@ def _halves(reg: int, half: bool) -> tuple[float, float]:
     return tuple(float(v) for v in (bits.astype(np.uint32) << 16).view(np.float32))  # type: ignore[return-value]
 
 
-def _nib(word: int, tig: int, half: bool) -> int:
-    """QMMA_BODY's `nib`: rotate right by (4 tig - QBIT) mod 32, mask two nibbles, OR the exponent of 1.0."""
+def _nib(word: int, s: int, half: bool) -> int:
+    """QMMA_BODY's unpacking of nibbles s and s + 4: rotate right by (4 s - QBIT) mod 32, mask, OR 1.0's exponent."""
     qbit = 6 if half else 3
-    rot = (4 * tig - qbit) & 31
+    rot = (4 * s - qbit) & 31
     rotated = ((word >> rot) | (word << (32 - rot))) & 0xFFFFFFFF
     mask = (0xF << qbit) | (0xF << (qbit + 16))
     return (rotated & mask) | (0x3C003C00 if half else 0x3F803F80)
@@ -57,6 +57,7 @@ def emulate(m: QuantizedMatrix, x_bits: np.ndarray, half: bool) -> np.ndarray:
     scales, biases = (np.array(a.astype(mx.float32), np.float64) for a in (m.scales, m.biases))
     N, K = words.shape[0], words.shape[1] * 8
     M, gs = x_bits.shape[0], m.group_size
+    wpl = gs // 32                                                     # words a lane holds per row and group
     x = (np.array(x_bits, np.uint16).view(np.float16).astype(np.float64) if half
          else (x_bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64))
     out = np.zeros((M, N))
@@ -65,24 +66,24 @@ def emulate(m: QuantizedMatrix, x_bits: np.ndarray, half: bool) -> np.ndarray:
         acc = np.zeros((16, 8))
         for grp in range(K // gs):
             D, E = np.zeros((16, 8)), np.zeros((16, 8))
-            for it in range(gs // 32):
-                for p in range(2):
-                    k = grp * gs + it * 32 + 16 * p
-                    A, B = np.zeros((16, 16)), np.zeros((16, 8))
-                    for lane in range(32):
-                        gid, tig = lane >> 2, lane & 3
-                        w0 = (k // 8)                                          # word 2p of the run
-                        regs = {(gid, 0): _nib(int(words[rows[gid], w0]), tig, half),
-                                (gid + 8, 0): _nib(int(words[rows[gid + 8], w0]), tig, half),
-                                (gid, 8): _nib(int(words[rows[gid], w0 + 1]), tig, half),
-                                (gid + 8, 8): _nib(int(words[rows[gid + 8], w0 + 1]), tig, half)}
-                        for (row, c0), reg in regs.items():                    # a0 a1 a2 a3
-                            A[row, c0 + 2 * tig], A[row, c0 + 2 * tig + 1] = _halves(reg, half)
-                        if gid < M:                                            # b0 b1: pairs (k+t, k+t+4), (k+8+t, k+12+t)
-                            for c0, kk in ((0, k + tig), (8, k + 8 + tig)):
-                                B[c0 + 2 * tig, gid], B[c0 + 2 * tig + 1, gid] = x[gid, kk], x[gid, kk + 4]
-                    D += A @ B
-                    E += np.ones((16, 16)) @ B
+            for j in range(2 * wpl):
+                wi, s = j >> 1, 2 * (j & 1)
+                A, B = np.zeros((16, 16)), np.zeros((16, 8))
+                for lane in range(32):
+                    gid, tig = lane >> 2, lane & 3
+                    word = grp * gs // 8 + tig * wpl + wi                  # the lane's word of its rows
+                    k0 = 8 * word                                         # its first value
+                    regs = {(gid, 0): _nib(int(words[rows[gid], word]), s, half),            # a0
+                            (gid + 8, 0): _nib(int(words[rows[gid + 8], word]), s, half),    # a1
+                            (gid, 8): _nib(int(words[rows[gid], word]), s + 1, half),        # a2
+                            (gid + 8, 8): _nib(int(words[rows[gid + 8], word]), s + 1, half)}  # a3
+                    for (row, c0), reg in regs.items():
+                        A[row, c0 + 2 * tig], A[row, c0 + 2 * tig + 1] = _halves(reg, half)
+                    if gid < M:                                           # b0: x[k0+s], x[k0+s+4]; b1: +1
+                        for c0, kk in ((0, k0 + s), (8, k0 + s + 1)):
+                            B[c0 + 2 * tig, gid], B[c0 + 2 * tig + 1, gid] = x[gid, kk], x[gid, kk + 4]
+                D += A @ B
+                E += np.ones((16, 16)) @ B
             s16 = 16 * scales[rows, grp][:, None]
             acc += s16 * D + (biases[rows, grp][:, None] - s16) * E
         for i, n in enumerate(range(r0, min(r0 + 16, N))):
@@ -113,6 +114,9 @@ def test_the_split_depends_on_the_matrix_alone():
 
 
 # ------------------------------------------------------------------------------------ the kernel (CUDA)
+STAND_INS = dict(unused=qlinear_device._UNUSED, cap_vector=qlinear_device._cap_vector)
+
+
 def _x(M, K, dtype, seed):
     return mx.array(np.random.default_rng(seed).normal(0, 1, (M, K)).astype(np.float32)).astype(dtype)
 
@@ -127,10 +131,10 @@ def test_kernel_matches_dequantized_float32(M, group_size, dtype):
     m = packed_matrix(N, K, 4, group_size, dtype, seed=M + group_size)
     x = _x(M, K, dtype, M)
     want = reference(x, m)[0]
-    for split in (None, 1, 3, 8):
-        (y,) = quantized_linear_device(x, m, poison=float("nan"), split=split)
+    for split, ahead in ((None, None), (1, 0), (3, 1), (8, 2)):
+        y = launch_mma(x, m, None, (), (None,), "cuda", float("nan"), split=split, ahead=ahead, **STAND_INS)
         assert y.dtype == dtype and y.shape == (M, N)
-        assert rel_err(y, want) < 1e-2, split
+        assert rel_err(y, want) < 1e-2, (split, ahead)
 
 
 @needs_cuda
@@ -163,8 +167,7 @@ def test_kernel_folds(fold):
     splits = (width,) if pair else ()
     caps = (None, None) if pair else (None,)
     got = launch_mma(x, m, None, splits, caps, "cuda", float("nan"), kw.get("norm"), pair, kw.get("residual"),
-                     width if (pair or "residual" in fold) else None, unused=qlinear_device._UNUSED,
-                     cap_vector=qlinear_device._cap_vector)
+                     width if (pair or "residual" in fold) else None, **STAND_INS)
     with mx.stream(mx.cpu):
         f32 = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
         fkw = dict(kw, norm=(f32(kw["norm"][0]), 1e-6) if "norm" in kw else None, residual=f32(kw.get("residual")))
@@ -188,12 +191,11 @@ def test_a_row_gets_the_same_bits_alone_and_in_a_batch(dtype):
 def test_kernel_declines_what_it_does_not_handle():
     """8 bits, float32 rows, more than 8 rows: Unsupported from the tensor-core kernel; the variant then runs
     the per-value kernel (8 bits, float32) or the reference."""
-    args = dict(unused=qlinear_device._UNUSED, cap_vector=qlinear_device._cap_vector)
     for x, m in [(_x(1, 128, mx.bfloat16, 0), packed_matrix(8, 128, 8, 64)),
                  (_x(1, 128, mx.float32, 0), packed_matrix(8, 128, 4, 64, mx.float32)),
                  (_x(MAX_ROWS + 1, 128, mx.bfloat16, 0), packed_matrix(8, 128, 4, 64))]:
         with pytest.raises(registry.Unsupported):
-            launch_mma(x, m, None, (), (None,), "cuda", None, **args)
+            launch_mma(x, m, None, (), (None,), "cuda", None, **STAND_INS)
     x, m = _x(1, 128, mx.float32, 0), packed_matrix(8, 128, 4, 64, mx.float32)
     assert rel_err(quantized_linear_device(x, m)[0], reference(x, m)[0]) < 1e-5  # the per-value kernel
 

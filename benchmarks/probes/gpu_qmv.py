@@ -7,8 +7,8 @@ rotating weights, so that the weights do not sit in L2); bandwidth = bytes of th
 and biases (or the bf16 weights) over the time. `mad_q*_err` is the relative (Frobenius) difference
 between MAD's kernel and MLX's product on one weight: a check that the timed kernel computes the same.
 
-`--configs` times MAD's kernels: `mma` / `mma:S` the tensor-core kernel (kernels/qlinear_mma.py; S warps
-per block over k), `fma` the per-value kernel (kernels/qlinear_device.py) with its defaults, `R:S:W` the
+`--configs` times MAD's kernels: `mma` / `mma:S` / `mma:S:A` the tensor-core kernel (kernels/qlinear_mma.py;
+S warps per block over k, A groups loaded ahead), `fma` the per-value kernel (kernels/qlinear_device.py) with its defaults, `R:S:W` the
 per-value kernel with R output features per warp, S warp steps loaded ahead and W warps per block
 (default: the variant's own choice). The bf16 product above the `linear` kernel's row
 limit is MLX's matmul.
@@ -36,13 +36,15 @@ SHAPES = {"q|k|v|o": (12288, 4096), "up|gate": (21888, 4096), "down": (4096, 109
 
 
 def launch_settings(config, rows: int) -> dict:
-    """quantized_linear_device's keywords for a --configs entry: None (the kernel the variant picks), "mma"
-    or "mma:S" (the tensor-core kernel, S warps per block), "fma" (the per-value kernel, its defaults) or
+    """quantized_linear_device's keywords for a --configs entry: None (the kernel the variant picks), "mma",
+    "mma:S" or "mma:S:A" (the tensor-core kernel, S warps per block, A groups loaded ahead), "fma" (the
+    per-value kernel, its defaults) or
     "R:S:W" (the per-value kernel so)."""
     if config is None:
         return {}
     if config.startswith("mma"):
-        return {"split": int(config.split(":")[1]) if ":" in config else None, "tensor_cores": True}
+        parts = [int(v) for v in config.split(":")[1:]] + [None, None]
+        return {"split": parts[0], "ahead": parts[1], "tensor_cores": True}
     if config == "fma":
         return {"features": features_per_warp(rows)}
     R, S, W = map(int, config.split(":"))
