@@ -120,6 +120,24 @@ def _cap_vector(n: int, splits: tuple[int, ...], caps: tuple[Optional[float], ..
 _UNUSED = mx.array([0.0], mx.float32)
 
 
+def fold_inputs(n: int, bias: Optional[mx.array], splits: Sequence[int], caps: Sequence[Optional[float]],
+                norm: Optional[tuple], residual: Optional[mx.array]) -> list[mx.array]:
+    """The decode kernels' inputs after their weights, in their order: bias, cap, g, normp, res (the
+    stand-in `_UNUSED` for each one the call has not)."""
+    has_cap = any(caps)
+    return [_UNUSED if bias is None else bias, _cap_vector(n, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
+            _UNUSED if norm is None else norm[0], _UNUSED if norm is None else scalar(norm[1]),
+            _UNUSED if residual is None else residual]
+
+
+def fold_template(bias: Optional[mx.array], caps: Sequence[Optional[float]], norm: Optional[tuple],
+                  pair: Optional[str], residual: Optional[mx.array]) -> list[tuple]:
+    """The decode kernels' template arguments for the bias, the caps and the folds."""
+    return [("HAS_BIAS", bias is not None), ("HAS_CAP", any(caps)), ("NORM", norm is not None),
+            ("PAIR", pair is not None), ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0),
+            ("RESIDUAL", residual is not None)]
+
+
 def batch_invariant(rows: Optional[int]) -> None:
     """Run every linear of up to `rows` rows (at most `MAX_INVARIANT_ROWS`) with this kernel, so that
     a row's result does not depend on how many rows share the call; None restores the default (`MAX_ROWS`).
@@ -151,18 +169,12 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
     if norm is not None and (norm[0] is None or norm[0].shape != (K,)):
         raise Unsupported("linear: a norm without a weight of the input's width")
     check_parts(splits, caps)
-    has_cap = any(caps)
     width = N if width is None else width
     (y,) = LINEAR_KERNEL(
         backend,
-        inputs=[x, w, _UNUSED if bias is None else bias,
-                _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
-                _UNUSED if norm is None else norm[0], _UNUSED if norm is None else scalar(norm[1]),
-                _UNUSED if residual is None else residual],
+        inputs=[x, w, *fold_inputs(N, bias, splits, caps, norm, residual)],
         template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS),
-                  ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap), ("NORM", norm is not None),
-                  ("PAIR", pair is not None), ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0),
-                  ("RESIDUAL", residual is not None)],
+                  *fold_template(bias, caps, norm, pair, residual)],
         grid=(-(-width // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
         output_shapes=[(*lead, width)], output_dtypes=[w.dtype], init_value=poison)
     return y

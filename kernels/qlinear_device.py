@@ -43,10 +43,10 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .device import DeviceKernel, scalar
+from .device import DeviceKernel
 from .linear import check_parts, split_parts
-from .fold import PAIR_ACTIVATIONS, fold_result, fold_width
-from .linear_device import _UNUSED, DTYPES, _cap_vector, folded_linear_device
+from .fold import fold_result, fold_width
+from .linear_device import DTYPES, fold_inputs, fold_template, folded_linear_device
 from .qlinear import QuantizedMatrix
 from .qlinear_mma import launch_mma
 from .registry import Unsupported, register_variant
@@ -238,7 +238,7 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
     if (TENSOR_CORES or split is not None) and features is None and stage is None and warps == WARPS:
         try:
             return launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split,
-                              unused=_UNUSED, cap_vector=_cap_vector, ahead=ahead)
+                              ahead)
         except Unsupported:
             if split is not None:
                 raise
@@ -257,20 +257,14 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
         raise Unsupported(f"quantized_linear: x {x.shape} {x.dtype}, {bits}-bit {packed.mode} weight {w.shape}, "
                           f"group size {group_size}")
     check_parts(splits, caps)
-    has_cap = any(caps)
     width = N if width is None else width
     S = STAGE if stage is None else stage
     outs = R // 2 if pair is not None else R
     (y,) = QLINEAR_KERNEL(
         backend,
-        inputs=[x, w, scales, biases, _UNUSED if bias is None else bias,
-                _cap_vector(N, tuple(splits), tuple(caps)) if has_cap else _UNUSED,
-                _UNUSED if norm is None else norm[0], _UNUSED if norm is None else scalar(norm[1]),
-                _UNUSED if residual is None else residual],
+        inputs=[x, w, scales, biases, *fold_inputs(N, bias, splits, caps, norm, residual)],
         template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
-                  ("R", R), ("STAGE", S), ("WARPS", warps), ("HAS_BIAS", bias is not None),
-                  ("HAS_CAP", has_cap), ("NORM", norm is not None), ("PAIR", pair is not None),
-                  ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0), ("RESIDUAL", residual is not None)],
+                  ("R", R), ("STAGE", S), ("WARPS", warps), *fold_template(bias, caps, norm, pair, residual)],
         grid=(-(-width // (warps * outs)) * 32, warps, 1), threadgroup=(32, warps, 1),
         output_shapes=[(*lead, width)], output_dtypes=[x.dtype], init_value=poison)
     return y

@@ -54,9 +54,9 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 
-from .device import DeviceKernel, scalar
-from .fold import PAIR_ACTIVATIONS
+from .device import DeviceKernel
 from .linear import check_parts
+from .linear_device import fold_inputs, fold_template
 from .registry import Unsupported
 
 MAX_ROWS = 8  # B's 8 columns
@@ -306,10 +306,9 @@ def groups_ahead(group_size: int) -> int:
 def launch_mma(x: mx.array, packed, bias: Optional[mx.array], splits: Sequence[int], caps: Sequence[Optional[float]],
                backend: str, poison: Optional[float], norm: Optional[tuple] = None, pair: Optional[str] = None,
                residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None,
-               unused: Optional[mx.array] = None, cap_vector=None, ahead: Optional[int] = None) -> mx.array:
+               ahead: Optional[int] = None) -> mx.array:
     """The kernel's (..., width) result; Unsupported for inputs it does not handle. `split` and `ahead`
-    override `split_for` and `groups_ahead` (tests and benchmarks); `unused` and `cap_vector` are the
-    caller's stand-in array and per-feature cap vector (kernels/linear_device.py)."""
+    override `split_for` and `groups_ahead` (tests and benchmarks)."""
     *lead, K = x.shape
     M = math.prod(lead)
     w, scales, biases, group_size = packed.weight, packed.scales, packed.biases, packed.group_size
@@ -324,21 +323,16 @@ def launch_mma(x: mx.array, packed, bias: Optional[mx.array], splits: Sequence[i
         raise Unsupported(f"quantized_linear (tensor cores): x {x.shape} {x.dtype}, {packed.bits}-bit "
                           f"{packed.mode} weight {w.shape}, group size {group_size}")
     check_parts(splits, caps)
-    has_cap = any(caps)
     width = N if width is None else width
     blocks = -(-(N // 2) // 16) if pair is not None else -(-N // ROWS_PER_WARP)
     S = split_for(blocks, K // group_size) if split is None else split
     (y,) = QMMA_KERNEL(
         backend,
-        inputs=[x, w, scales, biases, unused if bias is None else bias,
-                cap_vector(N, tuple(splits), tuple(caps)) if has_cap else unused,
-                unused if norm is None else norm[0], unused if norm is None else scalar(norm[1]),
-                unused if residual is None else residual],
+        inputs=[x, w, scales, biases, *fold_inputs(N, bias, splits, caps, norm, residual)],
         template=[("T", x.dtype), ("HALF", x.dtype == mx.float16), ("M", M), ("K", K), ("N", N),
-                  ("GROUP_SIZE", group_size), ("SPLIT", S), ("AHEAD", groups_ahead(group_size) if ahead is None else ahead),
-                  ("HAS_BIAS", bias is not None), ("HAS_CAP", has_cap),
-                  ("NORM", norm is not None), ("PAIR", pair is not None),
-                  ("ACT", PAIR_ACTIVATIONS.index(pair) + 1 if pair else 0), ("RESIDUAL", residual is not None)],
+                  ("GROUP_SIZE", group_size), ("SPLIT", S),
+                  ("AHEAD", groups_ahead(group_size) if ahead is None else ahead),
+                  *fold_template(bias, caps, norm, pair, residual)],
         grid=(blocks * 32, S, 1), threadgroup=(32, S, 1),
         output_shapes=[(*lead, width)], output_dtypes=[x.dtype], init_value=poison)
     return y

@@ -114,9 +114,6 @@ def test_the_split_depends_on_the_matrix_alone():
 
 
 # ------------------------------------------------------------------------------------ the kernel (CUDA)
-STAND_INS = dict(unused=qlinear_device._UNUSED, cap_vector=qlinear_device._cap_vector)
-
-
 def _x(M, K, dtype, seed):
     return mx.array(np.random.default_rng(seed).normal(0, 1, (M, K)).astype(np.float32)).astype(dtype)
 
@@ -132,7 +129,7 @@ def test_kernel_matches_dequantized_float32(M, group_size, dtype):
     x = _x(M, K, dtype, M)
     want = reference(x, m)[0]
     for split, ahead in ((None, None), (1, 0), (3, 1), (8, 2)):
-        y = launch_mma(x, m, None, (), (None,), "cuda", float("nan"), split=split, ahead=ahead, **STAND_INS)
+        y = launch_mma(x, m, None, (), (None,), "cuda", float("nan"), split=split, ahead=ahead)
         assert y.dtype == dtype and y.shape == (M, N)
         assert rel_err(y, want) < 1e-2, (split, ahead)
 
@@ -167,7 +164,7 @@ def test_kernel_folds(fold):
     splits = (width,) if pair else ()
     caps = (None, None) if pair else (None,)
     got = launch_mma(x, m, None, splits, caps, "cuda", float("nan"), kw.get("norm"), pair, kw.get("residual"),
-                     width if (pair or "residual" in fold) else None, **STAND_INS)
+                     width if (pair or "residual" in fold) else None)
     with mx.stream(mx.cpu):
         f32 = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
         fkw = dict(kw, norm=(f32(kw["norm"][0]), 1e-6) if "norm" in kw else None, residual=f32(kw.get("residual")))
@@ -195,7 +192,7 @@ def test_kernel_declines_what_it_does_not_handle():
                  (_x(1, 128, mx.float32, 0), packed_matrix(8, 128, 4, 64, mx.float32)),
                  (_x(MAX_ROWS + 1, 128, mx.bfloat16, 0), packed_matrix(8, 128, 4, 64))]:
         with pytest.raises(registry.Unsupported):
-            launch_mma(x, m, None, (), (None,), "cuda", None, **STAND_INS)
+            launch_mma(x, m, None, (), (None,), "cuda", None)
     x, m = _x(1, 128, mx.float32, 0), packed_matrix(8, 128, 4, 64, mx.float32)
     assert rel_err(quantized_linear_device(x, m)[0], reference(x, m)[0]) < 1e-5  # the per-value kernel
 
