@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import py_compile
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -39,6 +40,13 @@ CPU = {"bench_framework.py": (), "cpu_parts.py": (), "probes/probe_float32_order
        "bench_quant.py": (), "bench_serve.py": ("uvicorn", "starlette", "openai"), "bench_shard.py": (),
        "probes/probe_mkl_torch.py": ("torch", "xlstm"), "probes/ttft_cache.py": ()}
 HELPERS = {"common.py", "mad_worker.py"}
+# needs nvcc (a CUDA toolkit), not a GPU: compiles a kernel body as MLX would hand it to NVRTC
+NVCC = {"probes/nvcc_check.py": ["kernels.qlinear_mma:QMMA_KERNEL", "--inputs", "x:bfloat16", "w:uint32",
+                                 "scales:bfloat16", "biases:bfloat16", "bias:float32", "cap:float32", "g:bfloat16",
+                                 "normp:float32", "res:float32", "--outputs", "y:bfloat16", "--template",
+                                 "T=bfloat16", "HALF=false", "M=2", "K=4096", "N=12288", "GROUP_SIZE=64", "SPLIT=8",
+                                 "AHEAD=2", "HAS_BIAS=false", "HAS_CAP=false", "NORM=true", "PAIR=true", "ACT=2",
+                                 "RESIDUAL=false"]}
 # GPU-only scripts and small arguments for a smoke run
 GPU = {
     "probes/gpu_decode_probe.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--steps", "2"],
@@ -88,8 +96,17 @@ def scripts() -> list[str]:
 
 
 def test_every_script_is_listed():
-    listed = set(CPU) | HELPERS | set(GPU) | set(BY_HAND)
+    listed = set(CPU) | HELPERS | set(GPU) | set(BY_HAND) | set(NVCC)
     assert set(scripts()) == listed
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="needs nvcc (a CUDA toolkit)")
+@pytest.mark.parametrize("script", sorted(NVCC))
+def test_nvcc_check_builds_a_kernel(script):
+    """The offline compile of the tensor-core kernel (a norm and a gated pair folded in): it builds, and
+    ptxas reports its registers and no spills."""
+    out = run(script, *NVCC[script], timeout=300).stdout
+    assert "Used " in out and "registers" in out and "0 bytes spill stores" in out, out
 
 
 @pytest.mark.parametrize("script", scripts())
