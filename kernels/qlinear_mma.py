@@ -155,8 +155,10 @@ QMMA_BODY = r"""
             r[0] = u.x; r[1] = u.y; r[2] = u.z; r[3] = u.w;
         }
     };
-    // the lane's words of group grp: WPL consecutive words of each of its four rows, at word tig * WPL of the group
-    auto load_group = [&](int grp, unsigned (&wd)[2][2][WPL], float (&sb)[2][2][2]) {
+    // the lane's words of group grp: WPL consecutive words of each of its four rows, at word tig * WPL of the
+    // group, and the rows' scales and biases (kept as loaded: converted where used, so no instruction waits
+    // for a load before the group is computed)
+    auto load_group = [&](int grp, unsigned (&wd)[2][2][WPL], S (&sb)[2][2][2]) {
 #pragma unroll
         for (int tau = 0; tau < 2; ++tau)
 #pragma unroll
@@ -172,24 +174,17 @@ QMMA_BODY = r"""
                     wd[tau][h][0] = src[0];
                 }
                 const size_t gi = (size_t)rows[tau][h] * GROUPS + grp;
-                sb[tau][h][0] = static_cast<float>(scales[gi]);
-                sb[tau][h][1] = static_cast<float>(biases[gi]);
+                sb[tau][h][0] = scales[gi];
+                sb[tau][h][1] = biases[gi];
             }
     };
-
     float acc[2][4];
 #pragma unroll
     for (int tau = 0; tau < 2; ++tau)
 #pragma unroll
         for (int i = 0; i < 4; ++i) acc[tau][i] = 0.0f;
-
-    unsigned wd[NB][2][2][WPL];                        // slot 0: the group being computed; 1..AHEAD: in flight
-    float sb[NB][2][2][2];
-#pragma unroll
-    for (int a = 0; a < AHEAD; ++a)
-        if (warp + a * SPLIT < GROUPS) load_group(warp + a * SPLIT, wd[a], sb[a]);
-    for (int grp = warp; grp < GROUPS; grp += SPLIT) {
-        if (grp + AHEAD * SPLIT < GROUPS) load_group(grp + AHEAD * SPLIT, wd[AHEAD], sb[AHEAD]);
+    // group grp's products into acc
+    auto compute = [&](int grp, const unsigned (&wd)[2][2][WPL], const S (&sb)[2][2][2]) {
         float d[2][4], e[4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
@@ -207,7 +202,7 @@ QMMA_BODY = r"""
             const int rot0 = (4 * s - QBIT) & 31, rot1 = (4 * s + 4 - QBIT) & 31;
 #pragma unroll
             for (int tau = 0; tau < 2; ++tau) {
-                const unsigned lo = wd[0][tau][0][wi], hi = wd[0][tau][1][wi];
+                const unsigned lo = wd[tau][0][wi], hi = wd[tau][1][wi];
                 mma_16816<HALF>(d[tau], (__funnelshift_r(lo, lo, rot0) & MASKQ) | ONE,
                                 (__funnelshift_r(hi, hi, rot0) & MASKQ) | ONE,
                                 (__funnelshift_r(lo, lo, rot1) & MASKQ) | ONE,
@@ -219,20 +214,28 @@ QMMA_BODY = r"""
         for (int tau = 0; tau < 2; ++tau)
 #pragma unroll
             for (int i = 0; i < 4; ++i) {
-                const float s16 = 16.0f * sb[0][tau][i >> 1][0];
-                acc[tau][i] += s16 * d[tau][i] + (sb[0][tau][i >> 1][1] - s16) * e[i];
+                const float s16 = 16.0f * static_cast<float>(sb[tau][i >> 1][0]);
+                acc[tau][i] += s16 * d[tau][i] + (static_cast<float>(sb[tau][i >> 1][1]) - s16) * e[i];
             }
+    };
+
+    // NB register slots in turn: the loop is unrolled by NB, so slot u is a fixed set of registers (no moves
+    // between slots, which would wait for the newest loads); slot (u + AHEAD) % NB receives the group AHEAD
+    // steps ahead while slot u is computed
+    unsigned wd[NB][2][2][WPL];
+    S sb[NB][2][2][2];
 #pragma unroll
-        for (int a = 0; a < AHEAD; ++a)                // the queue moves up a slot
+    for (int a = 0; a < AHEAD; ++a)
+        if (warp + a * SPLIT < GROUPS) load_group(warp + a * SPLIT, wd[a], sb[a]);
+    for (int base = warp; base < GROUPS; base += NB * SPLIT) {
 #pragma unroll
-            for (int tau = 0; tau < 2; ++tau)
-#pragma unroll
-                for (int h = 0; h < 2; ++h) {
-#pragma unroll
-                    for (int q = 0; q < WPL; ++q) wd[a][tau][h][q] = wd[a + 1][tau][h][q];
-                    sb[a][tau][h][0] = sb[a + 1][tau][h][0];
-                    sb[a][tau][h][1] = sb[a + 1][tau][h][1];
-                }
+        for (int u = 0; u < NB; ++u) {
+            const int grp = base + u * SPLIT;
+            if (grp < GROUPS) {
+                if (grp + AHEAD * SPLIT < GROUPS) load_group(grp + AHEAD * SPLIT, wd[(u + AHEAD) % NB], sb[(u + AHEAD) % NB]);
+                compute(grp, wd[u], sb[u]);
+            }
+        }
     }
 
 #pragma unroll
@@ -317,7 +320,7 @@ def launch_mma(x: mx.array, packed, bias: Optional[mx.array], splits: Sequence[i
             or biases is None or not 1 <= M <= MAX_ROWS or x.dtype not in (mx.bfloat16, mx.float16)
             or K % group_size or w.dtype != mx.uint32 or w.shape != (N, K // 8)
             or scales.shape != (N, K // group_size) or biases.shape != scales.shape
-            or not mx.issubdtype(scales.dtype, mx.floating) or not mx.issubdtype(biases.dtype, mx.floating)
+            or not mx.issubdtype(scales.dtype, mx.floating) or biases.dtype != scales.dtype
             or (bias is not None and bias.shape != (N,)) or (pair is not None and N % 2)
             or (norm is not None and (norm[0] is None or norm[0].shape != (K,))) or not tensor_cores()):
         raise Unsupported(f"quantized_linear (tensor cores): x {x.shape} {x.dtype}, {packed.bits}-bit "
@@ -329,7 +332,7 @@ def launch_mma(x: mx.array, packed, bias: Optional[mx.array], splits: Sequence[i
     (y,) = QMMA_KERNEL(
         backend,
         inputs=[x, w, scales, biases, *fold_inputs(N, bias, splits, caps, norm, residual)],
-        template=[("T", x.dtype), ("HALF", x.dtype == mx.float16), ("M", M), ("K", K), ("N", N),
+        template=[("T", x.dtype), ("S", scales.dtype), ("HALF", x.dtype == mx.float16), ("M", M), ("K", K), ("N", N),
                   ("GROUP_SIZE", group_size), ("SPLIT", S),
                   ("AHEAD", groups_ahead(group_size) if ahead is None else ahead),
                   *fold_template(bias, caps, norm, pair, residual)],

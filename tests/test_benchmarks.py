@@ -44,7 +44,7 @@ HELPERS = {"common.py", "mad_worker.py"}
 NVCC = {"probes/nvcc_check.py": ["kernels.qlinear_mma:QMMA_KERNEL", "--inputs", "x:bfloat16", "w:uint32",
                                  "scales:bfloat16", "biases:bfloat16", "bias:float32", "cap:float32", "g:bfloat16",
                                  "normp:float32", "res:float32", "--outputs", "y:bfloat16", "--template",
-                                 "T=bfloat16", "HALF=false", "M=2", "K=4096", "N=12288", "GROUP_SIZE=64", "SPLIT=8",
+                                 "T=bfloat16", "S=bfloat16", "HALF=false", "M=2", "K=4096", "N=12288", "GROUP_SIZE=64", "SPLIT=8",
                                  "AHEAD=2", "HAS_BIAS=false", "HAS_CAP=false", "NORM=true", "PAIR=true", "ACT=2",
                                  "RESIDUAL=false"]}
 # GPU-only scripts and small arguments for a smoke run

@@ -9,8 +9,8 @@ spills before a GPU lease is spent on them; it does not run anything.
     python benchmarks/probes/nvcc_check.py kernels.qlinear_mma:QMMA_KERNEL \
         --inputs x:bfloat16 w:uint32 scales:bfloat16 biases:bfloat16 bias:float32 cap:float32 g:float32 \
                  normp:float32 res:float32 --outputs y:bfloat16 \
-        --template T=bfloat16 HALF=false M=1 K=4096 N=12288 GROUP_SIZE=64 SPLIT=8 HAS_BIAS=false \
-                   HAS_CAP=false NORM=false PAIR=false ACT=0 RESIDUAL=false [--arch sm_90] [--keep DIR]
+        --template T=bfloat16 S=bfloat16 HALF=false M=1 K=4096 N=12288 GROUP_SIZE=64 SPLIT=8 AHEAD=2 \
+                   HAS_BIAS=false HAS_CAP=false NORM=false PAIR=false ACT=0 RESIDUAL=false [--arch sm_90] [--keep DIR]
 """
 
 from __future__ import annotations
