@@ -66,6 +66,21 @@ class QuantizedMatrix:
                                self.mode)
 
 
+def affine_layout(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array] = None,
+                  norm: Optional[tuple] = None) -> bool:
+    """Whether a call's arrays are laid out as the device kernels read an affine matrix (x (..., K)): the
+    packed rows, scales and biases of `mx.quantize`'s shapes with float scales and biases, a bias of N,
+    a folded norm's weight of K."""
+    K, (N, words) = x.shape[-1], packed.weight.shape
+    groups = (N, K // packed.group_size)
+    return (packed.mode == "affine" and packed.biases is not None and K % packed.group_size == 0
+            and packed.weight.dtype == mx.uint32 and words == K * packed.bits // 32
+            and packed.scales.shape == groups and packed.biases.shape == groups
+            and mx.issubdtype(packed.scales.dtype, mx.floating) and mx.issubdtype(packed.biases.dtype, mx.floating)
+            and (bias is None or bias.shape == (N,))
+            and (norm is None or (norm[0] is not None and norm[0].shape == (K,))))
+
+
 def quantized_linear(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array] = None,
                      splits: Sequence[int] = (), caps: Sequence[Optional[float]] = (None,)) -> list[mx.array]:
     """The parts of softcap(x @ dequantize(packed).T + bias); see the module docstring."""

@@ -47,7 +47,7 @@ from .device import DeviceKernel
 from .linear import check_parts, split_parts
 from .fold import fold_result, fold_width
 from .linear_device import DTYPES, fold_inputs, fold_template, folded_linear_device
-from .qlinear import QuantizedMatrix
+from .qlinear import QuantizedMatrix, affine_layout
 from .qlinear_mma import launch_mma
 from .registry import Unsupported, register_variant
 
@@ -246,14 +246,9 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
     M = math.prod(lead)
     w, scales, biases, group_size, bits = packed.weight, packed.scales, packed.biases, packed.group_size, packed.bits
     N = w.shape[0]
-    groups = (N, K // group_size)
     R = features_per_warp(M) if features is None else features
-    if (packed.mode != "affine" or bits not in BITS or group_size not in GROUP_SIZES or biases is None
-            or not 1 <= M <= MAX_ROWS or x.dtype not in DTYPES or K % group_size
-            or w.dtype != mx.uint32 or w.shape != (N, K * bits // 32) or scales.shape != groups
-            or biases.shape != groups or not mx.issubdtype(scales.dtype, mx.floating)
-            or not mx.issubdtype(biases.dtype, mx.floating) or (bias is not None and bias.shape != (N,))
-            or (pair is not None and R % 2) or (norm is not None and (norm[0] is None or norm[0].shape != (K,)))):
+    if (not affine_layout(x, packed, bias, norm) or bits not in BITS or group_size not in GROUP_SIZES
+            or not 1 <= M <= MAX_ROWS or x.dtype not in DTYPES or (pair is not None and R % 2)):
         raise Unsupported(f"quantized_linear: x {x.shape} {x.dtype}, {bits}-bit {packed.mode} weight {w.shape}, "
                           f"group size {group_size}")
     check_parts(splits, caps)

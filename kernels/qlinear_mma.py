@@ -3,8 +3,8 @@ and W affine-quantized to 4 bits as `mx.quantize` packs it.
 
 The per-value kernel (kernels/qlinear_device.py) spends about five instructions on each weight: unpacking a
 value into a float, then a float32 FMA per row of x. This one hands the products to the tensor cores
-(`mma.sync.m16n8k16`, float32 accumulators), so what is left per weight is its unpacking, half an
-instruction a value:
+(`mma.sync.m16n8k16`, float32 accumulators), so what is left per weight is its unpacking, one
+instruction a value (a rotation and a `lop3` per pair):
 
 - **Two values per instruction pair.** The nibbles s and s + 4 of a packed word sit 16 bits apart; one
   rotation brings both into the mantissa bits worth 2^-1 .. 2^-4 of the two halves of a register, one
@@ -57,6 +57,7 @@ import mlx.core as mx
 from .device import DeviceKernel
 from .linear import check_parts
 from .linear_device import fold_inputs, fold_template
+from .qlinear import affine_layout
 from .registry import Unsupported
 
 MAX_ROWS = 8  # B's 8 columns
@@ -316,13 +317,9 @@ def launch_mma(x: mx.array, packed, bias: Optional[mx.array], splits: Sequence[i
     M = math.prod(lead)
     w, scales, biases, group_size = packed.weight, packed.scales, packed.biases, packed.group_size
     N = w.shape[0]
-    if (backend != "cuda" or packed.mode != "affine" or packed.bits != 4 or group_size not in GROUP_SIZES
-            or biases is None or not 1 <= M <= MAX_ROWS or x.dtype not in (mx.bfloat16, mx.float16)
-            or K % group_size or w.dtype != mx.uint32 or w.shape != (N, K // 8)
-            or scales.shape != (N, K // group_size) or biases.shape != scales.shape
-            or not mx.issubdtype(scales.dtype, mx.floating) or biases.dtype != scales.dtype
-            or (bias is not None and bias.shape != (N,)) or (pair is not None and N % 2)
-            or (norm is not None and (norm[0] is None or norm[0].shape != (K,))) or not tensor_cores()):
+    if (backend != "cuda" or not affine_layout(x, packed, bias, norm) or packed.bits != 4
+            or group_size not in GROUP_SIZES or not 1 <= M <= MAX_ROWS or x.dtype not in (mx.bfloat16, mx.float16)
+            or biases.dtype != scales.dtype or (pair is not None and N % 2) or not tensor_cores()):
         raise Unsupported(f"quantized_linear (tensor cores): x {x.shape} {x.dtype}, {packed.bits}-bit "
                           f"{packed.mode} weight {w.shape}, group size {group_size}")
     check_parts(splits, caps)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from mad.kernels import registry
-from mad.kernels.qlinear import QuantizedMatrix, quantized_linear
+from mad.kernels.qlinear import QuantizedMatrix, affine_layout, quantized_linear
 from mad.kernels.qlinear_device import BITS, GROUP_SIZES, MAX_ROWS, WARPS, quantized_linear_device, unpack_row
 from mad.quantize import QuantSettings, quantized_linear as module_product
 
@@ -69,6 +69,22 @@ def test_quantized_linear_is_registered_for_cuda():
     kernel = registry.get("quantized_linear")
     assert kernel.reference is quantized_linear
     assert set(kernel.variants) == {"cpu", "cuda"}  # the CPU's for prompts (tests/test_qlinear_cpu.py)
+
+
+def test_affine_layout_accepts_what_mx_quantize_packs_and_nothing_else():
+    """The layout check both device kernels make before a launch (everywhere: it reads shapes only)."""
+    m = packed_matrix(8, 128, 4, 64)
+    x = mx.zeros((2, 128), mx.bfloat16)
+    assert affine_layout(x, m) and affine_layout(x, m, mx.zeros((8,)), (mx.ones((128,)), 1e-6))
+    wq, scales = mx.quantize(mx.random.normal((8, 128)), 32, 4, mode="mxfp4")
+    for call in [(mx.zeros((2, 96), mx.bfloat16), m),                          # K not the packed width
+                 (mx.zeros((2, 100), mx.bfloat16), m),                         # K not a multiple of the group
+                 (x, QuantizedMatrix(wq, scales, None, 32, 4, "mxfp4")),       # not affine
+                 (x, QuantizedMatrix(m.weight, m.scales[:, :1], m.biases, 64, 4)),  # scales of another shape
+                 (x, m, mx.zeros((7,))),                                        # a bias of another width
+                 (x, m, None, (mx.ones((64,)), 1e-6)),                          # a norm of another width
+                 (x, m, None, (None, 1e-6))]:
+        assert not affine_layout(*call)
 
 
 def test_reference_adds_the_bias_and_caps_each_part(on_cpu):

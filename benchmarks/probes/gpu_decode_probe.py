@@ -93,16 +93,16 @@ def compare_tensor_cores(args) -> None:
     from mad.kernels import qlinear_device
     from mad.quantize import quantize_model
 
-    base, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
     models = {}
     for name in ("tensor_cores", "per_value", "bf16"):
         model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
-        model.program.load_weights(base.program.parameters())
-        if name != "bf16":
-            quantize_model(model, bits=args.bits or 4, group_size=64)
-        mx.eval(model.program.parameters())
+        if models:
+            model.program.load_weights(models["tensor_cores"].program.parameters())
         models[name] = model
-    del base
+    for name in ("tensor_cores", "per_value"):  # after all share the first one's bf16 weights
+        quantize_model(models[name], bits=args.bits or 4, group_size=64)
+    for model in models.values():
+        mx.eval(model.program.parameters())
     mx.clear_cache()
     B = args.batch
     V = models["bf16"].vocab_size
