@@ -38,7 +38,7 @@ CPU = {"bench_framework.py": (), "cpu_parts.py": (), "probes/probe_float32_order
        "bench_hf.py": ("torch", "transformers"), "bench_nxai.py": ("torch", "xlstm"),
        "bench_train.py": ("torch", "transformers", "xlstm", "mlstm_kernels"),
        "bench_quant.py": (), "bench_serve.py": ("uvicorn", "starlette", "openai"), "bench_shard.py": (),
-       "probes/probe_mkl_torch.py": ("torch", "xlstm"), "probes/ttft_cache.py": ()}
+       "probes/probe_mkl_torch.py": ("torch", "xlstm"), "probes/ttft_cache.py": (), "probes/cpu_limits.py": ()}
 HELPERS = {"common.py", "mad_worker.py"}
 # needs nvcc (a CUDA toolkit), not a GPU: compiles a kernel body as MLX would hand it to NVRTC
 NVCC = {"probes/nvcc_check.py": ["kernels.qlinear_mma:QMMA_KERNEL", "--inputs", "x:bfloat16", "w:uint32",
@@ -201,6 +201,15 @@ def test_bench_train_quick(tmp_path):
 def test_probe_mkl_torch_quick():
     r = run("probes/probe_mkl_torch.py", "--quick")
     assert "after one MLX product" in r.stdout
+
+
+def test_cpu_limits_quick():
+    lines = [json.loads(line) for line in run("probes/cpu_limits.py", "--quick").stdout.splitlines()]
+    parts = {k: v for line in lines for k, v in line.items()}
+    assert set(parts) == {"transcendentals", "slstm", "mlstm", "prompt", "torch"}
+    assert all(t["alone_ns"] > 0 for t in parts["transcendentals"].values())
+    assert parts["slstm"]["slstm_sequence_us"] > 0 and parts["mlstm"]["parallel_ms"] > 0
+    assert "mlstm_cell" in parts["prompt"]["ms"]
 
 
 @pytest.mark.skipif(not has_gpu(), reason="GPU-only script (benchmarks/README.md, GPU scripts): MLX has no GPU here")
