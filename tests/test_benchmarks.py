@@ -203,6 +203,35 @@ def test_probe_mkl_torch_quick():
     assert "after one MLX product" in r.stdout
 
 
+def refused(script: str, *args: str) -> str:
+    """A probe's bad arguments: exit 2 and one line naming the argument, no traceback, before any work."""
+    env = {k: v for k, v in os.environ.items() if k != "MAD_BLAS"}
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
+    r = subprocess.run([sys.executable, str(BENCH / script), *args], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    return r.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("script,args,names", [
+    ("probes/cpu_limits.py", ["--only", "slstm,nope"], "'nope'"),
+    ("probes/gpu_qmv.py", ["--configs", "mma:x"], "'mma:x'"),
+    ("probes/gpu_qmv.py", ["--configs", "fma", "1:2"], "'1:2'"),
+    ("probes/gpu_qmv.py", ["--configs", "mma:1:2:3"], "'mma:1:2:3'"),
+    ("probes/nvcc_check.py", ["nosuch:X", "--inputs", "x:float32", "--outputs", "y:float32"], "'nosuch:X'"),
+    ("probes/nvcc_check.py", ["kernels.qlinear_mma:MAX_ROWS", "--inputs", "x:float32", "--outputs", "y:float32"],
+     "not a kernels.device.DeviceKernel"),
+    ("probes/nvcc_check.py", ["kernels.qlinear_mma:QMMA_KERNEL", "--inputs", "x:int4", "--outputs", "y:float32"],
+     "'int4'"),
+    ("probes/nvcc_check.py", ["kernels.qlinear_mma:QMMA_KERNEL", "--inputs", "x", "--outputs", "y:float32"],
+     "'x' is not NAME=VALUE"),
+])
+def test_probe_arguments_are_checked(script, args, names):
+    if script.endswith("nvcc_check.py") and shutil.which("nvcc") is None:
+        pytest.skip("needs nvcc (a CUDA toolkit): without it the script stops at that first")
+    assert names in refused(script, *args)
+
+
 def test_cpu_limits_quick():
     lines = [json.loads(line) for line in run("probes/cpu_limits.py", "--quick").stdout.splitlines()]
     parts = {k: v for line in lines for k, v in line.items()}

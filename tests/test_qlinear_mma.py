@@ -113,6 +113,15 @@ def test_the_split_depends_on_the_matrix_alone():
     assert split_for(100_000, 64) == 1
 
 
+@pytest.mark.parametrize("bad", [{"split": 0}, {"split": 33}, {"split": 2.0}, {"split": True}, {"ahead": -1},
+                                 {"ahead": 5}, {"ahead": "1"}])
+def test_launch_settings_out_of_range_are_refused(bad):
+    """The benchmarks' knobs (warps per block, groups ahead) are checked before anything is launched."""
+    m = packed_matrix(8, 128, 4, 64)
+    with pytest.raises(ValueError, match="must be an integer"):
+        launch_mma(mx.zeros((1, 128), mx.bfloat16), m, None, (), (None,), "cuda", None, **bad)
+
+
 # ------------------------------------------------------------------------------------ the kernel (CUDA)
 def _x(M, K, dtype, seed):
     return mx.array(np.random.default_rng(seed).normal(0, 1, (M, K)).astype(np.float32)).astype(dtype)

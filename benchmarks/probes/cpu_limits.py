@@ -138,6 +138,9 @@ def main() -> None:
              "mlstm": lambda: mlstm(64 if a.quick else 256, repeats),
              "prompt": lambda: prompt(16 if a.quick else 256, 1 if a.quick else 3, a.quick),
              "torch": lambda: torch_side(8 if a.quick else 256, 64 if a.quick else 256, repeats)}
+    unknown = [name for name in a.only.split(",") if name not in parts]
+    if unknown:
+        ap.error(f"--only: unknown part {unknown[0]!r}; the parts are {', '.join(parts)}")
     out = {"mlx": mx.__version__, "blas": mad.backends.cpu.BLAS}
     for name in a.only.split(","):
         out[name] = parts[name]()

@@ -42,12 +42,18 @@ def launch_settings(config, rows: int) -> dict:
     "R:S:W" (the per-value kernel so)."""
     if config is None:
         return {}
-    if config.startswith("mma"):
-        parts = [int(v) for v in config.split(":")[1:]] + [None, None]
-        return {"split": parts[0], "ahead": parts[1], "tensor_cores": True}
-    if config == "fma":
-        return {"features": features_per_warp(rows)}
-    R, S, W = map(int, config.split(":"))
+    try:
+        if config.startswith("mma"):
+            parts = [int(v) for v in config.split(":")[1:]]
+            if len(parts) > 2:
+                raise ValueError
+            parts += [None, None]
+            return {"split": parts[0], "ahead": parts[1], "tensor_cores": True}
+        if config == "fma":
+            return {"features": features_per_warp(rows)}
+        R, S, W = map(int, config.split(":"))
+    except ValueError:
+        raise ValueError(f"--configs {config!r}: expected mma, mma:S, mma:S:A, fma or R:S:W (integers)") from None
     return {"features": R, "stage": S, "warps": W}
 
 
@@ -61,6 +67,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one small shape (a check that the script runs)")
     ap.add_argument("--json")
     args = ap.parse_args()
+    for config in args.configs:  # every entry read before anything runs
+        try:
+            launch_settings(config, 1)
+        except ValueError as e:
+            ap.error(str(e))
     shapes = {"small": (256, 512)} if args.quick else SHAPES
     out = []
     for name, (N, K) in shapes.items():

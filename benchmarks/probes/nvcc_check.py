@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mad.kernels.device import DeviceKernel
+
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
               "int32": "int32_t", "uint8": "uint8_t", "bool": "bool"}
@@ -56,7 +58,13 @@ def source(kernel, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]
 
 
 def pairs(values: list[str]) -> list[tuple[str, str]]:
-    return [tuple(v.split("=", 1) if "=" in v else v.split(":", 1)) for v in values]  # type: ignore[misc]
+    out = []
+    for v in values:
+        name, sep, value = v.partition("=") if "=" in v else v.partition(":")
+        if not sep or not name or not value:
+            raise ValueError(f"{v!r} is not NAME=VALUE or NAME:DTYPE")
+        out.append((name, value))
+    return out
 
 
 def main() -> None:
@@ -69,10 +77,19 @@ def main() -> None:
     ap.add_argument("--keep", help="folder to keep the source and cubin in")
     a = ap.parse_args()
     if not shutil.which("nvcc"):
-        sys.exit("nvcc_check: nvcc is not on PATH")
-    module, name = a.kernel.split(":")
-    kernel = getattr(importlib.import_module(module if module.startswith("mad.") else "mad." + module), name)
-    text = source(kernel, pairs(a.inputs), pairs(a.outputs), pairs(a.template))
+        ap.exit(2, "nvcc_check: nvcc is not on PATH\n")
+    module, _, name = a.kernel.partition(":")
+    try:
+        kernel = getattr(importlib.import_module(module if module.startswith("mad.") else "mad." + module), name)
+    except (ImportError, AttributeError, ValueError) as e:
+        ap.error(f"kernel {a.kernel!r}: {e}")
+    if not isinstance(kernel, DeviceKernel):
+        ap.error(f"kernel {a.kernel!r} is not a kernels.device.DeviceKernel")
+    try:
+        text = source(kernel, pairs(a.inputs), pairs(a.outputs), pairs(a.template))
+    except (KeyError, ValueError) as e:
+        ap.error(f"--inputs/--outputs NAME:DTYPE ({', '.join(CUDA_TYPES)}), --template NAME=VALUE "
+                 f"(a dtype, true, false or an integer): {e}")
     folder = Path(a.keep) if a.keep else Path(tempfile.mkdtemp())
     folder.mkdir(parents=True, exist_ok=True)
     cu = folder / f"{kernel.name}.cu"
