@@ -30,9 +30,9 @@ against `mx.dequantize` on the CPU).
 Same call as the reference `kernels.qlinear.quantized_linear`. The variant takes x (M, K) with
 M <= MAX_ROWS in bfloat16, float16 or float32, and an affine matrix of 4 or 8 bits with group size 32, 64
 or 128; anything else (other bits, the floating-point modes) runs the reference. CUDA only: the unpacking
-reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run. With `TENSOR_CORES` on
-(off by default: slower so far) the variant first offers the call to the tensor-core kernel
-(kernels/qlinear_mma.py: 4 bits, bf16 or f16 rows).
+reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run. `TENSOR_CORES` says which
+calls the variant first offers to the tensor-core kernel (kernels/qlinear_mma.py: 4 bits, bf16 or f16
+rows).
 """
 
 from __future__ import annotations
@@ -56,11 +56,21 @@ BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 WARPS = 4  # warps per block
 STAGE = 1  # warp steps whose loads are issued before any of them is computed (more: no faster, benchmarks/NOTES-gpu.md 29)
-# Whether 4-bit calls with bf16/f16 inputs run the tensor-core kernel (kernels/qlinear_mma.py) where it
-# takes them (this kernel runs the rest). Off: its first form decoded xLSTM-7B at 139 tokens/s on an H200
-# against this kernel's 189 (benchmarks/NOTES-gpu.md 33), its second is unmeasured. Benchmarks and tests
-# turn it on to compare.
-TENSOR_CORES = False
+# Which 4-bit calls with bf16/f16 rows go to the tensor-core kernel (kernels/qlinear_mma.py) where it takes
+# them (this kernel runs the rest): "none", "all", or "long", the products whose rows are at least twice as
+# long as they have features (K >= 2 N: the down projection), where its split over k pays. Measured on an
+# H100 (benchmarks/NOTES-gpu.md 34): per product, the tensor-core kernel was faster on the down projection
+# only (42.1 against 52.2 us); xLSTM-7B decode with it everywhere 179 tokens/s against 193. Benchmarks and
+# tests choose the other settings to compare.
+TENSOR_CORES = "none"
+TENSOR_CORE_SETTINGS = ("none", "all", "long")
+
+
+def takes_tensor_cores(K: int, N: int) -> bool:
+    """Whether `TENSOR_CORES` offers a product of rows of K values into N features to the tensor-core kernel."""
+    if TENSOR_CORES not in TENSOR_CORE_SETTINGS:
+        raise ValueError(f"qlinear_device.TENSOR_CORES must be one of {TENSOR_CORE_SETTINGS}, got {TENSOR_CORES!r}")
+    return TENSOR_CORES == "all" or (TENSOR_CORES == "long" and K >= 2 * N)
 
 
 def features_per_warp(rows: int) -> int:
@@ -233,9 +243,10 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
             residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None,
             ahead: Optional[int] = None) -> mx.array:
     """The kernel's (..., width) result; Unsupported for inputs it does not handle. The tensor-core kernel
-    takes the call where it can when `TENSOR_CORES` is on or `split` is given, unless this kernel's own
+    takes the call where it can when `TENSOR_CORES` offers it or `split` is given, unless this kernel's own
     settings are asked for."""
-    if (TENSOR_CORES or split is not None) and features is None and stage is None and warps == WARPS:
+    offered = split is not None or takes_tensor_cores(x.shape[-1], packed.weight.shape[0])
+    if offered and features is None and stage is None and warps == WARPS:
         try:
             return launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split,
                               ahead)

@@ -40,38 +40,110 @@ def rel(a, b) -> float:
 
 
 # ----------------------------------------------------------------------------------------- kernels
+# inputs for each kernel with a variant, of a size the variant of the backend running the tests takes (the
+# decode kernels a row or two, the CPU's a prompt); a kernel that gains a variant for a backend these tests
+# run on needs an entry (test_every_variant_has_inputs). Every entry runs through its kernel's reference on
+# every machine (test_inputs_fit_their_references), so the GPU's entries are checked without a GPU too.
+def _rows() -> int:
+    from mad.kernels.qlinear import PROMPT_ROWS
+
+    return PROMPT_ROWS + 4 if backend() == "cpu" else 1
+
+
+def _normal(key, n: int, *shapes, scale: float = 1.0, dtype=mx.float32) -> list[mx.array]:
+    keys = mx.random.split(key, n)
+    return [(mx.random.normal(s, key=keys[j]) * scale).astype(dtype) for j, s in enumerate(shapes)]
+
+
 def _linear_args(key):
-    k = mx.random.split(key, 3)
-    x = mx.random.normal((2, 5, 12), key=k[0])
-    w = mx.random.normal((20, 12), key=k[1]) * 0.3
-    b = mx.random.normal((20,), key=k[2]) * 0.1
-    return (x, w, b, [7, 9], (None, 2.0, None)), {}
+    x, w, b = _normal(key, 3, (2, _rows(), 16), (20, 16), (20,))
+    return (x, w * 0.3, b * 0.1, [7, 9], (None, 2.0, None)), {}
 
 
 def _act_args(n):
     def make(key):
-        k = mx.random.split(key, n)
-        return tuple(mx.random.normal((3, 7, 33), key=k[i]) * 4.0 for i in range(n)), {}
+        return tuple(_normal(key, n, *[(3, 7, 33)] * n, scale=4.0)), {}
     return make
 
 
-# inputs for each kernel with a variant; a kernel that gains a variant for a backend these tests run on
-# needs an entry (test_every_variant_has_inputs)
-def _quantized_linear_args(key):
+def _packed(key, rows: int, cols: int):
     from mad.kernels.qlinear import QuantizedMatrix
 
-    from mad.kernels.qlinear import PROMPT_ROWS
+    return QuantizedMatrix(*mx.quantize(mx.random.normal((rows, cols), key=key) * 0.3, 32, 4), group_size=32, bits=4)
 
+
+def _quantized_linear_args(key):
     k = mx.random.split(key, 3)
-    # the rows each variant takes: the GPU's decode kernel a few, the CPU's a prompt (kernels/qlinear.py)
-    x = mx.random.normal((2, PROMPT_ROWS + 4 if backend() == "cpu" else 1, 64), key=k[0])
-    packed = QuantizedMatrix(*mx.quantize(mx.random.normal((20, 64), key=k[1]) * 0.3, 32, 4), group_size=32, bits=4)
-    b = mx.random.normal((20,), key=k[2]) * 0.1
-    return (x, packed), {"bias": b, "splits": [7, 9], "caps": (None, 2.0, None)}
+    x, b = _normal(k[0], 2, (2, _rows(), 64), (20,))
+    return (x, _packed(k[1], 20, 64)), {"bias": b * 0.1, "splits": [7, 9], "caps": (None, 2.0, None)}
+
+
+def _folded_linear_args(key):
+    """A quantized projection with a norm before it and a residual after it (the decode kernels' folds)."""
+    k = mx.random.split(key, 2)
+    x, b, nw, r = _normal(k[0], 4, (2, 1, 64), (20,), (64,), (2, 1, 20))
+    return (x, _packed(k[1], 20, 64)), {"bias": b * 0.1, "norm": (1.0 + 0.2 * nw, 1e-5), "residual": r}
+
+
+def _state(key, lead: tuple, dqk: int, dv: int) -> tuple:
+    C, n, m = _normal(key, 3, (*lead, dqk, dv), (*lead, dqk), lead)
+    return C, n, m * 2.0
+
+
+def _chunk_gates(key, shape: tuple) -> list[mx.array]:
+    """b, the within-chunk cumsum of log sigmoid(f~) with f~ ~ N(2, 2), and i~ ~ N(0, 1) (B, NH, NC, L)."""
+    f, i = _normal(key, 2, shape, shape)
+    return [mx.cumsum(-mx.logaddexp(0.0, -(2.0 + 2.0 * f)), axis=-1), i]
+
+
+# the chunk kernels take bf16 operands whatever MLX_ENABLE_TF32 says (tests/conftest.py turns TF32 off)
+_CHUNK = (2, 2, 3, 5, 16, 24)  # B, NH, NC, L, DQK, DV
+
+
+def _chunk_states_args(key):
+    B, NH, NC, L, DQK, DV = _CHUNK
+    k = mx.random.split(key, 3)
+    kc, vc = _normal(k[0], 2, (B, NH, NC, L, DQK), (B, NH, NC, L, DV), scale=0.7, dtype=mx.bfloat16)
+    return (kc, vc, *_chunk_gates(k[1], (B, NH, NC, L)), _state(k[2], (B, NH), DQK, DV)), {}
+
+
+def _chunk_outputs_args(key):
+    B, NH, NC, L, DQK, DV = _CHUNK
+    k = mx.random.split(key, 3)
+    qc, kc, vc = _normal(k[0], 3, *[(B, NH, NC, L, DQK)] * 2, (B, NH, NC, L, DV), scale=0.5, dtype=mx.bfloat16)
+    return (qc, kc, vc, *_chunk_gates(k[1], (B, NH, NC, L)), _state(k[2], (B, NH, NC), DQK, DV), 1e-6), {}
+
+
+def _chunk_recurrence_args(key):
+    B, NH, NC, _, DQK, DV = _CHUNK
+    k = mx.random.split(key, 4)
+    C_loc, n_loc = _normal(k[0], 2, (B, NH, NC, DQK, DV), (B, NH, NC, DQK))
+    g, a_max = _normal(k[1], 2, (B, NH, NC), (B, NH, NC), scale=3.0)
+    return (C_loc, n_loc, -mx.abs(g), a_max, _state(k[2], (B, NH), DQK, DV)), {}
+
+
+def _mlstm_step_args(key):
+    B, NH, _, _, DQK, DV = _CHUNK
+    k = mx.random.split(key, 3)
+    q, kk, v = _normal(k[0], 3, *[(B, NH, 1, DQK)] * 2, (B, NH, 1, DV), scale=0.5)
+    i, f = _normal(k[1], 2, (B, NH, 1), (B, NH, 1), scale=2.0)
+    return (q, kk, v, i, f + 2.0, _state(k[2], (B, NH), DQK, DV)), {}
+
+
+def _slstm_sequence_args(key):
+    B, NH, T, DH = 2, 2, 5, 8
+    k = mx.random.split(key, 3)
+    gates = _normal(k[0], 4, *[(B, NH, T, DH)] * 4)
+    R, b = _normal(k[1], 2, (NH, 4 * DH, DH), (4 * NH * DH,), scale=0.3)
+    y, c, n, m = _normal(k[2], 4, *[(B, NH, DH)] * 4)
+    return (*gates, R, b, (y, c, mx.abs(n) + 1.0, m)), {}
 
 
 INPUTS = {"exp": _act_args(1), "sigmoid": _act_args(1), "silu": _act_args(1), "sigmoid_mul": _act_args(2),
-          "silu_mul": _act_args(2), "linear": _linear_args, "quantized_linear": _quantized_linear_args}
+          "silu_mul": _act_args(2), "linear": _linear_args, "quantized_linear": _quantized_linear_args,
+          "folded_linear": _folded_linear_args, "mlstm_chunk_states": _chunk_states_args,
+          "mlstm_chunk_outputs": _chunk_outputs_args, "mlstm_chunk_recurrence": _chunk_recurrence_args,
+          "mlstm_step": _mlstm_step_args, "slstm_sequence": _slstm_sequence_args}
 
 
 def with_variant() -> list[str]:
@@ -82,6 +154,13 @@ def with_variant() -> list[str]:
 def test_every_variant_has_inputs():
     missing = [n for n in with_variant() if n not in INPUTS]
     assert not missing, f"add inputs to INPUTS for {missing}"
+
+
+@pytest.mark.parametrize("name", sorted(INPUTS))
+def test_inputs_fit_their_references(name):
+    args, kwargs = INPUTS[name](mx.random.key(1))
+    leaves = [v for _, v in tree_flatten(get(name).reference(*args, **kwargs))]
+    assert leaves and all(bool(mx.isfinite(v.astype(mx.float32)).all()) for v in leaves)
 
 
 def _loss(fn, args, kwargs, weights):

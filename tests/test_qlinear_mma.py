@@ -28,8 +28,8 @@ needs_cuda = pytest.mark.skipif(not CUDA, reason="needs MLX with a CUDA GPU")
 
 @pytest.fixture(autouse=True)
 def tensor_cores(monkeypatch):
-    """The variant offers its calls to the tensor-core kernel (off by default: kernels/qlinear_device.py)."""
-    monkeypatch.setattr(qlinear_device, "TENSOR_CORES", True)
+    """The variant offers all its calls to the tensor-core kernel (kernels/qlinear_device.py)."""
+    monkeypatch.setattr(qlinear_device, "TENSOR_CORES", "all")
 
 
 # ------------------------------------------------------------------------------- the fragments (numpy)
@@ -212,7 +212,20 @@ def test_decode_shape_against_the_per_value_kernel(monkeypatch):
     m = packed_matrix(1000, 4096, 4, 64, seed=3)
     x = _x(1, 4096, mx.bfloat16, 4)
     (mma,) = quantized_linear_device(x, m)
-    monkeypatch.setattr(qlinear_device, "TENSOR_CORES", False)
+    monkeypatch.setattr(qlinear_device, "TENSOR_CORES", "none")
     (fma,) = quantized_linear_device(x, m)
     want = reference(x, m)[0]
     assert rel_err(mma, want) < 1e-2 and rel_err(fma, want) < 1e-2 and rel_err(mma, fma) < 1e-2
+
+
+def test_tensor_core_settings_choose_the_products(monkeypatch):
+    """"all" offers every product, "long" those with K >= 2 N (the down projection), "none" none; anything
+    else is refused with the setting's name."""
+    cases = {(10944, 4096): {"all", "long"}, (4096, 4096): {"all"}, (4096, 50304): {"all"}}
+    for setting in qlinear_device.TENSOR_CORE_SETTINGS:
+        monkeypatch.setattr(qlinear_device, "TENSOR_CORES", setting)
+        for (K, N), offered in cases.items():
+            assert qlinear_device.takes_tensor_cores(K, N) == (setting in offered)
+    monkeypatch.setattr(qlinear_device, "TENSOR_CORES", True)
+    with pytest.raises(ValueError, match="TENSOR_CORES"):
+        qlinear_device.takes_tensor_cores(4096, 4096)

@@ -87,19 +87,21 @@ def compare_inference(args) -> None:
 
 def compare_tensor_cores(args) -> None:
     """Decode ms/step of a quantized model with its 4-bit products on the tensor-core kernel
-    (kernels/qlinear_mma.py) and on the per-value kernel (`qlinear_device.TENSOR_CORES`, read when a step
-    is traced), and of the bf16 model they were quantized from: three models on the same weights, 5
-    interleaved rounds; the logits' largest difference between the two kernels."""
+    (kernels/qlinear_mma.py) for all of them, for the long ones only, and for none (the per-value kernel;
+    `qlinear_device.TENSOR_CORES`, read when a step is traced), and of the bf16 model they were quantized
+    from: four models on the same weights, 5 interleaved rounds; the logits' largest difference between
+    the tensor-core and per-value kernels."""
     from mad.kernels import qlinear_device
     from mad.quantize import quantize_model
 
+    settings = {"tensor_cores": "all", "long_on_tensor_cores": "long", "per_value": "none"}
     models = {}
-    for name in ("tensor_cores", "per_value", "bf16"):
+    for name in (*settings, "bf16"):
         model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
         if models:
             model.program.load_weights(models["tensor_cores"].program.parameters())
         models[name] = model
-    for name in ("tensor_cores", "per_value"):  # after all share the first one's bf16 weights
+    for name in settings:  # after all share the first one's bf16 weights
         quantize_model(models[name], bits=args.bits or 4, group_size=64)
     for model in models.values():
         mx.eval(model.program.parameters())
@@ -109,13 +111,14 @@ def compare_tensor_cores(args) -> None:
     tokens = mx.random.randint(0, V, (B, 16)).astype(mx.int32)
     token = mx.random.randint(0, V, (B, 1)).astype(mx.int32)
     states, logits = {}, {}
+    default = qlinear_device.TENSOR_CORES
     with mad.inference():
         for k, model in models.items():
-            qlinear_device.TENSOR_CORES = k != "per_value"   # each model traces its steps with its kernel
+            qlinear_device.TENSOR_CORES = settings.get(k, "none")  # each model traces its steps with its kernel
             states[k] = model(tokens)[1]
             logits[k] = model(token, states[k], check_tokens=False)[0].astype(mx.float32)
             decode_ms(model, token, states[k], 5)
-        qlinear_device.TENSOR_CORES = False
+        qlinear_device.TENSOR_CORES = default
         agree = float(mx.max(mx.abs(logits["tensor_cores"] - logits["per_value"])))
         times = {k: [] for k in models}
         for _ in range(5):

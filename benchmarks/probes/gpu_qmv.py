@@ -48,7 +48,7 @@ def launch_settings(config, rows: int) -> dict:
             if len(parts) > 2:
                 raise ValueError
             parts += [None, None]
-            return {"split": parts[0], "ahead": parts[1], "tensor_cores": True}
+            return {"split": parts[0], "ahead": parts[1], "tensor_cores": "all"}
         if config == "fma":
             return {"features": features_per_warp(rows)}
         R, S, W = map(int, config.split(":"))
@@ -92,9 +92,9 @@ def main() -> None:
                 for config in args.configs:
                     name_r = f"mad_q{bits}" + ("" if config is None else f"_{config}")
                     kw = launch_settings(config, M)
-                    qlinear_device.TENSOR_CORES = kw.pop("tensor_cores", False)
+                    qlinear_device.TENSOR_CORES = kw.pop("tensor_cores", "none")
                     t = time_chain(lambda a, m: quantized_linear_device(a, m, **kw)[0], packed, x)
-                    qlinear_device.TENSOR_CORES = False
+                    qlinear_device.TENSOR_CORES = "none"
                     row[f"{name_r}_us"], row[f"{name_r}_GBps"] = 1e6 * t, nbytes / t / 1e9
                 mine = quantized_linear_device(x, packed[0])[0].astype(mx.float32)
                 theirs = mx.quantized_matmul(x, *qs[0], transpose=True, group_size=args.group_size,
