@@ -40,10 +40,11 @@ dtype (what `mx.fast.rms_norm` hands the reference product).
 CUDA only (inline PTX), compute capability 8.0 or newer; `Unsupported` for everything else (8 bits, float32
 x, more than 8 rows), which the per-value kernel or the reference then runs.
 
-Status: off by default (`qlinear_device.TENSOR_CORES`). Its first form (the four lanes of a fragment row
-loading the same 16 bytes, one group at a time) was slower than the per-value kernel on an H200 (xLSTM-7B
-decode 139 against 189 tokens/s; benchmarks/NOTES-gpu.md 33); this form (distinct loads, groups ahead) has
-not run on a GPU yet. The tests emulate its fragments in numpy on every machine.
+Status: not used by default (`qlinear_device.TENSOR_CORES = "none"`). Measured (benchmarks/NOTES-gpu.md
+33, 34): this form (distinct loads, groups ahead) beats the per-value kernel on long rows into few features
+(the down projection, 42 against 52 us on an H100) and loses on the other products; xLSTM-7B decode with
+it on the down projections only ("long") was 195.5 against 194.3 tokens/s on an H200. The tests emulate its
+fragments in numpy on every machine.
 """
 
 from __future__ import annotations
