@@ -252,13 +252,15 @@ def compare(family: str, a, log) -> dict:
                      "grad_norm_rel_diff": abs(first["mad"][1] - first["ref"][1]) / abs(first["ref"][1])}
             print(f"  first step, same weights and batch: loss {check['loss_mad']:.6f} (MAD) vs {check['loss_ref']:.6f}"
                   f" (reference), rel. diff {check['loss_rel_diff']:.1e}; gradient norm rel. diff "
-                  f"{check['grad_norm_rel_diff']:.1e}", file=log)
+                  f"{check['grad_norm_rel_diff']:.1e}", file=log, flush=True)
             steps: dict[str, list[float]] = {"mad": [], "ref": []}
 
             def trial(side, key):
                 def go() -> float:
                     r = side.run(a.steps)
                     steps[key].extend(r["times"])
+                    print(f"  {key} trial {len(steps[key]) // a.steps}: steps of "
+                          f"{', '.join(f'{t * 1e3:.0f}' for t in r['times'])} ms", file=log, flush=True)
                     return sum(r["times"])
                 return go
 
