@@ -9,8 +9,8 @@ Prints, on this machine (MLX's CPU, one process, medians):
                    the parallel form
   prompt           a 256-token prompt of `topologies/xlstm-v1-125m.yaml`, milliseconds per node type
                    (`Program.profile_block_types`: each node compiled and timed alone)
-  torch            PyTorch's bmm + tanh loop at the sLSTM shape and NX-AI's parallel mLSTM cell (needs
-                   torch and xlstm), after everything else (`torch_side` says why)
+  torch            PyTorch's bmm + tanh loop at the sLSTM shape (its threads, and one thread) and NX-AI's
+                   parallel mLSTM cell (needs torch and xlstm), after everything else (`torch_side` says why)
 
     python benchmarks/probes/cpu_limits.py [--only transcendentals,slstm,mlstm,prompt,torch] [--quick]
 """
@@ -114,8 +114,13 @@ def torch_side(steps: int, tokens: int, repeats: int) -> dict:
         with torch.no_grad():
             parallel_stabilized_simple(q, k, v, i, f)
 
-    return {"threads": torch.get_num_threads(), "slstm_bmm_and_tanh_us": 1e6 * median_s(product_loop, repeats) / steps,
-            "nxai_mlstm_parallel_ms": 1e3 * median_s(cell, repeats)}
+    threads = torch.get_num_threads()
+    out = {"threads": threads, "slstm_bmm_and_tanh_us": 1e6 * median_s(product_loop, repeats) / steps}
+    torch.set_num_threads(1)  # the heads one after another on one core, as MLX's batched product runs them
+    out["slstm_bmm_and_tanh_1_thread_us"] = 1e6 * median_s(product_loop, repeats) / steps
+    torch.set_num_threads(threads)
+    out["nxai_mlstm_parallel_ms"] = 1e3 * median_s(cell, repeats)
+    return out
 
 
 def prompt(tokens: int, repeats: int, quick: bool) -> dict:
