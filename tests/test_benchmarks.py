@@ -218,6 +218,7 @@ def refused(script: str, *args: str) -> str:
     ("probes/gpu_qmv.py", ["--configs", "mma:x"], "'mma:x'"),
     ("probes/gpu_qmv.py", ["--configs", "fma", "1:2"], "'1:2'"),
     ("probes/gpu_qmv.py", ["--configs", "mma:1:2:3"], "'mma:1:2:3'"),
+    ("probes/gpu_mqar.py", ["--preset", "big"], "'big'"),
     ("probes/nvcc_check.py", ["nosuch:X", "--inputs", "x:float32", "--outputs", "y:float32"], "'nosuch:X'"),
     ("probes/nvcc_check.py", ["kernels.qlinear_mma:MAX_ROWS", "--inputs", "x:float32", "--outputs", "y:float32"],
      "not a kernels.device.DeviceKernel"),

@@ -7,6 +7,7 @@ a cosine schedule over `--steps`, gradient clipping 1.0). One JSON line per eval
 
     python benchmarks/probes/gpu_mqar.py [--topology topologies/examples/design-recall-mlstm.yaml]
         [--set dims.D=128] [--steps 20000] [--budget 420] [--batch 64] [--lr 3e-3] [--eval-every 1000]
+        [--preset mad|small]
 """
 
 from __future__ import annotations
@@ -39,14 +40,17 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--eval-every", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--preset", default="mad", choices=["mad", "small"],
+                    help="the task's size: mad (the paper's) or small (`mad design`'s default)")
     a = ap.parse_args()
-    cfg = DesignConfig(steps=a.steps, batch=a.batch, lr=a.lr, preset="mad").check()
+    cfg = DesignConfig(steps=a.steps, batch=a.batch, lr=a.lr, preset=a.preset).check()
+    small = cfg.preset == "small"
     t = TASKS["mqar"]
     train_settings, test_settings = task_settings("mqar", cfg)
     start = time.perf_counter()
-    x, y, m = t.make(_seed_of(a.seed, "mqar", 0), t.num_train[0], train=True, **train_settings)
-    test = t.make(_seed_of(a.seed, "mqar", 1), t.num_test[0], train=False, **test_settings)
-    overrides = topology_overrides(Path(a.topology), t.vocab("mad")) + a.overrides
+    x, y, m = t.make(_seed_of(a.seed, "mqar", 0), t.num_train[small], train=True, **train_settings)
+    test = t.make(_seed_of(a.seed, "mqar", 1), t.num_test[small], train=False, **test_settings)
+    overrides = topology_overrides(Path(a.topology), t.vocab(cfg.preset)) + a.overrides
     mx.random.seed(a.seed)
     model, _ = load(a.topology, overrides=overrides)
     tc = TrainConfig(steps=a.steps, lr=a.lr, grad_clip=1.0, seed=a.seed).check()
