@@ -50,19 +50,20 @@ def _rows() -> int:
     return PROMPT_ROWS + 4 if backend() == "cpu" else 1
 
 
-def _normal(key, n: int, *shapes, scale: float = 1.0, dtype=mx.float32) -> list[mx.array]:
-    keys = mx.random.split(key, n)
+def _normal(key, *shapes, scale: float = 1.0, dtype=mx.float32) -> list[mx.array]:
+    """A normal array of each shape (times `scale`, in `dtype`), each from its own key split from `key`."""
+    keys = mx.random.split(key, len(shapes))
     return [(mx.random.normal(s, key=keys[j]) * scale).astype(dtype) for j, s in enumerate(shapes)]
 
 
 def _linear_args(key):
-    x, w, b = _normal(key, 3, (2, _rows(), 16), (20, 16), (20,))
+    x, w, b = _normal(key, (2, _rows(), 16), (20, 16), (20,))
     return (x, w * 0.3, b * 0.1, [7, 9], (None, 2.0, None)), {}
 
 
 def _act_args(n):
     def make(key):
-        return tuple(_normal(key, n, *[(3, 7, 33)] * n, scale=4.0)), {}
+        return tuple(_normal(key, *[(3, 7, 33)] * n, scale=4.0)), {}
     return make
 
 
@@ -74,25 +75,25 @@ def _packed(key, rows: int, cols: int):
 
 def _quantized_linear_args(key):
     k = mx.random.split(key, 3)
-    x, b = _normal(k[0], 2, (2, _rows(), 64), (20,))
+    x, b = _normal(k[0], (2, _rows(), 64), (20,))
     return (x, _packed(k[1], 20, 64)), {"bias": b * 0.1, "splits": [7, 9], "caps": (None, 2.0, None)}
 
 
 def _folded_linear_args(key):
     """A quantized projection with a norm before it and a residual after it (the decode kernels' folds)."""
     k = mx.random.split(key, 2)
-    x, b, nw, r = _normal(k[0], 4, (2, 1, 64), (20,), (64,), (2, 1, 20))
+    x, b, nw, r = _normal(k[0], (2, 1, 64), (20,), (64,), (2, 1, 20))
     return (x, _packed(k[1], 20, 64)), {"bias": b * 0.1, "norm": (1.0 + 0.2 * nw, 1e-5), "residual": r}
 
 
 def _state(key, lead: tuple, dqk: int, dv: int) -> tuple:
-    C, n, m = _normal(key, 3, (*lead, dqk, dv), (*lead, dqk), lead)
+    C, n, m = _normal(key, (*lead, dqk, dv), (*lead, dqk), lead)
     return C, n, m * 2.0
 
 
 def _chunk_gates(key, shape: tuple) -> list[mx.array]:
     """b, the within-chunk cumsum of log sigmoid(f~) with f~ ~ N(2, 2), and i~ ~ N(0, 1) (B, NH, NC, L)."""
-    f, i = _normal(key, 2, shape, shape)
+    f, i = _normal(key, shape, shape)
     return [mx.cumsum(-mx.logaddexp(0.0, -(2.0 + 2.0 * f)), axis=-1), i]
 
 
@@ -103,39 +104,39 @@ _CHUNK = (2, 2, 3, 5, 16, 24)  # B, NH, NC, L, DQK, DV
 def _chunk_states_args(key):
     B, NH, NC, L, DQK, DV = _CHUNK
     k = mx.random.split(key, 3)
-    kc, vc = _normal(k[0], 2, (B, NH, NC, L, DQK), (B, NH, NC, L, DV), scale=0.7, dtype=mx.bfloat16)
+    kc, vc = _normal(k[0], (B, NH, NC, L, DQK), (B, NH, NC, L, DV), scale=0.7, dtype=mx.bfloat16)
     return (kc, vc, *_chunk_gates(k[1], (B, NH, NC, L)), _state(k[2], (B, NH), DQK, DV)), {}
 
 
 def _chunk_outputs_args(key):
     B, NH, NC, L, DQK, DV = _CHUNK
     k = mx.random.split(key, 3)
-    qc, kc, vc = _normal(k[0], 3, *[(B, NH, NC, L, DQK)] * 2, (B, NH, NC, L, DV), scale=0.5, dtype=mx.bfloat16)
+    qc, kc, vc = _normal(k[0], *[(B, NH, NC, L, DQK)] * 2, (B, NH, NC, L, DV), scale=0.5, dtype=mx.bfloat16)
     return (qc, kc, vc, *_chunk_gates(k[1], (B, NH, NC, L)), _state(k[2], (B, NH, NC), DQK, DV), 1e-6), {}
 
 
 def _chunk_recurrence_args(key):
     B, NH, NC, _, DQK, DV = _CHUNK
     k = mx.random.split(key, 4)
-    C_loc, n_loc = _normal(k[0], 2, (B, NH, NC, DQK, DV), (B, NH, NC, DQK))
-    g, a_max = _normal(k[1], 2, (B, NH, NC), (B, NH, NC), scale=3.0)
+    C_loc, n_loc = _normal(k[0], (B, NH, NC, DQK, DV), (B, NH, NC, DQK))
+    g, a_max = _normal(k[1], (B, NH, NC), (B, NH, NC), scale=3.0)
     return (C_loc, n_loc, -mx.abs(g), a_max, _state(k[2], (B, NH), DQK, DV)), {}
 
 
 def _mlstm_step_args(key):
     B, NH, _, _, DQK, DV = _CHUNK
     k = mx.random.split(key, 3)
-    q, kk, v = _normal(k[0], 3, *[(B, NH, 1, DQK)] * 2, (B, NH, 1, DV), scale=0.5)
-    i, f = _normal(k[1], 2, (B, NH, 1), (B, NH, 1), scale=2.0)
+    q, kk, v = _normal(k[0], *[(B, NH, 1, DQK)] * 2, (B, NH, 1, DV), scale=0.5)
+    i, f = _normal(k[1], (B, NH, 1), (B, NH, 1), scale=2.0)
     return (q, kk, v, i, f + 2.0, _state(k[2], (B, NH), DQK, DV)), {}
 
 
 def _slstm_sequence_args(key):
     B, NH, T, DH = 2, 2, 5, 8
     k = mx.random.split(key, 3)
-    gates = _normal(k[0], 4, *[(B, NH, T, DH)] * 4)
-    R, b = _normal(k[1], 2, (NH, 4 * DH, DH), (4 * NH * DH,), scale=0.3)
-    y, c, n, m = _normal(k[2], 4, *[(B, NH, DH)] * 4)
+    gates = _normal(k[0], *[(B, NH, T, DH)] * 4)
+    R, b = _normal(k[1], (NH, 4 * DH, DH), (4 * NH * DH,), scale=0.3)
+    y, c, n, m = _normal(k[2], *[(B, NH, DH)] * 4)
     return (*gates, R, b, (y, c, mx.abs(n) + 1.0, m)), {}
 
 
