@@ -314,8 +314,7 @@ def launch_mma(x: mx.array, packed, bias: Optional[mx.array], splits: Sequence[i
                ahead: Optional[int] = None) -> mx.array:
     """The kernel's (..., width) result; Unsupported for inputs it does not handle. `split` and `ahead`
     override `split_for` and `groups_ahead` (tests and benchmarks)."""
-    for name, value, top in (("split", split, 1024 // 32), ("ahead", ahead, 4)):
-        low = 1 if name == "split" else 0
+    for name, value, low, top in (("split", split, 1, 1024 // 32), ("ahead", ahead, 0, 4)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not low <= value <= top):
             raise ValueError(f"{name} must be an integer from {low} to {top}, got {value!r}")
     *lead, K = x.shape

@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--compare-fold", action="store_true",
                     help="only time folded vs unfolded decode (same weights, MAD_FOLD), interleaved")
     ap.add_argument("--compare-tensor-cores", action="store_true",
-                    help="4-bit decode with the tensor-core kernel against the per-value kernel, interleaved")
+                    help="4-bit decode with the tensor-core kernel on all, the long or none of the products, and bf16, interleaved")
     ap.add_argument("--compare-inference", action="store_true",
                     help="only time decode inside vs outside mad.inference(), interleaved")
     args = ap.parse_args()
