@@ -1,12 +1,14 @@
-"""The GPU kernels of one decode step, for Nsight Compute (ncu) to time one by one.
+"""The GPU kernels of one decode step (or one prompt call), for Nsight Compute (ncu) to time one by one.
 
     ncu --clock-control none --csv --metrics gpu__time_duration.sum \\
-        python benchmarks/probes/gpu_step_kernels.py [--set dims.L=2] > ncu.csv
+        python benchmarks/probes/gpu_step_kernels.py [--set dims.L=2] [--prompt 8192] > ncu.csv
     python benchmarks/probes/gpu_step_kernels.py --report ncu.csv
 
 The run builds the model (bf16, random weights), reads a 16-token prompt, takes two warm-up steps,
 then one step between two launches of a marker kernel (`mad_marker`); `--report` sums the kernels
-between the last two markers by name: the GPU time of one step without launch gaps.
+between the last two markers by name: the GPU time of one step without launch gaps. With `--prompt N`
+the timed call is one forward call over N prompt tokens (the prefill's unit), after one untimed call of
+the same shape.
 """
 
 from __future__ import annotations
@@ -26,10 +28,20 @@ def marker() -> None:
                    output_shapes=[(1,)], output_dtypes=[mx.float32])[0])
 
 
-def run(topology: str, overrides: list[str], batch: int) -> None:
+def run(topology: str, overrides: list[str], batch: int, prompt: int) -> None:
     import mad
 
     model, _ = mad.load(topology, dtype="bfloat16", overrides=overrides)
+    if prompt:
+        tokens = mx.random.randint(0, model.vocab_size, (batch, prompt)).astype(mx.int32)
+        with mad.inference():  # as `LanguageModel.prefill` reads a segment
+            for timed in (False, True):
+                if timed:
+                    marker()
+                logits, state = model(tokens, last_only=True, check_tokens=False)
+                mx.eval(logits, state)
+        marker()
+        return
     tokens = mx.random.randint(0, model.vocab_size, (batch, 16)).astype(mx.int32)
     _, state = model(tokens)
     token = tokens[:, -1:]
@@ -65,10 +77,11 @@ if __name__ == "__main__":
     ap.add_argument("--topology", default="topologies/xlstm-7b.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt", type=int, default=0, help="time one call over this many prompt tokens instead")
     ap.add_argument("--report")
     args = ap.parse_args()
     if args.report:
         report(args.report)
     else:
-        run(args.topology, args.overrides, args.batch)
+        run(args.topology, args.overrides, args.batch, args.prompt)
         sys.exit(0)
