@@ -1,6 +1,8 @@
 """Training tokens/s: MAD (MLX) against the PyTorch references on the same machine, same model and batch.
 
-One training step is the forward, the backward and the AdamW update with gradient clipping (1.0), float32,
+One training step is the forward, the backward and the AdamW update with gradient clipping (1.0), in
+float32 (default) or bfloat16 (`--dtype`: weights, activations and optimizer state in bf16 on both sides,
+`mad train --dtype bfloat16` and a PyTorch model cast with `.to(torch.bfloat16)`; the loss in float32),
 on a (batch, seq + 1) token batch (inputs and next-token targets), from random weights:
 
   xlstm-7b family   `topologies/xlstm-125m.yaml` (hidden 768, 12 blocks, 4 heads, vocab 50304) against
@@ -21,7 +23,8 @@ MAD runs in a process of its own (benchmarks/mad_worker.py says why), with the C
 picks there (MAD_BLAS is passed on).
 
     python benchmarks/bench_train.py [--device cpu|gpu] [--family 7b|v1|both] [--batch 2] [--seq 256]
-                                     [--steps 2] [--trials 3] [--warmup 1] [--json [PATH]]
+                                     [--dtype float32|bfloat16] [--steps 2] [--trials 3] [--warmup 1]
+                                     [--json [PATH]]
     python benchmarks/bench_train.py --quick   # tiny models, a few steps, seconds: a smoke run (CI)
 """
 
@@ -58,7 +61,7 @@ QUICK_CHUNK = 16
 
 
 # ----------------------------------------------------------------------------------------- MAD (worker process)
-def worker(folder: str, device: str) -> None:
+def worker(folder: str, device: str, dtype: str) -> None:
     """MAD's side, in its own process: load FOLDER (the checkpoint, batches.npy), print one JSON line when
     ready, then answer each `run K` read from stdin with one JSON line: K steps' seconds, losses, norms."""
     import mad  # (before mlx.core: selects the CPU BLAS, see backends/cpu.py)
@@ -70,8 +73,9 @@ def worker(folder: str, device: str) -> None:
 
     mx.set_default_device(mx.gpu if device == "gpu" else mx.cpu)
     batches = np.load(Path(folder) / "batches.npy")
-    model, _ = load(folder, memory_check=False)
-    cfg = TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, warmup=0, schedule="constant").check()
+    model, _ = load(folder, dtype=dtype, memory_check=False)
+    cfg = TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY, grad_clip=GRAD_CLIP, warmup=0, schedule="constant",
+                      dtype=dtype).check()
     optimizer = make_optimizer(cfg)
     optimizer.init(trainable(model)[0].trainable_parameters())
     stepper = Stepper(model, optimizer, cfg.grad_clip)
@@ -99,11 +103,11 @@ def worker(folder: str, device: str) -> None:
 class MadTrainer:
     """The worker process (`worker`), started with the caller's MAD_BLAS; `run(k)` asks it for k steps."""
 
-    def __init__(self, folder: Path, device: str):
+    def __init__(self, folder: Path, device: str, dtype: str):
         env = dict(os.environ, MAD_BLAS=WORKER_BLAS)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
         self.proc = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--worker", str(folder),
-                                      "--device", device], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      "--device", device, "--dtype", dtype], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env, cwd=Path(__file__).parent)
         self.info = self._read()
 
@@ -127,12 +131,12 @@ class MadTrainer:
 class TorchTrainer:
     """The reference's step: forward, cross-entropy, backward, clip_grad_norm_, AdamW; `run(k)` as MadTrainer's."""
 
-    def __init__(self, model, batches, device: str):
+    def __init__(self, model, batches, device: str, dtype: str):
         import torch
 
         self.torch = torch
         self.dev = torch.device("cuda" if device == "gpu" else "cpu")
-        self.model = model.to(self.dev).train()
+        self.model = model.to(self.dev, getattr(torch, dtype)).train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=LR, weight_decay=WEIGHT_DECAY)
         self.data = [(torch.as_tensor(b[:, :-1]).long().to(self.dev), torch.as_tensor(b[:, 1:]).long().to(self.dev))
@@ -235,12 +239,12 @@ def compare(family: str, a, log) -> dict:
         batches = rng.integers(0, vocab, (a.batches, a.batch, a.seq + 1), dtype=np.int32)
         np.save(folder / "batches.npy", batches)
         n_params = sum(p.numel() for p in ref.parameters())
-        mad_side = MadTrainer(folder, a.device)
+        mad_side = MadTrainer(folder, a.device, a.dtype)
         try:
-            torch_side = TorchTrainer(ref, batches, a.device)
+            torch_side = TorchTrainer(ref, batches, a.device, a.dtype)
             name = ("xlstm-125m" if family == "7b" else "xlstm-v1-125m") if not a.quick else f"tiny {family} (--quick)"
             print(f"\n{name} ({n_params / 1e6:.1f}M parameters; MAD {mad_side.info['params'] / 1e6:.1f}M), batch "
-                  f"{a.batch} x seq {a.seq}, float32, AdamW lr {LR} wd {WEIGHT_DECAY}, clip {GRAD_CLIP}", file=log)
+                  f"{a.batch} x seq {a.seq}, {a.dtype}, AdamW lr {LR} wd {WEIGHT_DECAY}, clip {GRAD_CLIP}", file=log)
             print(f"  reference: {info}, torch {torch.__version__}, threads {torch.get_num_threads()}", file=log)
             print(f"  MAD: mlx {mad_side.info['mlx']} on {mad_side.info['device']}, compile "
                   f"'{mad_side.info['compile']}', CPU BLAS {mad_side.info['blas'] or 'bundled with MLX'}", file=log)
@@ -285,6 +289,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--device", choices=("cpu", "gpu"), default="cpu", help="both sides on the CPU or on one GPU")
     ap.add_argument("--family", choices=("7b", "v1", "both"), default="both")
     ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="weights, activations and optimizer state (the first-step check holds in float32 only)")
     ap.add_argument("--seq", type=int, default=256, help=f"tokens per sequence (a multiple of {CHUNK})")
     ap.add_argument("--steps", type=int, default=2, help="steps per timed trial")
     ap.add_argument("--trials", type=int, default=3, help="timed trials per side (interleaved)")
@@ -299,7 +305,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
     ap.add_argument("--worker", metavar="FOLDER", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
-        worker(a.worker, a.device)
+        worker(a.worker, a.device, a.dtype)
         return {}
     if a.quick:
         a.batch, a.seq, a.steps, a.trials, a.warmup, a.pause, a.batches = 2, 32, 2, 1, 1, 0.0, 2
@@ -319,7 +325,7 @@ def main(argv: Optional[list[str]] = None) -> dict:
           + (f", malloc environment {malloc}" if malloc else ""), file=log)
     t0 = time.perf_counter()
     families = ("7b", "v1") if a.family == "both" else (a.family,)
-    results = {"device": a.device, "batch": a.batch, "seq": a.seq, "quick": a.quick, "platform": platform.platform(),
+    results = {"device": a.device, "dtype": a.dtype, "batch": a.batch, "seq": a.seq, "quick": a.quick, "platform": platform.platform(),
                "cpus": os.cpu_count(), "load_average_start": os.getloadavg(), "malloc_environment": malloc,
                "benchmarks": {f: compare(f, a, log) for f in families}}
     results["load_average_end"] = os.getloadavg()

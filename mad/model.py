@@ -156,8 +156,9 @@ class LanguageModel(nn.Module):
                 step_size: int = PREFILL_STEP, check_tokens: bool = True) -> tuple[mx.array, dict]:
         """Read a long prompt (B, T) in segments of `step_size` tokens, carrying the state.
 
-        Returns the last position's logits (B, V) and the state. Each segment but the last is
-        evaluated before the next is queued, so memory is bounded by one segment, whatever T is.
+        Returns the last position's logits (B, V) and the state. A segment is queued (`mx.async_eval`)
+        before the one ahead of it is waited for, so the host builds the next while the device runs this
+        one, and at most two are in flight: memory is bounded by two segments, whatever T is.
         Only the last position goes through the head (`last_only`): a prompt's other logits are
         never needed. The tokens (and a given state) are checked once, as `__call__` does, unless
         `check_tokens` is False.
@@ -169,11 +170,15 @@ class LanguageModel(nn.Module):
             if state is not None:
                 check_state_arrays(self.program.graph, state, batch=tokens.shape[0], spec=self._state_spec)
         total = tokens.shape[1]
+        ahead = None  # the state of the segment before, still running
         with inference():  # no gradient of a prompt's reading: kernels run bare (kernels/registry.py)
             for start in range(0, total, step_size):
                 logits, state = self(tokens[:, start:start + step_size], state, last_only=True, check_tokens=False)
                 if start + step_size < total:
-                    mx.eval(state)
+                    mx.async_eval(state)
+                    if ahead is not None:
+                        mx.eval(ahead)
+                    ahead = state
         return logits[:, -1], state
 
 

@@ -65,6 +65,8 @@ GPU = {
     "probes/gpu_mqar.py": ["--set", "dims.D=32", "--steps", "3", "--eval-every", "3", "--budget", "60"],
     "gpu_slstm.py": ["layer", "--batch", "1", "--tokens", "64", "--trials", "1"],
     "probes/gpu_step_kernels.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2"],
+    "probes/gpu_prefill_overlap.py": ["--topology", "topologies/xlstm-125m.yaml", "--set", "dims.L=2", "--prompt",
+                                      "1024", "--step", "256", "--rounds", "1"],
     "probes/gpu_tf32_probe.py": [],
     "probes/probe_slstm.py": ["--batches", "1", "--tokens", "64", "--trials", "1"],
     "probes/sweep_chunk_outputs.py": [],
@@ -201,6 +203,13 @@ def test_bench_train_quick(tmp_path):
 def test_probe_mkl_torch_quick():
     r = run("probes/probe_mkl_torch.py", "--quick")
     assert "after one MLX product" in r.stdout
+
+
+def test_prefill_overlap_runs_on_the_cpu():
+    """The probe is the GPU's question but runs anywhere: both ways of reading a prompt give the same logits."""
+    out = run("probes/gpu_prefill_overlap.py", "--topology", "topologies/xlstm-tiny.yaml", "--prompt", "96",
+              "--step", "32", "--rounds", "1").stdout
+    assert "largest difference between the two: 0.0" in out and "median: waited" in out, out
 
 
 def refused(script: str, *args: str) -> str:

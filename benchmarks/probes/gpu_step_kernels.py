@@ -1,14 +1,15 @@
 """The GPU kernels of one decode step (or one prompt call), for Nsight Compute (ncu) to time one by one.
 
     ncu --clock-control none --csv --metrics gpu__time_duration.sum \\
-        python benchmarks/probes/gpu_step_kernels.py [--set dims.L=2] [--prompt 8192] > ncu.csv
+        python benchmarks/probes/gpu_step_kernels.py [--set dims.L=2] [--prompt 8192 | --train 8 1024] > ncu.csv
     python benchmarks/probes/gpu_step_kernels.py --report ncu.csv
 
 The run builds the model (bf16, random weights), reads a 16-token prompt, takes two warm-up steps,
 then one step between two launches of a marker kernel (`mad_marker`); `--report` sums the kernels
 between the last two markers by name: the GPU time of one step without launch gaps. With `--prompt N`
 the timed call is one forward call over N prompt tokens (the prefill's unit), after one untimed call of
-the same shape.
+the same shape; with `--train B T` one training step (`mad train`'s compiled step: loss, gradients,
+clipping, AdamW) on a (B, T) batch, after two untimed steps, in `--dtype` (float32 by default).
 """
 
 from __future__ import annotations
@@ -26,6 +27,24 @@ def marker() -> None:
                                  source="y[0] = x[0];")
     mx.eval(kernel(inputs=[mx.ones((1,))], grid=(1, 1, 1), threadgroup=(1, 1, 1),
                    output_shapes=[(1,)], output_dtypes=[mx.float32])[0])
+
+
+def train(topology: str, overrides: list[str], batch: int, seq: int, dtype: str) -> None:
+    import mad
+    from mad.train import Stepper, TrainConfig, make_optimizer, trainable
+
+    model, _ = mad.load(topology, dtype=dtype, overrides=overrides)
+    cfg = TrainConfig(lr=1e-4, weight_decay=0.01, grad_clip=1.0, warmup=0, schedule="constant", dtype=dtype).check()
+    optimizer = make_optimizer(cfg)
+    optimizer.init(trainable(model)[0].trainable_parameters())
+    stepper = Stepper(model, optimizer, cfg.grad_clip)
+    tokens = mx.random.randint(0, model.vocab_size, (batch, seq + 1)).astype(mx.int32)
+    for timed in (False, False, True):
+        if timed:
+            marker()
+        loss, norm = stepper.step(tokens[:, :-1], tokens[:, 1:])
+        mx.eval(loss, norm, stepper.state)
+    marker()
 
 
 def run(topology: str, overrides: list[str], batch: int, prompt: int) -> None:
@@ -78,10 +97,15 @@ if __name__ == "__main__":
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--prompt", type=int, default=0, help="time one call over this many prompt tokens instead")
+    ap.add_argument("--train", type=int, nargs=2, metavar=("B", "T"), help="time one training step instead")
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="with --train")
     ap.add_argument("--report")
     args = ap.parse_args()
     if args.report:
         report(args.report)
     else:
-        run(args.topology, args.overrides, args.batch, args.prompt)
+        if args.train:
+            train(args.topology, args.overrides, *args.train, args.dtype)
+        else:
+            run(args.topology, args.overrides, args.batch, args.prompt)
         sys.exit(0)
