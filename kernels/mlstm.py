@@ -155,7 +155,7 @@ def chunk_log_weights(b: mx.array, ic: mx.array) -> Tuple[mx.array, mx.array, mx
 
 
 def chunk_states(
-    kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State,
+    kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State, entering_dtype: Optional[mx.Dtype] = None,
 ) -> Tuple[State, State]:
     """Inter-chunk recurrence (kernel "mlstm_chunk_states"; reference): the state at the end of every chunk.
 
@@ -173,17 +173,20 @@ def chunk_states(
         b: Within-chunk inclusive cumsum of logsigmoid(f~), float32 (B, NH, NC, L).
         ic: Input-gate pre-activations, float32 (B, NH, NC, L).
         state: (C, n, m) before the first chunk.
+        entering_dtype: The type of the entering C's (float32 if None): `chunk_outputs` rounds C to q's
+            type before its product, so a caller passing q's type gets the same numbers from half the bytes.
 
     Returns:
         The states entering each chunk, stacked on axis 2 (C (B, NH, NC, DQK, DV),
-        n (B, NH, NC, DQK), m (B, NH, NC)), and the state after the last chunk.
+        n (B, NH, NC, DQK), m (B, NH, NC)), and the state after the last chunk (float32).
     """
     g, a, a_max = chunk_log_weights(b, ic)
     k_gated = kc.astype(_F32) * mx.exp(a - a_max[..., None])[..., None]
     C_loc = k_gated.swapaxes(-1, -2) @ vc.astype(_F32)          # (B, NH, NC, DQK, DV)
     n_loc = mx.sum(k_gated, axis=-2)                            # (B, NH, NC, DQK)
 
-    return dispatch("mlstm_chunk_recurrence")(C_loc, n_loc, g, a_max, state)
+    (C_in, n_in, m_in), state_out = dispatch("mlstm_chunk_recurrence")(C_loc, n_loc, g, a_max, state)
+    return (C_in if entering_dtype is None else C_in.astype(entering_dtype), n_in, m_in), state_out
 
 
 def chunk_recurrence(
@@ -269,7 +272,7 @@ _recurrence.vjp(_recurrence_backward)
 
 def chunk_outputs(
     qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
-    state_in: Optional[State], eps: float,
+    state_in: Optional[State], eps: float, out_dtype: Optional[mx.Dtype] = None,
 ) -> mx.array:
     """Intra-chunk parallel part (kernel "mlstm_chunk_outputs"; reference): h for every position of every
     chunk, all chunks at once.
@@ -290,9 +293,10 @@ def chunk_outputs(
         ic: Input-gate pre-activations, float32 (B, NH, NC, L).
         state_in: States entering each chunk as returned by ``chunk_states``, or None.
         eps: Added to the denominator.
+        out_dtype: The type of h (float32 if None), rounded once from float32.
 
     Returns:
-        h (B, NH, NC, L, DV) in float32.
+        h (B, NH, NC, L, DV).
     """
     L = b.shape[-1]
     causal = mx.tril(mx.ones((L, L), dtype=mx.bool_))
@@ -315,7 +319,8 @@ def chunk_outputs(
         num = num + w[..., None] * (q_hat @ C.astype(qc.dtype)).astype(_F32)
         den = den + w * (q_hat @ n.astype(qc.dtype)[..., None])[..., 0].astype(_F32)
     den = mx.maximum(mx.abs(den), _exp_neg(m_comb)) + eps
-    return num / den[..., None]
+    h = num / den[..., None]
+    return h if out_dtype is None else h.astype(out_dtype)
 
 
 def _split_chunks(
@@ -364,9 +369,10 @@ def mlstm_chunkwise(
     if state is None:
         state = _zero_state(B, NH, DQK, DV)
     qc, kc, vc, ic, b = _split_chunks(q, k, v, i, f, chunk_size)
-    state_in, state_out = dispatch("mlstm_chunk_states")(kc, vc, b, ic, state)
-    h = dispatch("mlstm_chunk_outputs")(qc, kc, vc, b, ic, state_in, eps)
-    return h.reshape(B, NH, T, DV).astype(v.dtype), state_out
+    # the entering states in q's type and h in v's: what the outputs round them to anyway, written once
+    state_in, state_out = dispatch("mlstm_chunk_states")(kc, vc, b, ic, state, entering_dtype=qc.dtype)
+    h = dispatch("mlstm_chunk_outputs")(qc, kc, vc, b, ic, state_in, eps, out_dtype=v.dtype)
+    return h.reshape(B, NH, T, DV), state_out
 
 
 def mlstm_parallel(

@@ -4,7 +4,8 @@ reference `kernels.mlstm.chunk_states`) and the intra-chunk outputs (`mlstm_chun
 
 The chunk states: one launch walks the chunks in order. Block (row tile, column tile, batch * head) keeps
 a 64 x 64 tile of C in its mma accumulators (float32) from the first chunk to the last, writes the state
-entering every chunk (the outputs kernel reads them) and the final one. Per chunk it scales the tile by
+entering every chunk (the outputs kernel reads them; C in bf16 where the caller asks for q's type, which
+the outputs round C to anyway: half the bytes written and read) and the final one (float32). Per chunk it scales the tile by
 the chunk's decay and adds K^T diag(exp(a - m_c)) V on the tensor cores, with the gated keys kept to
 float32 accuracy (bf16 inputs: as two bf16 halves, hi + lo; tested at 1e-5). n is one more column (V
 extended by ones); m is a scalar recurrence every thread repeats. It replaces, per chunk, a float32 K^T V
@@ -188,7 +189,7 @@ OUTPUTS_BODY = """
     const E* qg = reinterpret_cast<const E*>(qc) + (size_t)ch * L * DQK;
     const E* kg = reinterpret_cast<const E*>(kc) + (size_t)ch * L * DQK;
     const E* vg = reinterpret_cast<const E*>(vc) + (size_t)ch * L * DV;
-    const float* Cg = C + (size_t)ch * DQK * DV;
+    const char* Cg = reinterpret_cast<const char*>(C) + (size_t)ch * DQK * DV * (C_BF16 ? 2 : 4);  // float32 or bf16
     const float* ng = n + (size_t)ch * DQK;
 
     for (int l = tid; l < SL; l += THREADS) {
@@ -298,7 +299,16 @@ OUTPUTS_BODY = """
         for (int p = 0; p < CPRE; ++p) {
             const int e = tid + p * THREADS, kk = e / (CT / 4), nq = (e % (CT / 4)) * 4;
             pre[p] = make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-            if (k0 + kk < DQK && c0 + nq < DV) pre[p] = *reinterpret_cast<const float4*>(Cg + (size_t)(k0 + kk) * DV + c0 + nq);
+            if (k0 + kk < DQK && c0 + nq < DV) {
+                const size_t at = (size_t)(k0 + kk) * DV + c0 + nq;
+                if constexpr (C_BF16) {   // exact in float32; rounded back to the same bf16 as it is staged
+                    const uint2 u = *reinterpret_cast<const uint2*>(Cg + at * 2);
+                    pre[p] = make_float4(bf16_value(u.x & 0xffffu), bf16_value(u.x >> 16),
+                                         bf16_value(u.y & 0xffffu), bf16_value(u.y >> 16));
+                } else {
+                    pre[p] = *reinterpret_cast<const float4*>(Cg + at * 4);
+                }
+            }
         }
     };
     load_c(0);
@@ -365,11 +375,16 @@ OUTPUTS_BODY = """
         const int row = rw + g + hh * 8, j = r0 + row;
         if (j >= L) continue;
         const float den = FMAX(FABS(sden[row] + sw[row] * sqn[row]), EXP(-sm[row])) + eps[0];
-        float* out = hout + ((size_t)ch * L + j) * DV + c0;
+        char* out = reinterpret_cast<char*>(hout);  // float32, or bf16 rounded once (OUT_BF16)
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
             const int col = i * 8 + 2 * t;
-            if (c0 + col < DV) *reinterpret_cast<float2*>(out + col) = make_float2(acc[i][2 * hh] / den, acc[i][2 * hh + 1] / den);
+            const size_t at = ((size_t)ch * L + j) * DV + c0 + col;
+            const float x0 = acc[i][2 * hh] / den, x1 = acc[i][2 * hh + 1] / den;
+            if (c0 + col < DV) {
+                if constexpr (OUT_BF16) *reinterpret_cast<unsigned*>(out + at * 2) = bf16_bits(x0) | ((unsigned)bf16_bits(x1) << 16);
+                else *reinterpret_cast<float2*>(out + at * 4) = make_float2(x0, x1);
+            }
         }
     }
 """
@@ -439,15 +454,18 @@ STATES_BODY = """
             if (j < L && col < DV) pv[p] = *reinterpret_cast<const uint4*>(vg + ((size_t)c * L + j) * DV + col);
         }
     };
-    // the accumulators out to a [DQK][DV] state (and n, m)
-    auto write_state = [&](float* Cd, float* nd, float* md) {
+    // the accumulators out to a [DQK][DV] state (and n, m); C in float32, or rounded to bf16 (`half`)
+    auto write_state = [&](char* Cd, bool half, float* nd, float* md) {
 #pragma unroll
         for (int i = 0; i < NT; ++i)
 #pragma unroll
             for (int h2 = 0; h2 < 2; ++h2) {
                 const int row = r0 + rw + g4 + h2 * 8, col = c0 + i * 8 + 2 * t;
-                if (row < DQK && col < DV)
-                    *reinterpret_cast<float2*>(Cd + (size_t)row * DV + col) = make_float2(acc[i][2 * h2], acc[i][2 * h2 + 1]);
+                const size_t at = (size_t)row * DV + col;
+                if (row < DQK && col < DV) {
+                    if (half) *reinterpret_cast<unsigned*>(Cd + at * 2) = bf16_bits(acc[i][2 * h2]) | ((unsigned)bf16_bits(acc[i][2 * h2 + 1]) << 16);
+                    else *reinterpret_cast<float2*>(Cd + at * 4) = make_float2(acc[i][2 * h2], acc[i][2 * h2 + 1]);
+                }
             }
         if (with_n && t == 0) {
             const int row = r0 + rw + g4;
@@ -463,7 +481,7 @@ STATES_BODY = """
     load_stage(0, 0);
     for (int c = 0; c < NC; ++c) {
         const size_t chunk = (size_t)bh * NC + c;
-        write_state(C_in + chunk * DQK * DV, n_in + chunk * DQK, m_in + chunk);
+        write_state(reinterpret_cast<char*>(C_in) + chunk * DQK * DV * (CIN_BF16 ? 2 : 4), CIN_BF16, n_in + chunk * DQK, m_in + chunk);
         const float gc = g[chunk], am = a_max[chunk];
         const float m_new = FMAX(gc + m, am), decay = EXP(gc + m - m_new);
         m = m_new;
@@ -522,7 +540,7 @@ STATES_BODY = """
             }
         }
     }
-    write_state(C_out + (size_t)bh * DQK * DV, n_out + (size_t)bh * DQK, m_out + bh);
+    write_state(reinterpret_cast<char*>(C_out) + (size_t)bh * DQK * DV * 4, false, n_out + (size_t)bh * DQK, m_out + bh);
 """
 
 
@@ -559,11 +577,22 @@ def _float32_operands(name: str, backend: str, *arrays: mx.array) -> bool:
     return dtypes == {mx.float32}
 
 
+def _half_or_float(name: str, what: str, dtype: Optional[mx.Dtype]) -> bool:
+    """Whether an output the caller asks in `dtype` is written as bf16 (else float32; others: Unsupported)."""
+    if dtype is None:
+        return False
+    if dtype not in (mx.float32, mx.bfloat16):
+        raise Unsupported(f"{name}: {what} in float32 or bf16, got {dtype}")
+    return dtype == mx.bfloat16
+
+
 def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
-                         state_in: Optional[State], eps: float, *, backend: str = "cuda",
-                         poison: Optional[float] = None) -> mx.array:
-    """Same arguments and result as `kernels.mlstm.chunk_outputs`; bf16 or float32 q/k/v, states given."""
+                         state_in: Optional[State], eps: float, out_dtype: Optional[mx.Dtype] = None, *,
+                         backend: str = "cuda", poison: Optional[float] = None) -> mx.array:
+    """Same arguments and result as `kernels.mlstm.chunk_outputs`; bf16 or float32 q/k/v, states given
+    (C in float32 or bf16), h in float32 or bf16."""
     f32 = _float32_operands("mlstm_chunk_outputs", backend, qc, kc, vc)
+    out_bf16 = _half_or_float("mlstm_chunk_outputs", "h", out_dtype)
     if state_in is None:
         raise Unsupported("mlstm_chunk_outputs: the parallel form (no entering state) runs the reference")
     B, NH, NC, L, DQK = qc.shape
@@ -571,14 +600,18 @@ def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, 
     if DQK % 16 or DV % 8 or L > MAX_L:
         raise Unsupported(f"mlstm_chunk_outputs: DQK {DQK} (multiple of 16), DV {DV} (multiple of 8), "
                           f"chunk {L} (at most {MAX_L})")
-    C, n, m = (x.astype(mx.float32) for x in state_in)
+    C, n, m = state_in
+    C = C if C.dtype == mx.bfloat16 else C.astype(mx.float32)
+    n, m = n.astype(mx.float32), m.astype(mx.float32)
     chunks = B * NH * NC
     (h,) = outputs_kernel(MIN_BLOCKS)(
         backend,
         inputs=[qc, kc, vc, b.astype(mx.float32), ic.astype(mx.float32), C, n, m, scalar(eps)],
-        template=[("F32", f32), ("L", L), ("DQK", DQK), ("DV", DV), ("RT", RT), ("CT", CT), ("THREADS", THREADS)],
+        template=[("F32", f32), ("C_BF16", C.dtype == mx.bfloat16), ("OUT_BF16", out_bf16), ("L", L), ("DQK", DQK),
+                  ("DV", DV), ("RT", RT), ("CT", CT), ("THREADS", THREADS)],
         grid=(chunks * THREADS, -(-L // RT), -(-DV // CT)), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(B, NH, NC, L, DV)], output_dtypes=[mx.float32], init_value=poison,
+        output_shapes=[(B, NH, NC, L, DV)], output_dtypes=[mx.bfloat16 if out_bf16 else mx.float32],
+        init_value=poison,
     )
     return h
 
@@ -595,10 +628,13 @@ STATES_KERNEL = DeviceKernel(
 )
 
 
-def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State, *,
-                        backend: str = "cuda", poison: Optional[float] = None) -> tuple[State, State]:
-    """Same arguments and results as `kernels.mlstm.chunk_states`; bf16 or float32 k/v."""
+def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State,
+                        entering_dtype: Optional[mx.Dtype] = None, *, backend: str = "cuda",
+                        poison: Optional[float] = None) -> tuple[State, State]:
+    """Same arguments and results as `kernels.mlstm.chunk_states`; bf16 or float32 k/v, the entering C's
+    in float32 or bf16."""
     f32 = _float32_operands("mlstm_chunk_states", backend, kc, vc)
+    cin_bf16 = _half_or_float("mlstm_chunk_states", "the entering C's", entering_dtype)
     B, NH, NC, L, DQK = kc.shape
     DV = vc.shape[-1]
     if DQK % 16 or DV % 8:
@@ -608,11 +644,11 @@ def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, s
     outs = STATES_KERNEL(
         backend,
         inputs=[kc, vc, a, g, a_max, C, n, m],
-        template=[("F32", f32), ("L", L), ("NC", NC), ("DQK", DQK), ("DV", DV), ("RT", STATES_RT), ("CT", STATES_CT),
-                  ("THREADS", THREADS)],
+        template=[("F32", f32), ("CIN_BF16", cin_bf16), ("L", L), ("NC", NC), ("DQK", DQK), ("DV", DV),
+                  ("RT", STATES_RT), ("CT", STATES_CT), ("THREADS", THREADS)],
         grid=(-(-DQK // STATES_RT) * THREADS, -(-DV // STATES_CT), B * NH), threadgroup=(THREADS, 1, 1),
         output_shapes=[(B, NH, NC, DQK, DV), (B, NH, NC, DQK), (B, NH, NC), (B, NH, DQK, DV), (B, NH, DQK), (B, NH)],
-        output_dtypes=[mx.float32] * 6, init_value=poison,
+        output_dtypes=[mx.bfloat16 if cin_bf16 else mx.float32] + [mx.float32] * 5, init_value=poison,
     )
     return tuple(outs[:3]), tuple(outs[3:])
 

@@ -527,6 +527,66 @@ def test_chunk_states_kernel_matches_reference(B, NH, NC, L, DQK, DV, dtype, mon
             assert x.shape == y.shape and x.dtype == mx.float32 and rel_err(x, y) < 1e-5
 
 
+@pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+@pytest.mark.parametrize("B,NH,NC,L,DQK,DV", [(1, 8, 3, 64, 256, 512), (2, 1, 2, 5, 16, 40), (1, 2, 2, 77, 48, 136)])
+def test_chunk_kernels_write_bf16_as_rounding_their_float32(B, NH, NC, L, DQK, DV):
+    """The kernels' bf16 outputs (entering C's, h) are their float32 results rounded once, bit for bit, and
+    the outputs kernel gives the same h from bf16 entering C's as from the float32 ones it rounds itself:
+    the chunkwise form's half-size path changes no number."""
+    from mad.kernels.mlstm_chunk_device import chunk_outputs_device, chunk_states_device
+
+    rng = np.random.default_rng(B * 100 + L + DV + 2)
+    q, k = (mx.array(rng.normal(0, s, (B, NH, NC, L, DQK)).astype(np.float32)).astype(mx.bfloat16)
+            for s in (DQK ** -0.5, 0.7))
+    v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(mx.bfloat16)
+    b, ic = chunk_gates(rng, (B, NH, NC, L), i_std=2)
+    state = (mx.array(rng.normal(0, 1, (B, NH, DQK, DV)).astype(np.float32)),
+             mx.array(rng.normal(0, 1, (B, NH, DQK)).astype(np.float32)),
+             mx.array(rng.normal(0, 2, (B, NH)).astype(np.float32)))
+    (C32, n_in, m_in), out32 = chunk_states_device(k, v, b, ic, state, poison=float("nan"))
+    (C16, n16, m16), out16 = chunk_states_device(k, v, b, ic, state, mx.bfloat16, poison=float("nan"))
+    assert C16.dtype == mx.bfloat16 and bool(mx.array_equal(C16, C32.astype(mx.bfloat16)))
+    for x, y in zip((n16, m16, *out16), (n_in, m_in, *out32)):
+        assert x.dtype == mx.float32 and bool(mx.array_equal(x, y))
+    h32 = chunk_outputs_device(q, k, v, b, ic, (C32, n_in, m_in), 1e-6, poison=float("nan"))
+    h16 = chunk_outputs_device(q, k, v, b, ic, (C16, n_in, m_in), 1e-6, mx.bfloat16, poison=float("nan"))
+    assert h16.dtype == mx.bfloat16 and bool(mx.array_equal(h16, h32.astype(mx.bfloat16)))
+    h = chunk_outputs_device(q, k, v, b, ic, (C16, n_in, m_in), 1e-6, poison=float("nan"))
+    assert h.dtype == mx.float32 and bool(mx.array_equal(h, h32))
+
+
+def test_chunk_references_round_where_asked():
+    """The references' entering_dtype / out_dtype round their float32 results once, and the chunkwise form
+    (which asks for q's and v's types) equals the float32 path rounded by its consumer."""
+    from mad.kernels.mlstm import chunk_outputs, chunk_states, mlstm_chunkwise
+
+    rng = np.random.default_rng(7)
+    B, NH, NC, L, DQK, DV = 1, 2, 3, 8, 16, 24
+    q, k = (mx.array(rng.normal(0, s, (B, NH, NC, L, DQK)).astype(np.float32)).astype(mx.bfloat16) for s in (0.25, 0.7))
+    v = mx.array(rng.normal(0, 0.5, (B, NH, NC, L, DV)).astype(np.float32)).astype(mx.bfloat16)
+    b, ic = chunk_gates(rng, (B, NH, NC, L), i_std=2)
+    state = (mx.array(rng.normal(0, 1, (B, NH, DQK, DV)).astype(np.float32)),
+             mx.array(rng.normal(0, 1, (B, NH, DQK)).astype(np.float32)),
+             mx.array(rng.normal(0, 2, (B, NH)).astype(np.float32)))
+    with registry.use_reference():
+        (C32, n, m), _ = chunk_states(k, v, b, ic, state)
+        (C16, n16, m16), _ = chunk_states(k, v, b, ic, state, mx.bfloat16)
+        assert C16.dtype == mx.bfloat16 and bool(mx.array_equal(C16, C32.astype(mx.bfloat16)))
+        h32 = chunk_outputs(q, k, v, b, ic, (C32, n, m), 1e-6)
+        h16 = chunk_outputs(q, k, v, b, ic, (C16, n, m), 1e-6, mx.bfloat16)
+        assert h32.dtype == mx.float32 and bool(mx.array_equal(h16, h32.astype(mx.bfloat16)))
+        T = NC * L
+        qs, ks, vs = (x.reshape(B, NH, T, x.shape[-1]) for x in (q, k, v))
+        i_pre, f_pre = (mx.array(rng.normal(0, 1, (B, NH, T)).astype(np.float32)) for _ in range(2))
+        h, _ = mlstm_chunkwise(qs, ks, vs, i_pre, f_pre, state, chunk_size=L, scale="none")
+        assert h.dtype == mx.bfloat16
+        from mad.kernels.mlstm import _split_chunks
+        qc, kc, vc, icc, bc = _split_chunks(qs, ks, vs, i_pre, f_pre, L)
+        s_in, _ = chunk_states(kc, vc, bc, icc, state)
+        want = chunk_outputs(qc, kc, vc, bc, icc, s_in, 1e-6).reshape(B, NH, T, DV).astype(mx.bfloat16)
+        assert bool(mx.array_equal(h, want))
+
+
 def test_chunk_kernels_decline_what_they_do_not_handle():
     from mad.kernels.mlstm_chunk_device import chunk_outputs_device
 
@@ -541,6 +601,11 @@ def test_chunk_kernels_decline_what_they_do_not_handle():
                  dict(DQK=40), dict(L=160)):
         with pytest.raises(registry.Unsupported):
             call(**case)
+    q = mx.zeros((1, 1, 2, 8, 64), mx.bfloat16)
+    with pytest.raises(registry.Unsupported, match="h in float32 or bf16"):
+        chunk_outputs_device(q, q, q, mx.zeros((1, 1, 2, 8)), mx.zeros((1, 1, 2, 8)),
+                             (mx.zeros((1, 1, 2, 64, 64)), mx.zeros((1, 1, 2, 64)), mx.zeros((1, 1, 2))), 1e-6,
+                             mx.float16)
     from mad.kernels.mlstm_chunk_device import chunk_states_device
 
     state = (mx.zeros((1, 1, 64, 64)), mx.zeros((1, 1, 64)), mx.zeros((1, 1)))
@@ -549,6 +614,9 @@ def test_chunk_kernels_decline_what_they_do_not_handle():
         kv = mx.zeros((1, 1, 2, 8, DQK), dtype)
         with pytest.raises(registry.Unsupported):
             chunk_states_device(kv, kv, gates, gates, state, backend=backend)
+    kv = mx.zeros((1, 1, 2, 8, 64), mx.bfloat16)
+    with pytest.raises(registry.Unsupported, match="entering C's in float32 or bf16"):
+        chunk_states_device(kv, kv, gates, gates, state, mx.float16)
 
 
 def test_float32_chunk_kernels_follow_mlx_tf32_setting(monkeypatch):

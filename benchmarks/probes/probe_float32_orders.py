@@ -58,16 +58,16 @@ def permute_orders(rng: np.random.Generator) -> dict:
 
     states_ref, outputs_ref = ks["mlstm_chunk_states"].reference, ks["mlstm_chunk_outputs"].reference
 
-    def states(kc, vc, b, ic, state):
+    def states(kc, vc, b, ic, state, **kw):
         (pk, ik), (pv, iv) = perm(kc.shape[-1], "k"), perm(vc.shape[-1], "v")
         C, n, m = state
         C, n = mx.take(mx.take(C, pk, axis=-2), pv, axis=-1), mx.take(n, pk, axis=-1)
-        s_in, (C, n, m) = states_ref(mx.take(kc, pk, axis=-1), mx.take(vc, pv, axis=-1), b, ic, (C, n, m))
+        s_in, (C, n, m) = states_ref(mx.take(kc, pk, axis=-1), mx.take(vc, pv, axis=-1), b, ic, (C, n, m), **kw)
         return s_in, (mx.take(mx.take(C, ik, axis=-2), iv, axis=-1), mx.take(n, ik, axis=-1), m)
 
-    def outputs(qc, kc, vc, b, ic, s_in, eps):
+    def outputs(qc, kc, vc, b, ic, s_in, eps, **kw):
         (pk, _), (pv, iv) = perm(kc.shape[-1], "k"), perm(vc.shape[-1], "v")
-        h = outputs_ref(mx.take(qc, pk, axis=-1), mx.take(kc, pk, axis=-1), mx.take(vc, pv, axis=-1), b, ic, s_in, eps)
+        h = outputs_ref(mx.take(qc, pk, axis=-1), mx.take(kc, pk, axis=-1), mx.take(vc, pv, axis=-1), b, ic, s_in, eps, **kw)
         return mx.take(h, iv, axis=-1)
 
     ks["linear"].variants["cpu"] = linear_permuted
