@@ -6,7 +6,7 @@ the next is built (the device idles while the host builds). Same model, same pro
 
     python benchmarks/probes/gpu_prefill_overlap.py [--prompt 65536] [--step 4096] [--rounds 3] [--set dims.L=8]
 
-Prints tokens/s of both per round and the medians (xLSTM-7B shape, bf16 random weights, float32 state).
+Prints tokens/s and peak memory of both per round, and the medians (xLSTM-7B shape, bf16 random weights, float32 state).
 """
 
 from __future__ import annotations
@@ -54,10 +54,12 @@ def main() -> None:
     for r in range(a.rounds):
         for name, fn in (("waited", waited), ("queued", queued)) if r % 2 == 0 else (("queued", queued),
                                                                                       ("waited", waited)):
+            mx.reset_peak_memory()
             t = time.perf_counter()
             fn(model, tokens, a.step)
             rates[name].append(a.prompt / (time.perf_counter() - t))
-            print(f"round {r + 1} {name}: {rates[name][-1]:,.0f} tokens/s", flush=True)
+            print(f"round {r + 1} {name}: {rates[name][-1]:,.0f} tokens/s, peak memory "
+                  f"{mx.get_peak_memory() / 1e9:.2f} GB", flush=True)
     w, q = statistics.median(rates["waited"]), statistics.median(rates["queued"])
     print(f"median: waited {w:,.0f}, queued {q:,.0f} tokens/s ({q / w:.3f}x)")
 
