@@ -70,6 +70,7 @@ GPU = {
     "probes/gpu_tf32_probe.py": [],
     "probes/probe_slstm.py": ["--batches", "1", "--tokens", "64", "--trials", "1"],
     "probes/sweep_chunk_outputs.py": [],
+    "probes/sweep_chunk_states.py": ["--tokens", "512"],
     "probes/sweep_mlstm_step.py": ["--batch", "1", "--chain", "2", "--trials", "1"],
 }
 BY_HAND = {"gpu_hf_reference.py": "builds HF's xLSTM-7B in PyTorch on a CUDA GPU (minutes, ~15 GB): run by hand"}
