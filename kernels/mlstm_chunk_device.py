@@ -89,11 +89,11 @@ template <typename E> struct Rows {
         }
     }
 };
-template <typename E> __device__ inline Rows<E> chunk_rows(const void* base, const Shape& shape, const Strides& st, int ch) {
+template <typename E, typename Sh, typename St> __device__ inline Rows<E> chunk_rows(const void* base, const Sh& shape, const St& st, int ch) {
     const int c = ch % shape[2], bh = ch / shape[2];
     return {reinterpret_cast<const E*>(base) + (bh / shape[1]) * st[0] + (bh % shape[1]) * st[1] + c * st[2], st[3]};
 }
-template <typename E> __device__ inline bool rows_fast(const void* base, const Shape& shape, const Strides& st) {
+template <typename E, typename Sh, typename St> __device__ inline bool rows_fast(const void* base, const Sh& shape, const St& st) {
     bool ok = st[4] == 1 && reinterpret_cast<size_t>(base) % 16 == 0;
     for (int i = 0; i < 4; ++i) ok = ok && (shape[i] == 1 || st[i] % (16 / (long long)sizeof(E)) == 0);
     return ok;
@@ -460,6 +460,7 @@ STATES_BODY = """
     SHARED __align__(16) E khi[KT * RS], klo[SPLIT_K ? KT * RS : 1], tv[KT * NS];
     auto run = [&](auto fast) {
     constexpr bool FAST = decltype(fast)::value;
+    const Rows<E> k_first = chunk_rows<E>(kc, kc_shape, kc_strides, bh * NC), v_first = chunk_rows<E>(vc, vc_shape, vc_strides, bh * NC);
 
     // the entering state into the accumulators (D fragment: rows rw + g4 (+8), columns i*8 + 2t (+1))
     float acc[NT][4], nacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -481,8 +482,7 @@ STATES_BODY = """
     uint4 pk[KPER], pv[VPER];
     float pa[KPER];
     auto load_stage = [&](int c, int s) {
-        const Rows<E> kg = chunk_rows<E>(kc, kc_shape, kc_strides, bh * NC + c),
-                      vg = chunk_rows<E>(vc, vc_shape, vc_strides, bh * NC + c);
+        const Rows<E> kg = {k_first.p + c * kc_strides[2], k_first.row}, vg = {v_first.p + c * vc_strides[2], v_first.row};
 #pragma unroll
         for (int p = 0; p < KPER; ++p) {
             const int e = tid + p * THREADS, j = s * KT + e / (RT / VEC), row = r0 + (e % (RT / VEC)) * VEC;
