@@ -58,11 +58,10 @@ def kernel_source(body: str) -> tuple[str, str]:
     return PREAMBLE, body
 
 
-def make_kernel(name: str, input_names: list[str], output_names: list[str], source: str, header: str,
-                row_contiguous: bool = True):
+def make_kernel(name: str, input_names: list[str], output_names: list[str], source: str, header: str):
     """MLX's CUDA custom kernel (`mx.fast.cuda_kernel`) of `source` behind `header`."""
     return mx.fast.cuda_kernel(name=name, input_names=input_names, output_names=output_names, source=source,
-                               header=header, ensure_row_contiguous=row_contiguous)
+                               header=header)
 
 
 def launch_bounds(threads: int, min_blocks: int = 1) -> str:
