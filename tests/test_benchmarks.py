@@ -213,6 +213,25 @@ def test_prefill_overlap_runs_on_the_cpu():
     assert "largest difference between the two: 0.0" in out and "median: waited" in out, out
 
 
+def test_mqar_probe_goes_on_exactly_from_its_state(tmp_path):
+    """A run stopped after 3 of 6 steps and continued from its --state folder ends with the weights, loss and
+    accuracy of one uninterrupted 6-step run; a continuation with other settings is refused."""
+    import mlx.core as mx
+
+    args = ["--preset", "small", "--set", "dims.D=16", "--steps", "6", "--batch", "8", "--eval-every", "100",
+            "--budget", "1e9"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    last = lambda r: json.loads(r.stdout.strip().splitlines()[-1])
+    one = last(run("probes/gpu_mqar.py", *args, "--state", str(whole)))
+    first = last(run("probes/gpu_mqar.py", *args, "--state", str(parts), "--stop-after", "3"))
+    second = last(run("probes/gpu_mqar.py", *args, "--state", str(parts)))
+    assert first["step"] == 3 and one["step"] == second["step"] == 6
+    assert (one["loss"], one["accuracy"]) == (second["loss"], second["accuracy"])
+    a, b = mx.load(str(whole / "weights.safetensors")), mx.load(str(parts / "weights.safetensors"))
+    assert a.keys() == b.keys() and all(bool(mx.array_equal(a[k], b[k])) for k in a)
+    assert "other settings" in refused("probes/gpu_mqar.py", *args[:-4], "--lr", "1e-2", "--state", str(parts))
+
+
 def refused(script: str, *args: str) -> str:
     """A probe's bad arguments: exit 2 and one line naming the argument, no traceback, before any work."""
     env = {k: v for k, v in os.environ.items() if k != "MAD_BLAS"}

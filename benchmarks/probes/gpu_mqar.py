@@ -1,13 +1,16 @@
 """MQAR at the xLSTM paper's setting (Zoology's generator: 256 tokens, 16 key-value pairs, vocabulary 8192;
 `mad design --preset mad`), trained for a time budget instead of a step count, the held-out accuracy printed
 every `--eval-every` steps: how many steps a topology needs before `mad design --steps N` is worth running.
+With `--state DIR` the run leaves its weights, optimizer, step and data order in DIR when it stops and a
+later run with the same DIR goes on from there exactly (the same numbers as one uninterrupted run), so a
+schedule longer than one sitting runs in several.
 
 Same data, model, optimizer and step as `mad design` (`mad.design.run_one`: masked cross-entropy, AdamW with
 a cosine schedule over `--steps`, gradient clipping 1.0). One JSON line per evaluation, on stdout:
 
     python benchmarks/probes/gpu_mqar.py [--topology topologies/examples/design-recall-mlstm.yaml]
         [--set dims.D=128] [--steps 20000] [--budget 420] [--batch 64] [--lr 3e-3] [--eval-every 1000]
-        [--preset mad|small]
+        [--preset mad|small] [--state DIR]
 """
 
 from __future__ import annotations
@@ -22,10 +25,13 @@ import numpy as np
 import mad  # noqa: F401  (before mlx.core: the CPU BLAS)
 import mlx.core as mx
 
+from mlx.utils import tree_flatten, tree_unflatten
+
 from mad.design import DesignConfig, MaskedStepper, _accuracy, _seed_of, task_settings, topology_overrides
 from mad.loading import load
+from mad.report import write_atomic_file
 from mad.tasks import TASKS
-from mad.train import TrainConfig, make_optimizer
+from mad.train import TrainConfig, load_optimizer_arrays, make_optimizer, optimizer_arrays
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -42,7 +48,18 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="mad", choices=["mad", "small"],
                     help="the task's size: mad (the paper's) or small (`mad design`'s default)")
+    ap.add_argument("--state", type=Path, help="folder to go on from (if it holds a saved run) and to save to")
+    ap.add_argument("--stop-after", type=int, help="stop after this many steps of this run (then save, with --state)")
     a = ap.parse_args()
+    saved = None
+    if a.state is not None and (a.state / STATE).exists():
+        try:
+            saved = json.loads((a.state / STATE).read_text())
+            same = saved["args"] == same_run_args(a)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"--state {a.state}: cannot read {STATE}: {e}")
+        if not same:
+            ap.error(f"--state {a.state}: saved by a run with other settings ({saved['args']})")
     cfg = DesignConfig(steps=a.steps, batch=a.batch, lr=a.lr, preset=a.preset).check()
     small = cfg.preset == "small"
     t = TASKS["mqar"]
@@ -54,14 +71,26 @@ def main() -> None:
     mx.random.seed(a.seed)
     model, _ = load(a.topology, overrides=overrides)
     tc = TrainConfig(steps=a.steps, lr=a.lr, grad_clip=1.0, seed=a.seed).check()
-    stepper = MaskedStepper(model, make_optimizer(tc), 1.0)
+    optimizer = make_optimizer(tc)
+    optimizer.init(model.trainable_parameters())
+    order = np.random.default_rng(_seed_of(a.seed, "mqar", 2))
+    perm, pos, step0 = order.permutation(len(x)), 0, 0
+    if saved is not None:
+        try:
+            model.update(tree_unflatten(list(mx.load(str(a.state / WEIGHTS)).items())))
+            load_optimizer_arrays(optimizer, mx.load(str(a.state / OPTIMIZER)), str(a.state / OPTIMIZER))
+            order.bit_generator.state = saved["order"]
+            perm, pos, step0 = np.load(a.state / PERM), saved["pos"], saved["step"]
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, mad.MadError) as e:
+            ap.error(f"--state {a.state}: the saved run does not load: {e}")
+    stepper = MaskedStepper(model, optimizer, 1.0)
     print(json.dumps({"settings": train_settings, "train": len(x), "test": len(test[0]), "overrides": overrides,
                       "params": model.program.graph.param_count(), "device": str(mx.default_device()),
                       "data_s": round(time.perf_counter() - start, 1)}), flush=True)
-    order = np.random.default_rng(_seed_of(a.seed, "mqar", 2))
-    perm, pos = order.permutation(len(x)), 0
     train_start = time.perf_counter()
-    for step in range(1, a.steps + 1):
+    step = step0
+    last = a.steps if a.stop_after is None else min(a.steps, step0 + a.stop_after)
+    for step in range(step0 + 1, last + 1):
         if pos + a.batch > len(x):
             perm, pos = order.permutation(len(x)), 0
         idx = perm[pos:pos + a.batch]
@@ -69,12 +98,35 @@ def main() -> None:
         loss = stepper.step(mx.array(x[idx]), mx.array(y[idx]), mx.array(m[idx]))
         mx.eval(loss, model.parameters())
         elapsed = time.perf_counter() - train_start
-        if step % a.eval_every == 0 or step == a.steps or elapsed > a.budget:
+        if step % a.eval_every == 0 or step == last or elapsed > a.budget:
             acc = _accuracy(stepper, *test, 256)
             print(json.dumps({"step": step, "loss": round(float(loss.item()), 4), "accuracy": round(acc, 4),
                               "seconds": round(elapsed, 1)}), flush=True)
             if elapsed > a.budget:
                 break
+    if a.state is not None:
+        save_state(a, model, optimizer, step, perm, pos, order)
+
+
+STATE, WEIGHTS, OPTIMIZER, PERM = "state.json", "weights.safetensors", "optimizer.safetensors", "order.npy"
+
+
+def same_run_args(a: argparse.Namespace) -> dict:
+    """The settings a saved run must share with the one going on from it (the budget and reporting may differ)."""
+    return {k: str(v) if isinstance(v, Path) else v for k, v in vars(a).items()
+            if k not in ("budget", "eval_every", "state", "stop_after")}
+
+
+def save_state(a: argparse.Namespace, model, optimizer, step: int, perm: np.ndarray, pos: int, order) -> None:
+    """The run's weights, optimizer, data order and step into `a.state`, each file written whole (state.json
+    last: a folder without it holds no run to go on from)."""
+    weights, opt = dict(tree_flatten(model.parameters())), optimizer_arrays(optimizer)
+    mx.eval(weights, opt)
+    write_atomic_file(a.state / WEIGHTS, lambda p: mx.save_safetensors(str(p), weights), flag="--state")
+    write_atomic_file(a.state / OPTIMIZER, lambda p: mx.save_safetensors(str(p), opt), flag="--state")
+    write_atomic_file(a.state / PERM, lambda p: np.save(p, perm), flag="--state")
+    state = {"step": step, "pos": pos, "order": order.bit_generator.state, "args": same_run_args(a)}
+    write_atomic_file(a.state / STATE, lambda p: Path(p).write_text(json.dumps(state)), flag="--state")
 
 
 if __name__ == "__main__":
