@@ -215,21 +215,28 @@ def test_prefill_overlap_runs_on_the_cpu():
 
 def test_mqar_probe_goes_on_exactly_from_its_state(tmp_path):
     """A run stopped after 3 of 6 steps and continued from its --state folder ends with the weights, loss and
-    accuracy of one uninterrupted 6-step run; a continuation with other settings is refused."""
+    accuracy of one uninterrupted 6-step run; a continuation with other settings, or from a folder whose
+    files were saved at different steps (a save cut short), is refused."""
     import mlx.core as mx
 
     args = ["--preset", "small", "--set", "dims.D=16", "--steps", "6", "--batch", "8", "--eval-every", "100",
             "--budget", "1e9"]
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    whole, parts, mixed = tmp_path / "whole", tmp_path / "parts", tmp_path / "mixed"
     last = lambda r: json.loads(r.stdout.strip().splitlines()[-1])
     one = last(run("probes/gpu_mqar.py", *args, "--state", str(whole)))
     first = last(run("probes/gpu_mqar.py", *args, "--state", str(parts), "--stop-after", "3"))
+    weights_at_3 = (parts / "weights.safetensors").read_bytes()
     second = last(run("probes/gpu_mqar.py", *args, "--state", str(parts)))
     assert first["step"] == 3 and one["step"] == second["step"] == 6
     assert (one["loss"], one["accuracy"]) == (second["loss"], second["accuracy"])
     a, b = mx.load(str(whole / "weights.safetensors")), mx.load(str(parts / "weights.safetensors"))
     assert a.keys() == b.keys() and all(bool(mx.array_equal(a[k], b[k])) for k in a)
     assert "other settings" in refused("probes/gpu_mqar.py", *args[:-4], "--lr", "1e-2", "--state", str(parts))
+    mixed.mkdir()
+    for name in ("state.json", "optimizer.safetensors", "order.safetensors"):
+        (mixed / name).write_bytes((parts / name).read_bytes())
+    (mixed / "weights.safetensors").write_bytes(weights_at_3)
+    assert "saved at step 3" in refused("probes/gpu_mqar.py", *args, "--state", str(mixed))
 
 
 def refused(script: str, *args: str) -> str:

@@ -77,10 +77,11 @@ def main() -> None:
     perm, pos, step0 = order.permutation(len(x)), 0, 0
     if saved is not None:
         try:
-            model.update(tree_unflatten(list(mx.load(str(a.state / WEIGHTS)).items())))
-            load_optimizer_arrays(optimizer, mx.load(str(a.state / OPTIMIZER)), str(a.state / OPTIMIZER))
+            weights, opt, kept = (load_saved(a.state / f, saved["step"]) for f in (WEIGHTS, OPTIMIZER, ORDER))
+            model.update(tree_unflatten(list(weights.items())))
+            load_optimizer_arrays(optimizer, opt, str(a.state / OPTIMIZER))
             order.bit_generator.state = saved["order"]
-            perm, pos, step0 = np.load(a.state / PERM), saved["pos"], saved["step"]
+            perm, pos, step0 = np.array(kept["perm"]), saved["pos"], saved["step"]
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, mad.MadError) as e:
             ap.error(f"--state {a.state}: the saved run does not load: {e}")
     stepper = MaskedStepper(model, optimizer, 1.0)
@@ -108,7 +109,16 @@ def main() -> None:
         save_state(a, model, optimizer, step, perm, pos, order)
 
 
-STATE, WEIGHTS, OPTIMIZER, PERM = "state.json", "weights.safetensors", "optimizer.safetensors", "order.npy"
+STATE, WEIGHTS, OPTIMIZER, ORDER = "state.json", "weights.safetensors", "optimizer.safetensors", "order.safetensors"
+
+
+def load_saved(path: Path, step: int) -> dict:
+    """The arrays of one saved file, which must have been written at `step` (a save cut short leaves files
+    of two steps: refused rather than mixed)."""
+    arrays, meta = mx.load(str(path), return_metadata=True)
+    if meta.get("step") != str(step):
+        raise ValueError(f"{path.name} was saved at step {meta.get('step')}, {STATE} at step {step}")
+    return arrays
 
 
 def same_run_args(a: argparse.Namespace) -> dict:
@@ -118,13 +128,14 @@ def same_run_args(a: argparse.Namespace) -> dict:
 
 
 def save_state(a: argparse.Namespace, model, optimizer, step: int, perm: np.ndarray, pos: int, order) -> None:
-    """The run's weights, optimizer, data order and step into `a.state`, each file written whole (state.json
-    last: a folder without it holds no run to go on from)."""
-    weights, opt = dict(tree_flatten(model.parameters())), optimizer_arrays(optimizer)
-    mx.eval(weights, opt)
-    write_atomic_file(a.state / WEIGHTS, lambda p: mx.save_safetensors(str(p), weights), flag="--state")
-    write_atomic_file(a.state / OPTIMIZER, lambda p: mx.save_safetensors(str(p), opt), flag="--state")
-    write_atomic_file(a.state / PERM, lambda p: np.save(p, perm), flag="--state")
+    """The run's weights, optimizer, data order and step into `a.state`, each file written whole and marked
+    with the step (state.json last: a folder without it holds no run to go on from)."""
+    files = {WEIGHTS: dict(tree_flatten(model.parameters())), OPTIMIZER: optimizer_arrays(optimizer),
+             ORDER: {"perm": mx.array(perm)}}
+    for name, arrays in files.items():
+        mx.eval(arrays)
+        write_atomic_file(a.state / name, lambda p, arrays=arrays: mx.save_safetensors(
+            str(p), arrays, metadata={"step": str(step)}), flag="--state")
     state = {"step": step, "pos": pos, "order": order.bit_generator.state, "args": same_run_args(a)}
     write_atomic_file(a.state / STATE, lambda p: Path(p).write_text(json.dumps(state)), flag="--state")
 
