@@ -51,6 +51,12 @@ def main() -> None:
     ap.add_argument("--state", type=Path, help="folder to go on from (if it holds a saved run) and to save to")
     ap.add_argument("--stop-after", type=int, help="stop after this many steps of this run (then save, with --state)")
     a = ap.parse_args()
+    if a.stop_after is not None and a.stop_after < 0:
+        ap.error(f"--stop-after {a.stop_after}: a number of steps, 0 or more")
+    if a.state is not None and a.state.exists() and not a.state.is_dir():
+        ap.error(f"--state {a.state}: not a folder")
+    if a.state is not None and a.state.is_dir() and not (a.state / STATE).exists() and any(a.state.iterdir()):
+        ap.error(f"--state {a.state}: holds files but no saved run ({STATE}); give an empty or new folder")
     saved = None
     if a.state is not None and (a.state / STATE).exists():
         try:

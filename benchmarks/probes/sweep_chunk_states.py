@@ -40,15 +40,21 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=8192)
     ap.add_argument("--widths", default="64,32", help="STATES_CT values to try")
     args = ap.parse_args()
+    if args.tokens < 128 or args.tokens % 128:
+        ap.error(f"--tokens {args.tokens}: a positive multiple of 128 (whole chunks of 64 and 128)")
+    widths = args.widths.split(",")
+    if not widths or any(w not in ("32", "64") for w in widths):
+        ap.error(f"--widths {args.widths!r}: a comma-separated list of 32 and 64 (the widths the kernel takes)")
     rng = np.random.default_rng(0)
     for L in (64, 128):
         q, k, v, b, ic, state = inputs(args.tokens, L, rng)
         first = None
-        for ct in (int(w) for w in args.widths.split(",")):
+        for ct in map(int, widths):
             d.STATES_CT = ct
             (entering, _), times = timed(lambda: d.chunk_states_device(k, v, b, ic, state, mx.bfloat16), 15)
-            diff = 0.0 if first is None else float(mx.abs(entering[0].astype(mx.float32) - first).max())
-            first = entering[0].astype(mx.float32) if first is None else first
+            C = entering[0].astype(mx.float32)
+            first = C if first is None else first
+            diff = float(mx.abs(C - first).max())
             print(f"chunk {L}: states, C tiles 64 x {ct}: {statistics.median(times) * 1e3:.3f} ms "
                   f"(max difference to the first width {diff:.1e})", flush=True)
         h, times = timed(lambda: d.chunk_outputs_device(q, k, v, b, ic, entering, 1e-6, mx.bfloat16), 15)
