@@ -8,7 +8,11 @@ same run (`mad.bench.device_limits`) and each figure is printed as a fraction of
 weight over the product rate).
 
     python benchmarks/gpu_targets.py [--topology topologies/xlstm-7b.yaml] [--set dims.L=4] [--json PATH]
-                                     [--only decode1,long,prefill,decode32] [--quick]
+                                     [--only decode1,long,prefill,decode32] [--prefill-step 4096[,8192,...]]
+                                     [--quick]
+
+`--prefill-step` takes prompt tokens per forward call (`mad bench --prefill-step`); with several, comma-separated,
+every part runs once per value in the order given (repeat values to interleave them), in the same process.
 
 `--quick` runs every part with tiny sizes (a check that the script works, on any device).
 """
@@ -23,6 +27,7 @@ import mad  # noqa: F401  (before mlx: the CPU BLAS choice)
 import mlx.core as mx
 
 from mad.bench import bench, device_limits, limit_fractions, step_costs
+from mad.model import PREFILL_STEP
 
 PARTS = ("decode1", "long", "prefill", "decode32")
 
@@ -34,12 +39,20 @@ def main() -> None:
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--only", default=",".join(PARTS), help="comma-separated parts: " + ", ".join(PARTS))
     ap.add_argument("--quick", action="store_true", help="tiny sizes: check that the script runs")
+    ap.add_argument("--prefill-step", default=str(PREFILL_STEP),
+                    help="prompt tokens per forward call; several, comma-separated, run in turn")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args()
     parts = [p for p in args.only.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:
         ap.error(f"unknown parts {sorted(unknown)}; choose from {', '.join(PARTS)}")
+    try:
+        steps = [int(v) for v in args.prefill_step.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1:
+        ap.error(f"--prefill-step {args.prefill_step!r}: positive whole numbers, comma-separated")
     q = args.quick
     # (batch, prompt tokens, generated tokens, trials) per part
     settings = {"decode1": (1, 16 if q else 128, 8 if q else 128, 2 if q else 3),
@@ -59,14 +72,19 @@ def main() -> None:
           f"{lim['matmul_dtype']} matmul {lim['matmul_flops_per_s'] / 1e12:.1f} TFLOP/s; "
           f"weights read a step {out['costs']['weight_bytes'] / 1e9:.2f} GB, "
           f"state {out['costs']['state_bytes'] / 1e6:.1f} MB a sequence", flush=True)
-    for part in parts:
+    for step, part in [(step, part) for step in steps for part in parts]:
         batch, prompt, gen, trials = settings[part]
-        r = bench(model, prompt, gen, batch, trials, echo=lambda line: None)
+        r = bench(model, prompt, gen, batch, trials, prefill_step=step, echo=lambda line: None)
         r["fractions"] = limit_fractions(r, lim, out["costs"])
         r["first_token_ms"] = 1e3 * batch * prompt / r["medians"]["prompt_tps"]
-        out[part] = r
+        r["prefill_step"] = step
+        if len(steps) == 1:
+            out[part] = r
+        else:
+            out.setdefault("runs", []).append(dict(r, part=part))
         med, frac = r["medians"], r["fractions"]
-        line = (f"{part}: batch {batch}, prompt {prompt}: prompt {med['prompt_tps']:,.0f} tokens/s "
+        tag = part if len(steps) == 1 else f"{part} (prefill step {step})"
+        line = (f"{tag}: batch {batch}, prompt {prompt}: prompt {med['prompt_tps']:,.0f} tokens/s "
                 f"({100 * frac['prefill_fraction']:.1f}% of the matmul rate), first token {r['first_token_ms']:.1f} ms")
         if gen > 1:
             line += (f"; decode {med['generation_tps']:,.1f} tokens/s ({100 * frac['decode_fraction']:.1f}% of the "
