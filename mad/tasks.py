@@ -208,11 +208,12 @@ def fuzzy_in_context_recall(seed: Any, n: int, seq_len: int = 128, vocab_size: i
 
 
 def mqar(seed: Any, n: int, seq_len: int = 256, vocab_size: int = 8192, *, num_kv_pairs: int = 16,
-         power_a: float = 0.01, train: bool = False):
+         power_a: float = 0.01, random_non_queries: bool = True, train: bool = False):
     """Multi-query associative recall (Zoology, Arora et al. 2023, `multiquery_ar`; the xLSTM paper's MQAR):
     num_kv_pairs distinct keys (1..V/2-1) with distinct values (V/2..V-1), then each key once more as a
-    query, at gaps drawn with p(g) ~ g^(power_a - 1), the other positions random tokens; scored: every
-    query, target the value stored with its key. T = seq_len."""
+    query, at gaps drawn with p(g) ~ g^(power_a - 1), the other positions random tokens (token 0 with
+    `random_non_queries=False`, as Zoology's ICLR'24 figure 2 runs; the keys, values and gaps are the same
+    either way); scored: every query, target the value stored with its key. T = seq_len."""
     c = num_kv_pairs
     _check(seq_len % 2 == 0 and c >= 1 and 4 * c <= seq_len, f"mqar: needs an even seq_len >= 4 * num_kv_pairs, got "
            f"seq_len {seq_len}, num_kv_pairs {c}")
@@ -236,7 +237,8 @@ def mqar(seed: Any, n: int, seq_len: int = 256, vocab_size: int = 8192, *, num_k
         is_query = np.zeros(seq_len + 1, bool)
         is_query[:context] = True
         is_query[context + 2 * gaps] = True
-        inputs[i] = np.where(is_query, row, noise)[:-1]  # Zoology: random tokens where no key, value or query
+        filler = noise if random_non_queries else 0  # drawn either way: the same keys, values and gaps
+        inputs[i] = np.where(is_query, row, filler)[:-1]  # Zoology: random tokens where no key, value or query
         targets[i, context + 2 * gaps] = values           # predicted at the query: the next position's label
         mask[i, context + 2 * gaps] = True
     return inputs, targets, mask

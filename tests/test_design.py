@@ -103,6 +103,17 @@ def test_mqar_answers() -> None:
         assert all(tgt[q] == stored[int(row[q])] for q in queries)
 
 
+def test_mqar_zero_filler() -> None:
+    """`random_non_queries=False` (Zoology's ICLR'24 figure 2): token 0 wherever no key, value or query
+    stands, and otherwise the very sequences of the default."""
+    x, y, m = T.mqar(5, 40, 64, 128, num_kv_pairs=8)
+    x0, y0, m0 = T.mqar(5, 40, 64, 128, num_kv_pairs=8, random_non_queries=False)
+    assert (y0 == y).all() and (m0 == m).all()
+    kept = m0.copy()
+    kept[:, :16] = True  # the key-value context
+    assert (x0[kept] == x[kept]).all() and (x0[~kept] == 0).all() and (x[~kept] != 0).any()
+
+
 def test_recall_answers_are_stored_values() -> None:
     for make, vocab, keys in ((T.in_context_recall, 16, 8), (T.noisy_in_context_recall, 32, 8)):
         x, y, m = make(3, 50, 64, vocab)

@@ -10,7 +10,10 @@ a cosine schedule over `--steps`, gradient clipping 1.0). One JSON line per eval
 
     python benchmarks/probes/gpu_mqar.py [--topology topologies/examples/design-recall-mlstm.yaml]
         [--set dims.D=128] [--steps 20000] [--budget 420] [--batch 64] [--lr 3e-3] [--eval-every 1000]
-        [--preset mad|small] [--state DIR]
+        [--preset mad|small] [--zero-filler] [--state DIR]
+
+`--zero-filler`: token 0 between the queries instead of random tokens (Zoology's `random_non_queries=False`,
+the setting of its ICLR'24 figure 2), training and held-out sets alike.
 """
 
 from __future__ import annotations
@@ -48,6 +51,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="mad", choices=["mad", "small"],
                     help="the task's size: mad (the paper's) or small (`mad design`'s default)")
+    ap.add_argument("--zero-filler", action="store_true", help="token 0 between the queries (Zoology's "
+                    "random_non_queries=False) instead of random tokens")
     ap.add_argument("--state", type=Path, help="folder to go on from (if it holds a saved run) and to save to")
     ap.add_argument("--stop-after", type=int, help="stop after this many steps of this run (then save, with --state)")
     a = ap.parse_args()
@@ -70,6 +75,8 @@ def main() -> None:
     small = cfg.preset == "small"
     t = TASKS["mqar"]
     train_settings, test_settings = task_settings("mqar", cfg)
+    if a.zero_filler:
+        train_settings["random_non_queries"] = test_settings["random_non_queries"] = False
     start = time.perf_counter()
     x, y, m = t.make(_seed_of(a.seed, "mqar", 0), t.num_train[small], train=True, **train_settings)
     test = t.make(_seed_of(a.seed, "mqar", 1), t.num_test[small], train=False, **test_settings)
