@@ -58,10 +58,11 @@ def kernel_source(body: str) -> tuple[str, str]:
     return PREAMBLE, body
 
 
-def make_kernel(name: str, input_names: list[str], output_names: list[str], source: str, header: str):
+def make_kernel(name: str, input_names: list[str], output_names: list[str], source: str, header: str,
+                row_contiguous: bool = True):
     """MLX's CUDA custom kernel (`mx.fast.cuda_kernel`) of `source` behind `header`."""
     return mx.fast.cuda_kernel(name=name, input_names=input_names, output_names=output_names, source=source,
-                               header=header)
+                               header=header, ensure_row_contiguous=row_contiguous)
 
 
 def launch_bounds(threads: int, min_blocks: int = 1) -> str:

@@ -46,7 +46,8 @@ def kernel_source(body: str) -> tuple[str, str]:
     return HEADER, PREAMBLE + body
 
 
-def make_kernel(name: str, input_names: list[str], output_names: list[str], source: str, header: str):
+def make_kernel(name: str, input_names: list[str], output_names: list[str], source: str, header: str,
+                row_contiguous: bool = True):
     """MLX's Metal custom kernel (`mx.fast.metal_kernel`) of `source` behind `header`."""
     return mx.fast.metal_kernel(name=name, input_names=input_names, output_names=output_names, source=source,
-                                header=header)
+                                header=header, ensure_row_contiguous=row_contiguous)

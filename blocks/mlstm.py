@@ -30,7 +30,7 @@ import mlx.nn as nn
 from mad.block import (Block, Cut, Dim, FiniteFloat, PositiveFloat, ShapeError, SplitHeads, TensorType, expect_float,
                        register)
 from mad.kernels.mlstm import float32_products, inert_gates, mlstm_sequence
-from mad.kernels.registry import dispatch
+from mad.kernels.registry import chosen_variant, dispatch
 
 
 class MLSTMCell(nn.Module):
@@ -64,12 +64,18 @@ class MLSTMCell(nn.Module):
         dtype = v.dtype
         if float32_products(v, t):  # as `mlstm_sequence` would, before the 1/sqrt(DQK) scale; h rounded once
             q, k, v = (a.astype(mx.float32) for a in (q, k, v))
-        # head-major copies made once (the scaled one by its product): every product of the cell reads
-        # them, and a product of a transposed view would copy it again
         factor = 1.0 / math.sqrt(q.shape[-1] // self.heads)
-        qh = self._heads(q) * factor if self.scale == "q" else mx.contiguous(self._heads(q))
-        kh = self._heads(k) * factor if self.scale == "k" else mx.contiguous(self._heads(k))
-        h, (c, n, m) = mlstm_sequence(qh, kh, mx.contiguous(self._heads(v)), *gates, cell_state,
+        if mode != "parallel" and chosen_variant("mlstm_chunk_outputs")[1] == "cuda":
+            # the CUDA chunk kernels read head-major views of the projections as they lie (no copies)
+            q, k = (x * factor if self.scale == name else x for x, name in ((q, "q"), (k, "k")))
+            qh, kh, vh = (self._heads(x) for x in (q, k, v))
+        else:
+            # head-major copies made once (the scaled one by its product): every product of the cell
+            # reads them, and a product of a transposed view would copy it again
+            qh = self._heads(q) * factor if self.scale == "q" else mx.contiguous(self._heads(q))
+            kh = self._heads(k) * factor if self.scale == "k" else mx.contiguous(self._heads(k))
+            vh = mx.contiguous(self._heads(v))
+        h, (c, n, m) = mlstm_sequence(qh, kh, vh, *gates, cell_state,
                                       chunk_size=self.chunk_size, eps=self.eps, mode=mode, scale="none")
         b, _, t, _ = h.shape
         return h.transpose(0, 2, 1, 3).reshape(b, t, -1).astype(dtype), {"C": c, "n": n, "m": m}

@@ -15,7 +15,9 @@ Macros a body may use:
     WARP_SUM(v)                   sum of v over the 32 lanes of a warp (SIMD-group), in every lane
     load8(ptr, out)               out[0..7] = float(ptr[0..7]) (16-byte loads for 2-byte types on CUDA;
                                   ptr 16-byte aligned)
-Inputs and outputs are flat, row-contiguous arrays named as given; template arguments become
+Inputs and outputs are flat, row-contiguous arrays named as given (a kernel built with
+`row_contiguous=False` gets its inputs as they lie and reads them through `<name>_shape` and
+`<name>_strides`, CUDA only); template arguments become
 compile-time constants (ints, bools) or type aliases (dtypes), as in MLX's custom kernels. The grid
 is counted in threads, as in MLX.
 """
@@ -52,10 +54,13 @@ def scalar(value: float) -> mx.array:
 class DeviceKernel:
     """A kernel body built lazily for the backend it first runs on."""
 
-    def __init__(self, name: str, inputs: Sequence[str], outputs: Sequence[str], body: str, header: str = ""):
-        """`header` is added after the backend's preamble (helpers, compiler attributes)."""
+    def __init__(self, name: str, inputs: Sequence[str], outputs: Sequence[str], body: str, header: str = "",
+                 row_contiguous: bool = True):
+        """`header` is added after the backend's preamble (helpers, compiler attributes). `row_contiguous`:
+        whether MLX copies inputs that are not row-contiguous before the launch (else the body reads
+        every input through its strides, or its caller makes the others contiguous)."""
         self.name, self.inputs, self.outputs, self.body = name, list(inputs), list(outputs), body
-        self.header = header
+        self.header, self.row_contiguous = header, row_contiguous
         self._built: dict[str, object] = {}
 
     def _kernel(self, backend: str):
@@ -64,7 +69,8 @@ class DeviceKernel:
             header, source = module.kernel_source(self.body)
             header += self.header
             self._built[backend] = module.make_kernel(name=self.name, input_names=self.inputs,
-                                                      output_names=self.outputs, source=source, header=header)
+                                                      output_names=self.outputs, source=source, header=header,
+                                                      row_contiguous=self.row_contiguous)
         return self._built[backend]
 
     def __call__(self, backend: str, inputs: Sequence[mx.array], template: Sequence[tuple],

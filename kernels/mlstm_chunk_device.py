@@ -30,6 +30,12 @@ three blocks on a multiprocessor. Row statistics (m_j, w_j, q . n, the denominat
 the cast copy of every chunk's C, and the L x L gate, product and sum intermediates of each chunk, in
 device memory.
 
+Both kernels read q, k and v through their strides (`mx.fast.cuda_kernel` with `ensure_row_contiguous`
+off): the mLSTM layer hands them head-major views of its token-major projections, so no transposed copy
+is made, and the outputs kernel writes h token-major, (B, NC, L, NH, DV), returned as a head-major view,
+so putting the heads back side by side copies nothing either. Rows that are unit-stride and 16-byte
+aligned take 16-byte loads; any other view is read element by element (a second copy of the body).
+
 Both kernels take bf16 or float32 inputs through an operand policy (`Bf16`, `Tf32x3` in the header):
 bf16 operands go through mma.sync m16n8k16 as they are; float32 operands are split as they are read into
 a TF32 high part and the TF32 rest, and each product is three m16n8k8 products (lo.hi + hi.lo + hi.hi),
@@ -63,6 +69,35 @@ __device__ inline float bf16_value(unsigned short x) { return __bfloat162float(_
 __device__ inline unsigned pair_at(const unsigned short* p) { return *reinterpret_cast<const unsigned*>(p); }
 __device__ inline unsigned shared_at(const void* p) { return static_cast<unsigned>(__cvta_generic_to_shared(p)); }
 __device__ inline unsigned tf32_bits(float x) { unsigned r; asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x)); return r; }
+// q, k and v are read through their strides (MLX passes `<name>_shape` and `<name>_strides`), so a
+// head-major view of a token-major projection needs no copy. `Rows` is one chunk of a (B, NH, NC, L, D)
+// array, row r at p + r * row. A body runs in two forms (`Fast<true>` / `Fast<false>`, chosen once per
+// block): 16-byte loads where every row is unit-stride and 16-byte aligned (`rows_fast`), else element by
+// element; two copies of the code, so the common form keeps its registers.
+template <bool V> struct Fast { static constexpr bool value = V; };
+template <typename E> struct Rows {
+    const E* p;
+    long long row;
+    // elements k .. k + 16 / sizeof(E) - 1 of row r as 16 bytes (`unit` apart)
+    template <bool FAST> __device__ uint4 load16(long long r, int k, long long unit) const {
+        if constexpr (FAST) {
+            return *reinterpret_cast<const uint4*>(p + r * row + k);
+        } else {
+            union { uint4 u; E e[16 / sizeof(E)]; } x;
+            for (int i = 0; i < 16 / (int)sizeof(E); ++i) x.e[i] = p[r * row + (long long)(k + i) * unit];
+            return x.u;
+        }
+    }
+};
+template <typename E, typename Sh, typename St> __device__ inline Rows<E> chunk_rows(const void* base, const Sh& shape, const St& st, int ch) {
+    const int c = ch % shape[2], bh = ch / shape[2];
+    return {reinterpret_cast<const E*>(base) + (bh / shape[1]) * st[0] + (bh % shape[1]) * st[1] + c * st[2], st[3]};
+}
+template <typename E, typename Sh, typename St> __device__ inline bool rows_fast(const void* base, const Sh& shape, const St& st) {
+    bool ok = st[4] == 1 && reinterpret_cast<size_t>(base) % 16 == 0;
+    for (int i = 0; i < 4; ++i) ok = ok && (shape[i] == 1 || st[i] % (16 / (long long)sizeof(E)) == 0);
+    return ok;
+}
 template <bool C, typename X, typename Y> struct pick { using type = X; };
 template <typename X, typename Y> struct pick<false, X, Y> { using type = Y; };
 
@@ -186,9 +221,10 @@ OUTPUTS_BODY = """
     SHARED __align__(16) E S[RT * SS];                                   // gated S, row-major
     SHARED __align__(16) E tq[RT * KS];                                  // Q tile: RT rows x KT k
     SHARED __align__(16) E tb[(SL * KS > KT * NS ? SL * KS : KT * NS)];  // K, C or V tile
-    const E* qg = reinterpret_cast<const E*>(qc) + (size_t)ch * L * DQK;
-    const E* kg = reinterpret_cast<const E*>(kc) + (size_t)ch * L * DQK;
-    const E* vg = reinterpret_cast<const E*>(vc) + (size_t)ch * L * DV;
+    const Rows<E> qg = chunk_rows<E>(qc, qc_shape, qc_strides, ch), kg = chunk_rows<E>(kc, kc_shape, kc_strides, ch),
+                  vg = chunk_rows<E>(vc, vc_shape, vc_strides, ch);
+    auto run = [&](auto fast) {
+    constexpr bool FAST = decltype(fast)::value;
     const char* Cg = reinterpret_cast<const char*>(C) + (size_t)ch * DQK * DV * (C_BF16 ? 2 : 4);  // float32 or bf16
     const float* ng = n + (size_t)ch * DQK;
 
@@ -214,13 +250,13 @@ OUTPUTS_BODY = """
     // rows x KT k of a [row][DQK] matrix, through registers (loaded a slice ahead) into a
     // k-contiguous tile (zero past `rows` and DQK)
     constexpr int QPER = (RT * (KT / VEC) + THREADS - 1) / THREADS, KPER = (SL * (KT / VEC) + THREADS - 1) / THREADS;
-    auto load_rows = [&](uint4* dst, int per, const E* src, int r_begin, int rows, int count, int k0) {
+    auto load_rows = [&](uint4* dst, int per, const Rows<E>& src, long long unit, int r_begin, int rows, int count, int k0) {
 #pragma unroll
         for (int p = 0; p < per; ++p) {
             const int e = tid + p * THREADS, row = e / (KT / VEC), k = k0 + (e % (KT / VEC)) * VEC;
             dst[p] = make_uint4(0, 0, 0, 0);
             if (e < count * (KT / VEC) && r_begin + row < rows && k < DQK)
-                dst[p] = *reinterpret_cast<const uint4*>(src + (size_t)(r_begin + row) * DQK + k);
+                dst[p] = src.load16<FAST>(r_begin + row, k, unit);
         }
     };
     auto store_rows = [&](E* tile, const uint4* from, int per, int count) {
@@ -241,16 +277,16 @@ OUTPUTS_BODY = """
 #pragma unroll
     for (int i = 0; i < NTS; ++i) s[i][0] = s[i][1] = s[i][2] = s[i][3] = 0.0f;
     uint4 pq[QPER], pk[KPER];
-    load_rows(pq, QPER, qg, r0, L, RT, 0);
-    load_rows(pk, KPER, kg, 0, L, SL, 0);
+    load_rows(pq, QPER, qg, qc_strides[4], r0, L, RT, 0);
+    load_rows(pk, KPER, kg, kc_strides[4], 0, L, SL, 0);
     for (int k0 = 0; k0 < DQK; k0 += KT) {
         SYNC();
         store_rows(tq, pq, QPER, RT);
         store_rows(tb, pk, KPER, SL);
         SYNC();
         if (k0 + KT < DQK) {
-            load_rows(pq, QPER, qg, r0, L, RT, k0 + KT);
-            load_rows(pk, KPER, kg, 0, L, SL, k0 + KT);
+            load_rows(pq, QPER, qg, qc_strides[4], r0, L, RT, k0 + KT);
+            load_rows(pk, KPER, kg, kc_strides[4], 0, L, SL, k0 + KT);
         }
         if (tid < RT) {
             float acc = sqn[tid];
@@ -312,7 +348,7 @@ OUTPUTS_BODY = """
         }
     };
     load_c(0);
-    load_rows(pq, QPER, qg, r0, L, RT, 0);
+    load_rows(pq, QPER, qg, qc_strides[4], r0, L, RT, 0);
     for (int k0 = 0; k0 < DQK; k0 += KT) {
         SYNC();
         store_rows(tq, pq, QPER, RT);
@@ -330,7 +366,7 @@ OUTPUTS_BODY = """
         SYNC();
         if (k0 + KT < DQK) {
             load_c(k0 + KT);
-            load_rows(pq, QPER, qg, r0, L, RT, k0 + KT);
+            load_rows(pq, QPER, qg, qc_strides[4], r0, L, RT, k0 + KT);
         }
 #pragma unroll
         for (int kk = 0; kk < KT; kk += Op::K) {
@@ -353,7 +389,7 @@ OUTPUTS_BODY = """
         for (int e = tid; e < KT * CT / VEC; e += THREADS) {     // V[l0 + ll][c0 + nq ..] -> tb[ll][n]
             const int ll = e / (CT / VEC), nq = (e % (CT / VEC)) * VEC;
             uint4 v = make_uint4(0, 0, 0, 0);
-            if (l0 + ll < L && c0 + nq < DV) v = *reinterpret_cast<const uint4*>(vg + (size_t)(l0 + ll) * DV + c0 + nq);
+            if (l0 + ll < L && c0 + nq < DV) v = vg.load16<FAST>(l0 + ll, c0 + nq, vc_strides[4]);
             *reinterpret_cast<uint4*>(tb + ll * NS + nq) = v;
         }
         SYNC();
@@ -369,7 +405,10 @@ OUTPUTS_BODY = """
         }
     }
 
-    // h = num / (max(|den|, exp(-m)) + eps), den = sum_l S + w q . n
+    // h = num / (max(|den|, exp(-m)) + eps), den = sum_l S + w q . n; written token-major, (B, NC, L, NH, DV):
+    // the layout the heads' output projection reads, so putting the heads back side by side copies nothing
+    const int nc = qc_shape[2], nh = qc_shape[1], bh = ch / nc;
+    const size_t out_row0 = ((size_t)(bh / nh) * nc + ch % nc) * L * nh + bh % nh;   // row j: out_row0 + j * nh
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
         const int row = rw + g + hh * 8, j = r0 + row;
@@ -379,7 +418,7 @@ OUTPUTS_BODY = """
 #pragma unroll
         for (int i = 0; i < NT; ++i) {
             const int col = i * 8 + 2 * t;
-            const size_t at = ((size_t)ch * L + j) * DV + c0 + col;
+            const size_t at = (out_row0 + (size_t)j * nh) * DV + c0 + col;
             const float x0 = acc[i][2 * hh] / den, x1 = acc[i][2 * hh + 1] / den;
             if (c0 + col < DV) {
                 if constexpr (OUT_BF16) *reinterpret_cast<unsigned*>(out + at * 2) = bf16_bits(x0) | ((unsigned)bf16_bits(x1) << 16);
@@ -387,6 +426,11 @@ OUTPUTS_BODY = """
             }
         }
     }
+    };
+    if (rows_fast<E>(qc, qc_shape, qc_strides) && rows_fast<E>(kc, kc_shape, kc_strides) && rows_fast<E>(vc, vc_shape, vc_strides))
+        run(Fast<true>{});
+    else
+        run(Fast<false>{});
 """
 
 
@@ -414,8 +458,9 @@ STATES_BODY = """
     const bool with_n = BLOCK_Y == 0;
 
     SHARED __align__(16) E khi[KT * RS], klo[SPLIT_K ? KT * RS : 1], tv[KT * NS];
-    const E* kg = reinterpret_cast<const E*>(kc) + (size_t)bh * NC * L * DQK;
-    const E* vg = reinterpret_cast<const E*>(vc) + (size_t)bh * NC * L * DV;
+    auto run = [&](auto fast) {
+    constexpr bool FAST = decltype(fast)::value;
+    const Rows<E> k_first = chunk_rows<E>(kc, kc_shape, kc_strides, bh * NC), v_first = chunk_rows<E>(vc, vc_shape, vc_strides, bh * NC);
 
     // the entering state into the accumulators (D fragment: rows rw + g4 (+8), columns i*8 + 2t (+1))
     float acc[NT][4], nacc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
@@ -437,13 +482,14 @@ STATES_BODY = """
     uint4 pk[KPER], pv[VPER];
     float pa[KPER];
     auto load_stage = [&](int c, int s) {
+        const Rows<E> kg = {k_first.p + c * kc_strides[2], k_first.row}, vg = {v_first.p + c * vc_strides[2], v_first.row};
 #pragma unroll
         for (int p = 0; p < KPER; ++p) {
             const int e = tid + p * THREADS, j = s * KT + e / (RT / VEC), row = r0 + (e % (RT / VEC)) * VEC;
             pk[p] = make_uint4(0, 0, 0, 0);
             pa[p] = 0.0f;
             if (j < L && row < DQK) {
-                pk[p] = *reinterpret_cast<const uint4*>(kg + ((size_t)c * L + j) * DQK + row);
+                pk[p] = kg.load16<FAST>(j, row, kc_strides[4]);
                 pa[p] = a[((size_t)bh * NC + c) * L + j];
             }
         }
@@ -451,7 +497,7 @@ STATES_BODY = """
         for (int p = 0; p < VPER; ++p) {
             const int e = tid + p * THREADS, j = s * KT + e / (CT / VEC), col = c0 + (e % (CT / VEC)) * VEC;
             pv[p] = make_uint4(0, 0, 0, 0);
-            if (j < L && col < DV) pv[p] = *reinterpret_cast<const uint4*>(vg + ((size_t)c * L + j) * DV + col);
+            if (j < L && col < DV) pv[p] = vg.load16<FAST>(j, col, vc_strides[4]);
         }
     };
     // the accumulators out to a [DQK][DV] state (and n, m); C in float32, or rounded to bf16 (`half`)
@@ -541,6 +587,11 @@ STATES_BODY = """
         }
     }
     write_state(reinterpret_cast<char*>(C_out) + (size_t)bh * DQK * DV * 4, false, n_out + (size_t)bh * DQK, m_out + bh);
+    };
+    if (rows_fast<E>(kc, kc_shape, kc_strides) && rows_fast<E>(vc, vc_shape, vc_strides))
+        run(Fast<true>{});
+    else
+        run(Fast<false>{});
 """
 
 
@@ -552,7 +603,13 @@ def outputs_kernel(min_blocks: int) -> DeviceKernel:
         outputs=["hout"],
         body=OUTPUTS_BODY,
         header=MMA_HEADER + (launch_bounds(THREADS, min_blocks) if min_blocks else ""),
+        row_contiguous=False,   # q, k, v through their strides; the rest made contiguous by the caller
     )
+
+
+def _contiguous(*xs: mx.array) -> list[mx.array]:
+    """The inputs a chunk kernel reads as flat arrays, row-contiguous (a no-op where they already are)."""
+    return [mx.contiguous(x) for x in xs]
 
 
 def mlx_uses_tf32() -> bool:
@@ -589,8 +646,9 @@ def _half_or_float(name: str, what: str, dtype: Optional[mx.Dtype]) -> bool:
 def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array,
                          state_in: Optional[State], eps: float, out_dtype: Optional[mx.Dtype] = None, *,
                          backend: str = "cuda", poison: Optional[float] = None) -> mx.array:
-    """Same arguments and result as `kernels.mlstm.chunk_outputs`; bf16 or float32 q/k/v, states given
-    (C in float32 or bf16), h in float32 or bf16."""
+    """Same arguments and result as `kernels.mlstm.chunk_outputs`; bf16 or float32 q/k/v (any strides: a
+    head-major view of token-major projections is read as it lies), states given (C in float32 or bf16),
+    h in float32 or bf16, returned as a head-major view of a token-major array."""
     f32 = _float32_operands("mlstm_chunk_outputs", backend, qc, kc, vc)
     out_bf16 = _half_or_float("mlstm_chunk_outputs", "h", out_dtype)
     if state_in is None:
@@ -602,18 +660,18 @@ def chunk_outputs_device(qc: mx.array, kc: mx.array, vc: mx.array, b: mx.array, 
                           f"chunk {L} (at most {MAX_L})")
     C, n, m = state_in
     C = C if C.dtype == mx.bfloat16 else C.astype(mx.float32)
-    n, m = n.astype(mx.float32), m.astype(mx.float32)
+    rest = _contiguous(b.astype(mx.float32), ic.astype(mx.float32), C, n.astype(mx.float32), m.astype(mx.float32))
     chunks = B * NH * NC
     (h,) = outputs_kernel(MIN_BLOCKS)(
         backend,
-        inputs=[qc, kc, vc, b.astype(mx.float32), ic.astype(mx.float32), C, n, m, scalar(eps)],
+        inputs=[qc, kc, vc, *rest, scalar(eps)],
         template=[("F32", f32), ("C_BF16", C.dtype == mx.bfloat16), ("OUT_BF16", out_bf16), ("L", L), ("DQK", DQK),
                   ("DV", DV), ("RT", RT), ("CT", CT), ("THREADS", THREADS)],
         grid=(chunks * THREADS, -(-L // RT), -(-DV // CT)), threadgroup=(THREADS, 1, 1),
-        output_shapes=[(B, NH, NC, L, DV)], output_dtypes=[mx.bfloat16 if out_bf16 else mx.float32],
+        output_shapes=[(B, NC, L, NH, DV)], output_dtypes=[mx.bfloat16 if out_bf16 else mx.float32],
         init_value=poison,
     )
-    return h
+    return h.transpose(0, 3, 1, 2, 4)   # written token-major (see the body), returned as the reference's shape
 
 
 register_variant("mlstm_chunk_outputs", "cuda", chunk_outputs_device)
@@ -625,14 +683,15 @@ STATES_KERNEL = DeviceKernel(
     outputs=["C_in", "n_in", "m_in", "C_out", "n_out", "m_out"],
     body=STATES_BODY,
     header=MMA_HEADER,
+    row_contiguous=False,   # k, v through their strides; the rest made contiguous by the caller
 )
 
 
 def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, state: State,
                         entering_dtype: Optional[mx.Dtype] = None, *, backend: str = "cuda",
                         poison: Optional[float] = None) -> tuple[State, State]:
-    """Same arguments and results as `kernels.mlstm.chunk_states`; bf16 or float32 k/v, the entering C's
-    in float32 or bf16."""
+    """Same arguments and results as `kernels.mlstm.chunk_states`; bf16 or float32 k/v (any strides), the
+    entering C's in float32 or bf16."""
     f32 = _float32_operands("mlstm_chunk_states", backend, kc, vc)
     cin_bf16 = _half_or_float("mlstm_chunk_states", "the entering C's", entering_dtype)
     B, NH, NC, L, DQK = kc.shape
@@ -640,10 +699,9 @@ def chunk_states_device(kc: mx.array, vc: mx.array, b: mx.array, ic: mx.array, s
     if DQK % 16 or DV % 8:
         raise Unsupported(f"mlstm_chunk_states: DQK {DQK} (multiple of 16), DV {DV} (multiple of 8)")
     g, a, a_max = chunk_log_weights(b.astype(mx.float32), ic.astype(mx.float32))
-    C, n, m = (x.astype(mx.float32) for x in state)
     outs = STATES_KERNEL(
         backend,
-        inputs=[kc, vc, a, g, a_max, C, n, m],
+        inputs=[kc, vc, *_contiguous(a, g, a_max, *(x.astype(mx.float32) for x in state))],
         template=[("F32", f32), ("CIN_BF16", cin_bf16), ("L", L), ("NC", NC), ("DQK", DQK), ("DV", DV),
                   ("RT", STATES_RT), ("CT", STATES_CT), ("THREADS", THREADS)],
         grid=(-(-DQK // STATES_RT) * THREADS, -(-DV // STATES_CT), B * NH), threadgroup=(THREADS, 1, 1),

@@ -555,6 +555,46 @@ def test_chunk_kernels_write_bf16_as_rounding_their_float32(B, NH, NC, L, DQK, D
     assert h.dtype == mx.float32 and bool(mx.array_equal(h, h32))
 
 
+@pytest.mark.skipif(GPU != "cuda", reason="needs MLX with a CUDA GPU")
+@pytest.mark.parametrize("layout", ["fused", "misaligned", "strided_last"])
+@pytest.mark.parametrize("dtype", [mx.bfloat16, mx.float32])
+def test_chunk_kernels_read_views_as_they_lie(layout, dtype, monkeypatch):
+    """The chunk kernels read q, k, v through their strides: head-major views of one token-major fused
+    projection (16-byte loads), views whose rows are not 16-byte aligned and a last axis that is not
+    unit-stride (element loads) give bit for bit what the same values give as contiguous copies."""
+    from mad.kernels.mlstm_chunk_device import chunk_outputs_device, chunk_states_device
+
+    monkeypatch.setenv("MLX_ENABLE_TF32", "1")   # float32 operands run the kernels only with TF32 on
+
+    B, NH, NC, L, DQK, DV = 2, 2, 3, 16, 32, 48
+    T = NC * L
+    rng = np.random.default_rng(11)
+    lead = 1 if layout == "misaligned" else 0                  # an odd column offset misaligns every row
+    W = lead + NH * (2 * DQK + DV) + 8
+    fused = mx.array(rng.normal(0, 0.4, (B, T, W)).astype(np.float32)).astype(dtype)
+
+    def heads(start, d):  # (B, T, NH * d) columns -> (B, NH, NC, L, d) view
+        x = fused[:, :, start:start + NH * d].reshape(B, T, NH, d).transpose(0, 2, 1, 3)
+        return x.reshape(B, NH, NC, L, d)
+
+    q, k, v = heads(lead, DQK), heads(lead + NH * DQK, DQK), heads(lead + 2 * NH * DQK, DV)
+    if layout == "strided_last":  # k's last axis L elements apart
+        k = mx.array(np.asarray(k.astype(mx.float32)).swapaxes(-1, -2).copy()).astype(dtype).swapaxes(-1, -2)
+    b, ic = chunk_gates(rng, (B, NH, NC, L), i_std=2)
+    state = (mx.array(rng.normal(0, 1, (B, NH, DQK, DV)).astype(np.float32)),
+             mx.array(rng.normal(0, 1, (B, NH, DQK)).astype(np.float32)),
+             mx.array(rng.normal(0, 2, (B, NH)).astype(np.float32)))
+    copies = [mx.array(np.asarray(x.astype(mx.float32))).astype(dtype) for x in (q, k, v)]
+    got_in, got_out = chunk_states_device(k, v, b, ic, state, dtype, poison=float("nan"))
+    want_in, want_out = chunk_states_device(*copies[1:], b, ic, state, dtype, poison=float("nan"))
+    for x, y in zip((*got_in, *got_out), (*want_in, *want_out)):
+        assert bool(mx.array_equal(x, y))
+    h = chunk_outputs_device(q, k, v, b, ic, got_in, 1e-6, dtype, poison=float("nan"))
+    want = chunk_outputs_device(*copies, b, ic, want_in, 1e-6, dtype, poison=float("nan"))
+    assert h.shape == want.shape == (B, NH, NC, L, DV) and bool(mx.array_equal(h, want))
+    assert not bool(mx.isnan(h.astype(mx.float32)).any())
+
+
 def test_chunk_references_round_where_asked():
     """The references' entering_dtype / out_dtype round their float32 results once, and the chunkwise form
     (which asks for q's and v's types) equals the float32 path rounded by its consumer."""

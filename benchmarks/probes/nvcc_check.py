@@ -33,7 +33,11 @@ MLX_HEADER = """
 #include <cuda_fp16.h>
 #include <cstdint>
 #include <cooperative_groups.h>
+#include <cuda/std/array>
 #define inf __int_as_float(0x7f800000)
+#define MAX_NDIM 10
+using Shape = cuda::std::array<int32_t, MAX_NDIM>;
+using Strides = cuda::std::array<int64_t, MAX_NDIM>;
 """
 
 
@@ -43,7 +47,13 @@ def source(kernel, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]
     from mad.backends import cuda
 
     header, body = cuda.kernel_source(kernel.body)
-    params = [f"    const {CUDA_TYPES[t]}* {n}" for n, t in inputs] + [f"    {CUDA_TYPES[t]}* {n}" for n, t in outputs]
+    params = []
+    for n, t in inputs:  # an input's shape, strides and rank follow it where the body names them
+        params.append(f"    const {CUDA_TYPES[t]}* {n}")
+        for suffix, kind in (("_shape", "Shape"), ("_strides", "Strides"), ("_ndim", "int")):
+            if n + suffix in kernel.body:
+                params.append(f"    const __grid_constant__ {kind} {n}{suffix}")
+    params += [f"    {CUDA_TYPES[t]}* {n}" for n, t in outputs]
     consts = []
     for name, value in template:
         if value in CUDA_TYPES:
