@@ -10,7 +10,10 @@ a cosine schedule over `--steps`, gradient clipping 1.0). One JSON line per eval
 
     python benchmarks/probes/gpu_mqar.py [--topology topologies/examples/design-recall-mlstm.yaml]
         [--set dims.D=128] [--steps 20000] [--budget 420] [--batch 64] [--lr 3e-3] [--eval-every 1000]
-        [--preset mad|small] [--zero-filler] [--state DIR]
+        [--preset mad|small] [--seq-len T] [--kv-pairs C] [--zero-filler] [--state DIR]
+
+`--seq-len` / `--kv-pairs` replace the preset's context length and key-value pairs (Zoology's figure 2 and
+the xLSTM paper: 64/4, 128/8, 256/16 at vocabulary 8192), for training and held-out sets alike.
 
 `--zero-filler`: token 0 between the queries instead of random tokens (Zoology's `random_non_queries=False`,
 the setting of its ICLR'24 figure 2), training and held-out sets alike.
@@ -51,6 +54,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--preset", default="mad", choices=["mad", "small"],
                     help="the task's size: mad (the paper's) or small (`mad design`'s default)")
+    ap.add_argument("--seq-len", type=int, help="tokens a sequence (default: the preset's)")
+    ap.add_argument("--kv-pairs", type=int, help="key-value pairs a sequence (default: the preset's)")
     ap.add_argument("--zero-filler", action="store_true", help="token 0 between the queries (Zoology's "
                     "random_non_queries=False) instead of random tokens")
     ap.add_argument("--state", type=Path, help="folder to go on from (if it holds a saved run) and to save to")
@@ -75,8 +80,13 @@ def main() -> None:
     small = cfg.preset == "small"
     t = TASKS["mqar"]
     train_settings, test_settings = task_settings("mqar", cfg)
-    if a.zero_filler:
-        train_settings["random_non_queries"] = test_settings["random_non_queries"] = False
+    for key, value in (("seq_len", a.seq_len), ("num_kv_pairs", a.kv_pairs), ("random_non_queries", not a.zero_filler)):
+        if value is not None:
+            train_settings[key] = test_settings[key] = value
+    try:
+        t.make(0, 1, **train_settings)
+    except mad.MadError as e:
+        ap.error(f"--seq-len/--kv-pairs: {e}")
     start = time.perf_counter()
     x, y, m = t.make(_seed_of(a.seed, "mqar", 0), t.num_train[small], train=True, **train_settings)
     test = t.make(_seed_of(a.seed, "mqar", 1), t.num_test[small], train=False, **test_settings)
