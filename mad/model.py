@@ -107,8 +107,9 @@ class LanguageModel(nn.Module):
 
     def __call__(self, tokens: mx.array, state: Optional[dict] = None, mode: str = "auto",
                  last_only: bool = False, check_tokens: bool = True,
-                 valid: Optional[int] = None) -> tuple[mx.array, dict]:
-        """logits (B, T, V), or (B, 1, V) at the last position with `last_only`, and the new state.
+                 valid: Optional[int] = None, positions: Optional[mx.array] = None) -> tuple[mx.array, dict]:
+        """logits (B, T, V), or (B, 1, V) at the last position with `last_only`, or (B, P, V) at `positions`
+        (an integer (B, P) array: the head runs at those positions alone), and the new state.
 
         `valid` (1..T): the positions from `valid` on are padding that changes nothing (`Program`): the
         state is the one the first `valid` tokens leave, and `last_only` reads position valid - 1.
@@ -124,7 +125,12 @@ class LanguageModel(nn.Module):
             tokens = self.check_tokens(tokens)
             if state is not None:
                 check_state_arrays(self.program.graph, state, batch=tokens.shape[0], spec=self._state_spec)
-        outputs, state = self.program({self.input_name: tokens}, state, mode=mode, last_only=last_only, valid=valid)
+            if isinstance(positions, mx.array) and positions.size and positions.ndim == 2 and not (
+                    0 <= positions.min().item() and positions.max().item() < tokens.shape[1]):
+                raise MadError(f"positions must lie in 0..{tokens.shape[1] - 1} (the tokens' positions), got "
+                               f"{positions.min().item()}..{positions.max().item()}")
+        outputs, state = self.program({self.input_name: tokens}, state, mode=mode, last_only=last_only, valid=valid,
+                                      positions=positions)
         return outputs[self.output_name].astype(mx.float32), state
 
     def check_tokens(self, tokens: Any, what: str = "tokens") -> mx.array:

@@ -87,9 +87,15 @@ def seq_axis(t: TensorType) -> int | None:
 
 
 def last_position(x: mx.array, axis: int, valid: Optional[mx.array] = None) -> mx.array:
-    """Position -1 of `axis` (size 1 there), or position valid - 1 when the positions after it are padding."""
+    """Position -1 of `axis` (size 1 there), or position valid - 1 when the positions after it are padding;
+    `valid` of shape (B, P) instead picks P positions of each sequence (`Program.__call__`'s `positions`)."""
     if valid is None:
         return x[(slice(None),) * axis + (slice(-1, None),)]
+    if valid.ndim == 2:
+        index = valid.reshape(valid.shape + (1,) * (x.ndim - 2))
+        if axis != 1:
+            index = mx.moveaxis(index, 1, axis)
+        return mx.take_along_axis(x, index, axis=axis)
     return mx.take(x, valid - 1, axis=axis)
 
 
@@ -457,7 +463,7 @@ class Program:
 
     def _run_nodes(self, nodes: list[str], env: dict, state: dict, new_state: dict, mode: str,
                    last_only: bool = False, valid: Optional[mx.array] = None) -> None:
-        pad = {} if valid is None else {"valid": valid}
+        pad = {} if valid is None or valid.ndim == 2 else {"valid": valid}  # (B, P): picked positions, no padding
         for n in nodes:
             group = self._group_of.get(n)
             if group is not None:  # a fused group runs at its first member and yields every member's output
@@ -634,16 +640,33 @@ class Program:
         return mx.array([valid], dtype=mx.int32)
 
     def __call__(self, inputs: Any, state: dict | None = None, mode: Mode = "auto",
-                 last_only: bool = False, valid: Optional[int] = None) -> tuple[dict, dict]:
+                 last_only: bool = False, valid: Optional[int] = None,
+                 positions: Optional[mx.array] = None) -> tuple[dict, dict]:
         """Run the program on `inputs` ({name: array} or one array) from `state` (None = zeros).
 
         Returns (outputs {name: array}, new_state). Nothing is evaluated: MLX stays lazy. With
         `last_only`, each output that has a sequence dim holds its last position only (size 1 there).
         `valid` (1..T): the positions from `valid` on are inert padding (module doc); `last_only` then
         reads position valid - 1, and the state is the one the first `valid` positions leave.
+        `positions`, an integer (B, P) array of positions 0..T-1 (values not checked here: no host read):
+        each output with a sequence dim holds those P positions of each sequence, and the nodes that
+        `last_only` runs on the last position alone run on these alone (training on a few scored positions
+        of each sequence need not compute the head at every position).
         """
         inputs = self._check_inputs(inputs)
-        pad = self._padding(valid, inputs)
+        if positions is not None:
+            if last_only or valid is not None:
+                raise MadError("positions cannot be combined with last_only or valid")
+            if self.compile_mode == "stage":
+                raise MadError("this program cannot pick positions: it runs stage by stage")
+            x = next(iter(inputs.values()))
+            if not isinstance(positions, mx.array) or positions.ndim != 2 or positions.shape[0] != x.shape[0] \
+                    or positions.shape[1] < 1 or not mx.issubdtype(positions.dtype, mx.integer):
+                raise MadError(f"positions must be an integer array of shape (batch {x.shape[0]}, P >= 1), got "
+                               f"{getattr(positions, 'shape', type(positions).__name__)} "
+                               f"{getattr(positions, 'dtype', '')}".rstrip())
+            last_only = True
+        pad = self._padding(valid, inputs) if positions is None else positions.astype(mx.int32)
         if state is None:
             batch = next(iter(inputs.values())).shape[0] if inputs else 1
             state = self.init_state(batch)
@@ -653,7 +676,7 @@ class Program:
         if self._fused:
             self._sync_fused()
         if self.compile_mode != "stage":
-            key = (mode, last_only, pad is not None, gradients())  # inside `inference()`: kernels run bare
+            key = (mode, last_only, pad is not None and pad.ndim, gradients())  # inside `inference()`: kernels run bare
             fn = self._compiled.get(key)
             if fn is None:
                 fn = self._fn(key, partial(self._program_fn, mode, last_only))

@@ -119,7 +119,7 @@ def main() -> None:
             perm, pos = order.permutation(len(x)), 0
         idx = perm[pos:pos + a.batch]
         pos += a.batch
-        loss = stepper.step(mx.array(x[idx]), mx.array(y[idx]), mx.array(m[idx]))
+        loss = stepper.step(x[idx], y[idx], m[idx])
         mx.eval(loss, model.parameters())
         elapsed = time.perf_counter() - train_start
         if step % a.eval_every == 0 or step == last or elapsed > a.budget:
