@@ -125,10 +125,11 @@ class LanguageModel(nn.Module):
             tokens = self.check_tokens(tokens)
             if state is not None:
                 check_state_arrays(self.program.graph, state, batch=tokens.shape[0], spec=self._state_spec)
-            if isinstance(positions, mx.array) and positions.size and positions.ndim == 2 and not (
-                    0 <= positions.min().item() and positions.max().item() < tokens.shape[1]):
-                raise MadError(f"positions must lie in 0..{tokens.shape[1] - 1} (the tokens' positions), got "
-                               f"{positions.min().item()}..{positions.max().item()}")
+            if isinstance(positions, mx.array) and positions.size and positions.ndim == 2:
+                lo, hi = mx.stack([positions.min(), positions.max()]).tolist()  # one host read, as check_tokens
+                if lo < 0 or hi >= tokens.shape[1]:
+                    raise MadError(f"positions must lie in 0..{tokens.shape[1] - 1} (the tokens' positions), got "
+                                   f"{lo}..{hi}")
         outputs, state = self.program({self.input_name: tokens}, state, mode=mode, last_only=last_only, valid=valid,
                                       positions=positions)
         return outputs[self.output_name].astype(mx.float32), state

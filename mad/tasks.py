@@ -237,8 +237,8 @@ def mqar(seed: Any, n: int, seq_len: int = 256, vocab_size: int = 8192, *, num_k
         is_query = np.zeros(seq_len + 1, bool)
         is_query[:context] = True
         is_query[context + 2 * gaps] = True
-        filler = noise if random_non_queries else 0  # drawn either way: the same keys, values and gaps
-        inputs[i] = np.where(is_query, row, filler)[:-1]  # Zoology: random tokens where no key, value or query
+        filler = noise if random_non_queries else 0  # noise drawn either way: the same keys, values and gaps
+        inputs[i] = np.where(is_query, row, filler)[:-1]  # the filler where no key, value or query stands
         targets[i, context + 2 * gaps] = values           # predicted at the query: the next position's label
         mask[i, context + 2 * gaps] = True
     return inputs, targets, mask

@@ -326,7 +326,8 @@ def test_positions_bad_input() -> None:
     model, _ = mad.load("topologies/xlstm-tiny.yaml")
     x = mx.zeros((2, 8), dtype=mx.int32)
     for bad, words in ((mx.zeros((3, 2), mx.int32), "shape (batch 2"), (mx.zeros((2,), mx.int32), "shape (batch 2"),
-                       (mx.zeros((2, 2)), "integer array"), (mx.full((2, 2), 8, mx.int32), "0..7")):
+                       (mx.zeros((2, 2)), "integer array"), (mx.full((2, 2), 8, mx.int32), "0..7"),
+                       (mx.full((2, 2), -1, mx.int32), "got -1..-1"), (mx.zeros((2, 2), mx.bool_), "integer array")):
         with pytest.raises(MadError, match=re.escape(words)):
             model(x, positions=bad)
     with pytest.raises(MadError, match="last_only"):
