@@ -4,7 +4,7 @@ chunk lengths 64 and 128, the states kernel with C tiles 64 or 32 columns wide
 length, the largest difference of the states to the first tile width (the tile must not change them).
 Picks `STATES_CT` and shows what the chunk length costs each kernel.
 
-    python benchmarks/probes/sweep_chunk_states.py [--tokens 8192]
+    python benchmarks/probes/sweep_chunk_states.py [--tokens 8192] [--widths 64,32]
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def main() -> None:
     if args.tokens < 128 or args.tokens % 128:
         ap.error(f"--tokens {args.tokens}: a positive multiple of 128 (whole chunks of 64 and 128)")
     widths = args.widths.split(",")
-    if not widths or any(w not in ("32", "64") for w in widths):
+    if any(w not in ("32", "64") for w in widths):
         ap.error(f"--widths {args.widths!r}: a comma-separated list of 32 and 64 (the widths the kernel takes)")
     rng = np.random.default_rng(0)
     for L in (64, 128):
