@@ -1,7 +1,7 @@
 """The GPU kernels of one decode step (or one prompt call), for Nsight Compute (ncu) to time one by one.
 
     ncu --clock-control none --csv --metrics gpu__time_duration.sum \\
-        python benchmarks/probes/gpu_step_kernels.py [--set dims.L=2] [--prompt 8192 | --train 8 1024] > ncu.csv
+        python benchmarks/probes/gpu_step_kernels.py [--set dims.L=2] [--prompt 8192 | --train 8 1024] [--bits 4] > ncu.csv
     python benchmarks/probes/gpu_step_kernels.py --report ncu.csv
 
 The run builds the model (bf16, random weights), reads a 16-token prompt, takes two warm-up steps,
@@ -47,10 +47,13 @@ def train(topology: str, overrides: list[str], batch: int, seq: int, dtype: str)
     marker()
 
 
-def run(topology: str, overrides: list[str], batch: int, prompt: int) -> None:
+def run(topology: str, overrides: list[str], batch: int, prompt: int, bits: int | None = None) -> None:
     import mad
 
     model, _ = mad.load(topology, dtype="bfloat16", overrides=overrides)
+    if bits:
+        from mad.quantize import quantize_model
+        quantize_model(model, bits=bits, group_size=64)  # as bench_quant.py and gpu_decode_probe.py --bits
     if prompt:
         tokens = mx.random.randint(0, model.vocab_size, (batch, prompt)).astype(mx.int32)
         with mad.inference():  # as `LanguageModel.prefill` reads a segment
@@ -99,6 +102,7 @@ if __name__ == "__main__":
     ap.add_argument("--prompt", type=int, default=0, help="time one call over this many prompt tokens instead")
     ap.add_argument("--train", type=int, nargs=2, metavar=("B", "T"), help="time one training step instead")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="with --train")
+    ap.add_argument("--bits", type=int, help="quantize the projections and head first (affine, group 64)")
     ap.add_argument("--report")
     args = ap.parse_args()
     if args.report:
@@ -107,5 +111,5 @@ if __name__ == "__main__":
         if args.train:
             train(args.topology, args.overrides, *args.train, args.dtype)
         else:
-            run(args.topology, args.overrides, args.batch, args.prompt)
+            run(args.topology, args.overrides, args.batch, args.prompt, args.bits)
         sys.exit(0)
