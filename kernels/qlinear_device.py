@@ -3,16 +3,21 @@ affine-quantized as `mx.quantize` packs it (4 or 8 bits).
 
 A decode step's time is the time to stream the weights, so the kernel must run at memory bandwidth; with 4
 bits a weight is a quarter of the bytes of bf16, so the instructions that turn packed integers into numbers,
-not the loads, are what bounds a naive kernel. This one spends about three instructions on a value:
+not the loads, are what bounds a naive kernel. This one spends about four instructions on a 4-bit value
+(counted in the compiled code, `cuobjdump -sass`: 4.9 on the q|k|v|o shape of xLSTM-7B with its RMS norm
+folded in, 4.2 on the down projection, one row of bf16):
 
 - **Unpacking without conversions.** Value i of a 32-bit word, q = (word >> i * BITS) & MASK, is moved
-  (one shift) into the mantissa bits of a float of [2^BITS, 2^(BITS+1)) and the exponent OR-ed in (one
-  `lop3` with the mask), which gives the float 2^BITS + q exactly (`offset_value`): no int-to-float
-  conversion, an instruction of low throughput.
+  (one shift) into the mantissa bits of a float whose lowest mantissa bit of q is worth 1 and that
+  float's exponent OR-ed in (one `lop3`, written as PTX so that the mask and the exponent stay one
+  instruction), which gives the float 2^e + q exactly (`offset_value`): no int-to-float conversion, an
+  instruction of low throughput. With 16-bit rows of x, the two nibbles of a 4-bit word's pair (2p,
+  2p + 1) share one shift: the even one lands at mantissa bit 15 (256 + q), the odd one at bit 19 (16 + q).
 - **The affine map applied per chunk, not per value.** A lane's chunk of values lies in one quantization
   group (scale s, bias b), so with v = 2^BITS + q its part of the product is
       sum(s * q * x + b * x) = s * sum(v * x) + (b - 2^BITS * s) * sum(x),
-  one FMA per value into `dot` and two per chunk; sum(x) is computed once per chunk and row of x.
+  one FMA per value into `dot` and two per chunk; sum(x) is computed once per chunk and row of x (with
+  the two offsets, the even values' extra 240 s sum(x over them) comes off too).
 - **Several output features per warp** (R): a warp reads R packed rows at the same columns, so the slice of
   x it converts from bf16 and sums serves R rows of W, and R independent sums keep the FMA pipe busy.
 
@@ -25,14 +30,15 @@ feature's part are applied to the float32 sum, which is rounded once to x's dtyp
 
 The layout is MLX's: value j of a row is the unsigned integer at bit offset (j * bits) % 32 of word
 j * bits / 32 of the row, lowest bits first (`unpack_row` is the kernel's arithmetic in numpy, tested
-against `mx.dequantize` on the CPU).
+against `mx.dequantize` on the CPU; `emulate_product` is its float32 arithmetic, held to the float64
+product).
 
 Same call as the reference `kernels.qlinear.quantized_linear`. The variant takes x (M, K) with
 M <= MAX_ROWS in bfloat16, float16 or float32, and an affine matrix of 4 or 8 bits with group size 32, 64
 or 128; anything else (other bits, the floating-point modes) runs the reference. CUDA only: the unpacking
-reinterprets bits with a CUDA intrinsic, and no Metal build of it has been run. `TENSOR_CORES` says which
-calls the variant first offers to the tensor-core kernel (kernels/qlinear_mma.py: 4 bits, bf16 or f16
-rows).
+reinterprets bits with a CUDA intrinsic and a PTX `lop3`, and no Metal build of it has been run.
+`TENSOR_CORES` says which calls the variant first offers to the tensor-core kernel (kernels/qlinear_mma.py:
+4 bits, bf16 or f16 rows).
 """
 
 from __future__ import annotations
@@ -80,17 +86,20 @@ def features_per_warp(rows: int) -> int:
 
 
 QLINEAR_HEADER = """
-// Value i of a packed word as the float 2^BITS + q, q = (word >> i * BITS) & (2^BITS - 1): q is shifted
-// into the mantissa bits worth 1 .. 2^(BITS-1) of a float of [2^BITS, 2^(BITS+1)) and that float's exponent
-// OR-ed in. One shift (none where q is in place already) and one lop3; i is a constant once unrolled.
-template <int BITS>
+// Value i of a packed word as the float 2^(23 - AT) + q, q = (word >> i * BITS) & (2^BITS - 1): q is shifted
+// to the mantissa bits AT .. AT + BITS - 1 (bit AT is worth 1 in a float of exponent 2^(23 - AT)) and the
+// exponent OR-ed in: one shift (none where q is in place already) and one lop3, written as PTX (a SASS lop3
+// takes one immediate operand: from C++, the mask and the exponent, both constants, become an AND and an
+// OR; from one PTX lop3 the assembler keeps one of them in a register). i is a constant once unrolled.
+template <int BITS, int AT>
 __device__ inline float offset_value(unsigned int word, int i) {
-    constexpr int ONE_AT = 23 - BITS;                             // the mantissa bit worth 1
-    constexpr unsigned int EXPONENT = (127u + BITS) << 23;       // the float 2^BITS
-    constexpr unsigned int FIELD = ((1u << BITS) - 1u) << ONE_AT;
-    const int shift = ONE_AT - i * BITS;
+    constexpr unsigned int FIELD = ((1u << BITS) - 1u) << AT;
+    constexpr unsigned int EXPONENT = (127u + 23u - AT) << 23;
+    const int shift = AT - i * BITS;
     const unsigned int moved = shift >= 0 ? word << shift : word >> -shift;
-    return __uint_as_float(EXPONENT | (moved & FIELD));
+    unsigned int out;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(out) : "r"(moved), "n"(FIELD), "n"(EXPONENT));   // (a & b) | c
+    return __uint_as_float(out);
 }
 """
 
@@ -101,6 +110,12 @@ QLINEAR_BODY = """
     constexpr int WORDS = K / PER_WORD;          // words per packed row
     constexpr int GROUPS = K / GROUP_SIZE;       // scales (and biases) per row
     constexpr float OFFSET = (float)(1 << BITS);
+    // SPLIT: 4-bit values with 16-bit rows of x are unpacked two per shift, the even values of a word as
+    // 256 + q (q at mantissa bits 15..18), the odd ones as 16 + q (bits 19..22), the pair's shift shared;
+    // the even values' extra offset, 240 sum(x over them), comes off with the chunk's sums. (Rows of float32
+    // keep one offset, 16: the larger even offset costs float32 sums about 5x their rounding error.)
+    constexpr bool SPLIT = BITS == 4 && sizeof(T) == 2;
+    constexpr int AT = 23 - BITS;                // the mantissa bit of q's lowest bit (value 2^BITS + q)
     constexpr int P = PAIR ? 2 : 1;              // weight rows per output: o, and NOUT + o for a pair
     constexpr int NOUT = N / P;
     constexpr int OUTS = R / P;                  // outputs per warp
@@ -144,10 +159,11 @@ QLINEAR_BODY = """
             for (int i = 0; i < STAGE; ++i) {
                 const int k = ((first + i) * 32 + lane) * CHUNK;
                 if (first + i < STEPS && k < K) {
-                    float dot[M][R], sx[M];
+                    float dot[M][R], sx[M], sxe[M];   // sxe: the sum of x over the even values (SPLIT)
 #pragma unroll
                     for (int r = 0; r < M; ++r) {
                         sx[r] = 0.0f;
+                        sxe[r] = 0.0f;
 #pragma unroll
                         for (int f = 0; f < R; ++f) dot[r][f] = 0.0f;
                     }
@@ -159,7 +175,9 @@ QLINEAR_BODY = """
 #pragma unroll
                             for (int e = 0; e < 8; ++e) {
                                 const int j = h * 8 + e;            // value j of the chunk
-                                v[f][e] = offset_value<BITS>(words[i][f][j / PER_WORD], j % PER_WORD);
+                                const unsigned int word = words[i][f][j / PER_WORD];
+                                v[f][e] = SPLIT && e % 2 == 0 ? offset_value<BITS, 15>(word, j % PER_WORD)
+                                                              : offset_value<BITS, AT>(word, j % PER_WORD);
                             }
                         float gv[8];
                         if (NORM) load8(g + k + h * 8, gv);
@@ -173,6 +191,10 @@ QLINEAR_BODY = """
                             }
 #pragma unroll
                             for (int e = 0; e < 8; ++e) sx[r] += xv[e];
+                            if (SPLIT) {
+#pragma unroll
+                                for (int e = 0; e < 8; e += 2) sxe[r] += xv[e];
+                            }
 #pragma unroll
                             for (int f = 0; f < R; ++f)
 #pragma unroll
@@ -182,7 +204,10 @@ QLINEAR_BODY = """
 #pragma unroll
                     for (int r = 0; r < M; ++r)
 #pragma unroll
-                        for (int f = 0; f < R; ++f) acc[r][f] += s[i][f] * dot[r][f] + c[i][f] * sx[r];
+                        for (int f = 0; f < R; ++f) {
+                            acc[r][f] += s[i][f] * dot[r][f] + c[i][f] * sx[r];
+                            if (SPLIT) acc[r][f] -= 240.0f * s[i][f] * sxe[r];
+                        }
                 }
             }
         }
@@ -216,25 +241,61 @@ QLINEAR_KERNEL = DeviceKernel("mad_quantized_linear",
                               outputs=["y"], body=QLINEAR_BODY, header=QLINEAR_HEADER)
 
 
-def unpack_row(words: np.ndarray, bits: int, K: int) -> np.ndarray:
+def unpack_row(words: np.ndarray, bits: int, K: int, split: bool = False) -> np.ndarray:
     """The K unsigned integers of one packed row (uint32 words), unpacked as the kernel does: lane chunks of
     128 / bits values, each from one 16-byte load (4 words), value j of a chunk taken by `offset_value`'s
-    bit arithmetic (shift into the mantissa, OR the exponent of 2^bits, read as a float, minus 2^bits).
-    A numpy emulation of QLINEAR_BODY's indices and unpacking, for the tests: it checks both on a
-    machine without a GPU."""
-    per_word, chunk = 32 // bits, 128 // bits
-    one_at, exponent = 23 - bits, (127 + bits) << 23
-    field = ((1 << bits) - 1) << one_at
+    bit arithmetic (shift into the mantissa, OR the exponent, read as a float, minus its offset); with
+    `split` (4 bits, 16-bit rows of x) the even values of a word at mantissa bit 15 (256 + q), the odd ones
+    at bit 19 (16 + q). A numpy emulation of QLINEAR_BODY's indices and unpacking, for the tests: it checks
+    both on a machine without a GPU."""
     out = np.zeros(K, np.uint32)
+    for k, j, word, e in _lane_values(words, bits, K):
+        at = 15 if split and bits == 4 and e % 2 == 0 else 23 - bits
+        shift = at - e * bits
+        moved = (word << shift if shift >= 0 else word >> -shift) & 0xFFFFFFFF
+        v = np.array([((127 + 23 - at) << 23) | (moved & (((1 << bits) - 1) << at))], np.uint32).view(np.float32)[0]
+        out[k + j] = int(v - np.float32(2 ** (23 - at)))
+    return out
+
+
+def _lane_values(words: np.ndarray, bits: int, K: int):
+    """(chunk start k, value j of the chunk, its word, its index in the word) in the order the lanes take
+    them: lane l's chunks start at l * CHUNK and every 32 * CHUNK values after."""
+    per_word, chunk = 32 // bits, 128 // bits
     for lane in range(32):
         for k in range(lane * chunk, K, 32 * chunk):
             loaded = words[k // per_word: k // per_word + 4]
             for j in range(chunk):
-                word, shift = int(loaded[j // per_word]), one_at - (j % per_word) * bits
-                moved = (word << shift if shift >= 0 else word >> -shift) & 0xFFFFFFFF
-                v = np.array([exponent | (moved & field)], np.uint32).view(np.float32)[0]
-                out[k + j] = int(v - np.float32(2 ** bits))
-    return out
+                yield k, j, int(loaded[j // per_word]), j % per_word
+
+
+def emulate_product(x: np.ndarray, words: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int,
+                    group_size: int, split: bool = False) -> float:
+    """One output of the kernel for one row of x (float32 values), its float32 arithmetic in numpy: per
+    lane chunk the sums dot = sum(v x) over the offset values v, sx = sum(x) and (`split`) sxe = sum(x)
+    over the even values, then s dot + (b - 2^bits s) sx (- 240 s sxe), the lanes' parts summed last. What
+    the tests hold the kernel's affine arithmetic to without a GPU."""
+    q = unpack_row(words, bits, len(x), split)
+    chunk = 128 // bits
+    f32 = np.float32
+    lanes = []
+    for lane in range(32):
+        acc = f32(0)
+        for k in range(lane * chunk, len(x), 32 * chunk):
+            dot = sx = sxe = f32(0)
+            for j in range(chunk):
+                even = split and bits == 4 and j % 2 == 0
+                v = f32(q[k + j] + (256 if even else 2 ** bits))
+                dot = f32(float(dot) + float(v) * float(x[k + j]))   # an FMA: one rounding
+                sx = f32(sx + x[k + j])
+                if even:
+                    sxe = f32(sxe + x[k + j])
+            s, b = f32(scales[k // group_size]), f32(biases[k // group_size])
+            acc = f32(acc + f32(s * dot) + f32((b - f32(2 ** bits) * s) * sx))
+            if split and bits == 4:
+                acc = f32(acc - f32(f32(240.0) * s) * sxe)
+        lanes.append(acc)
+    return float(np.sum(np.array(lanes, np.float32)))
 
 
 def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], splits: Sequence[int],

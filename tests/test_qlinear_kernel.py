@@ -14,7 +14,8 @@ import pytest
 
 from mad.kernels import registry
 from mad.kernels.qlinear import QuantizedMatrix, affine_layout, quantized_linear
-from mad.kernels.qlinear_device import BITS, GROUP_SIZES, MAX_ROWS, WARPS, quantized_linear_device, unpack_row
+from mad.kernels.qlinear_device import (BITS, GROUP_SIZES, MAX_ROWS, WARPS, emulate_product, quantized_linear_device,
+                                        unpack_row)
 from mad.quantize import QuantSettings, quantized_linear as module_product
 
 CUDA = mx.cuda.is_available()
@@ -47,22 +48,40 @@ def rel_err(out: mx.array, ref: mx.array) -> float:
 # ------------------------------------------------------------------------------------ the layout (CPU)
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group_size", GROUP_SIZES)
-def test_the_kernels_unpacking_is_mlx_layout(bits, group_size):
+@pytest.mark.parametrize("split", [False, True])
+def test_the_kernels_unpacking_is_mlx_layout(bits, group_size, split):
     """`unpack_row` (the kernel's index arithmetic in numpy) gives the integers `mx.dequantize` reads: every
-    value scale * q + bias of its group equals MLX's dequantized value. K covers a partial last warp step."""
+    value scale * q + bias of its group equals MLX's dequantized value. K covers a partial last warp step;
+    `split`: the two offsets of 4-bit values with 16-bit rows of x."""
     K = group_size * 11
     m = packed_matrix(5, K, bits, group_size, mx.float32, seed=bits + group_size)
     words = np.array(m.weight)
     scales, biases = np.array(m.scales), np.array(m.biases)
     want = np.array(dequantized(m))
     for n in range(m.weight.shape[0]):
-        q = unpack_row(words[n], bits, K)
+        q = unpack_row(words[n], bits, K, split)
         assert q.max() < 2 ** bits
         g = np.arange(K) // group_size
         # the integers MLX dequantized, recovered from its values
         np.testing.assert_array_equal(q, np.rint((want[n] - biases[n, g]) / scales[n, g]).astype(np.uint32))
         np.testing.assert_allclose(scales[n, g] * q.astype(np.float32) + biases[n, g], want[n], rtol=1e-6,
                                    atol=1e-7)
+
+
+@pytest.mark.parametrize("bits,split", [(4, False), (4, True), (8, False)])
+def test_the_kernels_affine_arithmetic(bits, split):
+    """`emulate_product` (the kernel's float32 sums and per-chunk affine map in numpy, both offset schemes)
+    against the float64 product with MLX's dequantized weights: within float32 rounding (1e-5 relative),
+    where a wrong offset correction is off by the size of the result."""
+    K, N = 64 * 11, 6
+    m = packed_matrix(N, K, bits, 64, mx.float32, seed=bits)
+    words, scales, biases = np.array(m.weight), np.array(m.scales), np.array(m.biases)
+    w = np.array(dequantized(m)).astype(np.float64)
+    rng = np.random.default_rng(bits)
+    x = np.array(mx.array(rng.normal(0, 1, K).astype(np.float32)).astype(mx.bfloat16).astype(mx.float32))
+    got = np.array([emulate_product(x, words[n], scales[n], biases[n], bits, 64, split) for n in range(N)])
+    want = w @ x.astype(np.float64)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 1e-5
 
 
 def test_quantized_linear_is_registered_for_cuda():
