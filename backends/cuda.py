@@ -37,6 +37,14 @@ __device__ inline float WARP_SUM(float v) {
     return v;
 }
 
+// (a & MASK) | SET in one instruction (CUDA only). Written in C++, the two constants become an AND and an OR:
+// a SASS lop3 takes one immediate operand. From one PTX lop3 the assembler keeps the other in a register.
+template <unsigned int MASK, unsigned int SET> __device__ inline unsigned int MASK_OR(unsigned int a) {
+    unsigned int out;
+    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(out) : "r"(a), "n"(MASK), "n"(SET));
+    return out;
+}
+
 template <typename U> __device__ inline void load8(const U* p, float* out) {
     if constexpr (sizeof(U) == 2) {
         const uint4 raw = *reinterpret_cast<const uint4*>(p);

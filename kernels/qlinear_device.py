@@ -9,10 +9,10 @@ folded in, 4.2 on the down projection, one row of bf16):
 
 - **Unpacking without conversions.** Value i of a 32-bit word, q = (word >> i * BITS) & MASK, is moved
   (one shift) into the mantissa bits of a float whose lowest mantissa bit of q is worth 1 and that
-  float's exponent OR-ed in (one `lop3`, written as PTX so that the mask and the exponent stay one
-  instruction), which gives the float 2^e + q exactly (`offset_value`): no int-to-float conversion, an
-  instruction of low throughput. With 16-bit rows of x, the two nibbles of a 4-bit word's pair (2p,
-  2p + 1) share one shift: the even one lands at mantissa bit 15 (256 + q), the odd one at bit 19 (16 + q).
+  float's exponent OR-ed in (one `lop3`, `MASK_OR`), which gives the float 2^e + q exactly
+  (`offset_value`): no int-to-float conversion, an instruction of low throughput. With 16-bit rows of x,
+  the two nibbles of a 4-bit word's pair (2p, 2p + 1) share one shift: the even one lands at mantissa
+  bit 15 (256 + q), the odd one at bit 19 (16 + q).
 - **The affine map applied per chunk, not per value.** A lane's chunk of values lies in one quantization
   group (scale s, bias b), so with v = 2^BITS + q its part of the product is
       sum(s * q * x + b * x) = s * sum(v * x) + (b - 2^BITS * s) * sum(x),
@@ -36,7 +36,7 @@ product).
 Same call as the reference `kernels.qlinear.quantized_linear`. The variant takes x (M, K) with
 M <= MAX_ROWS in bfloat16, float16 or float32, and an affine matrix of 4 or 8 bits with group size 32, 64
 or 128; anything else (other bits, the floating-point modes) runs the reference. CUDA only: the unpacking
-reinterprets bits with a CUDA intrinsic and a PTX `lop3`, and no Metal build of it has been run.
+reinterprets bits with a CUDA intrinsic and PTX (`MASK_OR`), and no Metal build of it has been run.
 `TENSOR_CORES` says which calls the variant first offers to the tensor-core kernel (kernels/qlinear_mma.py:
 4 bits, bf16 or f16 rows).
 """
@@ -88,18 +88,15 @@ def features_per_warp(rows: int) -> int:
 QLINEAR_HEADER = """
 // Value i of a packed word as the float 2^(23 - AT) + q, q = (word >> i * BITS) & (2^BITS - 1): q is shifted
 // to the mantissa bits AT .. AT + BITS - 1 (bit AT is worth 1 in a float of exponent 2^(23 - AT)) and the
-// exponent OR-ed in: one shift (none where q is in place already) and one lop3, written as PTX (a SASS lop3
-// takes one immediate operand: from C++, the mask and the exponent, both constants, become an AND and an
-// OR; from one PTX lop3 the assembler keeps one of them in a register). i is a constant once unrolled.
+// exponent OR-ed in: one shift (none where q is in place already) and one lop3 (MASK_OR). i is a constant
+// once unrolled.
 template <int BITS, int AT>
 __device__ inline float offset_value(unsigned int word, int i) {
     constexpr unsigned int FIELD = ((1u << BITS) - 1u) << AT;
     constexpr unsigned int EXPONENT = (127u + 23u - AT) << 23;
     const int shift = AT - i * BITS;
     const unsigned int moved = shift >= 0 ? word << shift : word >> -shift;
-    unsigned int out;
-    asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(out) : "r"(moved), "n"(FIELD), "n"(EXPONENT));   // (a & b) | c
-    return __uint_as_float(out);
+    return __uint_as_float(MASK_OR<FIELD, EXPONENT>(moved));
 }
 """
 

@@ -205,10 +205,10 @@ QMMA_BODY = r"""
 #pragma unroll
             for (int tau = 0; tau < 2; ++tau) {
                 const unsigned lo = wd[tau][0][wi], hi = wd[tau][1][wi];
-                mma_16816<HALF>(d[tau], (__funnelshift_r(lo, lo, rot0) & MASKQ) | ONE,
-                                (__funnelshift_r(hi, hi, rot0) & MASKQ) | ONE,
-                                (__funnelshift_r(lo, lo, rot1) & MASKQ) | ONE,
-                                (__funnelshift_r(hi, hi, rot1) & MASKQ) | ONE, b0, b1);
+                mma_16816<HALF>(d[tau], MASK_OR<MASKQ, ONE>(__funnelshift_r(lo, lo, rot0)),
+                                MASK_OR<MASKQ, ONE>(__funnelshift_r(hi, hi, rot0)),
+                                MASK_OR<MASKQ, ONE>(__funnelshift_r(lo, lo, rot1)),
+                                MASK_OR<MASKQ, ONE>(__funnelshift_r(hi, hi, rot1)), b0, b1);
             }
             mma_16816<HALF>(e, ONE, ONE, ONE, ONE, b0, b1);
         }

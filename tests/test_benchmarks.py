@@ -112,6 +112,24 @@ def test_nvcc_check_builds_a_kernel(script):
     assert "Used " in out and "registers" in out and "0 bytes spill stores" in out, out
 
 
+def test_nvcc_check_counts_sass_opcodes():
+    """`nvcc_check.py --sass`'s count of a `cuobjdump -sass` listing: opcodes without their modifiers,
+    predicated instructions counted, the encoding lines and labels not."""
+    spec = importlib.util.spec_from_file_location("nvcc_check", BENCH / "probes" / "nvcc_check.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    listing = """
+        /*0c50*/                   LOP3.LUT R42, R42, 0x41800000, RZ, 0xfc, !PT ;   /* 0x4180000022227812 */
+                                                                                    /* 0x000fe400078efcff */
+        /*0c60*/                   FFMA R33, R40, R30.reuse, R31 ;
+        /*0c70*/              @!P0 BRA 0x1ab0 ;
+        /*0c80*/               @P1 LOP3.LUT R59, R32, 0x78000, R39, 0xea, !PT ;
+.L_x_12:
+        /*0c90*/                   SHF.R.U32.HI R31, RZ, 0x1, R12 ;
+"""
+    assert module.opcode_counts(listing) == "5 instructions: 2 LOP3, 1 FFMA, 1 BRA, 1 SHF"
+
+
 @pytest.mark.parametrize("script", scripts())
 def test_compiles(script, tmp_path):
     py_compile.compile(str(BENCH / script), cfile=str(tmp_path / "x.pyc"), doraise=True)

@@ -4,19 +4,25 @@ Writes the source MLX's `mx.fast.cuda_kernel` would hand NVRTC (the same signatu
 outputs as `T*`, template arguments as `constexpr` constants and `using` aliases, the backend's preamble
 and the kernel's header in front), with MLX's own device header replaced by the CUDA headers it pulls in,
 and runs `nvcc -cubin -Xptxas -v` on it for one architecture. Catches syntax errors, register use and
-spills before a GPU lease is spent on them; it does not run anything.
+spills before a GPU lease is spent on them; it does not run anything. With `--sass`, the compiled
+instructions counted by opcode (`cuobjdump -sass`, from a CUDA toolkit or Triton's wheel,
+`triton/backends/nvidia/bin`, on PATH): a fully unrolled decode kernel's count over the values a lane
+handles is its instructions per value.
 
     python benchmarks/probes/nvcc_check.py kernels.qlinear_mma:QMMA_KERNEL \
         --inputs x:bfloat16 w:uint32 scales:bfloat16 biases:bfloat16 bias:float32 cap:float32 g:float32 \
                  normp:float32 res:float32 --outputs y:bfloat16 \
         --template T=bfloat16 S=bfloat16 HALF=false M=1 K=4096 N=12288 GROUP_SIZE=64 SPLIT=8 AHEAD=2 \
                    HAS_BIAS=false HAS_CAP=false NORM=false PAIR=false ACT=0 RESIDUAL=false [--arch sm_90] [--keep DIR]
+        [--sass]
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import importlib
+import re
 import shutil
 import subprocess
 import sys
@@ -85,9 +91,13 @@ def main() -> None:
     ap.add_argument("--template", nargs="*", default=[], metavar="NAME=VALUE")
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--keep", help="folder to keep the source and cubin in")
+    ap.add_argument("--sass", action="store_true", help="count the compiled instructions by opcode (cuobjdump)")
     a = ap.parse_args()
     if not shutil.which("nvcc"):
         ap.exit(2, "nvcc_check: nvcc is not on PATH\n")
+    if a.sass and not shutil.which("cuobjdump"):
+        ap.exit(2, "nvcc_check: --sass needs cuobjdump on PATH (a CUDA toolkit, or triton/backends/nvidia/bin "
+                   "of Triton's wheel)\n")
     module, _, name = a.kernel.partition(":")
     try:
         kernel = getattr(importlib.import_module(module if module.startswith("mad.") else "mad." + module), name)
@@ -104,11 +114,22 @@ def main() -> None:
     folder.mkdir(parents=True, exist_ok=True)
     cu = folder / f"{kernel.name}.cu"
     cu.write_text(text)
-    run = subprocess.run(["nvcc", f"-arch={a.arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o",
-                          str(folder / f"{kernel.name}.cubin"), str(cu)], capture_output=True, text=True)
+    cubin = folder / f"{kernel.name}.cubin"
+    run = subprocess.run(["nvcc", f"-arch={a.arch}", "-std=c++17", "-cubin", "-Xptxas", "-v", "-o", str(cubin),
+                          str(cu)], capture_output=True, text=True)
     print(run.stdout + run.stderr)
     print(f"source: {cu}")
+    if run.returncode == 0 and a.sass:
+        dump = subprocess.run(["cuobjdump", "-sass", str(cubin)], capture_output=True, text=True, check=True).stdout
+        print(opcode_counts(dump))
     sys.exit(run.returncode)
+
+
+def opcode_counts(sass: str) -> str:
+    """'N instructions: C1 OP1, C2 OP2, ...' of a `cuobjdump -sass` listing (an opcode without its modifiers)."""
+    ops = collections.Counter(m.group(1) for m in re.finditer(r"^\s+/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)",
+                                                              sass, re.M))
+    return f"{sum(ops.values())} instructions: " + ", ".join(f"{n} {op}" for op, n in ops.most_common())
 
 
 if __name__ == "__main__":
