@@ -20,6 +20,9 @@ folded in, 4.2 on the down projection, one row of bf16):
   the two offsets, the even values' extra 240 s sum(x over them) comes off too).
 - **Several output features per warp** (R): a warp reads R packed rows at the same columns, so the slice of
   x it converts from bf16 and sums serves R rows of W, and R independent sums keep the FMA pipe busy.
+- **The next steps' bytes in flight while a step is computed** (AHEAD): a warp issues the loads of step
+  s + AHEAD before it computes step s, into register slots the unrolled loop names statically. Without it a
+  warp's loads wait for its previous step's products, so a warp has bytes in flight only between steps.
 
 One warp reads R consecutive packed rows W[n0 .. n0 + R) with 16-byte loads (consecutive lanes on
 consecutive addresses): a lane's load holds CHUNK = 128 / bits consecutive values (32 at 4 bits, 16 at 8),
@@ -61,7 +64,9 @@ MAX_ROWS = 8
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 WARPS = 4  # warps per block
-STAGE = 1  # warp steps whose loads are issued before any of them is computed (more: no faster, benchmarks/NOTES-gpu.md 29)
+# Warp steps whose loads are in flight while a step is computed (0: each step's loads, then its products).
+# 1: not yet measured against 0 (benchmarks/NOTES-gpu.md 40).
+AHEAD = 1
 # Which 4-bit calls with bf16/f16 rows go to the tensor-core kernel (kernels/qlinear_mma.py) where it takes
 # them (this kernel runs the rest): "none", "all", or "long", the products whose rows are at least twice as
 # long as they have features (K >= 2 N: the down projection), where its split over k pays. Measured on an
@@ -133,80 +138,94 @@ QLINEAR_BODY = """
 #pragma unroll
             for (int f = 0; f < R; ++f) acc[r][f] = 0.0f;
         }
-#pragma unroll
-        for (int first = 0; first < STEPS; first += STAGE) {     // STAGE steps' loads in flight at once
-            unsigned int words[STAGE][R][4];
-            float s[STAGE][R], c[STAGE][R];
-#pragma unroll
-            for (int i = 0; i < STAGE; ++i) {
-                const int k = ((first + i) * 32 + lane) * CHUNK;   // values k .. k + CHUNK - 1 (K % CHUNK == 0)
+        // A warp step's loads into a register slot: the lane's 16 bytes of each of its R rows and their
+        // chunk's scale and bias, kept as loaded (converted where used, so that no instruction after the
+        // loads waits for them before the step is computed).
+        constexpr int NB = AHEAD + 1;            // slots: the step computed and AHEAD steps loading
+        unsigned int words[NB][R][4];
+        T sraw[NB][R], braw[NB][R];
+        auto load_step = [&](int step, unsigned int (&wd)[R][4], T (&sr)[R], T (&br)[R]) {
+            const int k = (step * 32 + lane) * CHUNK;   // values k .. k + CHUNK - 1 (K % CHUNK == 0)
+            if (k < K) {
 #pragma unroll
                 for (int f = 0; f < R; ++f) {
                     const int n = rows[f];
-                    if (first + i < STEPS && k < K) {
-                        const uint4 raw = *reinterpret_cast<const uint4*>(w + (size_t)n * WORDS + k / PER_WORD);
-                        words[i][f][0] = raw.x; words[i][f][1] = raw.y; words[i][f][2] = raw.z; words[i][f][3] = raw.w;
-                        const size_t g = (size_t)n * GROUPS + k / GROUP_SIZE;   // the chunk's group
-                        s[i][f] = static_cast<float>(scales[g]);
-                        c[i][f] = static_cast<float>(biases[g]) - OFFSET * s[i][f];
-                    }
+                    const uint4 raw = *reinterpret_cast<const uint4*>(w + (size_t)n * WORDS + k / PER_WORD);
+                    wd[f][0] = raw.x; wd[f][1] = raw.y; wd[f][2] = raw.z; wd[f][3] = raw.w;
+                    const size_t gi = (size_t)n * GROUPS + k / GROUP_SIZE;   // the chunk's group
+                    sr[f] = scales[gi];
+                    br[f] = biases[gi];
                 }
             }
+        };
+        // A step's products into acc.
+        auto compute_step = [&](int step, const unsigned int (&wd)[R][4], const T (&sr)[R], const T (&br)[R]) {
+            const int k = (step * 32 + lane) * CHUNK;
+            if (k < K) {
+                float dot[M][R], sx[M], sxe[M];   // sxe: the sum of x over the even values (SPLIT)
 #pragma unroll
-            for (int i = 0; i < STAGE; ++i) {
-                const int k = ((first + i) * 32 + lane) * CHUNK;
-                if (first + i < STEPS && k < K) {
-                    float dot[M][R], sx[M], sxe[M];   // sxe: the sum of x over the even values (SPLIT)
+                for (int r = 0; r < M; ++r) {
+                    sx[r] = 0.0f;
+                    sxe[r] = 0.0f;
+#pragma unroll
+                    for (int f = 0; f < R; ++f) dot[r][f] = 0.0f;
+                }
+#pragma unroll
+                for (int h = 0; h < CHUNK / 8; ++h) {       // 8 values at a time
+                    float v[R][8];
+#pragma unroll
+                    for (int f = 0; f < R; ++f)
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) {
+                            const int j = h * 8 + e;            // value j of the chunk
+                            const unsigned int word = wd[f][j / PER_WORD];
+                            v[f][e] = SPLIT && e % 2 == 0 ? offset_value<BITS, 15>(word, j % PER_WORD)
+                                                          : offset_value<BITS, AT>(word, j % PER_WORD);
+                        }
+                    float gv[8];
+                    if (NORM) load8(g + k + h * 8, gv);
 #pragma unroll
                     for (int r = 0; r < M; ++r) {
-                        sx[r] = 0.0f;
-                        sxe[r] = 0.0f;
+                        float xv[8];
+                        load8(x + (size_t)r * K + k + h * 8, xv);
+                        if (NORM) {
 #pragma unroll
-                        for (int f = 0; f < R; ++f) dot[r][f] = 0.0f;
-                    }
+                            for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                        }
 #pragma unroll
-                    for (int h = 0; h < CHUNK / 8; ++h) {       // 8 values at a time
-                        float v[R][8];
+                        for (int e = 0; e < 8; ++e) sx[r] += xv[e];
+                        if (SPLIT) {
+#pragma unroll
+                            for (int e = 0; e < 8; e += 2) sxe[r] += xv[e];
+                        }
 #pragma unroll
                         for (int f = 0; f < R; ++f)
 #pragma unroll
-                            for (int e = 0; e < 8; ++e) {
-                                const int j = h * 8 + e;            // value j of the chunk
-                                const unsigned int word = words[i][f][j / PER_WORD];
-                                v[f][e] = SPLIT && e % 2 == 0 ? offset_value<BITS, 15>(word, j % PER_WORD)
-                                                              : offset_value<BITS, AT>(word, j % PER_WORD);
-                            }
-                        float gv[8];
-                        if (NORM) load8(g + k + h * 8, gv);
-#pragma unroll
-                        for (int r = 0; r < M; ++r) {
-                            float xv[8];
-                            load8(x + (size_t)r * K + k + h * 8, xv);
-                            if (NORM) {
-#pragma unroll
-                                for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
-                            }
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) sx[r] += xv[e];
-                            if (SPLIT) {
-#pragma unroll
-                                for (int e = 0; e < 8; e += 2) sxe[r] += xv[e];
-                            }
-#pragma unroll
-                            for (int f = 0; f < R; ++f)
-#pragma unroll
-                                for (int e = 0; e < 8; ++e) dot[r][f] += v[f][e] * xv[e];
-                        }
+                            for (int e = 0; e < 8; ++e) dot[r][f] += v[f][e] * xv[e];
                     }
+                }
 #pragma unroll
-                    for (int r = 0; r < M; ++r)
+                for (int f = 0; f < R; ++f) {
+                    const float sf = static_cast<float>(sr[f]);
+                    const float cf = static_cast<float>(br[f]) - OFFSET * sf;
 #pragma unroll
-                        for (int f = 0; f < R; ++f) {
-                            acc[r][f] += s[i][f] * dot[r][f] + c[i][f] * sx[r];
-                            if (SPLIT) acc[r][f] -= 240.0f * s[i][f] * sxe[r];
-                        }
+                    for (int r = 0; r < M; ++r) {
+                        acc[r][f] += sf * dot[r][f] + cf * sx[r];
+                        if (SPLIT) acc[r][f] -= 240.0f * sf * sxe[r];
+                    }
                 }
             }
+        };
+        // Step s + AHEAD's loads are issued before step s is computed, into the slot step s - 1 freed
+        // (the loop is unrolled: every slot index is a constant, no register moves between slots).
+#pragma unroll
+        for (int a = 0; a < AHEAD; ++a)
+            if (a < STEPS) load_step(a, words[a], sraw[a], braw[a]);
+#pragma unroll
+        for (int step = 0; step < STEPS; ++step) {
+            if (step + AHEAD < STEPS)
+                load_step(step + AHEAD, words[(step + AHEAD) % NB], sraw[(step + AHEAD) % NB], braw[(step + AHEAD) % NB]);
+            compute_step(step, words[step % NB], sraw[step % NB], braw[step % NB]);
         }
 #pragma unroll
         for (int r = 0; r < M; ++r) {
@@ -297,14 +316,14 @@ def emulate_product(x: np.ndarray, words: np.ndarray, scales: np.ndarray, biases
 
 def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], splits: Sequence[int],
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], features: Optional[int] = None,
-            stage: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None, pair: Optional[str] = None,
-            residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None,
+            steps_ahead: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None,
+            pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None,
             ahead: Optional[int] = None) -> mx.array:
     """The kernel's (..., width) result; Unsupported for inputs it does not handle. The tensor-core kernel
     takes the call where it can when `TENSOR_CORES` offers it or `split` is given, unless this kernel's own
     settings are asked for."""
     offered = split is not None or takes_tensor_cores(x.shape[-1], packed.weight.shape[0])
-    if offered and features is None and stage is None and warps == WARPS:
+    if offered and features is None and steps_ahead is None and warps == WARPS:
         try:
             return launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split,
                               ahead)
@@ -322,13 +341,13 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
                           f"group size {group_size}")
     check_parts(splits, caps)
     width = N if width is None else width
-    S = STAGE if stage is None else stage
+    A = AHEAD if steps_ahead is None else steps_ahead
     outs = R // 2 if pair is not None else R
     (y,) = QLINEAR_KERNEL(
         backend,
         inputs=[x, w, scales, biases, *fold_inputs(N, bias, splits, caps, norm, residual)],
         template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
-                  ("R", R), ("STAGE", S), ("WARPS", warps), *fold_template(bias, caps, norm, pair, residual)],
+                  ("R", R), ("AHEAD", A), ("WARPS", warps), *fold_template(bias, caps, norm, pair, residual)],
         grid=(-(-width // (warps * outs)) * 32, warps, 1), threadgroup=(32, warps, 1),
         output_shapes=[(*lead, width)], output_dtypes=[x.dtype], init_value=poison)
     return y
@@ -337,14 +356,14 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
 def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array] = None,
                             splits: Sequence[int] = (), caps: Sequence[Optional[float]] = (None,), *,
                             backend: str = "cuda", poison: Optional[float] = None,
-                            features: Optional[int] = None, stage: Optional[int] = None,
+                            features: Optional[int] = None, steps_ahead: Optional[int] = None,
                             warps: int = WARPS, split: Optional[int] = None,
                             ahead: Optional[int] = None) -> list[mx.array]:
     """`kernels.qlinear.quantized_linear` with the decode kernels; Unsupported for inputs they do not handle.
-    `features`, `stage` and `warps` ask for this module's kernel with those settings (`features_per_warp`,
-    STAGE, WARPS otherwise), `split` (and `ahead`) for the tensor-core kernel with that many warps per block
-    (and groups loaded ahead); tests and benchmarks compare the choices."""
-    return split_parts(_launch(x, packed, bias, splits, caps, backend, poison, features, stage, warps,
+    `features`, `steps_ahead` and `warps` ask for this module's kernel with those settings
+    (`features_per_warp`, AHEAD, WARPS otherwise), `split` (and `ahead`) for the tensor-core kernel with that
+    many warps per block (and groups loaded ahead); tests and benchmarks compare the choices."""
+    return split_parts(_launch(x, packed, bias, splits, caps, backend, poison, features, steps_ahead, warps,
                                split=split, ahead=ahead), splits)
 
 

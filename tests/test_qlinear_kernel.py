@@ -151,18 +151,22 @@ def test_kernel_matches_dequantized_float32(i):
 
 
 @needs_cuda
-@pytest.mark.parametrize("features,stage,warps", [(1, 1, 4), (8, 2, 4), (2, 4, 8), (4, 3, 2)])
+@pytest.mark.parametrize("features,steps_ahead,warps", [(1, 0, 4), (8, 1, 4), (2, 3, 8), (4, 2, 2), (4, 12, 4)])
 @pytest.mark.parametrize("M", [1, 3])
-def test_every_launch_setting_computes_the_same_product(features, stage, warps, M):
+def test_every_launch_setting_computes_the_same_product(features, steps_ahead, warps, M):
     """Features per warp, steps loaded ahead and warps per block change how the work is cut, not the
-    product: N = 37 leaves a warp's features partly past the end, K = 11 groups of 64 a partial last step
-    (and, with 3 steps loaded ahead, a partial last stage)."""
-    N, K = 37, 64 * 11
+    product: N = 37 leaves a warp's features partly past the end, K = 37 groups of 64 three warp steps at
+    4 bits and five at 8, the last partial (12 steps ahead: more than the row has). Loading ahead changes
+    when the bytes arrive, not the arithmetic: the same bits as loading each step before computing it."""
+    N, K = 37, 64 * 37
     for bits in BITS:
         m = packed_matrix(N, K, bits, 64, seed=features + bits)
         x = mx.array(np.random.default_rng(M).normal(0, 1, (M, K)).astype(np.float32)).astype(mx.bfloat16)
-        (y,) = quantized_linear_device(x, m, poison=float("nan"), features=features, stage=stage, warps=warps)
+        (y,) = quantized_linear_device(x, m, poison=float("nan"), features=features, steps_ahead=steps_ahead,
+                                       warps=warps)
         assert rel_err(y, reference(x, m)[0]) < 1e-2
+        (y0,) = quantized_linear_device(x, m, features=features, steps_ahead=0, warps=warps)
+        assert mx.array_equal(y, y0).item()
 
 
 @needs_cuda

@@ -8,9 +8,9 @@ and biases (or the bf16 weights) over the time. `mad_q*_err` is the relative (Fr
 between MAD's kernel and MLX's product on one weight: a check that the timed kernel computes the same.
 
 `--configs` times MAD's kernels: `mma` / `mma:S` / `mma:S:A` the tensor-core kernel (kernels/qlinear_mma.py;
-S warps per block over k, A groups loaded ahead), `fma` the per-value kernel (kernels/qlinear_device.py) with its defaults, `R:S:W` the
-per-value kernel with R output features per warp, S warp steps loaded ahead and W warps per block
-(default: the variant's own choice). The bf16 product above the `linear` kernel's row
+S warps per block over k, A groups loaded ahead), `fma` the per-value kernel (kernels/qlinear_device.py)
+with its defaults, `R:S:W` the per-value kernel with R output features per warp, S warp steps loading while
+one is computed and W warps per block (default: the variant's own choice). The bf16 product above the `linear` kernel's row
 limit is MLX's matmul.
 
     python benchmarks/probes/gpu_qmv.py [--bits 4 8] [--group-size 64] [--rows 1 8] [--configs 4:1:4 8:2:4]
@@ -54,7 +54,7 @@ def launch_settings(config, rows: int) -> dict:
         R, S, W = map(int, config.split(":"))
     except ValueError:
         raise ValueError(f"--configs {config!r}: expected mma, mma:S, mma:S:A, fma or R:S:W (integers)") from None
-    return {"features": R, "stage": S, "warps": W}
+    return {"features": R, "steps_ahead": S, "warps": W}
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 """One decode-sized product of each kind, twice, for Nsight Compute: MAD's 4-bit `quantized_linear` kernel
-at three launch settings (features per warp : steps loaded ahead : warps per block = 1:1:4, 4:1:4, 4:4:4)
-and MAD's bf16 `linear` kernel, on the q|k|v|o shape of xLSTM-7B (12288 x 4096), one row of bf16.
+at three launch settings (features per warp : steps loading while one is computed : warps per block = 4:0:4,
+4:1:4, 4:2:4) and MAD's bf16 `linear` kernel, on the q|k|v|o shape of xLSTM-7B (12288 x 4096), one row of bf16.
 
     ncu -k regex:mad_ --section SpeedOfLight --section Occupancy --section WarpStateStats \\
         --section MemoryWorkloadAnalysis python benchmarks/probes/gpu_qmv_ncu.py
@@ -16,7 +16,7 @@ from mad.kernels.qlinear import QuantizedMatrix
 from mad.kernels.qlinear_device import quantized_linear_device
 
 N, K = 12288, 4096
-SETTINGS = [(1, 1, 4), (4, 1, 4), (4, 4, 4)]
+SETTINGS = [(4, 0, 4), (4, 1, 4), (4, 2, 4)]
 
 
 def main() -> None:
@@ -24,9 +24,9 @@ def main() -> None:
     m = QuantizedMatrix(*mx.quantize(w, 64, 4), 64, 4)
     x = mx.random.normal((1, K)).astype(mx.bfloat16)
     mx.eval(w, m.weight, m.scales, m.biases, x)
-    for features, stage, warps in SETTINGS:
+    for features, ahead, warps in SETTINGS:
         for _ in range(2):
-            mx.eval(quantized_linear_device(x, m, features=features, stage=stage, warps=warps)[0])
+            mx.eval(quantized_linear_device(x, m, features=features, steps_ahead=ahead, warps=warps)[0])
     for _ in range(2):
         mx.eval(linear_device(x, w)[0])
 
