@@ -103,6 +103,11 @@ __device__ inline float offset_value(unsigned int word, int i) {
     const unsigned int moved = shift >= 0 ? word << shift : word >> -shift;
     return __uint_as_float(MASK_OR<FIELD, EXPONENT>(moved));
 }
+
+// The element type of a kernel argument's pointer (the scales and biases keep their own dtype).
+template <typename P> struct pointee;
+template <typename U> struct pointee<const U*> { using type = U; };
+template <typename U> struct pointee<U*> { using type = U; };
 """
 
 QLINEAR_BODY = """
@@ -143,8 +148,11 @@ QLINEAR_BODY = """
         // loads waits for them before the step is computed).
         constexpr int NB = AHEAD + 1;            // slots: the step computed and AHEAD steps loading
         unsigned int words[NB][R][4];
-        T sraw[NB][R], braw[NB][R];
-        auto load_step = [&](int step, unsigned int (&wd)[R][4], T (&sr)[R], T (&br)[R]) {
+        using ST = typename pointee<decltype(scales)>::type;
+        using BT = typename pointee<decltype(biases)>::type;
+        ST sraw[NB][R];
+        BT braw[NB][R];
+        auto load_step = [&](int step, unsigned int (&wd)[R][4], ST (&sr)[R], BT (&br)[R]) {
             const int k = (step * 32 + lane) * CHUNK;   // values k .. k + CHUNK - 1 (K % CHUNK == 0)
             if (k < K) {
 #pragma unroll
@@ -159,7 +167,7 @@ QLINEAR_BODY = """
             }
         };
         // A step's products into acc.
-        auto compute_step = [&](int step, const unsigned int (&wd)[R][4], const T (&sr)[R], const T (&br)[R]) {
+        auto compute_step = [&](int step, const unsigned int (&wd)[R][4], const ST (&sr)[R], const BT (&br)[R]) {
             const int k = (step * 32 + lane) * CHUNK;
             if (k < K) {
                 float dot[M][R], sx[M], sxe[M];   // sxe: the sum of x over the even values (SPLIT)

@@ -171,6 +171,17 @@ def test_every_launch_setting_computes_the_same_product(features, steps_ahead, w
 
 @needs_cuda
 @pytest.mark.parametrize("bits", BITS)
+def test_scales_keep_their_own_dtype(bits):
+    """Scales and biases of another dtype than x (float32 with bf16 rows, as a float32 matrix quantized and
+    read by a bf16 model): the kernel reads them as they are, not rounded to x's dtype."""
+    m = packed_matrix(37, 64 * 37, bits, 64, mx.float32, seed=bits)
+    x = mx.array(np.random.default_rng(bits).normal(0, 1, (1, 64 * 37)).astype(np.float32)).astype(mx.bfloat16)
+    (y,) = quantized_linear_device(x, m, poison=float("nan"))
+    assert rel_err(y, reference(x, m)[0]) < 1e-2
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", BITS)
 def test_kernel_on_a_decode_shape(bits):
     """A 4096-wide row of xLSTM-7B's shapes, one row of bfloat16 (the decode case)."""
     m = packed_matrix(1000, 4096, bits, 64, seed=bits)
