@@ -279,6 +279,7 @@ def refused(script: str, *args: str) -> str:
     ("probes/gpu_mqar.py", ["--seq-len", "7"], "--seq-len/--kv-pairs"),
     ("probes/gpu_mqar.py", ["--preset", "small", "--kv-pairs", "100"], "num_kv_pairs 100"),
     ("gpu_targets.py", ["--prefill-step", "4096,0"], "--prefill-step '4096,0'"),
+    ("probes/gpu_step_kernels.py", ["--bits", "7"], "--bits"),
     ("probes/sweep_chunk_states.py", ["--tokens", "100"], "--tokens 100"),
     ("probes/sweep_chunk_states.py", ["--widths", "64,16"], "'64,16'"),
     ("probes/nvcc_check.py", ["nosuch:X", "--inputs", "x:float32", "--outputs", "y:float32"], "'nosuch:X'"),

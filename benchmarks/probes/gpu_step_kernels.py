@@ -102,7 +102,8 @@ if __name__ == "__main__":
     ap.add_argument("--prompt", type=int, default=0, help="time one call over this many prompt tokens instead")
     ap.add_argument("--train", type=int, nargs=2, metavar=("B", "T"), help="time one training step instead")
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="with --train")
-    ap.add_argument("--bits", type=int, help="quantize the projections and head first (affine, group 64)")
+    ap.add_argument("--bits", type=int, choices=(2, 3, 4, 5, 6, 8),
+                    help="quantize the projections and head first (affine, group 64)")
     ap.add_argument("--report")
     args = ap.parse_args()
     if args.report:
