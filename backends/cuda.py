@@ -58,6 +58,18 @@ template <typename U> __device__ inline void load8(const U* p, float* out) {
         out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
     }
 }
+
+// bf16 to float is the 16 bits moved up: one shift for the low half of a word, one AND for the high half
+// (the conversion the compiler emits takes a byte permute and a shift for the high half). Exact, the same bits.
+template <> __device__ inline void load8<__nv_bfloat16>(const __nv_bfloat16* p, float* out) {
+    const uint4 raw = *reinterpret_cast<const uint4*>(p);
+    const unsigned int u[4] = {raw.x, raw.y, raw.z, raw.w};
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+        out[2 * e] = __uint_as_float(u[e] << 16);
+        out[2 * e + 1] = __uint_as_float(u[e] & 0xFFFF0000u);
+    }
+}
 """
 
 
