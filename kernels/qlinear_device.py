@@ -64,6 +64,11 @@ MAX_ROWS = 8
 BITS = (4, 8)
 GROUP_SIZES = (32, 64, 128)
 WARPS = 4  # warps per block
+# Whether a block stages its rows of x (and their chunk sums) in shared memory once, where its warps
+# otherwise each convert and sum the same columns (SHARED_X in the kernel; taken where it fits in
+# SHARED_X_BYTES). Off until measured (benchmarks/NOTES-gpu.md 41).
+SHARED_X = False
+SHARED_X_BYTES = 48 * 1024
 # Warp steps whose loads are in flight while a step is computed (0: each step's loads, then its products).
 # 1: not yet measured against 0 (benchmarks/NOTES-gpu.md 40).
 AHEAD = 1
@@ -128,7 +133,16 @@ QLINEAR_BODY = """
     constexpr int OUTS = R / P;                  // outputs per warp
     const int lane = THREAD_X;                   // 0..31
     const int o0 = (BLOCK_X * WARPS + THREAD_Y) * OUTS;   // this warp's first output
-    if (o0 < NOUT) {
+    // SHARED_X: the block's rows of x staged once in shared memory as float32 (times the norm's weight with
+    // NORM), with each lane chunk's sums, where every warp converted and summed the same columns itself.
+    // Chunk c's 16-byte piece p sits at (p * NCH + c) * 4, so that the lanes of a warp (consecutive chunks)
+    // read consecutive 16 bytes. Every warp of the block then runs (the staging has a barrier); a warp past
+    // the last output stores nothing.
+    constexpr int NCH = K / CHUNK;               // lane chunks a row
+    SHARED __align__(16) float xs[SHARED_X ? M * K : 1];
+    SHARED float xsum[SHARED_X ? M * NCH : 1], xsum_even[SHARED_X && SPLIT ? M * NCH : 1];
+    SHARED float xss[SHARED_X && NORM ? WARPS * M : 1];
+    if (SHARED_X || o0 < NOUT) {
         int rows[R];                             // the weight row of each of the warp's R sums
 #pragma unroll
         for (int f = 0; f < R; ++f) {
@@ -171,10 +185,11 @@ QLINEAR_BODY = """
             const int k = (step * 32 + lane) * CHUNK;
             if (k < K) {
                 float dot[M][R], sx[M], sxe[M];   // sxe: the sum of x over the even values (SPLIT)
+                const int c = step * 32 + lane;      // the lane's chunk
 #pragma unroll
                 for (int r = 0; r < M; ++r) {
-                    sx[r] = 0.0f;
-                    sxe[r] = 0.0f;
+                    sx[r] = SHARED_X ? xsum[r * NCH + c] : 0.0f;
+                    sxe[r] = SHARED_X && SPLIT ? xsum_even[r * NCH + c] : 0.0f;
 #pragma unroll
                     for (int f = 0; f < R; ++f) dot[r][f] = 0.0f;
                 }
@@ -191,20 +206,27 @@ QLINEAR_BODY = """
                                                           : offset_value<BITS, AT>(word, j % PER_WORD);
                         }
                     float gv[8];
-                    if (NORM) load8(g + k + h * 8, gv);
+                    if (NORM && !SHARED_X) load8(g + k + h * 8, gv);
 #pragma unroll
                     for (int r = 0; r < M; ++r) {
                         float xv[8];
-                        load8(x + (size_t)r * K + k + h * 8, xv);
-                        if (NORM) {
+                        if (SHARED_X) {
+                            const float4 a = *reinterpret_cast<const float4*>(&xs[r * K + ((2 * h) * NCH + c) * 4]);
+                            const float4 b = *reinterpret_cast<const float4*>(&xs[r * K + ((2 * h + 1) * NCH + c) * 4]);
+                            xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
+                            xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+                        } else {
+                            load8(x + (size_t)r * K + k + h * 8, xv);
+                            if (NORM) {
 #pragma unroll
-                            for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
-                        }
+                                for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                            }
 #pragma unroll
-                        for (int e = 0; e < 8; ++e) sx[r] += xv[e];
-                        if (SPLIT) {
+                            for (int e = 0; e < 8; ++e) sx[r] += xv[e];
+                            if (SPLIT) {
 #pragma unroll
-                            for (int e = 0; e < 8; e += 2) sxe[r] += xv[e];
+                                for (int e = 0; e < 8; e += 2) sxe[r] += xv[e];
+                            }
                         }
 #pragma unroll
                         for (int f = 0; f < R; ++f)
@@ -229,6 +251,49 @@ QLINEAR_BODY = """
 #pragma unroll
         for (int a = 0; a < AHEAD; ++a)
             if (a < STEPS) load_step(a, words[a], sraw[a], braw[a]);
+        if (SHARED_X) {
+            // the chunk's sums in the order a lane sums them without staging (the same bits), the squares
+            // (NORM) summed per thread, per warp, then over the warps in order
+            const int t = THREAD_Y * 32 + lane;
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                float sq = 0.0f;
+                for (int cc = t; cc < NCH; cc += WARPS * 32) {
+                    float sum = 0.0f, sum_even = 0.0f;
+#pragma unroll
+                    for (int h = 0; h < CHUNK / 8; ++h) {
+                        float xv[8], gv[8];
+                        load8(x + (size_t)r * K + cc * CHUNK + h * 8, xv);
+                        if (NORM) {
+                            load8(g + cc * CHUNK + h * 8, gv);
+#pragma unroll
+                            for (int e = 0; e < 8; ++e) { sq += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                        }
+#pragma unroll
+                        for (int e = 0; e < 8; ++e) sum += xv[e];
+#pragma unroll
+                        for (int e = 0; e < 8; e += 2) sum_even += xv[e];
+                        *reinterpret_cast<float4*>(&xs[r * K + ((2 * h) * NCH + cc) * 4]) = make_float4(xv[0], xv[1], xv[2], xv[3]);
+                        *reinterpret_cast<float4*>(&xs[r * K + ((2 * h + 1) * NCH + cc) * 4]) = make_float4(xv[4], xv[5], xv[6], xv[7]);
+                    }
+                    xsum[r * NCH + cc] = sum;
+                    if (SPLIT) xsum_even[r * NCH + cc] = sum_even;
+                }
+                if (NORM) {
+                    sq = WARP_SUM(sq);
+                    if (lane == 0) xss[THREAD_Y * M + r] = sq;
+                }
+            }
+            SYNC();
+            if (NORM) {
+#pragma unroll
+                for (int r = 0; r < M; ++r) {
+                    float total = 0.0f;
+                    for (int wi = 0; wi < WARPS; ++wi) total += xss[wi * M + r];
+                    ss[r] = total;               // the whole row's: not summed over the lanes again
+                }
+            }
+        }
 #pragma unroll
         for (int step = 0; step < STEPS; ++step) {
             if (step + AHEAD < STEPS)
@@ -238,7 +303,7 @@ QLINEAR_BODY = """
 #pragma unroll
         for (int r = 0; r < M; ++r) {
             // rms_norm(x) W^T = rsqrt(mean(x^2) + eps) (x g) W^T: the row's scale applied to the sums
-            const float scale = NORM ? 1.0f / SQRT(WARP_SUM(ss[r]) / K + normp[0]) : 1.0f;
+            const float scale = NORM ? 1.0f / SQRT((SHARED_X ? ss[r] : WARP_SUM(ss[r])) / K + normp[0]) : 1.0f;
             float part[R];
 #pragma unroll
             for (int f = 0; f < R; ++f) {
@@ -322,16 +387,21 @@ def emulate_product(x: np.ndarray, words: np.ndarray, scales: np.ndarray, biases
     return float(np.sum(np.array(lanes, np.float32)))
 
 
+def staged_bytes(M: int, K: int, bits: int, warps: int) -> int:
+    """Shared memory the kernel's staged x takes: M rows of K floats, two sums a lane chunk, a norm's sums."""
+    return 4 * (M * K + 2 * M * (K // (128 // bits)) + warps * M)
+
+
 def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], splits: Sequence[int],
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], features: Optional[int] = None,
             steps_ahead: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None,
-            pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None, split: Optional[int] = None,
-            ahead: Optional[int] = None) -> mx.array:
+            pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None,
+            split: Optional[int] = None, ahead: Optional[int] = None, shared_x: Optional[bool] = None) -> mx.array:
     """The kernel's (..., width) result; Unsupported for inputs it does not handle. The tensor-core kernel
     takes the call where it can when `TENSOR_CORES` offers it or `split` is given, unless this kernel's own
     settings are asked for."""
     offered = split is not None or takes_tensor_cores(x.shape[-1], packed.weight.shape[0])
-    if offered and features is None and steps_ahead is None and warps == WARPS:
+    if offered and features is None and steps_ahead is None and warps == WARPS and shared_x is None:
         try:
             return launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split,
                               ahead)
@@ -350,12 +420,13 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
     check_parts(splits, caps)
     width = N if width is None else width
     A = AHEAD if steps_ahead is None else steps_ahead
+    staged = (SHARED_X if shared_x is None else shared_x) and staged_bytes(M, K, bits, warps) <= SHARED_X_BYTES
     outs = R // 2 if pair is not None else R
     (y,) = QLINEAR_KERNEL(
         backend,
         inputs=[x, w, scales, biases, *fold_inputs(N, bias, splits, caps, norm, residual)],
         template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
-                  ("R", R), ("AHEAD", A), ("WARPS", warps), *fold_template(bias, caps, norm, pair, residual)],
+                  ("R", R), ("AHEAD", A), ("WARPS", warps), ("SHARED_X", staged), *fold_template(bias, caps, norm, pair, residual)],
         grid=(-(-width // (warps * outs)) * 32, warps, 1), threadgroup=(32, warps, 1),
         output_shapes=[(*lead, width)], output_dtypes=[x.dtype], init_value=poison)
     return y
@@ -366,13 +437,13 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
                             backend: str = "cuda", poison: Optional[float] = None,
                             features: Optional[int] = None, steps_ahead: Optional[int] = None,
                             warps: int = WARPS, split: Optional[int] = None,
-                            ahead: Optional[int] = None) -> list[mx.array]:
+                            ahead: Optional[int] = None, shared_x: Optional[bool] = None) -> list[mx.array]:
     """`kernels.qlinear.quantized_linear` with the decode kernels; Unsupported for inputs they do not handle.
-    `features`, `steps_ahead` and `warps` ask for this module's kernel with those settings
-    (`features_per_warp`, AHEAD, WARPS otherwise), `split` (and `ahead`) for the tensor-core kernel with that
+    `features`, `steps_ahead`, `warps` and `shared_x` ask for this module's kernel with those settings
+    (`features_per_warp`, AHEAD, WARPS, SHARED_X otherwise), `split` (and `ahead`) for the tensor-core kernel with that
     many warps per block (and groups loaded ahead); tests and benchmarks compare the choices."""
     return split_parts(_launch(x, packed, bias, splits, caps, backend, poison, features, steps_ahead, warps,
-                               split=split, ahead=ahead), splits)
+                               split=split, ahead=ahead, shared_x=shared_x), splits)
 
 
 def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,

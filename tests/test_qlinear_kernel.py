@@ -14,8 +14,8 @@ import pytest
 
 from mad.kernels import registry
 from mad.kernels.qlinear import QuantizedMatrix, affine_layout, quantized_linear
-from mad.kernels.qlinear_device import (BITS, GROUP_SIZES, MAX_ROWS, WARPS, emulate_product, quantized_linear_device,
-                                        unpack_row)
+from mad.kernels.qlinear_device import (BITS, GROUP_SIZES, MAX_ROWS, SHARED_X_BYTES, WARPS, _launch, emulate_product,
+                                        quantized_linear_device, staged_bytes, unpack_row)
 from mad.quantize import QuantSettings, quantized_linear as module_product
 
 CUDA = mx.cuda.is_available()
@@ -151,22 +151,49 @@ def test_kernel_matches_dequantized_float32(i):
 
 
 @needs_cuda
-@pytest.mark.parametrize("features,steps_ahead,warps", [(1, 0, 4), (8, 1, 4), (2, 3, 8), (4, 2, 2), (4, 12, 4)])
+@pytest.mark.parametrize("features,steps_ahead,warps,shared_x", [(1, 0, 4, False), (8, 1, 4, False), (2, 3, 8, True),
+                                                                  (4, 2, 2, False), (4, 12, 4, True), (4, 1, 4, True)])
 @pytest.mark.parametrize("M", [1, 3])
-def test_every_launch_setting_computes_the_same_product(features, steps_ahead, warps, M):
-    """Features per warp, steps loaded ahead and warps per block change how the work is cut, not the
-    product: N = 37 leaves a warp's features partly past the end, K = 37 groups of 64 three warp steps at
-    4 bits and five at 8, the last partial (12 steps ahead: more than the row has). Loading ahead changes
-    when the bytes arrive, not the arithmetic: the same bits as loading each step before computing it."""
+def test_every_launch_setting_computes_the_same_product(features, steps_ahead, warps, shared_x, M):
+    """Features per warp, steps loaded ahead, warps per block and x staged in shared memory change how the
+    work is cut, not the product: N = 37 leaves a warp's features partly past the end (with staged x, a
+    whole warp past it in the last block), K = 37 groups of 64 three warp steps at 4 bits and five at 8,
+    the last partial (12 steps ahead: more than the row has). Loading ahead changes when the bytes
+    arrive and staging who sums x, not the arithmetic: the same bits as the plainest setting."""
     N, K = 37, 64 * 37
     for bits in BITS:
         m = packed_matrix(N, K, bits, 64, seed=features + bits)
         x = mx.array(np.random.default_rng(M).normal(0, 1, (M, K)).astype(np.float32)).astype(mx.bfloat16)
         (y,) = quantized_linear_device(x, m, poison=float("nan"), features=features, steps_ahead=steps_ahead,
-                                       warps=warps)
+                                       warps=warps, shared_x=shared_x)
         assert rel_err(y, reference(x, m)[0]) < 1e-2
-        (y0,) = quantized_linear_device(x, m, features=features, steps_ahead=0, warps=warps)
+        (y0,) = quantized_linear_device(x, m, features=features, steps_ahead=0, warps=warps, shared_x=False)
         assert mx.array_equal(y, y0).item()
+
+
+def test_staged_x_fits_where_the_kernel_takes_it():
+    """The shared memory staged x takes (the figure ptxas reports for the q|k|v|o shape: 17,424 bytes),
+    and which decode shapes of xLSTM-7B it fits: one row of the 10,944-wide down projection, not two."""
+    assert staged_bytes(1, 4096, 4, WARPS) == 17424
+    assert staged_bytes(1, 10944, 4, WARPS) <= SHARED_X_BYTES < staged_bytes(2, 10944, 4, WARPS)
+
+
+@needs_cuda
+@pytest.mark.parametrize("bits", BITS)
+def test_staged_x_with_a_folded_norm(bits):
+    """With a folded RMS norm, staging sums the squares in another order (per thread, then per warp): the
+    result agrees with the unstaged kernel to the rounding of the bf16 output and with the reference."""
+    K, N = 64 * 37, 37
+    m = packed_matrix(N, K, bits, 64, seed=bits)
+    rng = np.random.default_rng(bits)
+    x = mx.array(rng.normal(0, 1, (2, K)).astype(np.float32)).astype(mx.bfloat16)
+    g = mx.array(rng.normal(1, 0.1, (K,)).astype(np.float32)).astype(mx.bfloat16)
+    staged, plain = (_launch(x, m, None, (), (None,), "cuda", float("nan"), norm=(g, 1e-6), shared_x=flag)
+                     for flag in (True, False))
+    with mx.stream(mx.cpu):
+        normed = mx.fast.rms_norm(x.astype(mx.float32), g.astype(mx.float32), 1e-6)
+    assert rel_err(staged, reference(normed, m)[0]) < 1e-2
+    assert rel_err(staged, plain) < 2e-3
 
 
 @needs_cuda

@@ -10,7 +10,8 @@ between MAD's kernel and MLX's product on one weight: a check that the timed ker
 `--configs` times MAD's kernels: `mma` / `mma:S` / `mma:S:A` the tensor-core kernel (kernels/qlinear_mma.py;
 S warps per block over k, A groups loaded ahead), `fma` the per-value kernel (kernels/qlinear_device.py)
 with its defaults, `R:S:W` the per-value kernel with R output features per warp, S warp steps loading while
-one is computed and W warps per block (default: the variant's own choice). The bf16 product above the `linear` kernel's row
+one is computed and W warps per block, `R:S:W:X` the same with x staged in shared memory (X = 1) or not
+(default: the variant's own choice). The bf16 product above the `linear` kernel's row
 limit is MLX's matmul.
 
     python benchmarks/probes/gpu_qmv.py [--bits 4 8] [--group-size 64] [--rows 1 8] [--configs 4:1:4 8:2:4]
@@ -39,7 +40,7 @@ def launch_settings(config, rows: int) -> dict:
     """quantized_linear_device's keywords for a --configs entry: None (the kernel the variant picks), "mma",
     "mma:S" or "mma:S:A" (the tensor-core kernel, S warps per block, A groups loaded ahead), "fma" (the
     per-value kernel, its defaults) or
-    "R:S:W" (the per-value kernel so)."""
+    "R:S:W" / "R:S:W:X" (the per-value kernel so, X: x staged in shared memory)."""
     if config is None:
         return {}
     try:
@@ -51,10 +52,16 @@ def launch_settings(config, rows: int) -> dict:
             return {"split": parts[0], "ahead": parts[1], "tensor_cores": "all"}
         if config == "fma":
             return {"features": features_per_warp(rows)}
-        R, S, W = map(int, config.split(":"))
+        fields = [int(v) for v in config.split(":")]
+        if len(fields) not in (3, 4) or (len(fields) == 4 and fields[3] not in (0, 1)):
+            raise ValueError
     except ValueError:
-        raise ValueError(f"--configs {config!r}: expected mma, mma:S, mma:S:A, fma or R:S:W (integers)") from None
-    return {"features": R, "steps_ahead": S, "warps": W}
+        raise ValueError(f"--configs {config!r}: expected mma, mma:S, mma:S:A, fma, R:S:W or R:S:W:X "
+                         "(integers, X 0 or 1)") from None
+    settings = {"features": fields[0], "steps_ahead": fields[1], "warps": fields[2]}
+    if len(fields) == 4:
+        settings["shared_x"] = bool(fields[3])
+    return settings
 
 
 def main() -> None:
@@ -63,7 +70,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--rows", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--configs", nargs="+", default=[None], metavar="CONFIG",
-                    help="MAD kernel settings: mma, mma:S, fma or R:S:W (the docstring)")
+                    help="MAD kernel settings: mma, mma:S, fma, R:S:W or R:S:W:X (the docstring)")
     ap.add_argument("--quick", action="store_true", help="one small shape (a check that the script runs)")
     ap.add_argument("--json")
     args = ap.parse_args()
