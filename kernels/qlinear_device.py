@@ -273,8 +273,9 @@ QLINEAR_BODY = """
                         for (int e = 0; e < 8; ++e) sum += xv[e];
 #pragma unroll
                         for (int e = 0; e < 8; e += 2) sum_even += xv[e];
-                        *reinterpret_cast<float4*>(&xs[r * K + ((2 * h) * NCH + cc) * 4]) = make_float4(xv[0], xv[1], xv[2], xv[3]);
-                        *reinterpret_cast<float4*>(&xs[r * K + ((2 * h + 1) * NCH + cc) * 4]) = make_float4(xv[4], xv[5], xv[6], xv[7]);
+                        float4* piece = reinterpret_cast<float4*>(&xs[r * K + (2 * h * NCH + cc) * 4]);
+                        piece[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);              // piece 2h
+                        piece[NCH] = make_float4(xv[4], xv[5], xv[6], xv[7]);            // piece 2h + 1
                     }
                     xsum[r * NCH + cc] = sum;
                     if (SPLIT) xsum_even[r * NCH + cc] = sum_even;
@@ -426,7 +427,8 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
         backend,
         inputs=[x, w, scales, biases, *fold_inputs(N, bias, splits, caps, norm, residual)],
         template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
-                  ("R", R), ("AHEAD", A), ("WARPS", warps), ("SHARED_X", staged), *fold_template(bias, caps, norm, pair, residual)],
+                  ("R", R), ("AHEAD", A), ("WARPS", warps), ("SHARED_X", staged),
+                  *fold_template(bias, caps, norm, pair, residual)],
         grid=(-(-width // (warps * outs)) * 32, warps, 1), threadgroup=(32, warps, 1),
         output_shapes=[(*lead, width)], output_dtypes=[x.dtype], init_value=poison)
     return y
