@@ -23,6 +23,9 @@ folded in, 4.2 on the down projection, one row of bf16):
 - **The next steps' bytes in flight while a step is computed** (AHEAD): a warp issues the loads of step
   s + AHEAD before it computes step s, into register slots the unrolled loop names statically. Without it a
   warp's loads wait for its previous step's products, so a warp has bytes in flight only between steps.
+- **x staged once a block** (SHARED_X, off by default): the block's rows of x, their chunk sums and a folded
+  norm's squares computed once into shared memory, where each warp otherwise does that for the same
+  columns.
 
 One warp reads R consecutive packed rows W[n0 .. n0 + R) with 16-byte loads (consecutive lanes on
 consecutive addresses): a lane's load holds CHUNK = 128 / bits consecutive values (32 at 4 bits, 16 at 8),
