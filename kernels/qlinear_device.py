@@ -170,7 +170,7 @@ QLINEAR_BODY = """
         ST sraw[NB][R];
         BT braw[NB][R];
         auto load_step = [&](int step, unsigned int (&wd)[R][4], ST (&sr)[R], BT (&br)[R]) {
-            const int k = (step * 32 + lane) * CHUNK;   // values k .. k + CHUNK - 1 (K % CHUNK == 0)
+            const int k = (step * 32 + lane) * CHUNK;   // the lane's chunk's values (K % CHUNK == 0)
             if (k < K) {
 #pragma unroll
                 for (int f = 0; f < R; ++f) {
@@ -183,12 +183,29 @@ QLINEAR_BODY = """
                 }
             }
         };
+        // Values k0 .. k0 + 8 of row r of x as float32 into xv (times the norm's weight gv with NORM, their
+        // squares into sq first), added to sum and, the even ones (SPLIT), to sum_even: what a lane does to
+        // x without staging and the staging does once a block (the same order: the same bits).
+        auto read_x8 = [&](int r, int k0, const float (&gv)[8], float (&xv)[8], float& sq, float& sum,
+                           float& sum_even) {
+            load8(x + (size_t)r * K + k0, xv);
+            if (NORM) {
+#pragma unroll
+                for (int e = 0; e < 8; ++e) { sq += xv[e] * xv[e]; xv[e] *= gv[e]; }
+            }
+#pragma unroll
+            for (int e = 0; e < 8; ++e) sum += xv[e];
+            if (SPLIT) {
+#pragma unroll
+                for (int e = 0; e < 8; e += 2) sum_even += xv[e];
+            }
+        };
         // A step's products into acc.
         auto compute_step = [&](int step, const unsigned int (&wd)[R][4], const ST (&sr)[R], const BT (&br)[R]) {
-            const int k = (step * 32 + lane) * CHUNK;
+            const int c = step * 32 + lane;          // the lane's chunk: values k .. k + CHUNK - 1
+            const int k = c * CHUNK;
             if (k < K) {
                 float dot[M][R], sx[M], sxe[M];   // sxe: the sum of x over the even values (SPLIT)
-                const int c = step * 32 + lane;      // the lane's chunk
 #pragma unroll
                 for (int r = 0; r < M; ++r) {
                     sx[r] = SHARED_X ? xsum[r * NCH + c] : 0.0f;
@@ -219,17 +236,7 @@ QLINEAR_BODY = """
                             xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
                             xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
                         } else {
-                            load8(x + (size_t)r * K + k + h * 8, xv);
-                            if (NORM) {
-#pragma unroll
-                                for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
-                            }
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) sx[r] += xv[e];
-                            if (SPLIT) {
-#pragma unroll
-                                for (int e = 0; e < 8; e += 2) sxe[r] += xv[e];
-                            }
+                            read_x8(r, k + h * 8, gv, xv, ss[r], sx[r], sxe[r]);
                         }
 #pragma unroll
                         for (int f = 0; f < R; ++f)
@@ -266,16 +273,8 @@ QLINEAR_BODY = """
 #pragma unroll
                     for (int h = 0; h < CHUNK / 8; ++h) {
                         float xv[8], gv[8];
-                        load8(x + (size_t)r * K + cc * CHUNK + h * 8, xv);
-                        if (NORM) {
-                            load8(g + cc * CHUNK + h * 8, gv);
-#pragma unroll
-                            for (int e = 0; e < 8; ++e) { sq += xv[e] * xv[e]; xv[e] *= gv[e]; }
-                        }
-#pragma unroll
-                        for (int e = 0; e < 8; ++e) sum += xv[e];
-#pragma unroll
-                        for (int e = 0; e < 8; e += 2) sum_even += xv[e];
+                        if (NORM) load8(g + cc * CHUNK + h * 8, gv);
+                        read_x8(r, cc * CHUNK + h * 8, gv, xv, sq, sum, sum_even);
                         float4* piece = reinterpret_cast<float4*>(&xs[r * K + (2 * h * NCH + cc) * 4]);
                         piece[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);              // piece 2h
                         piece[NCH] = make_float4(xv[4], xv[5], xv[6], xv[7]);            // piece 2h + 1
@@ -343,12 +342,18 @@ def unpack_row(words: np.ndarray, bits: int, K: int, split: bool = False) -> np.
     both on a machine without a GPU."""
     out = np.zeros(K, np.uint32)
     for k, j, word, e in _lane_values(words, bits, K):
-        at = 15 if split and bits == 4 and e % 2 == 0 else 23 - bits
+        at = _mantissa_at(bits, split, e)
         shift = at - e * bits
         moved = (word << shift if shift >= 0 else word >> -shift) & 0xFFFFFFFF
         v = np.array([((127 + 23 - at) << 23) | (moved & (((1 << bits) - 1) << at))], np.uint32).view(np.float32)[0]
         out[k + j] = int(v - np.float32(2 ** (23 - at)))
     return out
+
+
+def _mantissa_at(bits: int, split: bool, e: int) -> int:
+    """The mantissa bit where value e of a word puts q's lowest bit (the kernel's AT): 15 for the even values
+    of a 4-bit word with `split` (the float 256 + q), else 23 - bits (2^bits + q)."""
+    return 15 if split and bits == 4 and e % 2 == 0 else 23 - bits
 
 
 def _lane_values(words: np.ndarray, bits: int, K: int):
@@ -377,11 +382,11 @@ def emulate_product(x: np.ndarray, words: np.ndarray, scales: np.ndarray, biases
         for k in range(lane * chunk, len(x), 32 * chunk):
             dot = sx = sxe = f32(0)
             for j in range(chunk):
-                even = split and bits == 4 and j % 2 == 0
-                v = f32(q[k + j] + (256 if even else 2 ** bits))
+                at = _mantissa_at(bits, split, j % (32 // bits))     # value j's index in its word
+                v = f32(q[k + j] + 2 ** (23 - at))
                 dot = f32(float(dot) + float(v) * float(x[k + j]))   # an FMA: one rounding
                 sx = f32(sx + x[k + j])
-                if even:
+                if at != 23 - bits:
                     sxe = f32(sxe + x[k + j])
             s, b = f32(scales[k // group_size]), f32(biases[k // group_size])
             acc = f32(acc + f32(s * dot) + f32((b - f32(2 ** bits) * s) * sx))
