@@ -429,6 +429,8 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
     check_parts(splits, caps)
     width = N if width is None else width
     A = AHEAD if steps_ahead is None else steps_ahead
+    if A < 0:
+        raise ValueError(f"quantized_linear: steps_ahead must be 0 or more, got {A}")
     staged = (SHARED_X if shared_x is None else shared_x) and staged_bytes(M, K, bits, warps) <= SHARED_X_BYTES
     outs = R // 2 if pair is not None else R
     (y,) = QLINEAR_KERNEL(

@@ -273,6 +273,7 @@ def refused(script: str, *args: str) -> str:
     ("probes/gpu_qmv.py", ["--configs", "fma", "1:2"], "'1:2'"),
     ("probes/gpu_qmv.py", ["--configs", "mma:1:2:3"], "'mma:1:2:3'"),
     ("probes/gpu_qmv.py", ["--configs", "4:1:4:2"], "'4:1:4:2'"),
+    ("probes/gpu_qmv.py", ["--configs", "4:-1:4"], "'4:-1:4'"),
     ("probes/gpu_mqar.py", ["--preset", "big"], "'big'"),
     ("probes/gpu_mqar.py", ["--stop-after", "-1"], "--stop-after -1"),
     ("probes/gpu_mqar.py", ["--state", "pyproject.toml"], "not a folder"),

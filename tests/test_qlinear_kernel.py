@@ -171,6 +171,13 @@ def test_every_launch_setting_computes_the_same_product(features, steps_ahead, w
         assert mx.array_equal(y, y0).item()
 
 
+def test_negative_steps_ahead_is_refused():
+    """Checked before any launch (everywhere: the check reads the argument only)."""
+    m = packed_matrix(8, 128, 4, 64)
+    with pytest.raises(ValueError, match="steps_ahead must be 0 or more, got -1"):
+        quantized_linear_device(mx.zeros((1, 128), mx.bfloat16), m, steps_ahead=-1)
+
+
 def test_staged_x_fits_where_the_kernel_takes_it():
     """The shared memory staged x takes (the figure ptxas reports for the q|k|v|o shape: 17,424 bytes),
     and which decode shapes of xLSTM-7B it fits: one row of the 10,944-wide down projection, not two."""

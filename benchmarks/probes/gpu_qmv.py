@@ -53,11 +53,12 @@ def launch_settings(config, rows: int) -> dict:
         if config == "fma":
             return {"features": features_per_warp(rows)}
         fields = [int(v) for v in config.split(":")]
-        if len(fields) not in (3, 4) or (len(fields) == 4 and fields[3] not in (0, 1)):
+        if (len(fields) not in (3, 4) or fields[0] < 1 or fields[1] < 0 or fields[2] < 1
+                or (len(fields) == 4 and fields[3] not in (0, 1))):
             raise ValueError
     except ValueError:
         raise ValueError(f"--configs {config!r}: expected mma, mma:S, mma:S:A, fma, R:S:W or R:S:W:X "
-                         "(integers, X 0 or 1)") from None
+                         "(integers: R, W >= 1, S >= 0, X 0 or 1)") from None
     settings = {"features": fields[0], "steps_ahead": fields[1], "warps": fields[2]}
     if len(fields) == 4:
         settings["shared_x"] = bool(fields[3])
