@@ -41,6 +41,7 @@ _row_limit = MAX_ROWS
 WARPS = 4  # output features per block (one warp each)
 # Whether the float kernel takes a fold's norm: each of its warps (one per output feature) would read the
 # norm's weight next to x, and bf16 decode of xLSTM-7B ran 2-6% slower so (benchmarks/NOTES-gpu.md 30).
+# Without it the norm runs as MLX's kernel before this one, which still takes a pair or a residual.
 # The quantized kernel shares those loads among R features and takes it.
 FOLD_NORM = False
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
@@ -196,7 +197,10 @@ def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = No
     if not isinstance(weight, mx.array):
         raise Unsupported("folded_linear: a quantized weight (kernels/qlinear_device.py)")
     if norm is not None and not FOLD_NORM:
-        raise Unsupported("folded_linear: the float kernel leaves norms to their own kernel (FOLD_NORM)")
+        if pair is None and residual is None:
+            raise Unsupported("folded_linear: the float kernel leaves norms to their own kernel (FOLD_NORM)")
+        # the norm runs as its own kernel (MLX's, as unfolded); the pair or the residual is still folded
+        x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     width = fold_width(x, weight.shape[0], splits, pair, residual)
     return fold_result(_launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width),
                        splits, pair, residual)

@@ -225,6 +225,28 @@ def test_kernel_matches_the_reference(monkeypatch, quantized, M, dtype, tol, fol
 
 
 @needs_cuda
+@pytest.mark.parametrize("M,dtype,tol", [(1, mx.bfloat16, 1e-2), (3, mx.float32, 2e-5)])
+@pytest.mark.parametrize("fold", ["norm+pair", "norm+residual", "norm+pair+residual"])
+def test_float_kernel_without_its_norm_still_folds_the_pair_and_residual(M, dtype, tol, fold):
+    """FOLD_NORM off (the default): the norm runs as MLX's kernel and the float kernel takes the rest."""
+    assert not linear_device.FOLD_NORM
+    K, width = 64 * 11, 37
+    pair = "silu" if "pair" in fold else None
+    N = 2 * width if pair else width
+    splits, caps = ((width,), (None, None)) if pair else ((), (None,))
+    weight = _weight(N, K, None, dtype, seed=M)
+    x = rand((M, 1, K), 10 + M, dtype=dtype)
+    kw = {"pair": pair, "norm": (rand((K,), 30, dtype=dtype), 1e-6)}
+    if "residual" in fold:
+        kw["residual"] = rand((M, 1, width), 40, dtype=dtype)
+    want = _float32_reference(x, weight, None, splits, caps, **kw)
+    value = object()
+    got = apply(value, x, weight, None, splits, caps, **kw)
+    assert got is not value, "no kernel took the call"
+    assert got.dtype == dtype and got.shape == want.shape and rel_err(got, want) < tol
+
+
+@needs_cuda
 def test_kernel_declines_what_it_does_not_handle():
     """More rows than the decode kernels take, a norm for the float kernel (FOLD_NORM), or a pair of unequal
     parts: `apply` returns the value."""
