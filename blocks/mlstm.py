@@ -27,8 +27,8 @@ from typing import Literal, Optional
 import mlx.core as mx
 import mlx.nn as nn
 
-from mad.block import (Block, Cut, Dim, FiniteFloat, PositiveFloat, ShapeError, SplitHeads, TensorType, expect_float,
-                       register)
+from mad.block import (Block, Cut, Dim, FiniteFloat, FoldForm, PositiveFloat, ShapeError, SplitHeads, TensorType,
+                       expect_float, register)
 from mad.kernels.mlstm import float32_products, inert_gates, mlstm_sequence
 from mad.kernels.registry import chosen_variant, dispatch
 
@@ -165,6 +165,10 @@ class MultiHeadLayerNormBlock(Block):
 
     def build(self, x: TensorType) -> nn.Module:
         return MultiHeadNorm(int(self.heads), int(x.shape[-1]), self.eps, self.bias, self.weight_offset)
+
+    def fold_form(self, x: TensorType) -> Optional[FoldForm]:
+        return FoldForm("head_norm", eps=float(self.eps), weight="weight", heads=int(self.heads),
+                        offset=float(self.weight_offset), bias="bias" if self.bias else None)
 
     def shard_rule(self, x: TensorType) -> SplitHeads:
         heads = int(self.heads)

@@ -19,6 +19,15 @@ Without `pair` and `residual` the result is the list of parts (as `linear` retur
 array. `folded_linear` is the reference: the unfused operations, in MLX. The device variants
 (kernels/linear_device.py, kernels/qlinear_device.py) do it in one kernel, in float32, rounded once.
 
+A second fold takes a per-head layer norm into the gate that reads it (`mad.passes.find_norm_gates`; an
+mLSTM layer's multi-head norm and output gate):
+
+    head_norm_gate(gate, x, weight, bias, eps, heads, offset, act) = act(gate) * head_norm(x)
+
+where head_norm(x) normalises each of `heads` slices of x's last dim (mean and biased variance in
+float32) and scales by (weight + offset), plus bias: MLX's kernels compute it as a layer norm, a multiply
+(and an add) and the gate's product, the device variant (kernels/norm_device.py) in one launch.
+
 `apply(value, ...)` is what a Program calls, with `value`, what its unfused nodes computed: where a device
 variant takes the call it returns the variant's result (differentiable, by the reference's gradient), and
 `value` is then what no output reads (a compiled program drops it); anywhere else (the CPU, the reference
@@ -33,7 +42,7 @@ import mlx.core as mx
 
 from .linear import linear, split_parts
 from .qlinear import QuantizedMatrix, quantized_linear
-from .registry import Unsupported, chosen_variant, register_kernel, run_variant
+from .registry import Unsupported, chosen_variant, dispatch, register_kernel, run_variant
 
 PAIR_ACTIVATIONS = ("sigmoid", "silu")  # what the device kernels apply to a pair's first part
 
@@ -87,4 +96,31 @@ def apply(value: Any, x: mx.array, weight: Any, bias: Optional[mx.array] = None,
         return value
 
 
+def head_norm_gate(gate: mx.array, x: mx.array, weight: mx.array, bias: Optional[mx.array] = None,
+                   eps: float = 1e-6, heads: int = 1, offset: float = 0.0, act: str = "sigmoid") -> mx.array:
+    """The unfused operations: the `multihead_layernorm` node's module (blocks/mlstm.py), then the gate's
+    ("<act>_mul", kernels/activations.py, as the gate node runs it)."""
+    if act not in PAIR_ACTIVATIONS:
+        raise ValueError(f"head_norm_gate: act must be one of {PAIR_ACTIVATIONS}, got {act!r}")
+    *lead, d = x.shape
+    y = mx.fast.layer_norm(x.reshape(*lead, heads, d // heads), None, None, eps).reshape(x.shape)
+    y = y * (weight + offset if offset else weight)
+    if bias is not None:
+        y = y + bias
+    return dispatch(f"{act}_mul")(gate, y)
+
+
+def apply_head_norm_gate(value: mx.array, gate: mx.array, x: mx.array, weight: mx.array,
+                         bias: Optional[mx.array] = None, **settings: Any) -> mx.array:
+    """The device variant's `head_norm_gate` where one takes the call, else `value`."""
+    kernel, chosen, variant = chosen_variant("head_norm_gate")
+    if variant is None:
+        return value
+    try:
+        return run_variant(kernel, chosen, variant, (gate, x, weight, bias), settings)
+    except Unsupported:
+        return value
+
+
 register_kernel("folded_linear", folded_linear)
+register_kernel("head_norm_gate", head_norm_gate)

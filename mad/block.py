@@ -172,12 +172,17 @@ class FoldForm:
                   parameter); a linear reading y may read x and apply it
       "add"       y = a + b (two inputs); the linear computing a or b may add the other to its result
       "gate"      y = act(gate) * x; a fused pair of linears computing gate and x may return y
+      "head_norm" y = layer_norm(each of `heads` slices of the last dim, eps) * (weight + offset) (+ bias);
+                  a gate reading y may apply it with its activation in one kernel
     """
 
     kind: str
     eps: float = 0.0
     weight: Optional[str] = None
     act: Optional[str] = None
+    heads: int = 0
+    offset: float = 0.0
+    bias: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------------------- tensor parallelism

@@ -235,6 +235,46 @@ def find_folds(graph: Graph, groups: list[FusionGroup]) -> list[Fold]:
     return sorted(folds, key=lambda f: order[f.unit])
 
 
+@dataclass(frozen=True)
+class NormGate:
+    """A `gate` node whose gated input is a per-head layer norm (`head_norm` form) that nothing else reads:
+    at decode one kernel computes act(gate) * norm(x) (kernels/fold.py `head_norm_gate`) where the norm
+    and the gate ran as two or three. Where no kernel takes the call, both nodes run as they are."""
+
+    node: str                        # the gate node
+    norm: str                        # the head_norm node it gates
+    gate: str                        # the gate's first input (what goes through the activation)
+    act: str
+    norm_form: FoldForm              # what `norm` declares (weight, bias, eps, heads, offset)
+
+    def describe(self) -> dict:
+        """The fold as data (for `plan.json`)."""
+        return {"norm": self.norm, "into": self.node, "gate": self.gate, "act": self.act}
+
+
+def find_norm_gates(graph: Graph) -> list[NormGate]:
+    """The `NormGate`s of `graph`, in execution order: a `gate` of two inputs whose second is a `head_norm`
+    node of one input that only the gate reads and that is no output of the graph."""
+    g = graph.g
+    forms = fold_forms(graph)
+    outputs = set(graph.outputs.values())
+    readers: dict[str, list[str]] = {}
+    for n in graph.blocks():
+        for s in g.nodes[n]["inputs"]:
+            readers.setdefault(s, []).append(n)
+    found = []
+    for n, form in forms.items():
+        ins = g.nodes[n]["inputs"]
+        if form.kind != "gate" or len(ins) != 2:
+            continue
+        norm = ins[1]
+        norm_form = forms.get(norm)
+        if (norm_form is not None and norm_form.kind == "head_norm" and len(g.nodes[norm]["inputs"]) == 1
+                and readers.get(norm) == [n] and norm not in outputs and ins[0] != norm):
+            found.append(NormGate(n, norm, ins[0], form.act, norm_form))
+    return found
+
+
 class FusedLinear(nn.Module):
     """One `FusionGroup` as one matmul: `x -> [y_1, ..., y_n]`, the members' outputs in order.
 

@@ -33,8 +33,9 @@ causal conv); `pads_exactly` says whether it does.
 
 With fusion on, a linear also does the elementwise work next to it in its own kernel where a device
 kernel takes the call (decode-sized calls on a GPU): the RMS norm it reads, the residual add or the gated
-activation it feeds (`mad.passes.find_folds`, kernels/fold.py; `MAD_FOLD=0` turns it off). Everywhere
-else the nodes run as they are.
+activation it feeds (`mad.passes.find_folds`, kernels/fold.py; `MAD_FOLD=0` turns it off), and a gate
+applies the per-head layer norm it reads in the same kernel (`find_norm_gates`). Everywhere else the nodes
+run as they are.
 
 `quantize(config)` swaps the projections, the head and the embeddings for MLX-quantized modules
 (`mad.quantize`), after the program is built and before weights are loaded; the fusion pass then groups
@@ -60,7 +61,7 @@ from .dims import Sym, shape_str
 from .errors import Diagnostics, MadError
 from .graph import Graph, check_state
 from .kernels.registry import gradients
-from .passes import Fold, FusionGroup, find_folds, find_sibling_linears
+from .passes import Fold, FusionGroup, NormGate, find_folds, find_norm_gates, find_sibling_linears
 from .quantize import fused_linear, quantized_modules
 
 Mode = Literal["auto", "step", "chunkwise", "parallel"]
@@ -236,6 +237,9 @@ class Program:
         folds = find_folds(self.graph, active) if self.fused and not self._by_stage and self._fold_on else []
         self.folds: list[Fold] = [f for f in folds if hasattr(self._unit(f.unit), "linear_args")]
         self._fold_at = {f.node: f for f in self.folds}
+        gates = find_norm_gates(self.graph) if self.fused and not self._by_stage and self._fold_on else []
+        self.norm_gates: list[NormGate] = [ng for ng in gates if ng.node not in self._fold_at]
+        self._norm_gate_at = {ng.node: ng for ng in self.norm_gates}
 
     def modules(self) -> dict[str, Callable]:
         """Every node's module (or function, for nodes without weights), by node, in execution order."""
@@ -318,7 +322,7 @@ class Program:
             "outputs": self.graph.outputs,
             "fuse": {"setting": self.fuse, "MAD_FUSE": self._fuse_env, "enabled": self.fused,
                      "groups": [grp.describe() for grp in self.fusion_groups]},
-            "folds": [f.describe() for f in self.folds],
+            "folds": [f.describe() for f in self.folds] + [ng.describe() for ng in self.norm_gates],
             "quantization": self.quantization,
         }
 
@@ -479,6 +483,8 @@ class Program:
                     env[n] = self.fns[n](*xs)
             if n in self._fold_at:
                 self._fold(self._fold_at[n], env, last_only, valid)
+            elif n in self._norm_gate_at:
+                self._norm_gate(self._norm_gate_at[n], env, last_only, valid)
 
     def _unit(self, unit: str) -> Any:
         """The module of a fold's linear unit: its group's fused module, or its own."""
@@ -510,6 +516,21 @@ class Program:
             out = apply(env[f.node], x, *self._unit(f.unit).linear_args(), norm=norm, pair=f.pair, residual=residual)
             if out.shape == env[f.node].shape:
                 env[f.node] = out
+
+    def _norm_gate(self, ng: NormGate, env: dict, last_only: bool, valid: Optional[mx.array] = None) -> None:
+        """Replace the gate's value by `head_norm_gate`'s where a kernel takes the call (kernels/fold.py)."""
+        from .kernels.fold import apply_head_norm_gate
+
+        raw = self.reads[ng.norm][0]
+        if raw not in env or ng.gate not in env:
+            return  # a part of the program run alone (`profile`): the nodes as they are
+        norm, form = self.fns[ng.norm], ng.norm_form
+        out = apply_head_norm_gate(env[ng.node], self._read(env, ng.gate, ng.node, last_only, valid),
+                                   self._read(env, raw, ng.norm, last_only, valid), norm[form.weight],
+                                   norm[form.bias] if form.bias else None, eps=form.eps, heads=form.heads,
+                                   offset=form.offset, act=ng.act)
+        if out.shape == env[ng.node].shape:
+            env[ng.node] = out
 
     def _stage_fn(self, stage: Stage, mode: str, last_only: bool, inputs: dict, state: dict) -> tuple[dict, dict]:
         env, new_state = dict(inputs), {}

@@ -16,11 +16,11 @@ import pytest
 import mad
 from mad.errors import MadError
 from mad.kernels import registry
-from mad.kernels.fold import apply, folded_linear
+from mad.kernels.fold import apply, apply_head_norm_gate, folded_linear, head_norm_gate
 from mad.kernels import linear_device
 from mad.kernels.linear import linear
 from mad.kernels.qlinear import QuantizedMatrix
-from mad.passes import find_folds
+from mad.passes import find_folds, find_norm_gates
 
 CUDA = mx.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="needs MLX with a CUDA GPU")
@@ -51,7 +51,40 @@ def test_the_pass_folds_the_7b_blocks_norms_residuals_and_gated_pair():
     assert folds[f"{b}.ffn.proj_down"] == {"linear": f"{b}.ffn.proj_down", "into": f"{b}.ffn_residual",
                                            "residual": f"{b}.mlstm_residual"}
     assert folds["lm_head"] == {"linear": "lm_head", "into": "lm_head", "norm": "backbone.out_norm"}
-    assert len(folds) == 9 and program.plan()["folds"] == [f.describe() for f in program.folds]
+    assert len(folds) == 9
+    assert program.plan()["folds"] == [f.describe() for f in program.folds] + [g.describe() for g in program.norm_gates]
+
+
+def test_the_pass_finds_each_mlstm_layers_norm_and_output_gate():
+    program = mad.build("topologies/xlstm-7b.yaml", SMALL_7B)
+    layer = "backbone.blocks.{}.mlstm_layer"
+    assert [g.describe() for g in program.norm_gates] == [
+        {"norm": f"{layer.format(i)}.multihead_norm", "into": f"{layer.format(i)}.output_gate",
+         "gate": f"{layer.format(i)}.ogate_preact", "act": "sigmoid"} for i in range(2)]
+    form = program.norm_gates[0].norm_form
+    assert (form.kind, form.heads, form.eps, form.offset, form.bias) == ("head_norm", 2, 1e-6, 0.0, None)
+    # the original stack's norm feeds a skip connection, not a gate: nothing to fold
+    assert find_norm_gates(mad.build("topologies/xlstm-v1-125m.yaml", ["dims.L=2"]).graph) == []
+
+
+def test_no_norm_gate_where_the_norm_has_another_reader(tmp_path):
+    path = tmp_path / "m.yaml"
+    path.write_text("""
+mad: 1
+name: m
+dims: {B: batch, T: seq, D: 64}
+inputs:
+  x: {shape: [B, T, D], dtype: float32}
+nodes:
+  o: {type: linear, out: D, in: x}
+  norm: {type: multihead_layernorm, heads: 4, in: x}
+  gated: {type: gate, act: sigmoid, in: [o, norm]}
+  both: {type: add, in: [gated, norm]}
+outputs: {y: both}
+""")
+    assert find_norm_gates(mad.build(str(path)).graph) == []
+    path.write_text(path.read_text().replace("both: {type: add, in: [gated, norm]}", "both: {type: add, in: [gated, o]}"))
+    assert [g.norm for g in find_norm_gates(mad.build(str(path)).graph)] == ["norm"]
 
 
 def test_no_fold_where_a_linear_has_other_readers_or_is_an_output(tmp_path):
@@ -167,6 +200,26 @@ def test_the_reference_is_the_unfused_operations():
             assert apply(value, x, w) is value  # no variant under the reference policy: the nodes' value
 
 
+@pytest.mark.parametrize("offset,bias,act", [(0.0, False, "sigmoid"), (1.0, True, "silu")])
+def test_head_norm_gate_reference_is_the_unfused_nodes(offset, bias, act):
+    """The reference computes what the multi-head norm's module and the gate compute (blocks/mlstm.py)."""
+    from mad.blocks.mlstm import MultiHeadNorm
+    from mad.blocks.wiring import gated
+
+    x, o = rand((2, 3, 64), 0), rand((2, 3, 64), 1)
+    norm = MultiHeadNorm(4, 64, 1e-5, bias, offset)
+    norm.weight = rand((64,), 2)
+    if bias:
+        norm.bias = rand((64,), 3)
+    with mx.stream(mx.cpu):
+        want = gated(act)(o, norm(x))
+        got = head_norm_gate(o, x, norm.weight, norm.bias if bias else None, eps=1e-5, heads=4, offset=offset, act=act)
+        assert mx.allclose(got, want, rtol=1e-6, atol=1e-6).item()
+        value = mx.zeros((2, 3, 64))
+        with registry.use_reference():
+            assert apply_head_norm_gate(value, o, x, norm.weight, heads=4) is value
+
+
 # ------------------------------------------------------------------------------------------ the kernels (CUDA)
 def _weight(N, K, quantized, dtype, seed):
     w = rand((N, K), seed, 0.05, dtype)
@@ -244,6 +297,30 @@ def test_float_kernel_without_its_norm_still_folds_the_pair_and_residual(M, dtyp
     got = apply(value, x, weight, None, splits, caps, **kw)
     assert got is not value, "no kernel took the call"
     assert got.dtype == dtype and got.shape == want.shape and rel_err(got, want) < tol
+
+
+@needs_cuda
+@pytest.mark.parametrize("rows,DH,dtype,tol", [(1, 512, mx.bfloat16, 1e-2), (3, 96, mx.float32, 2e-6),
+                                               (2, 1024, mx.float32, 2e-6)])
+@pytest.mark.parametrize("offset,bias,act", [(0.0, False, "sigmoid"), (1.0, True, "silu")])
+def test_head_norm_gate_kernel_matches_the_reference(rows, DH, dtype, tol, offset, bias, act):
+    """One launch for the multi-head norm and the gate: held to the float32 reference, every element written
+    (NaN poison), heads not a multiple of the block's threads, a bias and NX-AI's weight offset."""
+    from mad.kernels.norm_device import head_norm_gate_device
+
+    heads = 4
+    D = heads * DH
+    x, o = rand((rows, 1, D), 0, 3.0, dtype) + 1, rand((rows, 1, D), 1, dtype=dtype)
+    w, b = rand((D,), 2, dtype=dtype), rand((D,), 3, dtype=dtype) if bias else None
+    f32 = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
+    with mx.stream(mx.cpu):
+        want = head_norm_gate(f32(o), f32(x), f32(w), f32(b), eps=1e-6, heads=heads, offset=offset, act=act)
+    got = head_norm_gate_device(o, x, w, b, eps=1e-6, heads=heads, offset=offset, act=act, poison=float("nan"))
+    assert got.dtype == dtype and got.shape == x.shape and rel_err(got, want) < tol
+    assert apply_head_norm_gate(None, o, x, w, b, eps=1e-6, heads=heads, offset=offset, act=act) is not None
+    # what it does not take: the reference's value stays
+    assert apply_head_norm_gate(None, o, x, w, b, heads=heads, act="gelu") is None
+    assert apply_head_norm_gate(None, o, x, w, b, heads=3 * D, act=act) is None
 
 
 @needs_cuda

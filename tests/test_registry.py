@@ -14,7 +14,7 @@ KERNELS_DIR = Path(registry.__file__).resolve().parent
 # every kernel the built-in modules register, and the backends of their variants
 EXPECTED = {
     "exp": {"cpu"}, "sigmoid": {"cpu"}, "silu": {"cpu"}, "sigmoid_mul": {"cpu"}, "silu_mul": {"cpu"},
-    "linear": {"cpu", "cuda", "metal"}, "quantized_linear": {"cpu", "cuda"}, "folded_linear": {"cuda"},
+    "linear": {"cpu", "cuda", "metal"}, "quantized_linear": {"cpu", "cuda"}, "folded_linear": {"cuda"}, "head_norm_gate": {"cuda"},
     "mlstm_step": {"cuda", "metal"}, "mlstm_chunk_recurrence": {"cuda", "metal"},
     "mlstm_chunk_states": {"cuda"}, "mlstm_chunk_outputs": {"cuda"},
     "slstm_sequence": {"cuda"},
