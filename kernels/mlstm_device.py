@@ -6,9 +6,12 @@ update in float32 and the normalised readout h = q^T C / (max(|q . n|, exp(-m)) 
 
 Work split: a block of TX x TY threads owns one (batch, head) pair and TX columns of C (DV axis);
 its TY rows of threads stride over DQK, so each C element is read once and written once, with
-consecutive threads on consecutive addresses; each thread loads UNROLL rows before storing any. Every block recomputes the scalar gates and q . n
-(DQK products, cheap); the first column tile writes n and m. Bytes moved per step:
-8 * B * NH * DQK * DV (C in and out) plus the small vectors: the kernel is memory-bound.
+consecutive threads on consecutive addresses; each thread loads UNROLL rows before storing any. Every
+block recomputes the scalar gates and q . n (DQK products, cheap); the first column tile writes n and m.
+With SPLITS > 1 (small batches: too few blocks to keep the GPU's memory system busy) the rows of C are
+shared out over SPLITS blocks per tile too; each writes its part of the numerator, and a second launch
+sums the parts in order and divides. Bytes moved per step: 8 * B * NH * DQK * DV (C in and out) plus the
+small vectors: the kernel is memory-bound.
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ from .registry import Unsupported, register_device_kernel
 
 TX, TY = 128, 4         # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
 UNROLL = 16             # rows of C each thread loads at once
+# Blocks per column tile along DQK (the rows of C), for calls of fewer than SPLIT_BELOW (batch, head, tile)
+# blocks: at batch 1 the 7B shape has 32 such blocks for 132 multiprocessors. Each split writes its part
+# of the numerator q^T C' and a second launch sums the parts (`COMBINE_KERNEL`). Not yet measured.
+SPLITS = 1
+SPLIT_BELOW = 128
 # the layout chosen by benchmarks/probes/sweep_mlstm_step.py at the 7B head shapes, batch 1 and 32 (see
 # benchmarks/RESULTS.md): wider column tiles read longer runs of each row of C.
 MAX_DQK = 1024          # q and k are staged in shared memory
@@ -32,6 +40,9 @@ DTYPES = (mx.float32, mx.bfloat16, mx.float16)
 STEP_BODY = """
     const int bh = BLOCK_Y;                     // batch * NH + head
     const int tile = BLOCK_X;                   // which TX columns of C
+    const int split = BLOCK_Z;                  // which ROWS rows of C (SPLITS > 1)
+    constexpr int ROWS = (DQK + SPLITS - 1) / SPLITS;
+    const int d_end = min(DQK, (split + 1) * ROWS);
     const int tx = THREAD_X, ty = THREAD_Y;
     const int lin = ty * TX + tx;
     const int j = tile * TX + tx;               // column of C (DV axis)
@@ -59,7 +70,7 @@ STEP_BODY = """
     float part = 0.0f;
     for (int d = lin; d < DQK; d += TX * TY) {
         const float nn = fa * n[bh * DQK + d] + ia * ks[d];
-        if (tile == 0) n_out[bh * DQK + d] = nn;
+        if (tile == 0 && split == 0) n_out[bh * DQK + d] = nn;
         part += qs[d] * nn;
     }
     red[lin] = part;
@@ -70,7 +81,10 @@ STEP_BODY = """
     }
     const float qn = red[0];
     SYNC();
-    if (tile == 0 && lin == 0) m_out[bh] = m_new;
+    if (tile == 0 && split == 0 && lin == 0) {
+        m_out[bh] = m_new;
+        if (SPLITS > 1) den_out[bh] = FMAX(FABS(qn), EXP(-m_new)) + eps[0];
+    }
 
     // C' = f' C + i' k v^T for column j, and the numerator q^T C'. UNROLL rows are loaded before
     // any is stored, so that the loads are in flight together (C_out may alias C for the compiler).
@@ -78,17 +92,17 @@ STEP_BODY = """
     if (active) {
         const float vj = ia * static_cast<float>(v[bh * DV + j]);
         const size_t base = (size_t)bh * DQK * DV + j;
-        for (int d0 = ty; d0 < DQK; d0 += TY * UNROLL) {
+        for (int d0 = split * ROWS + ty; d0 < d_end; d0 += TY * UNROLL) {
             float c[UNROLL];
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const int d = d0 + u * TY;
-                c[u] = d < DQK ? C[base + (size_t)d * DV] : 0.0f;
+                c[u] = d < d_end ? C[base + (size_t)d * DV] : 0.0f;
             }
 #pragma unroll
             for (int u = 0; u < UNROLL; ++u) {
                 const int d = d0 + u * TY;
-                if (d < DQK) {
+                if (d < d_end) {
                     const float cn = fa * c[u] + ks[d] * vj;
                     C_out[base + (size_t)d * DV] = cn;
                     acc += qs[d] * cn;
@@ -101,28 +115,52 @@ STEP_BODY = """
     if (ty == 0 && active) {
         float num = 0.0f;
         for (int r = 0; r < TY; ++r) num += red[r * TX + tx];
-        const float den = FMAX(FABS(qn), EXP(-m_new)) + eps[0];
-        h[bh * DV + j] = static_cast<T>(num / den);
+        if (SPLITS > 1) {
+            parts[((size_t)bh * SPLITS + split) * DV + j] = num;
+        } else {
+            const float den = FMAX(FABS(qn), EXP(-m_new)) + eps[0];
+            h[bh * DV + j] = static_cast<T>(num / den);
+        }
+    }
+"""
+
+COMBINE_BODY = """
+    // h = (the splits' parts of q^T C', in order) / den, one thread per element of h
+    const int e = BLOCK_X * THREADS + THREAD_X;
+    if (e < ROWS_H * DV) {
+        const int bh = e / DV, j = e % DV;
+        float num = 0.0f;
+        for (int s = 0; s < SPLITS; ++s) num += parts[((size_t)bh * SPLITS + s) * DV + j];
+        h[e] = static_cast<T>(num / den[bh]);
     }
 """
 
 STEP_KERNEL = DeviceKernel(
     "mad_mlstm_step",
     inputs=["q", "k", "v", "ig", "fg", "C", "n", "m", "eps"],
-    outputs=["h", "C_out", "n_out", "m_out"],
+    outputs=["h", "C_out", "n_out", "m_out", "parts", "den_out"],
     body=STEP_BODY,
 )
+COMBINE_KERNEL = DeviceKernel("mad_mlstm_step_combine", inputs=["parts", "den"], outputs=["h"], body=COMBINE_BODY)
+COMBINE_THREADS = 256
+
+
+def step_splits(B: int, NH: int, DV: int) -> int:
+    """Row splits for a step of B x NH heads of DV columns: `SPLITS` where the call has fewer than
+    `SPLIT_BELOW` blocks without them, else 1."""
+    return SPLITS if B * NH * math.ceil(DV / TX) < SPLIT_BELOW else 1
 
 
 def mlstm_step_device(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array,
     state: Optional[State] = None, eps: float = 1e-6, scale: str = "q", *,
-    backend: str = "cuda", poison: Optional[float] = None,
+    backend: str = "cuda", poison: Optional[float] = None, splits: Optional[int] = None,
 ) -> tuple[mx.array, State]:
     """The fused step on `backend`; same arguments and results as `kernels.mlstm.mlstm_step`.
 
     Raises Unsupported for inputs it does not handle (the dispatcher then runs the reference).
     `poison` fills the outputs before the launch (tests check that every element is written).
+    `splits` asks for that many row splits (`step_splits` otherwise; tests and benchmarks compare them).
     """
     _check_shapes(q, k, v, i, f)
     B, NH, T, DQK = q.shape
@@ -139,17 +177,29 @@ def mlstm_step_device(
     C, n, m = (s if s.dtype == mx.float32 else s.astype(mx.float32) for s in state)
     # the kernel indexes flat, row-contiguous arrays: inputs and outputs keep their shapes (no reshape
     # nodes, which cost a decode step host time per layer)
-    h, C_new, n_new, m_new = STEP_KERNEL(
+    S = step_splits(B, NH, DV) if splits is None else splits
+    if S < 1:
+        raise ValueError(f"mlstm_step: splits must be 1 or more, got {S}")
+    split = S > 1
+    h, C_new, n_new, m_new, parts, den = STEP_KERNEL(
         backend,
         inputs=[q, k, v, i, f, C, n, m, scalar(eps)],
         template=[("T", v.dtype), ("DQK", DQK), ("DV", DV), ("TX", TX), ("TY", TY), ("UNROLL", UNROLL),
-                  ("SCALE_Q", scale == "q")],
-        grid=(math.ceil(DV / TX) * TX, B * NH * TY, 1),
+                  ("SCALE_Q", scale == "q"), ("SPLITS", S)],
+        grid=(math.ceil(DV / TX) * TX, B * NH * TY, S),
         threadgroup=(TX, TY, 1),
-        output_shapes=[(B, NH, 1, DV), (B, NH, DQK, DV), (B, NH, DQK), (B, NH)],
-        output_dtypes=[v.dtype, mx.float32, mx.float32, mx.float32],
+        output_shapes=[(B, NH, 1, DV) if not split else (1,), (B, NH, DQK, DV), (B, NH, DQK), (B, NH),
+                       (B * NH * S * DV,) if split else (1,), (B * NH,) if split else (1,)],
+        output_dtypes=[v.dtype, mx.float32, mx.float32, mx.float32, mx.float32, mx.float32],
         init_value=poison,
     )
+    if split:
+        (h,) = COMBINE_KERNEL(
+            backend, inputs=[parts, den],
+            template=[("T", v.dtype), ("ROWS_H", B * NH), ("DV", DV), ("SPLITS", S), ("THREADS", COMBINE_THREADS)],
+            grid=(math.ceil(B * NH * DV / COMBINE_THREADS) * COMBINE_THREADS, 1, 1),
+            threadgroup=(COMBINE_THREADS, 1, 1),
+            output_shapes=[(B, NH, 1, DV)], output_dtypes=[v.dtype], init_value=poison)
     return h, (C_new, n_new, m_new)
 
 

@@ -237,11 +237,14 @@ def rel_err(out, ref):
                                          (64, 8, 256, 512), (5, 2, 512, 512), (1, 1, 128, 33)])
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2)])
 @pytest.mark.parametrize("scale", ["q", "k"])
-def test_mlstm_step_kernel_matches_reference(B, NH, DQK, DV, dtype, tol, scale):
+@pytest.mark.parametrize("splits", [None, 3, 4])
+def test_mlstm_step_kernel_matches_reference(B, NH, DQK, DV, dtype, tol, scale, splits):
+    """Every shape with the default row splits and with C's rows shared out over 3 (uneven) or 4 blocks."""
     rng = np.random.default_rng(B * 1000 + DQK + DV)
     qkv, gates, state = step_inputs(rng, B, NH, DQK, DV, dtype)
     for given_state in (state, None):
-        h, new_state = mlstm_step_device(*qkv, *gates, given_state, scale=scale, backend=GPU, poison=float("nan"))
+        h, new_state = mlstm_step_device(*qkv, *gates, given_state, scale=scale, backend=GPU, poison=float("nan"),
+                                         splits=splits)
         with mx.stream(mx.cpu):  # float32 reference on the bf16-rounded inputs
             h_ref, ref_state = mlstm_step(*(x.astype(mx.float32) for x in qkv), *gates, given_state, scale=scale)
             mx.eval(h_ref, ref_state)
