@@ -11,7 +11,8 @@ Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 s
 Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU machine:
 
     python benchmarks/probes/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
-        [--compare-fuse | --compare-fold | --compare-inference | --compare-tensor-cores] [--bits 4]
+        [--compare-fuse | --compare-fold | --compare-inference | --compare-tensor-cores
+         | --compare-setting MODULE.NAME=V1,V2] [--bits 4]
         # --bits: quantized as bench_quant.py does (no matmuls row)
 Decode steps run inside `mad.inference()` (as generation does); `--compare-inference` times them inside and
 outside it (kernels bare or wrapped for gradients), interleaved on one model.
@@ -129,6 +130,57 @@ def compare_tensor_cores(args) -> None:
                       **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
 
 
+def compare_setting(args) -> None:
+    """Decode ms/step of one model per value of a kernel module's setting, `--compare-setting
+    MODULE.NAME=V1,V2,...` (e.g. mad.kernels.mlstm_device.SPLITS=1,4): each traces its step with its value
+    (settings are read when a step is traced), all on the same weights (quantized alike with `--bits`),
+    5 interleaved rounds; the largest logit difference of each to the first."""
+    import ast
+    import importlib
+
+    target, _, values = args.compare_setting.partition("=")
+    module_name, _, name = target.rpartition(".")
+    module = importlib.import_module(module_name)
+    default = getattr(module, name)
+    values = [ast.literal_eval(v) for v in values.split(",")]
+    models = {}
+    for value in values:
+        model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
+        if models:
+            model.program.load_weights(next(iter(models.values())).program.parameters())
+        models[repr(value)] = model
+    if args.bits:
+        from mad.quantize import quantize_model
+        for model in models.values():
+            quantize_model(model, bits=args.bits, group_size=64)
+    for model in models.values():
+        mx.eval(model.program.parameters())
+    mx.clear_cache()
+    B = args.batch
+    V = next(iter(models.values())).vocab_size
+    tokens = mx.random.randint(0, V, (B, 16)).astype(mx.int32)
+    token = mx.random.randint(0, V, (B, 1)).astype(mx.int32)
+    states, logits = {}, {}
+    with mad.inference():
+        try:
+            for value, (k, model) in zip(values, models.items()):
+                setattr(module, name, value)
+                states[k] = model(tokens)[1]
+                logits[k] = model(token, states[k], check_tokens=False)[0].astype(mx.float32)
+                decode_ms(model, token, states[k], 5)
+        finally:
+            setattr(module, name, default)
+        first = next(iter(logits.values()))
+        diffs = {k: float(mx.max(mx.abs(v - first))) for k, v in logits.items()}
+        times = {k: [] for k in models}
+        for _ in range(5):
+            for k in models:
+                times[k].append(decode_ms(models[k], token, states[k], args.steps))
+    print(json.dumps({"setting": target, "batch": B, "bits": args.bits, "max_abs_logit_diff_to_first": diffs,
+                      **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
+                      **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
+
+
 def compare(args, what: str) -> None:
     """Decode ms/step of two programs on the same weights, 5 interleaved rounds: fused against unfused
     sibling projections (`what` "fuse"), or folded against unfolded norms, residual adds and gated
@@ -186,6 +238,8 @@ def main() -> None:
                     help="only time folded vs unfolded decode (same weights, MAD_FOLD), interleaved")
     ap.add_argument("--compare-tensor-cores", action="store_true",
                     help="4-bit decode with the tensor-core kernel on all, the long or none of the products, and bf16, interleaved")
+    ap.add_argument("--compare-setting", metavar="MODULE.NAME=V1,V2",
+                    help="one model per value of a kernel module's setting, same weights, interleaved")
     ap.add_argument("--compare-inference", action="store_true",
                     help="only time decode inside vs outside mad.inference(), interleaved")
     args = ap.parse_args()
@@ -194,6 +248,8 @@ def main() -> None:
         return compare_inference(args)
     if args.compare_tensor_cores:
         return compare_tensor_cores(args)
+    if args.compare_setting:
+        return compare_setting(args)
     with mad.inference():
         return run(args)
 
