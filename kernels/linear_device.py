@@ -9,6 +9,9 @@ per linear (or fused group of linears) where a matmul, a bias add and a soft-cap
 five. (The reference rounds after the matmul and after each op of the soft-cap: in bf16 the two agree
 to a few units of the last place, and the kernel's figure is the closer one.)
 
+With SHARED_X a block first stages its rows of x in shared memory (float32, times a folded norm's weight,
+the norm's sum of squares taken there), where otherwise each warp reads x and the norm's weight itself.
+
 Same call as the reference `kernels.linear.linear`. The variant takes x (M, K) and w (N, K) of one dtype
 with M <= the row limit (MAX_ROWS) and K a multiple of 8; anything else runs the reference.
 
@@ -44,36 +47,86 @@ WARPS = 4  # output features per block (one warp each)
 # Without it the norm runs as MLX's kernel before this one, which still takes a pair or a residual.
 # The quantized kernel shares those loads among R features and takes it.
 FOLD_NORM = False
+# Whether a block stages its rows of x (times a folded norm's weight) in shared memory once, where each warp
+# otherwise reads x (and the norm's weight) itself; taken where it fits in SHARED_X_BYTES. The staged norm
+# is what FOLD_NORM would need to be cheap. Off until measured.
+SHARED_X = False
+SHARED_X_BYTES = 48 * 1024
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 LINEAR_BODY = """
     constexpr int P = PAIR ? 2 : 1;             // weight rows per output: n, and NOUT + n for a pair
     constexpr int NOUT = N / P;
+    constexpr int NCH = K / 8;                  // 8-value pieces of a row of x
     const int lane = THREAD_X;                  // 0..31
     const int n = BLOCK_X * WARPS + THREAD_Y;   // output feature of this warp
-    if (n < NOUT) {
-        float acc[M][P];
-        float ss[M];                            // NORM: the sum of squares of each row of x
+    // STAGED: the block's rows of x (times the norm's weight with NORM) in shared memory as float32, once,
+    // where each warp read x (and g) itself; piece h (values 4h .. 4h + 3) of the 8 values at c * 8 sits at
+    // float4 (h * NCH + c), so that a warp's lanes (consecutive c) read consecutive 16 bytes.
+    SHARED __align__(16) float xs[STAGED ? M * K : 4];
+    SHARED float xss[STAGED && NORM ? WARPS * M : 1];
+    float ss[M];                                // NORM: the sum of squares of each row of x
+#pragma unroll
+    for (int r = 0; r < M; ++r) ss[r] = 0.0f;
+    if (STAGED) {
+        const int t = THREAD_Y * 32 + lane;
 #pragma unroll
         for (int r = 0; r < M; ++r) {
-            ss[r] = 0.0f;
+            float sq = 0.0f;
+            float4* pieces = reinterpret_cast<float4*>(&xs[r * K]);
+            for (int c = t; c < NCH; c += WARPS * 32) {
+                float xv[8], gv[8];
+                load8(x + (size_t)r * K + c * 8, xv);
+                if (NORM) {
+                    load8(g + c * 8, gv);
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) { sq += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                }
+                pieces[c] = make_float4(xv[0], xv[1], xv[2], xv[3]);
+                pieces[NCH + c] = make_float4(xv[4], xv[5], xv[6], xv[7]);
+            }
+            if (NORM) {
+                sq = WARP_SUM(sq);
+                if (lane == 0) xss[THREAD_Y * M + r] = sq;
+            }
+        }
+        SYNC();
+        if (NORM) {
+#pragma unroll
+            for (int r = 0; r < M; ++r) {
+                float total = 0.0f;
+                for (int wi = 0; wi < WARPS; ++wi) total += xss[wi * M + r];
+                ss[r] = total;                  // the whole row's: not summed over the lanes again
+            }
+        }
+    }
+    if (n < NOUT) {
+        float acc[M][P];
+#pragma unroll
+        for (int r = 0; r < M; ++r)
 #pragma unroll
             for (int p = 0; p < P; ++p) acc[r][p] = 0.0f;
-        }
 #pragma unroll 4
         for (int k = lane * 8; k < K; k += 256) {
             float wv[P][8];
 #pragma unroll
             for (int p = 0; p < P; ++p) load8(w + (size_t)(n + p * NOUT) * K + k, wv[p]);
             float gv[8];
-            if (NORM) load8(g + k, gv);
+            if (NORM && !STAGED) load8(g + k, gv);
 #pragma unroll
             for (int r = 0; r < M; ++r) {
                 float xv[8];
-                load8(x + (size_t)r * K + k, xv);
-                if (NORM) {
+                if (STAGED) {
+                    const float4* pieces = reinterpret_cast<const float4*>(&xs[r * K]);
+                    const float4 a = pieces[k / 8], b = pieces[NCH + k / 8];
+                    xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
+                    xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+                } else {
+                    load8(x + (size_t)r * K + k, xv);
+                    if (NORM) {
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                        for (int e = 0; e < 8; ++e) { ss[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                    }
                 }
 #pragma unroll
                 for (int p = 0; p < P; ++p)
@@ -84,7 +137,7 @@ LINEAR_BODY = """
 #pragma unroll
         for (int r = 0; r < M; ++r) {
             // rms_norm(x) W^T = rsqrt(mean(x^2) + eps) (x g) W^T: the row's scale applied to the sums
-            const float scale = NORM ? 1.0f / SQRT(WARP_SUM(ss[r]) / K + normp[0]) : 1.0f;
+            const float scale = NORM ? 1.0f / SQRT((STAGED ? ss[r] : WARP_SUM(ss[r])) / K + normp[0]) : 1.0f;
             float part[P];
 #pragma unroll
             for (int p = 0; p < P; ++p) {
@@ -157,8 +210,10 @@ def row_limit() -> int:
 
 def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence[int],
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], norm: Optional[tuple] = None,
-            pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None) -> mx.array:
-    """The kernel's (M, width) result for x (..., K); Unsupported for shapes it does not handle."""
+            pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None,
+            shared_x: Optional[bool] = None) -> mx.array:
+    """The kernel's (M, width) result for x (..., K); Unsupported for shapes it does not handle. `shared_x`
+    asks for x staged or not (`SHARED_X` otherwise)."""
     *lead, K = x.shape
     N = w.shape[0]
     M = 1
@@ -171,10 +226,11 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
         raise Unsupported("linear: a norm without a weight of the input's width")
     check_parts(splits, caps)
     width = N if width is None else width
+    staged = (SHARED_X if shared_x is None else shared_x) and 4 * (M * K + WARPS * M) <= SHARED_X_BYTES
     (y,) = LINEAR_KERNEL(
         backend,
         inputs=[x, w, *fold_inputs(N, bias, splits, caps, norm, residual)],
-        template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS),
+        template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS), ("STAGED", staged),
                   *fold_template(bias, caps, norm, pair, residual)],
         grid=(-(-width // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
         output_shapes=[(*lead, width)], output_dtypes=[w.dtype], init_value=poison)
@@ -183,9 +239,9 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
 
 def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
                   caps: Sequence[Optional[float]] = (None,), *, backend: str = "cuda",
-                  poison: Optional[float] = None) -> list[mx.array]:
+                  poison: Optional[float] = None, shared_x: Optional[bool] = None) -> list[mx.array]:
     """`kernels.linear.linear` with the decode kernel; Unsupported for shapes it does not handle."""
-    return split_parts(_launch(x, w, bias, splits, caps, backend, poison), splits)
+    return split_parts(_launch(x, w, bias, splits, caps, backend, poison, shared_x=shared_x), splits)
 
 
 def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,

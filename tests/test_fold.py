@@ -17,7 +17,7 @@ import mad
 from mad.errors import MadError
 from mad.kernels import registry
 from mad.kernels.fold import apply, apply_head_norm_gate, folded_linear, head_norm_gate
-from mad.kernels import linear_device
+from mad.kernels import linear_device, qlinear_device
 from mad.kernels.linear import linear
 from mad.kernels.qlinear import QuantizedMatrix
 from mad.passes import find_folds, find_norm_gates
@@ -252,9 +252,13 @@ CASES = [(q, M, dtype, tol) for q in (None, 4, 8) for M in (1, 3) for dtype, tol
 @needs_cuda
 @pytest.mark.parametrize("quantized,M,dtype,tol", CASES)
 @pytest.mark.parametrize("fold", ["norm", "pair", "norm+pair", "residual", "pair+residual", "norm+residual"])
-def test_kernel_matches_the_reference(monkeypatch, quantized, M, dtype, tol, fold):
+@pytest.mark.parametrize("shared_x", [False, True])
+def test_kernel_matches_the_reference(monkeypatch, quantized, M, dtype, tol, fold, shared_x):
     """Rows 1 and 3, bf16 and float32 (4-/8-bit weights: x's dtype), a bias, a soft-cap on one part, K = 11
-    groups of 64 (not a multiple of a warp's step), widths not a multiple of the warps per block."""
+    groups of 64 (not a multiple of a warp's step), widths not a multiple of the warps per block; x read
+    by each warp, or staged once a block (`SHARED_X` of both kernels)."""
+    monkeypatch.setattr(linear_device, "SHARED_X", shared_x)
+    monkeypatch.setattr(qlinear_device, "SHARED_X", shared_x)
     K, width = 64 * 11, 37
     pair = "silu" if "pair" in fold else None
     N = 2 * width if pair else width

@@ -369,11 +369,14 @@ def test_linear_on_the_cpu_takes_16_bit_products_in_float32(dtype, on_cpu):
 @needs_gpu
 @pytest.mark.parametrize("M,K,N", [(1, 4096, 333), (3, 64, 7), (4, 1000, 4096), (2, 10944, 129), (1, 8, 1)])
 @pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-5), (mx.bfloat16, 1e-2), (mx.float16, 1e-2)])
-def test_linear_kernel_matches_reference(M, K, N, dtype, tol):
+@pytest.mark.parametrize("shared_x", [False, True])
+def test_linear_kernel_matches_reference(M, K, N, dtype, tol, shared_x):
+    """Every shape with x read by each warp and staged in shared memory once a block (where it fits; else
+    the same unstaged kernel: (2, 10944) in float32 is 87.6 KB)."""
     rng = np.random.default_rng(M * 7 + K + N)
     x = mx.array(rng.normal(0, 1, (M, K)).astype(np.float32)).astype(dtype)
     w = mx.array(rng.normal(0, 0.05, (N, K)).astype(np.float32)).astype(dtype)
-    (y,) = linear_device(x, w, backend=GPU, poison=float("nan"))
+    (y,) = linear_device(x, w, backend=GPU, poison=float("nan"), shared_x=shared_x)
     with mx.stream(mx.cpu):
         ref = x.astype(mx.float32) @ w.astype(mx.float32).T
     assert y.dtype == dtype and y.shape == (M, N)

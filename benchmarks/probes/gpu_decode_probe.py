@@ -131,24 +131,30 @@ def compare_tensor_cores(args) -> None:
 
 
 def compare_setting(args) -> None:
-    """Decode ms/step of one model per value of a kernel module's setting, `--compare-setting
-    MODULE.NAME=V1,V2,...` (e.g. mad.kernels.mlstm_device.SPLITS=1,4): each traces its step with its value
-    (settings are read when a step is traced), all on the same weights (quantized alike with `--bits`),
-    5 interleaved rounds; the largest logit difference of each to the first."""
+    """Decode ms/step of one model per value of kernel modules' settings, `--compare-setting
+    MODULE.NAME=V1,V2,...` (e.g. mad.kernels.mlstm_device.SPLITS=1,4; given several times, model i takes
+    the i-th value of each): each traces its step with its values (settings are read when a step is
+    traced), all on the same weights (quantized alike with `--bits`), 5 interleaved rounds; the largest
+    logit difference of each to the first."""
     import ast
     import importlib
 
-    target, _, values = args.compare_setting.partition("=")
-    module_name, _, name = target.rpartition(".")
-    module = importlib.import_module(module_name)
-    default = getattr(module, name)
-    values = [ast.literal_eval(v) for v in values.split(",")]
+    settings = []
+    for given in args.compare_setting:
+        target, _, values = given.partition("=")
+        module_name, _, name = target.rpartition(".")
+        module = importlib.import_module(module_name)
+        settings.append((module, name, getattr(module, name), [ast.literal_eval(v) for v in values.split(",")]))
+    counts = {len(values) for *_, values in settings}
+    if len(counts) != 1:
+        raise SystemExit("--compare-setting: give every setting the same number of values")
+    labels = [",".join(f"{name}={values[i]!r}" for _, name, _, values in settings) for i in range(counts.pop())]
     models = {}
-    for value in values:
+    for label in labels:
         model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
         if models:
             model.program.load_weights(next(iter(models.values())).program.parameters())
-        models[repr(value)] = model
+        models[label] = model
     if args.bits:
         from mad.quantize import quantize_model
         for model in models.values():
@@ -163,22 +169,24 @@ def compare_setting(args) -> None:
     states, logits = {}, {}
     with mad.inference():
         try:
-            for value, (k, model) in zip(values, models.items()):
-                setattr(module, name, value)
+            for i, (k, model) in enumerate(models.items()):
+                for module, name, _, values in settings:
+                    setattr(module, name, values[i])
                 states[k] = model(tokens)[1]
                 logits[k] = model(token, states[k], check_tokens=False)[0].astype(mx.float32)
                 decode_ms(model, token, states[k], 5)
         finally:
-            setattr(module, name, default)
+            for module, name, default, _ in settings:
+                setattr(module, name, default)
         first = next(iter(logits.values()))
         diffs = {k: float(mx.max(mx.abs(v - first))) for k, v in logits.items()}
         times = {k: [] for k in models}
         for _ in range(5):
             for k in models:
                 times[k].append(decode_ms(models[k], token, states[k], args.steps))
-    print(json.dumps({"setting": target, "batch": B, "bits": args.bits, "max_abs_logit_diff_to_first": diffs,
-                      **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
-                      **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
+    print(json.dumps({"batch": B, "bits": args.bits, "max_abs_logit_diff_to_first": diffs,
+                      **{f"{k} ms": statistics.median(v) for k, v in times.items()},
+                      **{f"{k} tokens/s": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
 
 
 def compare(args, what: str) -> None:
@@ -238,8 +246,9 @@ def main() -> None:
                     help="only time folded vs unfolded decode (same weights, MAD_FOLD), interleaved")
     ap.add_argument("--compare-tensor-cores", action="store_true",
                     help="4-bit decode with the tensor-core kernel on all, the long or none of the products, and bf16, interleaved")
-    ap.add_argument("--compare-setting", metavar="MODULE.NAME=V1,V2",
-                    help="one model per value of a kernel module's setting, same weights, interleaved")
+    ap.add_argument("--compare-setting", metavar="MODULE.NAME=V1,V2", action="append",
+                    help="one model per value of a kernel module's setting (several: the i-th values together), "
+                         "same weights, interleaved")
     ap.add_argument("--compare-inference", action="store_true",
                     help="only time decode inside vs outside mad.inference(), interleaved")
     args = ap.parse_args()
