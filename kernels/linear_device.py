@@ -54,6 +54,32 @@ SHARED_X = False
 SHARED_X_BYTES = 48 * 1024
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
+# The end of a block's staging of x (SHARED_X, this kernel and kernels/qlinear_device.py): each warp's sums
+# of squares of the rows (a folded norm's) into xss, the barrier, then every thread's ss[r] = the row's sum
+# over the warps in order (the whole row's, not summed over the lanes again).
+STAGING_HEADER = """
+template <int M, int WARPS, bool NORM>
+__device__ inline void staged_squares(float (&sq)[M], float* xss, float (&ss)[M]) {
+    const int warp = THREAD_Y, lane = THREAD_X;
+    if (NORM) {
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float total = WARP_SUM(sq[r]);
+            if (lane == 0) xss[warp * M + r] = total;
+        }
+    }
+    SYNC();
+    if (NORM) {
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            float total = 0.0f;
+            for (int wi = 0; wi < WARPS; ++wi) total += xss[wi * M + r];
+            ss[r] = total;
+        }
+    }
+}
+"""
+
 LINEAR_BODY = """
     constexpr int P = PAIR ? 2 : 1;             // weight rows per output: n, and NOUT + n for a pair
     constexpr int NOUT = N / P;
@@ -70,9 +96,10 @@ LINEAR_BODY = """
     for (int r = 0; r < M; ++r) ss[r] = 0.0f;
     if (STAGED) {
         const int t = THREAD_Y * 32 + lane;
+        float sq[M];
 #pragma unroll
         for (int r = 0; r < M; ++r) {
-            float sq = 0.0f;
+            sq[r] = 0.0f;
             float4* pieces = reinterpret_cast<float4*>(&xs[r * K]);
             for (int c = t; c < NCH; c += WARPS * 32) {
                 float xv[8], gv[8];
@@ -80,25 +107,13 @@ LINEAR_BODY = """
                 if (NORM) {
                     load8(g + c * 8, gv);
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) { sq += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                    for (int e = 0; e < 8; ++e) { sq[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
                 }
                 pieces[c] = make_float4(xv[0], xv[1], xv[2], xv[3]);
                 pieces[NCH + c] = make_float4(xv[4], xv[5], xv[6], xv[7]);
             }
-            if (NORM) {
-                sq = WARP_SUM(sq);
-                if (lane == 0) xss[THREAD_Y * M + r] = sq;
-            }
         }
-        SYNC();
-        if (NORM) {
-#pragma unroll
-            for (int r = 0; r < M; ++r) {
-                float total = 0.0f;
-                for (int wi = 0; wi < WARPS; ++wi) total += xss[wi * M + r];
-                ss[r] = total;                  // the whole row's: not summed over the lanes again
-            }
-        }
+        staged_squares<M, WARPS, NORM>(sq, xss, ss);
     }
     if (n < NOUT) {
         float acc[M][P];
@@ -156,7 +171,7 @@ LINEAR_BODY = """
 """
 
 LINEAR_KERNEL = DeviceKernel("mad_linear", inputs=["x", "w", "bias", "cap", "g", "normp", "res"], outputs=["y"],
-                             body=LINEAR_BODY)
+                             body=LINEAR_BODY, header=STAGING_HEADER)
 
 
 @functools.lru_cache(maxsize=None)

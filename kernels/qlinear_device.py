@@ -58,7 +58,7 @@ import numpy as np
 from .device import DeviceKernel
 from .linear import check_parts, split_parts
 from .fold import fold_result, fold_width
-from .linear_device import DTYPES, fold_inputs, fold_template, folded_linear_device
+from .linear_device import DTYPES, STAGING_HEADER, fold_inputs, fold_template, folded_linear_device
 from .qlinear import QuantizedMatrix, affine_layout
 from .qlinear_mma import launch_mma
 from .registry import Unsupported, register_variant
@@ -265,16 +265,17 @@ QLINEAR_BODY = """
             // the chunk's sums in the order a lane sums them without staging (the same bits), the squares
             // (NORM) summed per thread, per warp, then over the warps in order
             const int t = THREAD_Y * 32 + lane;
+            float sq[M];
 #pragma unroll
             for (int r = 0; r < M; ++r) {
-                float sq = 0.0f;
+                sq[r] = 0.0f;
                 for (int cc = t; cc < NCH; cc += WARPS * 32) {
                     float sum = 0.0f, sum_even = 0.0f;
 #pragma unroll
                     for (int h = 0; h < CHUNK / 8; ++h) {
                         float xv[8], gv[8];
                         if (NORM) load8(g + cc * CHUNK + h * 8, gv);
-                        read_x8(r, cc * CHUNK + h * 8, gv, xv, sq, sum, sum_even);
+                        read_x8(r, cc * CHUNK + h * 8, gv, xv, sq[r], sum, sum_even);
                         float4* piece = reinterpret_cast<float4*>(&xs[r * K + (2 * h * NCH + cc) * 4]);
                         piece[0] = make_float4(xv[0], xv[1], xv[2], xv[3]);              // piece 2h
                         piece[NCH] = make_float4(xv[4], xv[5], xv[6], xv[7]);            // piece 2h + 1
@@ -282,20 +283,8 @@ QLINEAR_BODY = """
                     xsum[r * NCH + cc] = sum;
                     if (SPLIT) xsum_even[r * NCH + cc] = sum_even;
                 }
-                if (NORM) {
-                    sq = WARP_SUM(sq);
-                    if (lane == 0) xss[THREAD_Y * M + r] = sq;
-                }
             }
-            SYNC();
-            if (NORM) {
-#pragma unroll
-                for (int r = 0; r < M; ++r) {
-                    float total = 0.0f;
-                    for (int wi = 0; wi < WARPS; ++wi) total += xss[wi * M + r];
-                    ss[r] = total;               // the whole row's: not summed over the lanes again
-                }
-            }
+            staged_squares<M, WARPS, NORM>(sq, xss, ss);
         }
 #pragma unroll
         for (int step = 0; step < STEPS; ++step) {
@@ -330,7 +319,7 @@ QLINEAR_BODY = """
 
 QLINEAR_KERNEL = DeviceKernel("mad_quantized_linear",
                               inputs=["x", "w", "scales", "biases", "bias", "cap", "g", "normp", "res"],
-                              outputs=["y"], body=QLINEAR_BODY, header=QLINEAR_HEADER)
+                              outputs=["y"], body=QLINEAR_BODY, header=STAGING_HEADER + QLINEAR_HEADER)
 
 
 def unpack_row(words: np.ndarray, bits: int, K: int, split: bool = False) -> np.ndarray:

@@ -179,6 +179,15 @@ def fold_forms(graph: Graph) -> dict[str, FoldForm]:
     return out
 
 
+def _readers(graph: Graph) -> dict[str, list[str]]:
+    """{value: the nodes that read it, in execution order}."""
+    readers: dict[str, list[str]] = {}
+    for n in graph.blocks():
+        for s in graph.g.nodes[n]["inputs"]:
+            readers.setdefault(s, []).append(n)
+    return readers
+
+
 def find_folds(graph: Graph, groups: list[FusionGroup]) -> list[Fold]:
     """The folds of `graph` with the fused `groups` (`Fold`), in the order of their units.
 
@@ -192,10 +201,7 @@ def find_folds(graph: Graph, groups: list[FusionGroup]) -> list[Fold]:
     g = graph.g
     forms = fold_forms(graph)
     outputs = set(graph.outputs.values())
-    readers: dict[str, list[str]] = {}
-    for n in graph.blocks():
-        for s in g.nodes[n]["inputs"]:
-            readers.setdefault(s, []).append(n)
+    readers = _readers(graph)
     grouped = {m: grp for grp in groups for m in grp.members}
     units = {n: g.nodes[n]["inputs"][0] for n in linear_forms(graph) if n not in grouped}
     units.update({grp.members[0]: grp.source for grp in groups})
@@ -258,10 +264,7 @@ def find_norm_gates(graph: Graph) -> list[NormGate]:
     g = graph.g
     forms = fold_forms(graph)
     outputs = set(graph.outputs.values())
-    readers: dict[str, list[str]] = {}
-    for n in graph.blocks():
-        for s in g.nodes[n]["inputs"]:
-            readers.setdefault(s, []).append(n)
+    readers = _readers(graph)
     found = []
     for n, form in forms.items():
         ins = g.nodes[n]["inputs"]
