@@ -8,7 +8,8 @@ squared deviations for the (biased) variance, in float32, and each thread writes
 act(gate) * ((x - mean) * rsqrt(var + eps) * (weight + offset) + bias), rounded once to x's dtype (the
 unfused operations round after the norm, after the weight and after the product: in bf16 the two agree to
 a few units of the last place, and the kernel's figure is the closer one). Every row is computed by the
-same instructions whatever the number of rows, so a row's result does not depend on its batch.
+same instructions whatever the number of rows, so a row's result does not depend on its batch. The inputs
+are read through their strides (a slice of a fused projection needs no copy).
 
 Takes x and gate of one float dtype and shape (..., NH * DH) with DH <= THREADS * MAX_PER_THREAD, a
 weight (and bias) of DH * NH values in any float dtype, act "sigmoid" or "silu"; anything else runs the
@@ -34,7 +35,18 @@ NORM_GATE_BODY = """
     constexpr int PER = (DH + THREADS - 1) / THREADS;   // values per thread
     constexpr int WARPS_ = THREADS / 32;
     const int head = BLOCK_X % NH, row = BLOCK_X / NH, t = THREAD_X;   // (rows * NH blocks: no grid-y limit)
-    const size_t base = (size_t)row * NH * DH + (size_t)head * DH;
+    const size_t base = (size_t)row * NH * DH + (size_t)head * DH;       // in the output (row-contiguous)
+    // x, gate, weight and bias are read through their strides: the gate is a slice of a fused projection's
+    // columns, which MLX would otherwise copy before the launch when a call has several rows
+    auto row_at = [&](const auto& shape, const auto& strides, int ndim, long long r) {
+        long long off = 0;
+        for (int i = ndim - 2; i >= 0; --i) { off += (r % shape[i]) * strides[i]; r /= shape[i]; }
+        return off;
+    };
+    const long long xo = row_at(x_shape, x_strides, x_ndim, row) + (long long)head * DH * x_strides[x_ndim - 1];
+    const long long go = row_at(gate_shape, gate_strides, gate_ndim, row)
+                         + (long long)head * DH * gate_strides[gate_ndim - 1];
+    const long long xu = x_strides[x_ndim - 1], gu = gate_strides[gate_ndim - 1];
     SHARED float red[WARPS_];
     // a block-wide sum, the same order in every block: lanes, then the warps in order
     auto block_sum = [&](float v) {
@@ -51,7 +63,7 @@ NORM_GATE_BODY = """
 #pragma unroll
     for (int p = 0; p < PER; ++p) {
         const int d = p * THREADS + t;
-        xv[p] = d < DH ? static_cast<float>(x[base + d]) : 0.0f;
+        xv[p] = d < DH ? static_cast<float>(x[xo + d * xu]) : 0.0f;
         sum += xv[p];
     }
     const float mean = block_sum(sum) / DH;
@@ -68,9 +80,9 @@ NORM_GATE_BODY = """
         const int d = p * THREADS + t;
         if (d < DH) {
             const int j = head * DH + d;              // the feature: weight and bias index
-            float y = (xv[p] - mean) * inv * (static_cast<float>(weight[j]) + offset[0]);
-            if (HAS_BIAS) y += static_cast<float>(bias[j]);
-            const float gv = static_cast<float>(gate[base + d]);
+            float y = (xv[p] - mean) * inv * (static_cast<float>(weight[j * weight_strides[0]]) + offset[0]);
+            if (HAS_BIAS) y += static_cast<float>(bias[j * bias_strides[0]]);
+            const float gv = static_cast<float>(gate[go + d * gu]);
             const float a = ACT == 1 ? 1.0f / (1.0f + EXP(-gv)) : gv / (1.0f + EXP(-gv));   // 1 sigmoid, 2 silu
             out[base + d] = static_cast<T>(a * y);
         }
@@ -78,7 +90,7 @@ NORM_GATE_BODY = """
 """
 
 NORM_GATE_KERNEL = DeviceKernel("mad_head_norm_gate", inputs=["gate", "x", "weight", "bias", "eps", "offset"],
-                                outputs=["out"], body=NORM_GATE_BODY)
+                                outputs=["out"], body=NORM_GATE_BODY, row_contiguous=False)
 
 
 def head_norm_gate_device(gate: mx.array, x: mx.array, weight: mx.array, bias: Optional[mx.array] = None,

@@ -322,6 +322,12 @@ def test_head_norm_gate_kernel_matches_the_reference(rows, DH, dtype, tol, offse
     got = head_norm_gate_device(o, x, w, b, eps=1e-6, heads=heads, offset=offset, act=act, poison=float("nan"))
     assert got.dtype == dtype and got.shape == x.shape and rel_err(got, want) < tol
     assert apply_head_norm_gate(None, o, x, w, b, eps=1e-6, heads=heads, offset=offset, act=act) is not None
+    # the gate as a slice of a fused projection's columns and x as a slice too: read through their strides
+    wide = mx.concatenate([rand((rows, 1, 5), 4, dtype=dtype), o, rand((rows, 1, 3), 5, dtype=dtype)], axis=-1)
+    wide_x = mx.concatenate([x, rand((rows, 1, 7), 6, dtype=dtype)], axis=-1)
+    sliced = head_norm_gate_device(wide[..., 5:5 + D], wide_x[..., :D], w, b, eps=1e-6, heads=heads, offset=offset,
+                                   act=act, poison=float("nan"))
+    assert mx.array_equal(sliced, got).item()
     # what it does not take: the reference's value stays
     assert apply_head_norm_gate(None, o, x, w, b, heads=heads, act="gelu") is None
     assert apply_head_norm_gate(None, o, x, w, b, heads=3 * D, act=act) is None
