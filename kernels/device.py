@@ -32,8 +32,9 @@ import mlx.core as mx
 
 
 def backend_module(backend: str):
-    """The module of `backend` ("cuda" or "metal"): its preamble, where it goes, and MLX's kernel builder."""
-    if backend not in ("cuda", "metal"):
+    """The module of `backend` ("cuda", "metal", or "host": the body run on the CPU for tests,
+    backends/host.py): its preamble, where it goes, and the kernel builder."""
+    if backend not in ("cuda", "metal", "host"):
         raise ValueError(f"unknown backend {backend!r}")
     # imported when a kernel is first built, so that importing the kernels needs neither backend's module
     return importlib.import_module(f"mad.backends.{backend}")

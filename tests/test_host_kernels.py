@@ -1,0 +1,127 @@
+"""The device kernels' bodies run on the CPU (backends/host.py: one thread per GPU thread, CUDA's warp sums):
+their indexing, barriers, row splits, staging and folds checked against the references on a machine without
+a GPU. Small shapes (a thread per GPU thread is slow); skipped without a C++20 compiler."""
+
+from __future__ import annotations
+
+import mlx.core as mx
+import numpy as np
+import pytest
+
+from mad.backends import host
+from mad.kernels import mlstm_device
+from mad.kernels.device import DeviceKernel
+from mad.kernels.fold import folded_linear, head_norm_gate
+from mad.kernels.linear_device import folded_linear_device
+from mad.kernels.mlstm import mlstm_step
+from mad.kernels.norm_device import head_norm_gate_device
+from mad.kernels.qlinear import QuantizedMatrix
+from mad.kernels.qlinear_device import _launch as quantized_launch
+
+pytestmark = pytest.mark.skipif(not host.available(), reason="needs a C++20 compiler (g++ or CXX)")
+NAN = float("nan")
+
+
+def rand(shape, seed, scale=1.0, dtype=mx.float32) -> mx.array:
+    return mx.array(np.random.default_rng(seed).normal(0, scale, shape).astype(np.float32)).astype(dtype)
+
+
+def err(got, want) -> float:
+    got, want = (np.array(a.astype(mx.float32), np.float64) for a in (got, want))
+    assert np.isfinite(got).all(), "NaN in the output: an element left unwritten"
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+def step_inputs(B=2, NH=2, DQK=40, DV=72):
+    """bf16 q, k, v and gates, a float32 state; DQK = 40 splits unevenly in 3."""
+    q, k, v = (rand((B, NH, 1, d), s, dtype=mx.bfloat16) for s, d in ((0, DQK), (1, DQK), (2, DV)))
+    i, f = rand((B, NH, 1), 3, 2.0, mx.bfloat16), (rand((B, NH, 1), 4) + 2).astype(mx.bfloat16)
+    state = (rand((B, NH, DQK, DV), 5), rand((B, NH, DQK), 6), rand((B, NH), 7))
+    return (q, k, v, i, f), state
+
+
+@pytest.mark.parametrize("splits", [1, 3, 4])
+def test_mlstm_step_body_with_its_rows_split(splits):
+    (q, k, v, i, f), state = step_inputs()
+    h, (C, n, m) = mlstm_device.mlstm_step_device(q, k, v, i, f, state, backend="host", poison=NAN, splits=splits)
+    want_h, (want_C, want_n, want_m) = mlstm_step(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32),
+                                                  i, f, state)
+    assert h.dtype == mx.bfloat16 and err(h, want_h) < 1e-2
+    for a, b in ((C, want_C), (n, want_n), (m, want_m)):
+        assert a.dtype == mx.float32 and err(a, b) < 1e-6
+
+
+def test_a_broken_body_fails_here():
+    """The emulation runs the body's own indices: a split that skips its last row is caught."""
+    broken = DeviceKernel("mad_mlstm_step_broken", mlstm_device.STEP_KERNEL.inputs, mlstm_device.STEP_KERNEL.outputs,
+                          mlstm_device.STEP_BODY.replace("(split + 1) * ROWS)", "(split + 1) * ROWS - 1)"))
+    saved = mlstm_device.STEP_KERNEL
+    (q, k, v, i, f), state = step_inputs()
+    try:
+        mlstm_device.STEP_KERNEL = broken
+        _, (C, _, _) = mlstm_device.mlstm_step_device(q, k, v, i, f, state, backend="host", splits=3, poison=NAN)
+    finally:
+        mlstm_device.STEP_KERNEL = saved
+    _, (want_C, _, _) = mlstm_step(q.astype(mx.float32), k.astype(mx.float32), v.astype(mx.float32), i, f, state)
+    C = np.array(C)
+    assert broken.body != mlstm_device.STEP_BODY and not np.allclose(C, np.array(want_C), atol=1e-3, equal_nan=False)
+
+
+@pytest.mark.parametrize("dtype,tol", [(mx.float32, 1e-6), (mx.bfloat16, 1e-2)])
+@pytest.mark.parametrize("offset,bias,act", [(0.0, False, "sigmoid"), (1.0, True, "silu")])
+def test_head_norm_gate_body(dtype, tol, offset, bias, act):
+    heads, DH, rows = 4, 96, 3
+    D = heads * DH
+    x, o = rand((rows, 1, D), 0, 3.0, dtype) + 1, rand((rows, 1, D), 1, dtype=dtype)
+    w, b = rand((D,), 2, dtype=dtype), rand((D,), 3, dtype=dtype) if bias else None
+    got = head_norm_gate_device(o, x, w, b, eps=1e-6, heads=heads, offset=offset, act=act, backend="host", poison=NAN)
+    f32 = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
+    want = head_norm_gate(f32(o), f32(x), f32(w), f32(b), eps=1e-6, heads=heads, offset=offset, act=act)
+    assert got.dtype == dtype and err(got, want) < tol
+
+
+@pytest.mark.parametrize("shared_x", [False, True])
+@pytest.mark.parametrize("fold", ["norm+pair", "norm+residual"])
+def test_float_linear_body_staged_or_not(monkeypatch, shared_x, fold):
+    """The float decode kernel with its norm folded (FOLD_NORM) and x staged in shared memory or read by each
+    warp, a pair or a residual: the same figure as the float32 reference."""
+    from mad.kernels import linear_device
+
+    monkeypatch.setattr(linear_device, "FOLD_NORM", True)
+    monkeypatch.setattr(linear_device, "SHARED_X", shared_x)
+    K, width, M = 520, 9, 2
+    pair = "silu" if "pair" in fold else None
+    N = 2 * width if pair else width
+    w, x = rand((N, K), 0, 0.05, mx.bfloat16), rand((M, 1, K), 1, dtype=mx.bfloat16)
+    g = rand((K,), 2, dtype=mx.bfloat16)
+    residual = rand((M, 1, width), 3, dtype=mx.bfloat16) if "residual" in fold else None
+    splits = (width,) if pair else ()
+    caps = (None,) * (len(splits) + 1)
+    got = folded_linear_device(x, w, None, splits, caps, norm=(g, 1e-6), pair=pair, residual=residual, backend="host",
+                               poison=NAN)
+    f32 = lambda a: None if a is None else a.astype(mx.float32)  # noqa: E731
+    want = folded_linear(f32(x), f32(w), None, splits, caps, norm=(f32(g), 1e-6), pair=pair, residual=f32(residual))
+    assert err(got, want) < 1e-2
+
+
+def test_quantized_body_steps_ahead_and_staging_give_the_same_bits():
+    """The 4-bit kernel: its loads AHEAD steps early and x staged once a block change no bit (NOTES-gpu 40,
+    41), and the result is the dequantized product's; with a folded norm and pair too."""
+    K, N = 512, 12
+    w = rand((N, K), 0, 0.05)
+    packed, scales, biases = mx.quantize(w, 64, 4)
+    matrix = QuantizedMatrix(packed, scales.astype(mx.bfloat16), biases.astype(mx.bfloat16), 64, 4)
+    x = rand((1, 1, K), 1, dtype=mx.bfloat16)
+    want = x.astype(mx.float32) @ mx.dequantize(packed, scales, biases, 64, 4).T
+    outs = {(a, s): quantized_launch(x, matrix, None, (), (None,), "host", NAN, steps_ahead=a, shared_x=s)
+            for a in (0, 1, 2) for s in (False, True)}
+    first = outs[(0, False)]
+    assert err(first, want) < 1e-2
+    assert all(mx.array_equal(y, first).item() for y in outs.values())
+    g = rand((K,), 2, dtype=mx.bfloat16)
+    for s in (False, True):
+        got = quantized_launch(x, matrix, None, (N // 2,), (None, None), "host", NAN, shared_x=s, norm=(g, 1e-6),
+                               pair="silu", width=N // 2)
+        want = folded_linear(x.astype(mx.float32), mx.dequantize(packed, scales, biases, 64, 4), None, (N // 2,),
+                             (None, None), norm=(g.astype(mx.float32), 1e-6), pair="silu")
+        assert err(got, want) < 1e-2
