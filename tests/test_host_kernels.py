@@ -125,3 +125,40 @@ def test_quantized_body_steps_ahead_and_staging_give_the_same_bits():
         want = folded_linear(x.astype(mx.float32), mx.dequantize(packed, scales, biases, 64, 4), None, (N // 2,),
                              (None, None), norm=(g.astype(mx.float32), 1e-6), pair="silu")
         assert err(got, want) < 1e-2
+
+
+def test_folded_decode_through_the_device_kernels_on_the_host(monkeypatch):
+    """The Program's folds end to end: a 2-block model of xLSTM-7B's shape decoding with the CUDA variants'
+    bodies on the host (the mLSTM step, the linears with their folded pair and residuals, the norm-and-gate
+    kernel) agrees with the references' decode, and each kernel took its calls."""
+    import functools
+
+    import mad
+    from mad.kernels import registry
+    from mad.kernels.linear_device import linear_device
+    from mad.kernels.qlinear_device import folded_quantized_linear_device
+
+    variants = {"mlstm_step": mlstm_device.mlstm_step_device, "linear": linear_device,
+                "folded_linear": folded_quantized_linear_device, "head_norm_gate": head_norm_gate_device}
+    calls = dict.fromkeys(variants, 0)
+
+    def counted(name, *a, **k):
+        calls[name] += 1
+        return variants[name](*a, backend="host", **k)
+
+    overrides = ["dims.L=2", "dims.D=64", "dims.NH=2", "dims.V=96"]
+    tokens = mx.array(np.random.default_rng(0).integers(0, 96, (1, 4)), mx.int32)
+    with mx.stream(mx.cpu):
+        reference = mad.build("topologies/xlstm-7b.yaml", overrides, compile="none")
+        folded = mad.build("topologies/xlstm-7b.yaml", overrides, compile="none")
+        folded.load_weights(reference.parameters())
+        with registry.use_reference():
+            _, state = reference(tokens[:, :3])
+            want = [reference(tokens[:, t:t + 1], state)[0]["logits"] for t in (3, 2)]
+        for name in variants:  # the host bodies as this machine's variants, for this test
+            monkeypatch.setitem(registry.get(name).variants, "cpu", functools.partial(counted, name))
+        with registry.use_reference(False), mad.inference():
+            got = [folded(tokens[:, t:t + 1], state)[0]["logits"] for t in (3, 2)]
+    assert all(calls.values()), calls
+    for a, b in zip(got, want):
+        assert err(a, b) < 1e-4
