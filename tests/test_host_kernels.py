@@ -127,19 +127,22 @@ def test_quantized_body_steps_ahead_and_staging_give_the_same_bits():
         assert err(got, want) < 1e-2
 
 
-def test_folded_decode_through_the_device_kernels_on_the_host(monkeypatch):
+@pytest.mark.parametrize("bits", [None, 4])
+def test_folded_decode_through_the_device_kernels_on_the_host(monkeypatch, bits):
     """The Program's folds end to end: a 2-block model of xLSTM-7B's shape decoding with the CUDA variants'
-    bodies on the host (the mLSTM step, the linears with their folded pair and residuals, the norm-and-gate
-    kernel) agrees with the references' decode, and each kernel took its calls."""
+    bodies on the host (the mLSTM step, the linears with their folded norm, pair and residuals, float or
+    4-bit, the norm-and-gate kernel) agrees with the references' decode, and each kernel took its calls."""
     import functools
 
     import mad
     from mad.kernels import registry
     from mad.kernels.linear_device import linear_device
-    from mad.kernels.qlinear_device import folded_quantized_linear_device
+    from mad.kernels.qlinear_device import folded_quantized_linear_device, quantized_linear_device
+    from mad.quantize import quantize_model
 
-    variants = {"mlstm_step": mlstm_device.mlstm_step_device, "linear": linear_device,
-                "folded_linear": folded_quantized_linear_device, "head_norm_gate": head_norm_gate_device}
+    variants = {"mlstm_step": mlstm_device.mlstm_step_device, "folded_linear": folded_quantized_linear_device,
+                "head_norm_gate": head_norm_gate_device,
+                **({"quantized_linear": quantized_linear_device} if bits else {"linear": linear_device})}
     calls = dict.fromkeys(variants, 0)
 
     def counted(name, *a, **k):
@@ -152,6 +155,9 @@ def test_folded_decode_through_the_device_kernels_on_the_host(monkeypatch):
         reference = mad.build("topologies/xlstm-7b.yaml", overrides, compile="none")
         folded = mad.build("topologies/xlstm-7b.yaml", overrides, compile="none")
         folded.load_weights(reference.parameters())
+        if bits:
+            for program in (reference, folded):
+                quantize_model(program, bits=bits, group_size=64)
         with registry.use_reference():
             _, state = reference(tokens[:, :3])
             want = [reference(tokens[:, t:t + 1], state)[0]["logits"] for t in (3, 2)]
