@@ -218,6 +218,8 @@ def test_head_norm_gate_reference_is_the_unfused_nodes(offset, bias, act):
         value = mx.zeros((2, 3, 64))
         with registry.use_reference():
             assert apply_head_norm_gate(value, o, x, norm.weight, heads=4) is value
+        with pytest.raises(ValueError, match="act must be one of"):
+            head_norm_gate(o, x, norm.weight, heads=4, act="gelu")
 
 
 # ------------------------------------------------------------------------------------------ the kernels (CUDA)

@@ -51,6 +51,12 @@ def test_mlstm_step_body_with_its_rows_split(splits):
         assert a.dtype == mx.float32 and err(a, b) < 1e-6
 
 
+def test_splits_below_one_are_refused_before_any_launch():
+    (q, k, v, i, f), state = step_inputs()
+    with pytest.raises(ValueError, match="splits must be 1 or more"):
+        mlstm_device.mlstm_step_device(q, k, v, i, f, state, backend="host", splits=0)
+
+
 def test_a_broken_body_fails_here():
     """The emulation runs the body's own indices: a split that skips its last row is caught."""
     broken = DeviceKernel("mad_mlstm_step_broken", mlstm_device.STEP_KERNEL.inputs, mlstm_device.STEP_KERNEL.outputs,
