@@ -9,7 +9,7 @@ weight over the product rate).
 
     python benchmarks/gpu_targets.py [--topology topologies/xlstm-7b.yaml] [--set dims.L=4] [--json PATH]
                                      [--only decode1,long,prefill,decode32] [--prefill-step 4096[,8192,...]]
-                                     [--quick]
+                                     [--setting MODULE.NAME=VALUE] [--quick]
 
 `--prefill-step` takes prompt tokens per forward call (`mad bench --prefill-step`); with several, comma-separated,
 every part runs once per value in the order given (repeat values to interleave them), in the same process.
@@ -20,6 +20,8 @@ every part runs once per value in the order given (repeat values to interleave t
 from __future__ import annotations
 
 import argparse
+import ast
+import importlib
 import json
 import time
 
@@ -42,7 +44,16 @@ def main() -> None:
     ap.add_argument("--prefill-step", default=str(PREFILL_STEP),
                     help="prompt tokens per forward call; several, comma-separated, run in turn")
     ap.add_argument("--json", help="also write the figures to this file")
+    ap.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                    help="a kernel module's setting for this run, e.g. mad.kernels.linear_device.PROMPT_ADDMM=True")
     args = ap.parse_args()
+    for given in args.setting:  # before anything is traced: settings are read when a program is traced
+        target, _, value = given.partition("=")
+        module_name, _, name = target.rpartition(".")
+        module = importlib.import_module(module_name)
+        if not hasattr(module, name):
+            ap.error(f"--setting {given!r}: {module_name} has no {name}")
+        setattr(module, name, ast.literal_eval(value))
     parts = [p for p in args.only.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -64,6 +75,7 @@ def main() -> None:
     model, _ = mad.load(args.topology, dtype=args.dtype, overrides=args.overrides)
     mx.eval(model.parameters())
     out = {"device": str(mx.default_device()), "topology": args.topology, "overrides": args.overrides,
+           "settings": args.setting,
            "dtype": args.dtype, "load_seconds": time.perf_counter() - start}
     out["limits"] = device_limits(model.program.dtype)
     out["costs"] = step_costs(model)

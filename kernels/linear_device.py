@@ -36,7 +36,7 @@ import mlx.core as mx
 from .device import DeviceKernel, scalar
 from .fold import PAIR_ACTIVATIONS, fold_result, fold_width
 from .linear import check_parts, several_positions, split_parts
-from .registry import Unsupported, register_device_kernel
+from .registry import Unsupported, gradients, register_device_kernel
 
 MAX_ROWS = 4  # with more rows MLX's own matmul is faster (see benchmarks/RESULTS.md)
 MAX_INVARIANT_ROWS = 64  # the most rows `batch_invariant` lets the kernel take (M float32 accumulators per lane)
@@ -52,6 +52,11 @@ FOLD_NORM = False
 # is what FOLD_NORM would need to be cheap. Off until measured.
 SHARED_X = False
 SHARED_X_BYTES = 48 * 1024
+# Whether a residual fold larger than the kernel takes (a prompt) runs as one `mx.addmm(residual, x, W^T)`,
+# which MLX's CUDA backend hands cuBLASLt with the residual as its C input (the add in the product's
+# epilogue, one kernel where there were two), inside `inference()` only (training keeps the nodes).
+# Off until measured.
+PROMPT_ADDMM = False
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 # The end of a block's staging of x (SHARED_X, this kernel and kernels/qlinear_device.py): each warp's sums
@@ -273,8 +278,15 @@ def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = No
         # the norm runs as its own kernel (MLX's, as unfolded); the pair or the residual is still folded
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     width = fold_width(x, weight.shape[0], splits, pair, residual)
-    return fold_result(_launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width),
-                       splits, pair, residual)
+    try:
+        y = _launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width)
+    except Unsupported:
+        if not (PROMPT_ADDMM and residual is not None and pair is None and norm is None and bias is None
+                and not any(caps) and not gradients() and x.dtype == weight.dtype == residual.dtype):
+            raise
+        *lead, K = x.shape
+        return mx.addmm(residual.reshape(-1, width), x.reshape(-1, K), weight.T).reshape(*lead, width)
+    return fold_result(y, splits, pair, residual)
 
 
 register_device_kernel("linear", linear_device)

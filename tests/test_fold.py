@@ -83,7 +83,7 @@ nodes:
 outputs: {y: both}
 """)
     assert find_norm_gates(mad.build(str(path)).graph) == []
-    path.write_text(path.read_text().replace("both: {type: add, in: [gated, norm]}", "both: {type: add, in: [gated, o]}"))
+    path.write_text(path.read_text().replace("in: [gated, norm]}", "in: [gated, o]}"))
     assert [g.norm for g in find_norm_gates(mad.build(str(path)).graph)] == ["norm"]
 
 
@@ -220,6 +220,30 @@ def test_head_norm_gate_reference_is_the_unfused_nodes(offset, bias, act):
             assert apply_head_norm_gate(value, o, x, norm.weight, heads=4) is value
         with pytest.raises(ValueError, match="act must be one of"):
             head_norm_gate(o, x, norm.weight, heads=4, act="gelu")
+
+
+def test_a_prompts_residual_fold_is_one_addmm_where_asked(monkeypatch):
+    """PROMPT_ADDMM: a residual fold of more rows than the decode kernel takes runs as mx.addmm inside
+    inference() (no launch: the call never reaches the kernel, so this runs on the CPU); outside it, with a
+    bias, a pair or with the setting off, the variant declines and the nodes run."""
+    from mad.kernels.linear_device import folded_linear_device
+
+    x, w = rand((2, 40, 64), 0, dtype=mx.bfloat16), rand((48, 64), 1, 0.1, mx.bfloat16)
+    r = rand((2, 40, 48), 2, dtype=mx.bfloat16)
+    with mx.stream(mx.cpu):
+        want = folded_linear(x.astype(mx.float32), w.astype(mx.float32), residual=r.astype(mx.float32))
+        with pytest.raises(registry.Unsupported):
+            folded_linear_device(x, w, residual=r)
+        monkeypatch.setattr(linear_device, "PROMPT_ADDMM", True)
+        with registry.inference():
+            got = folded_linear_device(x, w, residual=r)
+            assert got.dtype == mx.bfloat16 and got.shape == r.shape and rel_err(got, want) < 1e-2
+            for declined in ({"bias": rand((48,), 3, dtype=mx.bfloat16), "residual": r},
+                             {"pair": "silu", "splits": [24], "residual": mx.contiguous(r[..., :24])}):
+                with pytest.raises(registry.Unsupported):
+                    folded_linear_device(x, w, **declined)
+        with pytest.raises(registry.Unsupported):  # gradients may be taken here: the nodes run
+            folded_linear_device(x, w, residual=r)
 
 
 # ------------------------------------------------------------------------------------------ the kernels (CUDA)
