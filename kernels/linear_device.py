@@ -51,39 +51,13 @@ FOLD_NORM = False
 # otherwise reads x (and the norm's weight) itself; taken where it fits in SHARED_X_BYTES. The staged norm
 # is what FOLD_NORM would need to be cheap. Off until measured.
 SHARED_X = False
-SHARED_X_BYTES = 48 * 1024
+SHARED_X_BYTES = {"cuda": 48 * 1024, "metal": 32 * 1024, "host": 48 * 1024}   # static shared memory a block
 # Whether a residual fold larger than the kernel takes (a prompt) runs as one `mx.addmm(residual, x, W^T)`,
 # which MLX's CUDA backend hands cuBLASLt with the residual as its C input (the add in the product's
 # epilogue, one kernel where there were two), inside `inference()` only (training keeps the nodes).
 # Off until measured.
 PROMPT_ADDMM = False
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
-
-# The end of a block's staging of x (SHARED_X, this kernel and kernels/qlinear_device.py): each warp's sums
-# of squares of the rows (a folded norm's) into xss, the barrier, then every thread's ss[r] = the row's sum
-# over the warps in order (the whole row's, not summed over the lanes again).
-STAGING_HEADER = """
-template <int M, int WARPS, bool NORM>
-__device__ inline void staged_squares(float (&sq)[M], float* xss, float (&ss)[M]) {
-    const int warp = THREAD_Y, lane = THREAD_X;
-    if (NORM) {
-#pragma unroll
-        for (int r = 0; r < M; ++r) {
-            const float total = WARP_SUM(sq[r]);
-            if (lane == 0) xss[warp * M + r] = total;
-        }
-    }
-    SYNC();
-    if (NORM) {
-#pragma unroll
-        for (int r = 0; r < M; ++r) {
-            float total = 0.0f;
-            for (int wi = 0; wi < WARPS; ++wi) total += xss[wi * M + r];
-            ss[r] = total;
-        }
-    }
-}
-"""
 
 LINEAR_BODY = """
     constexpr int P = PAIR ? 2 : 1;             // weight rows per output: n, and NOUT + n for a pair
@@ -92,33 +66,39 @@ LINEAR_BODY = """
     const int lane = THREAD_X;                  // 0..31
     const int n = BLOCK_X * WARPS + THREAD_Y;   // output feature of this warp
     // STAGED: the block's rows of x (times the norm's weight with NORM) in shared memory as float32, once,
-    // where each warp read x (and g) itself; piece h (values 4h .. 4h + 3) of the 8 values at c * 8 sits at
-    // float4 (h * NCH + c), so that a warp's lanes (consecutive c) read consecutive 16 bytes.
-    SHARED __align__(16) float xs[STAGED ? M * K : 4];
+    // where each warp read x (and g) itself; value e of the 8 at c * 8 sits at e * NCH + c, so that a warp's
+    // lanes (consecutive c) touch consecutive words (no bank conflicts; plain loads, as Metal has them too).
+    SHARED float xs[STAGED ? M * K : 1];
     SHARED float xss[STAGED && NORM ? WARPS * M : 1];
     float ss[M];                                // NORM: the sum of squares of each row of x
 #pragma unroll
     for (int r = 0; r < M; ++r) ss[r] = 0.0f;
     if (STAGED) {
         const int t = THREAD_Y * 32 + lane;
-        float sq[M];
 #pragma unroll
         for (int r = 0; r < M; ++r) {
-            sq[r] = 0.0f;
-            float4* pieces = reinterpret_cast<float4*>(&xs[r * K]);
+            float sq = 0.0f;
             for (int c = t; c < NCH; c += WARPS * 32) {
                 float xv[8], gv[8];
                 load8(x + (size_t)r * K + c * 8, xv);
                 if (NORM) {
                     load8(g + c * 8, gv);
 #pragma unroll
-                    for (int e = 0; e < 8; ++e) { sq[r] += xv[e] * xv[e]; xv[e] *= gv[e]; }
+                    for (int e = 0; e < 8; ++e) { sq += xv[e] * xv[e]; xv[e] *= gv[e]; }
                 }
-                pieces[c] = make_float4(xv[0], xv[1], xv[2], xv[3]);
-                pieces[NCH + c] = make_float4(xv[4], xv[5], xv[6], xv[7]);
+#pragma unroll
+                for (int e = 0; e < 8; ++e) xs[r * K + e * NCH + c] = xv[e];
+            }
+            if (NORM) {
+                sq = WARP_SUM(sq);              // this warp's part of the row's squares
+                if (lane == 0) xss[THREAD_Y * M + r] = sq;
             }
         }
-        staged_squares<M, WARPS, NORM>(sq, xss, ss);
+        SYNC();
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            for (int wi = 0; NORM && wi < WARPS; ++wi) ss[r] += xss[wi * M + r];   // the warps' parts in order
+        }
     }
     if (n < NOUT) {
         float acc[M][P];
@@ -137,10 +117,8 @@ LINEAR_BODY = """
             for (int r = 0; r < M; ++r) {
                 float xv[8];
                 if (STAGED) {
-                    const float4* pieces = reinterpret_cast<const float4*>(&xs[r * K]);
-                    const float4 a = pieces[k / 8], b = pieces[NCH + k / 8];
-                    xv[0] = a.x; xv[1] = a.y; xv[2] = a.z; xv[3] = a.w;
-                    xv[4] = b.x; xv[5] = b.y; xv[6] = b.z; xv[7] = b.w;
+#pragma unroll
+                    for (int e = 0; e < 8; ++e) xv[e] = xs[r * K + e * NCH + k / 8];
                 } else {
                     load8(x + (size_t)r * K + k, xv);
                     if (NORM) {
@@ -176,7 +154,7 @@ LINEAR_BODY = """
 """
 
 LINEAR_KERNEL = DeviceKernel("mad_linear", inputs=["x", "w", "bias", "cap", "g", "normp", "res"], outputs=["y"],
-                             body=LINEAR_BODY, header=STAGING_HEADER)
+                             body=LINEAR_BODY)
 
 
 @functools.lru_cache(maxsize=None)
@@ -246,7 +224,7 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
         raise Unsupported("linear: a norm without a weight of the input's width")
     check_parts(splits, caps)
     width = N if width is None else width
-    staged = (SHARED_X if shared_x is None else shared_x) and 4 * (M * K + WARPS * M) <= SHARED_X_BYTES
+    staged = (SHARED_X if shared_x is None else shared_x) and 4 * (M * K + WARPS * M) <= SHARED_X_BYTES[backend]
     (y,) = LINEAR_KERNEL(
         backend,
         inputs=[x, w, *fold_inputs(N, bias, splits, caps, norm, residual)],

@@ -58,7 +58,7 @@ import numpy as np
 from .device import DeviceKernel
 from .linear import check_parts, split_parts
 from .fold import fold_result, fold_width
-from .linear_device import DTYPES, STAGING_HEADER, fold_inputs, fold_template, folded_linear_device
+from .linear_device import DTYPES, fold_inputs, fold_template, folded_linear_device
 from .qlinear import QuantizedMatrix, affine_layout
 from .qlinear_mma import launch_mma
 from .registry import Unsupported, register_variant
@@ -97,6 +97,32 @@ def features_per_warp(rows: int) -> int:
     fewer keep the registers (R x rows float32 sums per lane) within budget."""
     return 4 if rows <= 2 else 2
 
+
+# The end of a block's staging of x (SHARED_X): each warp's sums of squares of the rows (a folded norm's)
+# into xss, the barrier, then every thread's ss[r] = the row's sum over the warps in order (the whole row's,
+# not summed over the lanes again).
+STAGING_HEADER = """
+template <int M, int WARPS, bool NORM>
+__device__ inline void staged_squares(float (&sq)[M], float* xss, float (&ss)[M]) {
+    const int warp = THREAD_Y, lane = THREAD_X;
+    if (NORM) {
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            const float total = WARP_SUM(sq[r]);
+            if (lane == 0) xss[warp * M + r] = total;
+        }
+    }
+    SYNC();
+    if (NORM) {
+#pragma unroll
+        for (int r = 0; r < M; ++r) {
+            float total = 0.0f;
+            for (int wi = 0; wi < WARPS; ++wi) total += xss[wi * M + r];
+            ss[r] = total;
+        }
+    }
+}
+"""
 
 QLINEAR_HEADER = """
 // Value i of a packed word as the float 2^(23 - AT) + q, q = (word >> i * BITS) & (2^BITS - 1): q is shifted

@@ -210,6 +210,18 @@ def test_cuda_and_metal_share_the_body():
     assert names(CUDA_PREAMBLE) == names(METAL_PREAMBLE + METAL_HEADER)
 
 
+def test_bodies_built_for_metal_too_keep_to_the_common_subset():
+    """The bodies registered for CUDA and Metal (register_device_kernel) name no CUDA-only construct: vector
+    types and casts, alignment, device qualifiers, intrinsics, inline PTX."""
+    from mad.kernels import linear_device, mlstm_device
+
+    cuda_only = ("__align__", "reinterpret_cast", "float4", "uint4", "__device__", "__shfl", "__uint_as_float",
+                 "asm(", "MASK_OR", "__syncthreads", "blockIdx", "threadIdx")
+    bodies = {"STEP_BODY": mlstm_device.STEP_BODY, "COMBINE_BODY": mlstm_device.COMBINE_BODY,
+              "RECURRENCE_BODY": mlstm_device.RECURRENCE_BODY, "LINEAR_BODY": linear_device.LINEAR_BODY}
+    assert {name: [t for t in cuda_only if t in body] for name, body in bodies.items()} == dict.fromkeys(bodies, [])
+
+
 # ------------------------------------------------------------------------------------ device kernels
 def step_inputs(rng, B, NH, DQK, DV, dtype):
     q = rng.normal(0, 1, (B, NH, 1, DQK))
