@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
+import ast
+import importlib
 import json
 import os
 import statistics
@@ -9,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 # What the MAD worker process loads as its CPU BLAS (backends/cpu.py): the caller's choice, read before a
 # comparison script sets MAD_BLAS=mlx for itself (it runs PyTorch; MAD there only checks agreement).
@@ -123,3 +126,24 @@ class MadProcess:
     def close(self) -> None:
         self.proc.stdin.close()
         self.proc.wait()
+
+
+def kernel_setting(text: str, several: bool = False) -> tuple[Any, str, Any]:
+    """An argparse type: `MODULE.NAME=VALUE` (with `several`, `MODULE.NAME=V1,V2,...`) as (module, name, the
+    value or the list of values), a kernel module's setting a benchmark run changes, e.g.
+    mad.kernels.linear_device.SHARED_X=True; values are Python literals."""
+    target, sep, given = text.partition("=")
+    module_name, dot, name = target.rpartition(".")
+    if not sep or not dot or not name or not given:
+        raise argparse.ArgumentTypeError(f"{text!r} is not MODULE.NAME=VALUE")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        raise argparse.ArgumentTypeError(f"{text!r}: no module {module_name}") from None
+    if not hasattr(module, name):
+        raise argparse.ArgumentTypeError(f"{text!r}: {module_name} has no {name}")
+    try:
+        values = [ast.literal_eval(v) for v in (given.split(",") if several else [given])]
+    except (ValueError, SyntaxError):
+        raise argparse.ArgumentTypeError(f"{text!r}: the value is not a Python literal") from None
+    return module, name, values if several else values[0]

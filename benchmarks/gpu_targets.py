@@ -20,14 +20,13 @@ every part runs once per value in the order given (repeat values to interleave t
 from __future__ import annotations
 
 import argparse
-import ast
-import importlib
 import json
 import time
 
 import mad  # noqa: F401  (before mlx: the CPU BLAS choice)
 import mlx.core as mx
 
+from common import kernel_setting
 from mad.bench import bench, device_limits, limit_fractions, step_costs
 from mad.model import PREFILL_STEP
 
@@ -44,16 +43,11 @@ def main() -> None:
     ap.add_argument("--prefill-step", default=str(PREFILL_STEP),
                     help="prompt tokens per forward call; several, comma-separated, run in turn")
     ap.add_argument("--json", help="also write the figures to this file")
-    ap.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE",
+    ap.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE", type=kernel_setting,
                     help="a kernel module's setting for this run, e.g. mad.kernels.linear_device.PROMPT_ADDMM=True")
     args = ap.parse_args()
-    for given in args.setting:  # before anything is traced: settings are read when a program is traced
-        target, _, value = given.partition("=")
-        module_name, _, name = target.rpartition(".")
-        module = importlib.import_module(module_name)
-        if not hasattr(module, name):
-            ap.error(f"--setting {given!r}: {module_name} has no {name}")
-        setattr(module, name, ast.literal_eval(value))
+    for module, name, value in args.setting:  # before anything is traced: settings are read when a program is
+        setattr(module, name, value)           # traced
     parts = [p for p in args.only.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -75,7 +69,7 @@ def main() -> None:
     model, _ = mad.load(args.topology, dtype=args.dtype, overrides=args.overrides)
     mx.eval(model.parameters())
     out = {"device": str(mx.default_device()), "topology": args.topology, "overrides": args.overrides,
-           "settings": args.setting,
+           "settings": {f"{module.__name__}.{name}": repr(value) for module, name, value in args.setting},
            "dtype": args.dtype, "load_seconds": time.perf_counter() - start}
     out["limits"] = device_limits(model.program.dtype)
     out["costs"] = step_costs(model)

@@ -21,14 +21,20 @@ outside it (kernels bare or wrapped for gradients), interleaved on one model.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import mlx.core as mx
 
 import mad
 from mad.kernels.registry import set_policy
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py, one level up
+from common import kernel_setting  # noqa: E402
 
 
 def median_ms(fn, steps: int) -> float:
@@ -136,19 +142,9 @@ def compare_setting(args) -> None:
     the i-th value of each): each traces its step with its values (settings are read when a step is
     traced), all on the same weights (quantized alike with `--bits`), 5 interleaved rounds; the largest
     logit difference of each to the first."""
-    import ast
-    import importlib
-
-    settings = []
-    for given in args.compare_setting:
-        target, _, values = given.partition("=")
-        module_name, _, name = target.rpartition(".")
-        module = importlib.import_module(module_name)
-        settings.append((module, name, getattr(module, name), [ast.literal_eval(v) for v in values.split(",")]))
-    counts = {len(values) for *_, values in settings}
-    if len(counts) != 1:
-        raise SystemExit("--compare-setting: give every setting the same number of values")
-    labels = [",".join(f"{name}={values[i]!r}" for _, name, _, values in settings) for i in range(counts.pop())]
+    settings = [(module, name, getattr(module, name), values) for module, name, values in args.compare_setting]
+    labels = [",".join(f"{name}={values[i]!r}" for _, name, _, values in settings)
+              for i in range(len(settings[0][3]))]
     models = {}
     for label in labels:
         model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
@@ -247,11 +243,14 @@ def main() -> None:
     ap.add_argument("--compare-tensor-cores", action="store_true",
                     help="4-bit decode with the tensor-core kernel on all, the long or none of the products, and bf16, interleaved")
     ap.add_argument("--compare-setting", metavar="MODULE.NAME=V1,V2", action="append",
+                    type=functools.partial(kernel_setting, several=True),
                     help="one model per value of a kernel module's setting (several: the i-th values together), "
                          "same weights, interleaved")
     ap.add_argument("--compare-inference", action="store_true",
                     help="only time decode inside vs outside mad.inference(), interleaved")
     args = ap.parse_args()
+    if args.compare_setting and len({len(values) for *_, values in args.compare_setting}) != 1:
+        ap.error("--compare-setting: give every setting the same number of values")
     set_policy(args.kernels)
     if args.compare_inference:
         return compare_inference(args)
