@@ -24,7 +24,6 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
-import re
 import shutil
 import subprocess
 import tempfile
@@ -33,6 +32,8 @@ from typing import Optional, Sequence
 
 import mlx.core as mx
 import numpy as np
+
+from mad.kernels.device import shape_arguments
 
 __all__ = ["PREAMBLE", "available", "kernel_source", "make_kernel"]
 
@@ -107,8 +108,9 @@ template <typename U> inline void load8(const U* p, float* out) {
 }
 """
 
-_C_TYPES = {mx.float32: "float", mx.bfloat16: "bf16", mx.int32: "int32_t", mx.uint32: "uint32_t",
-            mx.float16: None}
+_C_TYPES = {mx.float32: "float", mx.bfloat16: "bf16", mx.int32: "int32_t", mx.uint32: "uint32_t"}
+# an input's shape, strides and rank as the body takes them (what MLX's `Shape`, `Strides` and int hold)
+_SHAPE_ARG_TYPES = {"_shape": "std::array<int32_t, 10>", "_strides": "std::array<int64_t, 10>", "_ndim": "int"}
 _NP_STORAGE = {mx.float32: np.float32, mx.bfloat16: np.uint16, mx.int32: np.int32, mx.uint32: np.uint32}
 _CACHE = Path(tempfile.gettempdir()) / "mad-host-kernels"
 
@@ -158,22 +160,26 @@ class HostKernel:
 
     def __init__(self, name: str, input_names: list[str], output_names: list[str], source: str, header: str):
         self.name, self.inputs, self.outputs, self.source, self.header = name, input_names, output_names, source, header
+        self.shape_args = {n: shape_arguments(source, n) for n in input_names}   # as MLX passes them
+        self._libraries: dict[tuple, ctypes.CDLL] = {}
 
     def _library(self, dtypes: Sequence[mx.Dtype], out_dtypes: Sequence[mx.Dtype], template: Sequence[tuple]):
+        key = (tuple(dtypes), tuple(out_dtypes), tuple(template))
+        if key not in self._libraries:
+            self._libraries[key] = self._compile(dtypes, out_dtypes, template)
+        return self._libraries[key]
+
+    def _compile(self, dtypes: Sequence[mx.Dtype], out_dtypes: Sequence[mx.Dtype], template: Sequence[tuple]):
         params, unpack = [], []
         slot = 0
         for n, dt in zip(self.inputs, dtypes):
             params.append(f"const {_c_type(dt)}* {n}")
             unpack.append(f"(const {_c_type(dt)}*)a[{slot}]")
             slot += 1
-            for suffix, kind in (("_shape", "std::array<int32_t, 10>"), ("_strides", "std::array<int64_t, 10>")):
-                if re.search(rf"\b{n}{suffix}\b", self.source):
-                    params.append(f"const {kind}& {n}{suffix}")
-                    unpack.append(f"*(const {kind}*)a[{slot}]")
-                    slot += 1
-            if re.search(rf"\b{n}_ndim\b", self.source):
-                params.append(f"int {n}_ndim")
-                unpack.append(f"*(const int*)a[{slot}]")
+            for suffix in self.shape_args[n]:
+                kind = _SHAPE_ARG_TYPES[suffix]
+                params.append(f"const {kind}& {n}{suffix}")
+                unpack.append(f"*(const {kind}*)a[{slot}]")
                 slot += 1
         for n, dt in zip(self.outputs, out_dtypes):
             params.append(f"{_c_type(dt)}* {n}")
@@ -201,14 +207,11 @@ class HostKernel:
             data = _host(x)
             keep.append(data)
             pointers.append(data.ctypes.data)
-            strides = [s // data.itemsize for s in data.strides]
-            extra = []
-            if re.search(rf"\b{n}_shape\b", self.source):
-                extra.append(np.array(list(data.shape) + [0] * (10 - data.ndim), np.int32))
-            if re.search(rf"\b{n}_strides\b", self.source):
-                extra.append(np.array(strides + [0] * (10 - data.ndim), np.int64))
-            if re.search(rf"\b{n}_ndim\b", self.source):
-                extra.append(np.array([data.ndim], np.int32))
+            pad = [0] * (10 - data.ndim)
+            given = {"_shape": np.array(list(data.shape) + pad, np.int32),
+                     "_strides": np.array([s // data.itemsize for s in data.strides] + pad, np.int64),
+                     "_ndim": np.array([data.ndim], np.int32)}
+            extra = [given[suffix] for suffix in self.shape_args[n]]
             keep += extra
             pointers += [e.ctypes.data for e in extra]
         outs = []

@@ -45,6 +45,15 @@ def kernel_source(backend: str, body: str) -> tuple[str, str]:
     return backend_module(backend).kernel_source(body)
 
 
+SHAPE_ARGUMENTS = ("_shape", "_strides", "_ndim")  # what MLX adds after an input, in this order
+
+
+def shape_arguments(body: str, name: str) -> list[str]:
+    """The suffixes of the arguments MLX passes after input `name` (its shape, strides and rank), those
+    `body` names, in MLX's order: MLX adds each where the source contains `<name><suffix>`."""
+    return [s for s in SHAPE_ARGUMENTS if name + s in body]
+
+
 @functools.lru_cache(maxsize=None)
 def scalar(value: float) -> mx.array:
     """A float32 number a kernel reads as an input (an epsilon), made once per value: a new array per call

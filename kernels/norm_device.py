@@ -25,11 +25,11 @@ import mlx.core as mx
 
 from .device import DeviceKernel, scalar
 from .fold import PAIR_ACTIVATIONS
+from .linear_device import DTYPES
 from .registry import Unsupported, register_variant
 
 THREADS = 128            # threads per block (one head of one row)
 MAX_PER_THREAD = 8       # values of the head per thread (registers): heads of up to 1024 values
-DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
 NORM_GATE_BODY = """
     constexpr int PER = (DH + THREADS - 1) / THREADS;   // values per thread
@@ -115,4 +115,4 @@ def head_norm_gate_device(gate: mx.array, x: mx.array, weight: mx.array, bias: O
     return out
 
 
-register_variant("head_norm_gate", "cuda", lambda *a, **k: head_norm_gate_device(*a, backend="cuda", **k))
+register_variant("head_norm_gate", "cuda", head_norm_gate_device)

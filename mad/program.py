@@ -234,10 +234,11 @@ class Program:
         self.traces: list[tuple[tuple[int, ...], bool]] = []  # (first input's shape, last_only) per whole-program trace
         self.tail = self._last_only_nodes(active)
         # folds need the whole program's values at hand (not a stage's) and a module that gives its arguments
-        folds = find_folds(self.graph, active) if self.fused and not self._by_stage and self._fold_on else []
+        folding = self.fused and not self._by_stage and self._fold_on
+        folds = find_folds(self.graph, active) if folding else []
         self.folds: list[Fold] = [f for f in folds if hasattr(self._unit(f.unit), "linear_args")]
         self._fold_at = {f.node: f for f in self.folds}
-        gates = find_norm_gates(self.graph) if self.fused and not self._by_stage and self._fold_on else []
+        gates = find_norm_gates(self.graph) if folding else []
         self.norm_gates: list[NormGate] = [ng for ng in gates if ng.node not in self._fold_at]
         self._norm_gate_at = {ng.node: ng for ng in self.norm_gates}
 

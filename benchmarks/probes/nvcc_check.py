@@ -29,7 +29,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mad.kernels.device import DeviceKernel
+from mad.kernels.device import DeviceKernel, shape_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
@@ -56,9 +56,9 @@ def source(kernel, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]
     params = []
     for n, t in inputs:  # an input's shape, strides and rank follow it where the body names them
         params.append(f"    const {CUDA_TYPES[t]}* {n}")
-        for suffix, kind in (("_shape", "Shape"), ("_strides", "Strides"), ("_ndim", "int")):
-            if n + suffix in kernel.body:
-                params.append(f"    const __grid_constant__ {kind} {n}{suffix}")
+        for suffix in shape_arguments(kernel.body, n):
+            kind = {"_shape": "Shape", "_strides": "Strides", "_ndim": "int"}[suffix]
+            params.append(f"    const __grid_constant__ {kind} {n}{suffix}")
     params += [f"    {CUDA_TYPES[t]}* {n}" for n, t in outputs]
     consts = []
     for name, value in template:
