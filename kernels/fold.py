@@ -87,11 +87,16 @@ def fold_result(y: mx.array, splits: Sequence[int], pair: Optional[str], residua
 def apply(value: Any, x: mx.array, weight: Any, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
           caps: Sequence[Optional[float]] = (None,), **fold: Any) -> Any:
     """The device variant's result where one takes the call, else `value` (see the module docstring)."""
-    kernel, chosen, variant = chosen_variant("folded_linear")
+    return _variant_or(value, "folded_linear", (x, weight, bias, splits, caps), fold)
+
+
+def _variant_or(value: Any, name: str, args: tuple, kwargs: dict) -> Any:
+    """Kernel `name`'s device variant on (args, kwargs) where one is chosen and takes the call, else `value`."""
+    kernel, chosen, variant = chosen_variant(name)
     if variant is None:
         return value
     try:
-        return run_variant(kernel, chosen, variant, (x, weight, bias, splits, caps), fold)
+        return run_variant(kernel, chosen, variant, args, kwargs)
     except Unsupported:
         return value
 
@@ -113,13 +118,7 @@ def head_norm_gate(gate: mx.array, x: mx.array, weight: mx.array, bias: Optional
 def apply_head_norm_gate(value: mx.array, gate: mx.array, x: mx.array, weight: mx.array,
                          bias: Optional[mx.array] = None, **settings: Any) -> mx.array:
     """The device variant's `head_norm_gate` where one takes the call, else `value`."""
-    kernel, chosen, variant = chosen_variant("head_norm_gate")
-    if variant is None:
-        return value
-    try:
-        return run_variant(kernel, chosen, variant, (gate, x, weight, bias), settings)
-    except Unsupported:
-        return value
+    return _variant_or(value, "head_norm_gate", (gate, x, weight, bias), settings)
 
 
 register_kernel("folded_linear", folded_linear)
