@@ -52,12 +52,11 @@ class MLSTMCell(nn.Module):
         cell_state = None if state is None else (state["C"], state["n"], state["m"])
         b, t, _ = q.shape
         if t == 1 and mode != "parallel":  # decode: the fused step kernel where the device has one
-            nh = self.heads
-            h, (c, n, m) = dispatch("mlstm_step")(
-                q.reshape(b, nh, 1, -1), k.reshape(b, nh, 1, -1), v.reshape(b, nh, 1, -1),
-                i.reshape(b, nh, 1), f.reshape(b, nh, 1),  # gates in any float dtype: read as float32
-                cell_state, eps=self.eps, scale=self.scale)
-            return h.reshape(b, 1, -1), {"C": c, "n": n, "m": m}
+            # in the layer's layout (gates in any float dtype, read as float32): the kernel reads the
+            # projections and writes h as they lie, with no reshape nodes in a decode step's graph
+            h, (c, n, m) = dispatch("mlstm_step")(q, k, v, i, f, cell_state, eps=self.eps, scale=self.scale,
+                                                  heads=self.heads)
+            return h, {"C": c, "n": n, "m": m}
         gates = [g.astype(mx.float32).transpose(0, 2, 1) for g in (i, f)]
         if valid is not None:
             gates = inert_gates(*gates, valid)

@@ -61,6 +61,18 @@ def _check_shapes(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.arra
         raise ValueError(f"expected gates of shape {q.shape[:3]}; got i {i.shape}, f {f.shape}")
 
 
+def _check_layer_shapes(q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array, heads: int) -> None:
+    """The layer's layout of one step: q, k (B, 1, NH*DQK), v (B, 1, NH*DV), i, f (B, 1, NH)."""
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1:
+        raise ValueError(f"heads must be a positive integer, got {heads!r}")
+    if (q.ndim != 3 or q.shape[1] != 1 or k.shape != q.shape or v.shape[:2] != q.shape[:2]
+            or q.shape[-1] % heads or v.shape[-1] % heads):
+        raise ValueError(f"expected q, k (B, 1, NH*DQK) and v (B, 1, NH*DV) with NH = {heads}; got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+    if i.shape != (q.shape[0], 1, heads) or f.shape != i.shape:
+        raise ValueError(f"expected gates of shape {(q.shape[0], 1, heads)}; got i {i.shape}, f {f.shape}")
+
+
 def _apply_scale(q: mx.array, k: mx.array, scale: str) -> Tuple[mx.array, mx.array]:
     """Apply 1/sqrt(DQK) to q ("q"), to k ("k") or to neither ("none": already applied),
     in the input's dtype (the products with q and k run in that dtype)."""
@@ -87,7 +99,7 @@ def _exp_neg(m: mx.array) -> mx.array:
 
 def mlstm_step(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array,
-    state: Optional[State] = None, eps: float = 1e-6, scale: str = "q",
+    state: Optional[State] = None, eps: float = 1e-6, scale: str = "q", heads: Optional[int] = None,
 ) -> Tuple[mx.array, State]:
     """One recurrent step of the mLSTM cell (the step formulas of the module docstring).
 
@@ -100,10 +112,19 @@ def mlstm_step(
         state: (C, n, m) before the step, or None for the zero state.
         eps: Added to the denominator.
         scale: Which of q, k takes the 1/sqrt(DQK) factor ("q", "k", or "none" if applied).
+        heads: None for the shapes above. NH for the layer's layout, the same values in the same memory
+            order: q, k (B, 1, NH*DQK), v (B, 1, NH*DV), i, f (B, 1, NH), and h (B, 1, NH*DV) returned
+            (a decode step's device kernel reads and writes these as they are: no reshape nodes).
 
     Returns:
         h (B, NH, 1, DV) in v's dtype, and the float32 state (C_t, n_t, m_t).
     """
+    if heads is not None:
+        _check_layer_shapes(q, k, v, i, f, heads)
+        b = q.shape[0]
+        h, new = mlstm_step(*(x.reshape(b, heads, 1, -1) for x in (q, k, v)), i.reshape(b, heads, 1),
+                            f.reshape(b, heads, 1), state, eps, scale)
+        return h.reshape(b, 1, -1), new
     _check_shapes(q, k, v, i, f)
     q_hat, k = _apply_scale(q, k, scale)
     B, NH, T, DQK = q.shape

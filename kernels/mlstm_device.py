@@ -22,7 +22,7 @@ from typing import Optional
 import mlx.core as mx
 
 from .device import DeviceKernel, scalar
-from .mlstm import State, _check_shapes
+from .mlstm import State, _check_layer_shapes, _check_shapes
 from .registry import Unsupported, register_device_kernel
 
 TX, TY = 128, 4         # threads per block: TX columns of C, TY row groups (TX * TY a power of two)
@@ -153,18 +153,26 @@ def step_splits(B: int, NH: int, DV: int) -> int:
 
 def mlstm_step_device(
     q: mx.array, k: mx.array, v: mx.array, i: mx.array, f: mx.array,
-    state: Optional[State] = None, eps: float = 1e-6, scale: str = "q", *,
+    state: Optional[State] = None, eps: float = 1e-6, scale: str = "q", heads: Optional[int] = None, *,
     backend: str = "cuda", poison: Optional[float] = None, splits: Optional[int] = None,
 ) -> tuple[mx.array, State]:
-    """The fused step on `backend`; same arguments and results as `kernels.mlstm.mlstm_step`.
+    """The fused step on `backend`; same arguments and results as `kernels.mlstm.mlstm_step` (both layouts:
+    the kernel indexes flat memory, whose order they share).
 
     Raises Unsupported for inputs it does not handle (the dispatcher then runs the reference).
     `poison` fills the outputs before the launch (tests check that every element is written).
     `splits` asks for that many row splits (`step_splits` otherwise; tests and benchmarks compare them).
     """
-    _check_shapes(q, k, v, i, f)
-    B, NH, T, DQK = q.shape
-    DV = v.shape[-1]
+    if heads is None:
+        _check_shapes(q, k, v, i, f)
+        B, NH, T, DQK = q.shape
+        DV = v.shape[-1]
+        h_shape: tuple = (B, NH, 1, DV)
+    else:
+        _check_layer_shapes(q, k, v, i, f, heads)
+        B, T, NH = q.shape[0], q.shape[1], heads
+        DQK, DV = q.shape[-1] // heads, v.shape[-1] // heads
+        h_shape = (B, 1, NH * DV)
     if T != 1:
         raise ValueError(f"mlstm_step needs T == 1, got T = {T}")
     if (scale not in ("q", "k") or DQK > MAX_DQK or q.dtype not in DTYPES or not (q.dtype == k.dtype == v.dtype)
@@ -188,7 +196,7 @@ def mlstm_step_device(
                   ("SCALE_Q", scale == "q"), ("SPLITS", S)],
         grid=(math.ceil(DV / TX) * TX, B * NH * TY, S),
         threadgroup=(TX, TY, 1),
-        output_shapes=[(B, NH, 1, DV) if not split else (1,), (B, NH, DQK, DV), (B, NH, DQK), (B, NH),
+        output_shapes=[h_shape if not split else (1,), (B, NH, DQK, DV), (B, NH, DQK), (B, NH),
                        (B * NH * S * DV,) if split else (1,), (B * NH,) if split else (1,)],
         output_dtypes=[v.dtype, mx.float32, mx.float32, mx.float32, mx.float32, mx.float32],
         init_value=poison,
@@ -199,7 +207,7 @@ def mlstm_step_device(
             template=[("T", v.dtype), ("ROWS_H", B * NH), ("DV", DV), ("SPLITS", S), ("THREADS", COMBINE_THREADS)],
             grid=(math.ceil(B * NH * DV / COMBINE_THREADS) * COMBINE_THREADS, 1, 1),
             threadgroup=(COMBINE_THREADS, 1, 1),
-            output_shapes=[(B, NH, 1, DV)], output_dtypes=[v.dtype], init_value=poison)
+            output_shapes=[h_shape], output_dtypes=[v.dtype], init_value=poison)
     return h, (C_new, n_new, m_new)
 
 

@@ -51,6 +51,29 @@ def test_mlstm_step_body_with_its_rows_split(splits):
         assert a.dtype == mx.float32 and err(a, b) < 1e-6
 
 
+def fused_views(arrays: list) -> list:
+    """Each (B, 1, n) array as a slice of one concatenation along the last axis: the views of a fused
+    projection's output that a decode step hands on."""
+    fused = mx.concatenate(arrays, axis=-1)
+    ends = np.cumsum([a.shape[-1] for a in arrays]).tolist()
+    return [fused[..., e - a.shape[-1]:e] for a, e in zip(arrays, ends)]
+
+
+@pytest.mark.parametrize("B", [1, 2])
+def test_mlstm_step_body_in_the_layers_layout(B):
+    """q, k, v, i, f as slices of one fused projection (B, 1, N), as a decode step hands them on, with
+    `heads`: the head-major call's bits, h as (B, 1, NH*DV) (the body indexes flat memory)."""
+    (q, k, v, i, f), state = step_inputs(B=B)
+    NH, DV = q.shape[1], v.shape[-1]
+    views = fused_views([x.reshape(B, 1, -1) for x in (q, k, v, i, f)])
+    h, new = mlstm_device.mlstm_step_device(*views, state, heads=NH, backend="host", poison=NAN)
+    want_h, want = mlstm_device.mlstm_step_device(q, k, v, i, f, state, backend="host")
+    assert h.shape == (B, 1, NH * DV)
+    assert np.array_equal(np.array(h.astype(mx.float32)), np.array(want_h.astype(mx.float32).reshape(B, 1, -1)))
+    for a, b in zip(new, want):
+        assert np.array_equal(np.array(a), np.array(b))
+
+
 def test_splits_below_one_are_refused_before_any_launch():
     (q, k, v, i, f), state = step_inputs()
     with pytest.raises(ValueError, match="splits must be 1 or more"):

@@ -268,6 +268,24 @@ def test_mlstm_step_kernel_matches_reference(B, NH, DQK, DV, dtype, tol, scale, 
 
 
 @needs_gpu
+@pytest.mark.parametrize("B", [1, 3])
+def test_mlstm_step_kernel_in_the_layers_layout(B):
+    """q, k, v, i, f as slices of one fused projection (B, 1, N), as a decode step hands them on (row-contiguous
+    at batch 1, copied by MLX before the launch above it), with `heads`: the head-major call's bits."""
+    NH, DQK, DV = 4, 64, 96
+    qkv, gates, state = step_inputs(np.random.default_rng(B), B, NH, DQK, DV, mx.bfloat16)
+    fused = mx.concatenate([x.reshape(B, 1, -1) for x in (*qkv, *gates)], axis=-1)
+    ends = np.cumsum([x.size // B for x in (*qkv, *gates)]).tolist()
+    views = [fused[..., e - x.size // B:e] for x, e in zip((*qkv, *gates), ends)]
+    h, new = mlstm_step_device(*views, state, heads=NH, backend=GPU, poison=float("nan"))
+    want_h, want = mlstm_step_device(*qkv, *gates, state, backend=GPU)
+    assert h.shape == (B, 1, NH * DV)
+    assert mx.array_equal(h, want_h.reshape(B, 1, -1)).item()
+    for a, b in zip(new, want):
+        assert mx.array_equal(a, b).item()
+
+
+@needs_gpu
 def test_model_decode_uses_the_kernels_and_matches_the_cpu():
     """The tiny model on the GPU with its device kernels vs the same weights on the CPU (references).
 

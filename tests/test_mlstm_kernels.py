@@ -226,6 +226,24 @@ def test_prefill_then_steps(t_prefill):
     assert_state_close(state, s_ref)
 
 
+def test_step_in_the_layers_layout():
+    """`heads=NH`: q, k, v, i, f as a layer holds them, (B, 1, NH*D) and (B, 1, NH), give the head-major step's
+    values, h as (B, 1, NH*DV); shapes that do not fit that layout are refused by name."""
+    q, k, v, i, f = (x[:, :, 3:4] for x in to_mx(make_inputs(6, seed=71)))
+    state = state_to_mx(make_state(seed=72))
+    flat = [x.transpose(0, 2, 1, 3).reshape(B, 1, -1) for x in (q, k, v)] + [g.reshape(B, 1, NH) for g in (i, f)]
+    h, new = mlstm_step(*flat, state, heads=NH)
+    want_h, want = mlstm_step(q, k, v, i, f, state)
+    assert h.shape == (B, 1, NH * DV)
+    assert np.array_equal(to_np(h), to_np(want_h.reshape(B, 1, -1)))
+    for a, b in zip(new, want):
+        assert np.array_equal(to_np(a), to_np(b))
+    for bad, match in (((flat[0][..., :-1], *flat[1:]), "q, k"), ((*flat[:3], flat[3][..., :1], flat[4]), "gates"),
+                       (tuple(flat), "heads")):
+        with pytest.raises(ValueError, match=match):
+            mlstm_step(*bad, state, heads=0 if match == "heads" else NH)
+
+
 @pytest.mark.parametrize("T", [7, 37, 130])
 def test_parallel_vs_recurrent(T):
     # Tolerance: writing Num, Den for the unstabilised sums, h_j = Num / (max(|Den|, 1) + eps e^{m_j}).
