@@ -47,6 +47,11 @@ WARPS = 4  # output features per block (one warp each)
 # Without it the norm runs as MLX's kernel before this one, which still takes a pair or a residual.
 # The quantized kernel shares those loads among R features and takes it.
 FOLD_NORM = False
+# ... except for a unit of at most this many output features: its few warps reading the norm's weight cost
+# less than the norm's own launch. At 4 bits an mLSTM layer's input and forget gates (2 x NH features) stay
+# in the compute dtype beside the quantized q|k|v|o, which folds the norm itself: without this the norm ran
+# as MLX's kernel for the gates alone, a launch a block. 0 turns it off.
+NORM_FOLD_WIDTH = 256
 # Whether a block stages its rows of x (times a folded norm's weight) in shared memory once, where each warp
 # otherwise reads x (and the norm's weight) itself; taken where it fits in SHARED_X_BYTES. The staged norm
 # is what FOLD_NORM would need to be cheap. Off until measured.
@@ -250,9 +255,10 @@ def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = No
     """`kernels.fold.folded_linear` with the decode kernel (float weights); Unsupported otherwise."""
     if not isinstance(weight, mx.array):
         raise Unsupported("folded_linear: a quantized weight (kernels/qlinear_device.py)")
-    if norm is not None and not FOLD_NORM:
+    if norm is not None and not (FOLD_NORM or weight.shape[0] <= NORM_FOLD_WIDTH):
         if pair is None and residual is None:
-            raise Unsupported("folded_linear: the float kernel leaves norms to their own kernel (FOLD_NORM)")
+            raise Unsupported("folded_linear: the float kernel leaves a wide unit's norm to its own kernel "
+                              "(FOLD_NORM, NORM_FOLD_WIDTH)")
         # the norm runs as its own kernel (MLX's, as unfolded); the pair or the residual is still folded
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     width = fold_width(x, weight.shape[0], splits, pair, residual)

@@ -311,9 +311,9 @@ def test_kernel_matches_the_reference(monkeypatch, quantized, M, dtype, tol, fol
 @pytest.mark.parametrize("M,dtype,tol", [(1, mx.bfloat16, 1e-2), (3, mx.float32, 2e-5)])
 @pytest.mark.parametrize("fold", ["norm+pair", "norm+residual", "norm+pair+residual"])
 def test_float_kernel_without_its_norm_still_folds_the_pair_and_residual(M, dtype, tol, fold):
-    """FOLD_NORM off (the default): the norm runs as MLX's kernel and the float kernel takes the rest."""
+    """FOLD_NORM off (the default): a wide unit's norm runs as MLX's kernel and the float kernel takes the rest."""
     assert not linear_device.FOLD_NORM
-    K, width = 64 * 11, 37
+    K, width = 64 * 11, linear_device.NORM_FOLD_WIDTH + 37
     pair = "silu" if "pair" in fold else None
     N = 2 * width if pair else width
     splits, caps = ((width,), (None, None)) if pair else ((), (None,))

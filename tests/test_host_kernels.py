@@ -109,6 +109,26 @@ def test_head_norm_gate_body(dtype, tol, offset, bias, act):
     assert got.dtype == dtype and err(got, want) < tol
 
 
+@pytest.mark.parametrize("N", [16, 300])
+def test_float_kernel_folds_a_narrow_units_norm_only(N):
+    """FOLD_NORM off (the default): a unit of up to NORM_FOLD_WIDTH features (an mLSTM layer's gates beside a
+    quantized q|k|v|o) takes its norm in the float kernel, to the reference's figure; a wider one leaves it."""
+    from mad.kernels import linear_device
+    from mad.kernels.registry import Unsupported
+
+    assert not linear_device.FOLD_NORM and 16 <= linear_device.NORM_FOLD_WIDTH < 300
+    K = 256
+    w, x, g = rand((N, K), 0, 0.05, mx.bfloat16), rand((1, 1, K), 1, dtype=mx.bfloat16), rand((K,), 2, dtype=mx.bfloat16)
+    if N > linear_device.NORM_FOLD_WIDTH:
+        with pytest.raises(Unsupported, match="NORM_FOLD_WIDTH"):
+            folded_linear_device(x, w, None, (), (None,), norm=(g, 1e-6), backend="host")
+        return
+    (got,) = folded_linear_device(x, w, None, (), (None,), norm=(g, 1e-6), backend="host", poison=NAN)
+    f32 = lambda a: a.astype(mx.float32)  # noqa: E731
+    (want,) = folded_linear(f32(x), f32(w), None, (), (None,), norm=(f32(g), 1e-6))
+    assert err(got, want) < 1e-2
+
+
 @pytest.mark.parametrize("shared_x", [False, True])
 @pytest.mark.parametrize("fold", ["norm+pair", "norm+residual"])
 def test_float_linear_body_staged_or_not(monkeypatch, shared_x, fold):
