@@ -10,7 +10,9 @@ MLX's fast norms, the other nodes by primitive; the launches traced, by kernel n
 a fold replaced, which MLX drops), and the host time of one call of the model
 (the compiled program's graph rebuilt for new inputs, nothing evaluated): the part of a GPU decode step that
 `gpu_decode_probe.py` reports as `mad-call`, here on this machine's CPU. Evaluating such a graph costs the
-host time too (a node at a time), which only a GPU run shows.
+host time too (a node at a time), which only a GPU run shows. Not replaced: what MLX builds differently per
+device otherwise, such as a quantized embedding's lookup (`mx.dequantize`, about 25 elementwise and view
+nodes a step here), counted as this machine builds it.
 
     python benchmarks/probes/host_graph.py [--topology topologies/xlstm-7b.yaml] [--set dims.D=512 ...]
         [--bits 4] [--batch 1] [--calls 200] [--json PATH]
