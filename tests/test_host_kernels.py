@@ -59,15 +59,15 @@ def fused_views(arrays: list) -> list:
     return [fused[..., e - a.shape[-1]:e] for a, e in zip(arrays, ends)]
 
 
-@pytest.mark.parametrize("B", [1, 2])
-def test_mlstm_step_body_in_the_layers_layout(B):
+@pytest.mark.parametrize("B,splits", [(1, 1), (2, 1), (1, 3)])
+def test_mlstm_step_body_in_the_layers_layout(B, splits):
     """q, k, v, i, f as slices of one fused projection (B, 1, N), as a decode step hands them on, with
-    `heads`: the head-major call's bits, h as (B, 1, NH*DV) (the body indexes flat memory)."""
+    `heads`: the head-major call's bits, h as (B, 1, NH*DV) (the body indexes flat memory), row splits too."""
     (q, k, v, i, f), state = step_inputs(B=B)
     NH, DV = q.shape[1], v.shape[-1]
     views = fused_views([x.reshape(B, 1, -1) for x in (q, k, v, i, f)])
-    h, new = mlstm_device.mlstm_step_device(*views, state, heads=NH, backend="host", poison=NAN)
-    want_h, want = mlstm_device.mlstm_step_device(q, k, v, i, f, state, backend="host")
+    h, new = mlstm_device.mlstm_step_device(*views, state, heads=NH, backend="host", poison=NAN, splits=splits)
+    want_h, want = mlstm_device.mlstm_step_device(q, k, v, i, f, state, backend="host", splits=splits)
     assert h.shape == (B, 1, NH * DV)
     assert np.array_equal(np.array(h.astype(mx.float32)), np.array(want_h.astype(mx.float32).reshape(B, 1, -1)))
     for a, b in zip(new, want):
