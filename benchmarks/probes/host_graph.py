@@ -15,7 +15,7 @@ device otherwise, such as a quantized embedding's lookup (`mx.dequantize`, about
 nodes a step here), counted as this machine builds it.
 
     python benchmarks/probes/host_graph.py [--topology topologies/xlstm-7b.yaml] [--set dims.D=512 ...]
-        [--bits 4] [--batch 1] [--calls 200] [--json PATH]
+        [--bits 4] [--batch 1] [--calls 200] [--setting MODULE.NAME=VALUE] [--json PATH]
 
 The weights' shapes do not change the graph, so the default shrinks the 7B shape's widths (`dims.D=512`,
 `dims.V=1024`: the same 32 blocks, the same nodes) to build quickly; `--set` overrides them.
@@ -31,9 +31,13 @@ import re
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import mad  # noqa: F401  (before mlx.core: the CPU BLAS)
 import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py, one level up
+from common import kernel_setting  # noqa: E402
 
 LAUNCH, NORM = "Depends", "AsStrided"  # the primitives of the stand-ins for a launch and for a fast norm
 
@@ -91,10 +95,14 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=None, help="quantize the projections and head (affine, group 64)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=200)
+    ap.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE", type=kernel_setting,
+                    help="a kernel module's setting, e.g. mad.kernels.linear_device.PROMPT_ADDMM=True")
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.batch < 1 or args.calls < 1:
         ap.error("--batch and --calls must be 1 or more")
+    for module, name, value in args.setting:  # before anything is traced
+        setattr(module, name, value)
     overrides = args.overrides if args.overrides is not None else ["dims.D=512", "dims.V=1024"]
 
     stand_ins = StandIns()
@@ -123,6 +131,7 @@ def main() -> None:
     nodes["Flatten"] -= norms  # as_strided's own
     nodes = +nodes  # without zero counts
     result = {"topology": args.topology, "overrides": overrides, "bits": args.bits, "batch": args.batch,
+              "settings": {f"{module.__name__}.{name}": repr(value) for module, name, value in args.setting},
               "nodes": sum(nodes.values()) + launches + norms, "kernel launches": launches, "MLX fast norms": norms,
               "other nodes": dict(nodes.most_common()),
               # traced, so with the launches of nodes a fold replaced (dead code MLX drops)
