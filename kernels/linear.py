@@ -55,12 +55,30 @@ def split_parts(y: mx.array, splits: Sequence[int]) -> list[mx.array]:
     return mx.split(y, list(splits), axis=-1) if splits else [y]
 
 
+def capped_parts(y: mx.array, splits: Sequence[int], caps: Sequence[Optional[float]]) -> list[mx.array]:
+    """y's columns split at `splits`, each part soft-capped by its cap. Neighbouring parts of one cap (an mLSTM
+    layer's input and forget gates at the end of a fused q|k|v|o|i|f) are capped as one slice and then
+    split: one elementwise kernel where each part took its own, the same values."""
+    bounds = [0, *splits, y.shape[-1]]
+    runs: list[list] = []                                       # [first part, last part + 1, cap]
+    for j, c in enumerate(caps):
+        if c and runs and runs[-1][2] == c:
+            runs[-1][1] = j + 1
+        else:
+            runs.append([j, j + 1, c])
+    out = []
+    for (a, b, c), piece in zip(runs, split_parts(y, [bounds[r[0]] for r in runs[1:]])):
+        piece = softcap(piece, c) if c else piece
+        out.extend(split_parts(piece, [bounds[j] - bounds[a] for j in range(a + 1, b)]))
+    return out
+
+
 def linear(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
            caps: Sequence[Optional[float]] = (None,)) -> list[mx.array]:
     """The parts of softcap(x @ w.T + bias); see the module docstring."""
     check_parts(splits, caps)
     y = x @ w.T if bias is None else mx.addmm(bias, x, w.T)
-    return [softcap(p, c) if c else p for p, c in zip(split_parts(y, splits), caps)]
+    return capped_parts(y, splits, caps)
 
 
 def _products(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence[int]) -> list[mx.array]:

@@ -36,7 +36,7 @@ from typing import Callable, Optional, Sequence
 
 import mlx.core as mx
 
-from .linear import check_parts, linear_cpu, softcap, split_parts
+from .linear import capped_parts, check_parts, linear_cpu, softcap
 from .registry import Unsupported, register_kernel, register_variant
 
 PROMPT_ROWS = 8  # prompt rows from which the CPU unpacks the matrix (below, quantized_matmul is about as fast)
@@ -103,9 +103,9 @@ def quantized_linear(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.arr
     if splits and on_cpu and x.size != x.shape[-1]:
         bounds = list(zip((0, *splits), (*splits, None)))
         parts = [product(packed.rows(a, b), None if bias is None else bias[a:b]) for a, b in bounds]
+        parts = [softcap(p, c) if c else p for p, c in zip(parts, caps)]
     else:
-        parts = split_parts(product(packed, bias), splits)
-    parts = [softcap(p, c) if c else p for p, c in zip(parts, caps)]
+        parts = capped_parts(product(packed, bias), splits, caps)
     return [p.astype(dtype) for p in parts] if parts[0].dtype != dtype else parts
 
 

@@ -8,6 +8,7 @@ poisoned (NaN) before the launch so that an unwritten element fails.
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from mad.backends.cuda import PREAMBLE as CUDA_PREAMBLE
 from mad.backends.metal import HEADER as METAL_HEADER, PREAMBLE as METAL_PREAMBLE
 from mad.kernels.device import kernel_source
 from mad.kernels.mlstm import chunk_recurrence, mlstm_sequence, mlstm_step
-from mad.kernels.linear import linear, linear_cpu
+from mad.kernels.linear import capped_parts, linear, linear_cpu, softcap, split_parts
 from mad.kernels.linear_device import linear_device
 from mad.kernels.mlstm_device import STEP_BODY, chunk_recurrence_device, mlstm_step_device
 
@@ -188,6 +189,24 @@ def test_cpu_variants_leave_a_model_unchanged_within_float32(on_cpu):
     got, _ = fresh(ids)
     assert registry.dispatch("silu").__name__ == "silu[cpu]"
     np.testing.assert_allclose(np.array(got), np.array(want), rtol=0, atol=1e-5 * float(mx.abs(want).max()))
+
+
+@pytest.mark.parametrize("caps,runs", [((None, None, 15.0, 15.0), 1), ((15.0, None, 15.0), 2), ((15.0, 15.0, 30.0), 2),
+                                       ((None, 15.0), 1), ((15.0,), 1), ((None, None), 0)])
+def test_neighbouring_parts_of_one_cap_are_capped_as_one(caps, runs):
+    """Each part gets its own soft-cap, bit for bit, and a run of neighbouring parts of one cap (a fused
+    q|k|v|o|i|f's gates) takes one elementwise kernel in a compiled graph, where each part took its own."""
+    widths = [5, 7, 3, 4][:len(caps)]
+    splits = np.cumsum(widths)[:-1].tolist()
+    y = mx.array(np.random.default_rng(len(caps)).normal(0, 40, (2, 1, sum(widths))).astype(np.float32))
+    want = [softcap(p, c) if c else p for p, c in zip(split_parts(y, splits), caps)]
+    got = mx.compile(lambda y: capped_parts(y, splits, caps))(y)
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and mx.array_equal(a, b).item()
+    dot = io.StringIO()
+    mx.export_to_dot(dot, *mx.compile(lambda y: capped_parts(y, splits, caps))(y))
+    assert len(re.findall(r'label ="[A-Za-z]*Tanh', dot.getvalue())) == runs
 
 
 def test_every_kernel_has_a_reference_and_known_backends():

@@ -12,7 +12,9 @@ a fold replaced, which MLX drops), and the host time of one call of the model
 `gpu_decode_probe.py` reports as `mad-call`, here on this machine's CPU. Evaluating such a graph costs the
 host time too (a node at a time), which only a GPU run shows. Not replaced: what MLX builds differently per
 device otherwise, such as a quantized embedding's lookup (`mx.dequantize`, about 25 elementwise and view
-nodes a step here), counted as this machine builds it.
+nodes a step here), and MAD's own CPU branches where no kernel takes a call (a quantized product of more
+rows than the decode kernel takes, `--bits` with `--batch` above 8, runs per part in float32 on the CPU),
+counted as this machine builds them.
 
     python benchmarks/probes/host_graph.py [--topology topologies/xlstm-7b.yaml] [--set dims.D=512 ...]
         [--bits 4] [--batch 1] [--calls 200] [--setting MODULE.NAME=VALUE] [--json PATH]
