@@ -330,6 +330,25 @@ def test_float_kernel_without_its_norm_still_folds_the_pair_and_residual(M, dtyp
 
 
 @needs_cuda
+@pytest.mark.parametrize("M,dtype,tol", [(1, mx.bfloat16, 1e-2), (3, mx.float32, 2e-5)])
+def test_float_kernel_takes_a_narrow_units_norm(M, dtype, tol):
+    """FOLD_NORM off (the default): a unit of up to NORM_FOLD_WIDTH features (a 4-bit model's bf16 input and
+    forget gates, with their soft-cap and bias) takes its norm in the float kernel."""
+    assert not linear_device.FOLD_NORM
+    K, N = 64 * 11, 16
+    splits, caps = (8,), (15.0, 15.0)
+    weight = _weight(N, K, None, dtype, seed=M)
+    x, bias = rand((M, 1, K), 10 + M, dtype=dtype), rand((N,), 20, dtype=dtype)
+    kw = {"norm": (rand((K,), 30, dtype=dtype), 1e-6)}
+    want = _float32_reference(x, weight, bias, splits, caps, **kw)
+    value = object()
+    got = apply(value, x, weight, bias, splits, caps, **kw)
+    assert got is not value, "no kernel took the call"
+    for a, b in zip(got, want):
+        assert a.dtype == dtype and a.shape == b.shape and rel_err(a, b) < tol
+
+
+@needs_cuda
 @pytest.mark.parametrize("rows,DH,dtype,tol", [(1, 512, mx.bfloat16, 1e-2), (3, 96, mx.float32, 2e-6),
                                                (2, 1024, mx.float32, 2e-6)])
 @pytest.mark.parametrize("offset,bias,act", [(0.0, False, "sigmoid"), (1.0, True, "silu")])
