@@ -1,20 +1,22 @@
 """How many graph nodes does a GPU decode step have, and how long does the host take to build one? On any
 machine, without a GPU.
 
-The decode step is built as it is on a CUDA GPU: the CUDA variants of MAD's kernels are chosen, but each
-launch is replaced by a stand-in that makes outputs of the launch's shapes and dtypes (evaluated zeros,
-tied to the launch's inputs by one `mx.depends` node), and MLX's `fast.rms_norm` / `fast.layer_norm`,
-which the CPU would expand into several nodes, by one view node each (`as_strided`, its Flatten not counted). So the step's graph has one node
-per kernel launch and per MLX operation, as on the GPU. Printed: the nodes of one step (kernel launches,
-MLX's fast norms, the other nodes by primitive; the launches traced, by kernel name, include those of nodes
-a fold replaced, which MLX drops), and the host time of one call of the model
-(the compiled program's graph rebuilt for new inputs, nothing evaluated): the part of a GPU decode step that
-`gpu_decode_probe.py` reports as `mad-call`, here on this machine's CPU. Evaluating such a graph costs the
-host time too (a node at a time), which only a GPU run shows. Not replaced: what MLX builds differently per
-device otherwise, such as a quantized embedding's lookup (`mx.dequantize`, about 25 elementwise and view
-nodes a step here), and MAD's own CPU branches where no kernel takes a call (a quantized product of more
-rows than the decode kernel takes, `--bits` with `--batch` above 8, runs per part in float32 on the CPU),
-counted as this machine builds them.
+The decode step is built as on a CUDA GPU: the CUDA variants of MAD's kernels are chosen, and each launch
+is replaced by a stand-in that makes outputs of the launch's shapes and dtypes (evaluated zeros, tied to
+the launch's inputs by one `mx.depends` node). MLX's `fast.rms_norm` and `fast.layer_norm`, which the CPU
+would expand into several nodes, become one view node each (`as_strided`; its Flatten is not counted). So
+the graph has one node per kernel launch and per MLX operation, as on the GPU.
+
+Printed: the nodes of one step (kernel launches, MLX's fast norms, the other nodes by primitive; the
+launches traced, by kernel name, include those of nodes a fold replaced, which MLX drops), and the host
+time of one call of the model (the compiled program's graph rebuilt for new inputs, nothing evaluated):
+what `gpu_decode_probe.py` reports as `mad-call`, here on this machine's CPU. Evaluating the graph costs
+the host time too, a node at a time; only a GPU run shows that.
+
+Counted as this machine builds them, not replaced: what MLX builds differently per device otherwise (a
+quantized embedding's lookup, `mx.dequantize`: about 25 elementwise and view nodes a step here), and MAD's
+own CPU branches where no kernel takes a call (a quantized product of more rows than the decode kernel
+takes, `--bits` with `--batch` above 8, runs per part in float32 on the CPU).
 
     python benchmarks/probes/host_graph.py [--topology topologies/xlstm-7b.yaml] [--set dims.D=512 ...]
         [--bits 4] [--batch 1] [--calls 200] [--setting MODULE.NAME=VALUE] [--json PATH]
