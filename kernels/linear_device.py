@@ -57,10 +57,10 @@ NORM_FOLD_WIDTH = 256
 # is what FOLD_NORM would need to be cheap. Off until measured.
 SHARED_X = False
 SHARED_X_BYTES = {"cuda": 48 * 1024, "metal": 32 * 1024, "host": 48 * 1024}   # static shared memory a block
-# Whether a residual fold larger than the kernel takes (a prompt) runs as one `mx.addmm(residual, x, W^T)`,
-# which MLX's CUDA backend hands cuBLASLt with the residual as its C input (the add in the product's
-# epilogue, one kernel where there were two), inside `inference()` only (training keeps the nodes).
-# Off until measured.
+# Whether a residual fold larger than the kernel takes (a prompt, or a decode step of more sequences than
+# it takes rows) runs as one `mx.addmm(residual, x, W^T)`, which MLX's CUDA backend hands cuBLASLt with the
+# residual as its C input (the add in the product's epilogue, one kernel where there were two), inside
+# `inference()` only (training keeps the nodes). Off until measured.
 PROMPT_ADDMM = False
 DTYPES = (mx.bfloat16, mx.float16, mx.float32)
 
