@@ -29,6 +29,7 @@ import mlx.nn as nn
 
 from mad.block import (Block, Cut, Dim, FiniteFloat, FoldForm, PositiveFloat, ShapeError, SplitHeads, TensorType,
                        expect_float, register)
+from mad.kernels.fold import head_norm
 from mad.kernels.mlstm import float32_products, inert_gates, mlstm_sequence
 from mad.kernels.registry import chosen_variant, dispatch
 
@@ -136,12 +137,7 @@ class MultiHeadNorm(nn.Module):
         self.heads, self.eps, self.offset = heads, eps, weight_offset
 
     def __call__(self, x: mx.array) -> mx.array:
-        b, t, d = x.shape
-        # statistics and normalisation in float32 inside the kernel, one rounding to x's dtype at the end
-        # (the same numbers as normalising x cast to float32, then casting back: tests/test_kernels.py)
-        y = mx.fast.layer_norm(x.reshape(b, t, self.heads, d // self.heads), None, None, self.eps).reshape(b, t, d)
-        y = y * (self.weight + self.offset if self.offset else self.weight)
-        return y + self.bias if "bias" in self else y
+        return head_norm(x, self.weight, self.bias if "bias" in self else None, self.eps, self.heads, self.offset)
 
 
 @register("multihead_layernorm")

@@ -101,18 +101,25 @@ def _variant_or(value: Any, name: str, args: tuple, kwargs: dict) -> Any:
         return value
 
 
-def head_norm_gate(gate: mx.array, x: mx.array, weight: mx.array, bias: Optional[mx.array] = None,
-                   eps: float = 1e-6, heads: int = 1, offset: float = 0.0, act: str = "sigmoid") -> mx.array:
-    """The unfused operations: the `multihead_layernorm` node's module (blocks/mlstm.py), then the gate's
-    ("<act>_mul", kernels/activations.py, as the gate node runs it)."""
-    if act not in PAIR_ACTIVATIONS:
-        raise ValueError(f"head_norm_gate: act must be one of {PAIR_ACTIVATIONS}, got {act!r}")
+def head_norm(x: mx.array, weight: mx.array, bias: Optional[mx.array] = None, eps: float = 1e-6, heads: int = 1,
+              offset: float = 0.0) -> mx.array:
+    """The `multihead_layernorm` node (blocks/mlstm.py `MultiHeadNorm`): a layer norm of each of `heads` slices
+    of x's last dim, statistics and normalisation in float32 inside MLX's kernel, rounded once to x's dtype
+    (the same numbers as normalising x cast to float32, then casting back: tests/test_kernels.py), then
+    times (weight + offset), plus bias."""
     *lead, d = x.shape
     y = mx.fast.layer_norm(x.reshape(*lead, heads, d // heads), None, None, eps).reshape(x.shape)
     y = y * (weight + offset if offset else weight)
-    if bias is not None:
-        y = y + bias
-    return dispatch(f"{act}_mul")(gate, y)
+    return y + bias if bias is not None else y
+
+
+def head_norm_gate(gate: mx.array, x: mx.array, weight: mx.array, bias: Optional[mx.array] = None,
+                   eps: float = 1e-6, heads: int = 1, offset: float = 0.0, act: str = "sigmoid") -> mx.array:
+    """The unfused operations: the `multihead_layernorm` node's (`head_norm`), then the gate's ("<act>_mul",
+    kernels/activations.py, as the gate node runs it)."""
+    if act not in PAIR_ACTIVATIONS:
+        raise ValueError(f"head_norm_gate: act must be one of {PAIR_ACTIVATIONS}, got {act!r}")
+    return dispatch(f"{act}_mul")(gate, head_norm(x, weight, bias, eps, heads, offset))
 
 
 def apply_head_norm_gate(value: mx.array, gate: mx.array, x: mx.array, weight: mx.array,
