@@ -147,3 +147,17 @@ def kernel_setting(text: str, several: bool = False) -> tuple[Any, str, Any]:
     except (ValueError, SyntaxError):
         raise argparse.ArgumentTypeError(f"{text!r}: the value is not a Python literal") from None
     return module, name, values if several else values[0]
+
+
+def add_setting_option(ap: argparse.ArgumentParser) -> None:
+    """`--setting MODULE.NAME=VALUE` (repeatable): a kernel module's setting for the run (`apply_settings`)."""
+    ap.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE", type=kernel_setting,
+                    help="a kernel module's setting for this run, e.g. mad.kernels.linear_device.PROMPT_ADDMM=True")
+
+
+def apply_settings(settings: list[tuple[Any, str, Any]]) -> dict[str, str]:
+    """Set each (module, name, value) of `--setting`, before anything is traced (settings are read when a
+    program is traced); returns them as {"module.NAME": repr(value)} for the run's JSON."""
+    for module, name, value in settings:
+        setattr(module, name, value)
+    return {f"{module.__name__}.{name}": repr(value) for module, name, value in settings}

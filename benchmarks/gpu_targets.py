@@ -26,7 +26,7 @@ import time
 import mad  # noqa: F401  (before mlx: the CPU BLAS choice)
 import mlx.core as mx
 
-from common import kernel_setting
+from common import add_setting_option, apply_settings
 from mad.bench import bench, device_limits, limit_fractions, step_costs
 from mad.model import PREFILL_STEP
 
@@ -43,11 +43,9 @@ def main() -> None:
     ap.add_argument("--prefill-step", default=str(PREFILL_STEP),
                     help="prompt tokens per forward call; several, comma-separated, run in turn")
     ap.add_argument("--json", help="also write the figures to this file")
-    ap.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE", type=kernel_setting,
-                    help="a kernel module's setting for this run, e.g. mad.kernels.linear_device.PROMPT_ADDMM=True")
+    add_setting_option(ap)
     args = ap.parse_args()
-    for module, name, value in args.setting:  # before anything is traced: settings are read when a program is
-        setattr(module, name, value)           # traced
+    settings = apply_settings(args.setting)
     parts = [p for p in args.only.split(",") if p]
     unknown = set(parts) - set(PARTS)
     if unknown:
@@ -69,7 +67,7 @@ def main() -> None:
     model, _ = mad.load(args.topology, dtype=args.dtype, overrides=args.overrides)
     mx.eval(model.parameters())
     out = {"device": str(mx.default_device()), "topology": args.topology, "overrides": args.overrides,
-           "settings": {f"{module.__name__}.{name}": repr(value) for module, name, value in args.setting},
+           "settings": settings,
            "dtype": args.dtype, "load_seconds": time.perf_counter() - start}
     out["limits"] = device_limits(model.program.dtype)
     out["costs"] = step_costs(model)

@@ -41,7 +41,7 @@ import mad  # noqa: F401  (before mlx.core: the CPU BLAS)
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py, one level up
-from common import kernel_setting  # noqa: E402
+from common import add_setting_option, apply_settings  # noqa: E402
 
 LAUNCH, NORM = "Depends", "AsStrided"  # the primitives of the stand-ins for a launch and for a fast norm
 
@@ -99,14 +99,12 @@ def main() -> None:
     ap.add_argument("--bits", type=int, default=None, help="quantize the projections and head (affine, group 64)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=200)
-    ap.add_argument("--setting", action="append", default=[], metavar="MODULE.NAME=VALUE", type=kernel_setting,
-                    help="a kernel module's setting, e.g. mad.kernels.linear_device.PROMPT_ADDMM=True")
+    add_setting_option(ap)
     ap.add_argument("--json")
     args = ap.parse_args()
     if args.batch < 1 or args.calls < 1:
         ap.error("--batch and --calls must be 1 or more")
-    for module, name, value in args.setting:  # before anything is traced
-        setattr(module, name, value)
+    settings = apply_settings(args.setting)
     overrides = args.overrides if args.overrides is not None else ["dims.D=512", "dims.V=1024"]
 
     stand_ins = StandIns()
@@ -135,7 +133,7 @@ def main() -> None:
     nodes["Flatten"] -= norms  # as_strided's own
     nodes = +nodes  # without zero counts
     result = {"topology": args.topology, "overrides": overrides, "bits": args.bits, "batch": args.batch,
-              "settings": {f"{module.__name__}.{name}": repr(value) for module, name, value in args.setting},
+              "settings": settings,
               "nodes": sum(nodes.values()) + launches + norms, "kernel launches": launches, "MLX fast norms": norms,
               "other nodes": dict(nodes.most_common()),
               # traced, so with the launches of nodes a fold replaced (dead code MLX drops)
