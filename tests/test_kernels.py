@@ -16,6 +16,7 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 import pytest
+from test_host_kernels import fused_views
 from test_mlstm_kernels import assert_h_close, assert_state_close, reference, to_np
 
 import mad
@@ -293,9 +294,7 @@ def test_mlstm_step_kernel_in_the_layers_layout(B):
     at batch 1, copied by MLX before the launch above it), with `heads`: the head-major call's bits."""
     NH, DQK, DV = 4, 64, 96
     qkv, gates, state = step_inputs(np.random.default_rng(B), B, NH, DQK, DV, mx.bfloat16)
-    fused = mx.concatenate([x.reshape(B, 1, -1) for x in (*qkv, *gates)], axis=-1)
-    ends = np.cumsum([x.size // B for x in (*qkv, *gates)]).tolist()
-    views = [fused[..., e - x.size // B:e] for x, e in zip((*qkv, *gates), ends)]
+    views = fused_views([x.reshape(B, 1, -1) for x in (*qkv, *gates)])
     h, new = mlstm_step_device(*views, state, heads=NH, backend=GPU, poison=float("nan"))
     want_h, want = mlstm_step_device(*qkv, *gates, state, backend=GPU)
     assert h.shape == (B, 1, NH * DV)
