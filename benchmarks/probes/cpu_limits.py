@@ -4,7 +4,8 @@ Prints, on this machine (MLX's CPU, one process, medians):
   transcendentals  ns per element of MLX's exp, log1p, sigmoid, tanh, logaddexp(0, x) and maximum over 1M
                    float32 values, alone and inside a compiled function (with one add)
   slstm            an sLSTM step of the 125M shape (4 heads of 192, batch 1): the R y product alone (a loop
-                   of products with a tanh) and the whole `slstm_sequence`
+                   of products with a tanh), the step's elementwise part alone (the compiled cell) and the
+                   whole `slstm_sequence`
   mlstm            the mLSTM cell of the 125M stack (4 heads of 384, 256 tokens): chunkwise (chunk 64) and
                    the parallel form
   prompt           a 256-token prompt of `topologies/xlstm-v1-125m.yaml`, milliseconds per node type
@@ -29,7 +30,7 @@ import mlx.core as mx
 import numpy as np
 
 from mad.kernels.mlstm import mlstm_sequence
-from mad.kernels.slstm import slstm_sequence
+from mad.kernels.slstm import _cell_compiled as slstm_cell, slstm_sequence
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -73,8 +74,17 @@ def slstm(steps: int, repeats: int) -> dict:
             y = mx.tanh((y @ Rt)[..., :DH])
         return y
 
-    loop = mx.compile(product_loop)
+    def cell_loop(y):                                          # the step's elementwise part, no product
+        c, n, m = y, mx.abs(y) + 1.0, y
+        for t in range(steps):
+            wx = [g[:, :, t:t + 1, :].transpose(2, 1, 0, 3) for g in gates]
+            y, c, n, m = slstm_cell(*wx, y, y, y, y, *bias, c, n, m)
+        return y
+
+    bias = [b.reshape(4, NH, 1, DH)[g:g + 1] for g in range(4)]
+    loop, cells = mx.compile(product_loop), mx.compile(cell_loop)
     return {"product_and_tanh_us": 1e6 * median_s(lambda: mx.eval(loop(y0)), repeats) / steps,
+            "cell_us": 1e6 * median_s(lambda: mx.eval(cells(y0)), repeats) / steps,
             "slstm_sequence_us": 1e6 * median_s(lambda: mx.eval(slstm_sequence(*gates, R, b)), repeats) / steps}
 
 
