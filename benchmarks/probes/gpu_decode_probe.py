@@ -235,7 +235,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--kernels", default="auto")
     ap.add_argument("--json")
-    ap.add_argument("--bits", type=int, default=None, help="quantize the projections and head (affine, group 64)")
+    ap.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+                    help="quantize the projections and head (affine, group 64)")
     ap.add_argument("--compare-fuse", action="store_true",
                     help="only time fused vs unfused decode (same weights), interleaved")
     ap.add_argument("--compare-fold", action="store_true",

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-import mad  # noqa: F401  (before mlx.core: the CPU BLAS)
+import mad  # before mlx.core: the CPU BLAS
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/common.py, one level up
@@ -96,7 +96,8 @@ def main() -> None:
     ap.add_argument("--topology", default="topologies/xlstm-7b.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=None,
                     help="dims overrides (default dims.D=512 dims.V=1024)")
-    ap.add_argument("--bits", type=int, default=None, help="quantize the projections and head (affine, group 64)")
+    ap.add_argument("--bits", type=int, default=None, choices=(2, 3, 4, 5, 6, 8),
+                    help="quantize the projections and head (affine, group 64)")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--calls", type=int, default=200)
     add_setting_option(ap)
@@ -109,7 +110,11 @@ def main() -> None:
 
     stand_ins = StandIns()
     install(stand_ins)
-    model, _ = mad.load(args.topology, dtype="bfloat16", overrides=overrides)
+    try:
+        model, _ = mad.load(args.topology, dtype="bfloat16", overrides=overrides)
+    except mad.MadError as e:  # a bad topology or --set: MAD's own message, as `mad` prints it
+        print(e, file=sys.stderr)
+        raise SystemExit(2) from None
     if args.bits:
         from mad.quantize import quantize_model
 

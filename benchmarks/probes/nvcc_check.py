@@ -32,6 +32,7 @@ from pathlib import Path
 from mad.kernels.device import DeviceKernel, shape_arguments
 
 ROOT = Path(__file__).resolve().parents[2]
+SHAPE_TYPES = {"_shape": "Shape", "_strides": "Strides", "_ndim": "int"}  # as MLX declares them
 CUDA_TYPES = {"float32": "float", "float16": "__half", "bfloat16": "__nv_bfloat16", "uint32": "uint32_t",
               "int32": "int32_t", "uint8": "uint8_t", "bool": "bool"}
 MLX_HEADER = """
@@ -57,8 +58,7 @@ def source(kernel, inputs: list[tuple[str, str]], outputs: list[tuple[str, str]]
     for n, t in inputs:  # an input's shape, strides and rank follow it where the body names them
         params.append(f"    const {CUDA_TYPES[t]}* {n}")
         for suffix in shape_arguments(kernel.body, n):
-            kind = {"_shape": "Shape", "_strides": "Strides", "_ndim": "int"}[suffix]
-            params.append(f"    const __grid_constant__ {kind} {n}{suffix}")
+            params.append(f"    const __grid_constant__ {SHAPE_TYPES[suffix]} {n}{suffix}")
     params += [f"    {CUDA_TYPES[t]}* {n}" for n, t in outputs]
     consts = []
     for name, value in template:
