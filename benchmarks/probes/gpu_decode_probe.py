@@ -1,4 +1,4 @@
-"""Where does a GPU decode step of the xLSTM-7B shape spend its time? Variant timings, no profiler.
+"""Where does a GPU decode step of the xLSTM-7B shape spend its time? Variant timings, and a range for a profiler.
 
 Prints one table (milliseconds per decode step, batch B, bf16 weights, float32 state):
   mad            the MAD-built model, a compiled step, evaluated every step
@@ -12,8 +12,11 @@ Each figure is the median of `--steps` steps after a warm-up. Run it on the GPU 
 
     python benchmarks/probes/gpu_decode_probe.py [--batch 1] [--steps 50] [--set dims.L=16] [--kernels auto]
         [--compare-fuse | --compare-fold | --compare-inference | --compare-tensor-cores
-         | --compare-setting MODULE.NAME=V1,V2] [--bits 4]
+         | --compare-setting MODULE.NAME=V1,V2 | --profile-steps N] [--bits 4]
         # --bits: quantized as bench_quant.py does (no matmuls row)
+`--profile-steps N` runs N double-buffered steps between cuProfilerStart and cuProfilerStop, for
+`nsys profile --capture-range=cudaProfilerApi --trace=cuda,nvtx`: the kernels' time a step against the wall
+time it prints, and MLX's host time per primitive (its NVTX ranges), for exactly those N steps.
 Decode steps run inside `mad.inference()` (as generation does); `--compare-inference` times them inside and
 outside it (kernels bare or wrapped for gradients), interleaved on one model.
 """
@@ -90,6 +93,30 @@ def compare_inference(args) -> None:
                 times[k].append(decode_ms(model, token, state, args.steps))
     print(json.dumps({"batch": B, "bits": args.bits, **{f"{k}_ms": statistics.median(v) for k, v in times.items()},
                       **{f"{k}_tps": 1e3 * B / statistics.median(v) for k, v in times.items()}}, indent=1))
+
+
+def profile(args) -> None:
+    """N double-buffered decode steps between the CUDA driver's cuProfilerStart and cuProfilerStop (after
+    a warm-up), so that a profiler that captures that range sees those steps only; prints ms a step."""
+    import ctypes
+
+    cuda = ctypes.CDLL("libcuda.so.1")
+    model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
+    if args.bits:
+        from mad.quantize import quantize_model
+        quantize_model(model, bits=args.bits, group_size=64)
+    mx.eval(model.program.parameters())
+    B = args.batch
+    _, state = model(mx.random.randint(0, model.vocab_size, (B, 16)).astype(mx.int32))
+    token = mx.random.randint(0, model.vocab_size, (B, 1)).astype(mx.int32)
+    decode_ms(model, token, state, 10)
+    mx.synchronize()
+    cuda.cuProfilerStart()
+    ms = decode_ms(model, token, state, args.profile_steps)
+    mx.synchronize()
+    cuda.cuProfilerStop()
+    print(json.dumps({"batch": B, "bits": args.bits, "steps": args.profile_steps, "ms_per_step": ms,
+                      "tokens_per_s": 1e3 * B / ms}, indent=1))
 
 
 def compare_tensor_cores(args) -> None:
@@ -249,10 +276,15 @@ def main() -> None:
                          "same weights, interleaved")
     ap.add_argument("--compare-inference", action="store_true",
                     help="only time decode inside vs outside mad.inference(), interleaved")
+    ap.add_argument("--profile-steps", type=int, metavar="N",
+                    help="only run N decode steps between cuProfilerStart/Stop (for nsys --capture-range)")
     args = ap.parse_args()
     if args.compare_setting and len({len(values) for *_, values in args.compare_setting}) != 1:
         ap.error("--compare-setting: give every setting the same number of values")
     set_policy(args.kernels)
+    if args.profile_steps:
+        with mad.inference():
+            return profile(args)
     if args.compare_inference:
         return compare_inference(args)
     if args.compare_tensor_cores:
