@@ -348,3 +348,39 @@ def test_cpu_limits_quick():
 @pytest.mark.parametrize("script", sorted(GPU))
 def test_gpu_script_smoke(script):
     run(script, *GPU[script], timeout=600)
+
+
+PENDING = BENCH / "probes" / "pending_settings.sh"
+
+
+def test_pending_settings_script_names_what_exists():
+    """benchmarks/probes/pending_settings.sh (the GPU runs that decide the settings still off): valid bash,
+    every `$L.NAME`, `$Q.NAME`, `$S.NAME` setting it passes is an attribute of its module, every script it
+    runs is in the repository, and every test file it runs exists."""
+    import importlib
+    import re
+
+    text = PENDING.read_text()
+    subprocess.run(["bash", "-n", str(PENDING)], check=True)
+    modules = dict(re.findall(r"\b([LQS])=(mad\.kernels\.\w+)", text))
+    assert set(modules) == {"L", "Q", "S"}
+    named = re.findall(r"\$([LQS])\.(\w+)=", text)
+    assert len(named) >= 10
+    for var, name in named:
+        assert hasattr(importlib.import_module(modules[var]), name), f"{modules[var]} has no {name}"
+    for path in re.findall(r"\b((?:benchmarks|tests)/[\w/]+\.py)", text):
+        assert (ROOT / path).is_file(), path
+    probe = re.search(r"PROBE=(\S+)", text).group(1)
+    assert (ROOT / probe).is_file()
+
+
+def test_pending_settings_script_refuses_an_unknown_part(tmp_path):
+    bash = shutil.which("bash")
+    if bash is None:
+        pytest.skip("needs bash")
+    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{tmp_path}:{os.environ.get('PATH', '')}"}
+    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho none\n")
+    (tmp_path / "nvidia-smi").chmod(0o755)
+    done = subprocess.run([bash, str(PENDING), "nosuch"], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 2 and "unknown part 'nosuch'" in done.stderr
