@@ -45,6 +45,24 @@ def kernel_source(backend: str, body: str) -> tuple[str, str]:
     return backend_module(backend).kernel_source(body)
 
 
+def store_macro(parts: int) -> str:
+    """`STORE(r, o, v)`, how the linear kernels write output feature o (of NOUT) of row r: into y, or with
+    several parts into the part's own output y<j>, part j starting at feature PART<j> (a template
+    constant), so that a fused projection's parts need no split of one output afterwards (a node fewer in
+    every decode step's graph, and each part row-contiguous)."""
+    if parts == 1:
+        return "#define STORE(r, o, v) (y[(size_t)(r) * NOUT + (o)] = (v))\n"
+    bounds = [f"PART{j}" for j in range(1, parts)]
+    lines = []
+    for j in range(parts):
+        start = bounds[j - 1] if j else "0"
+        stop = bounds[j] if j < parts - 1 else "NOUT"
+        test = f"if (o_ < {stop}) " if j < parts - 1 else ""
+        lines.append(f"{'else ' if j else ''}{test}y{j}[r_ * ({stop} - {start}) + o_ - {start}] = (v);")
+    return ("#define STORE(r, o, v) do { const int o_ = (o); const size_t r_ = (size_t)(r); "
+            + " ".join(lines) + " } while (0)\n")
+
+
 SHAPE_ARGUMENTS = ("_shape", "_strides", "_ndim")  # what MLX adds after an input, in this order
 
 
@@ -72,6 +90,18 @@ class DeviceKernel:
         self.name, self.inputs, self.outputs, self.body = name, list(inputs), list(outputs), body
         self.header, self.row_contiguous = header, row_contiguous
         self._built: dict[str, object] = {}
+
+    @functools.lru_cache(maxsize=None)
+    def parted(self, parts: int) -> "DeviceKernel":
+        """This kernel (one output y, written through `STORE`, its header starting with `store_macro(1)`)
+        with `parts` outputs y0, y1, ...; the call passes each part's first feature as PART1, PART2, ..."""
+        one = store_macro(1)
+        if parts == 1:
+            return self
+        if self.outputs != ["y"] or not self.header.startswith(one):
+            raise ValueError(f"kernel {self.name} does not write its output through STORE")
+        return DeviceKernel(f"{self.name}_{parts}", self.inputs, [f"y{j}" for j in range(parts)], self.body,
+                            store_macro(parts) + self.header[len(one):], self.row_contiguous)
 
     def _kernel(self, backend: str):
         if backend not in self._built:

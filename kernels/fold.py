@@ -40,7 +40,7 @@ from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 
-from .linear import linear, split_parts
+from .linear import linear
 from .qlinear import QuantizedMatrix, quantized_linear
 from .registry import Unsupported, chosen_variant, dispatch, register_kernel, run_variant
 
@@ -79,9 +79,16 @@ def fold_width(x: mx.array, n: int, splits: Sequence[int], pair: Optional[str],
     return width
 
 
-def fold_result(y: mx.array, splits: Sequence[int], pair: Optional[str], residual: Optional[mx.array]) -> Any:
-    """A variant's result from its kernel's output y: one array with a pair or a residual, else the parts."""
-    return y if pair is not None or residual is not None else split_parts(y, splits)
+def fold_result(outputs: list[mx.array], pair: Optional[str], residual: Optional[mx.array]) -> Any:
+    """A variant's result from its kernel's outputs (one per part without a pair or a residual, see
+    `parted`): one array with a pair or a residual, else the parts."""
+    return outputs if parted(pair, residual) else outputs[0]
+
+
+def parted(pair: Optional[str], residual: Optional[mx.array]) -> bool:
+    """Whether a device variant's kernel writes a fold's parts as outputs of their own: where the result is
+    the parts, not one array (a pair's activation or a residual sum)."""
+    return pair is None and residual is None
 
 
 def apply(value: Any, x: mx.array, weight: Any, bias: Optional[mx.array] = None, splits: Sequence[int] = (),

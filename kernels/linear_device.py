@@ -33,9 +33,9 @@ from typing import Any, Optional, Sequence
 
 import mlx.core as mx
 
-from .device import DeviceKernel, scalar
-from .fold import PAIR_ACTIVATIONS, fold_result, fold_width
-from .linear import check_parts, several_positions, split_parts
+from .device import DeviceKernel, scalar, store_macro
+from .fold import PAIR_ACTIVATIONS, fold_result, fold_width, parted
+from .linear import check_parts, several_positions
 from .registry import Unsupported, gradients, register_device_kernel
 
 MAX_ROWS = 4  # with more rows MLX's own matmul is faster (see benchmarks/RESULTS.md)
@@ -153,13 +153,13 @@ LINEAR_BODY = """
             float out = part[0];
             if (PAIR) out = (ACT == 1 ? 1.0f : part[0]) / (1.0f + EXP(-part[0])) * part[P - 1];   // 1 sigmoid, 2 silu
             if (RESIDUAL) out += static_cast<float>(res[(size_t)r * NOUT + n]);
-            if (lane == 0) y[(size_t)r * NOUT + n] = static_cast<T>(out);
+            if (lane == 0) STORE(r, n, static_cast<T>(out));
         }
     }
 """
 
 LINEAR_KERNEL = DeviceKernel("mad_linear", inputs=["x", "w", "bias", "cap", "g", "normp", "res"], outputs=["y"],
-                             body=LINEAR_BODY)
+                             body=LINEAR_BODY, header=store_macro(1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -214,9 +214,10 @@ def row_limit() -> int:
 def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence[int],
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], norm: Optional[tuple] = None,
             pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None,
-            shared_x: Optional[bool] = None) -> mx.array:
-    """The kernel's (M, width) result for x (..., K); Unsupported for shapes it does not handle. `shared_x`
-    asks for x staged or not (`SHARED_X` otherwise)."""
+            shared_x: Optional[bool] = None, per_part: bool = False) -> list[mx.array]:
+    """The kernel's (..., width) result for x (..., K), or with `per_part` its parts at `splits`, each an
+    output of its own; Unsupported for shapes it does not handle. `shared_x` asks for x staged or not (`SHARED_X`
+    otherwise)."""
     *lead, K = x.shape
     N = w.shape[0]
     M = 1
@@ -230,21 +231,28 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
     check_parts(splits, caps)
     width = N if width is None else width
     staged = (SHARED_X if shared_x is None else shared_x) and 4 * (M * K + WARPS * M) <= SHARED_X_BYTES[backend]
-    (y,) = LINEAR_KERNEL(
+    bounds, parts = part_outputs(width, splits if per_part else ())
+    return LINEAR_KERNEL.parted(len(parts))(
         backend,
         inputs=[x, w, *fold_inputs(N, bias, splits, caps, norm, residual)],
         template=[("T", w.dtype), ("M", M), ("K", K), ("N", N), ("WARPS", WARPS), ("STAGED", staged),
-                  *fold_template(bias, caps, norm, pair, residual)],
+                  *fold_template(bias, caps, norm, pair, residual), *bounds],
         grid=(-(-width // WARPS) * 32, WARPS, 1), threadgroup=(32, WARPS, 1),
-        output_shapes=[(*lead, width)], output_dtypes=[w.dtype], init_value=poison)
-    return y
+        output_shapes=[(*lead, p) for p in parts], output_dtypes=[w.dtype] * len(parts), init_value=poison)
+
+
+def part_outputs(width: int, splits: Sequence[int]) -> tuple[list[tuple[str, int]], list[int]]:
+    """The template constants PART1, PART2, ... of a kernel written through `STORE` with one output per part
+    (`DeviceKernel.parted`), and the parts' widths; one part (no constants) without splits."""
+    edges = [0, *splits, width]
+    return [(f"PART{j}", s) for j, s in enumerate(splits, 1)], [b - a for a, b in zip(edges, edges[1:])]
 
 
 def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, splits: Sequence[int] = (),
                   caps: Sequence[Optional[float]] = (None,), *, backend: str = "cuda",
                   poison: Optional[float] = None, shared_x: Optional[bool] = None) -> list[mx.array]:
     """`kernels.linear.linear` with the decode kernel; Unsupported for shapes it does not handle."""
-    return split_parts(_launch(x, w, bias, splits, caps, backend, poison, shared_x=shared_x), splits)
+    return _launch(x, w, bias, splits, caps, backend, poison, shared_x=shared_x, per_part=True)
 
 
 def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,
@@ -263,14 +271,15 @@ def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = No
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     width = fold_width(x, weight.shape[0], splits, pair, residual)
     try:
-        y = _launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width)
+        outputs = _launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width,
+                          per_part=parted(pair, residual))
     except Unsupported:
         if not (PROMPT_ADDMM and residual is not None and pair is None and norm is None and bias is None
                 and not any(caps) and not gradients() and x.dtype == weight.dtype == residual.dtype):
             raise
         *lead, K = x.shape
         return mx.addmm(residual.reshape(-1, width), x.reshape(-1, K), weight.T).reshape(*lead, width)
-    return fold_result(y, splits, pair, residual)
+    return fold_result(outputs, pair, residual)
 
 
 register_device_kernel("linear", linear_device)

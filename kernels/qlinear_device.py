@@ -55,10 +55,10 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 import numpy as np
 
-from .device import DeviceKernel
+from .device import DeviceKernel, store_macro
 from .linear import check_parts, split_parts
-from .fold import fold_result, fold_width
-from .linear_device import DTYPES, fold_inputs, fold_template, folded_linear_device
+from .fold import fold_result, fold_width, parted
+from .linear_device import DTYPES, fold_inputs, fold_template, folded_linear_device, part_outputs
 from .qlinear import QuantizedMatrix, affine_layout
 from .qlinear_mma import launch_mma
 from .registry import Unsupported, register_variant
@@ -337,7 +337,7 @@ QLINEAR_BODY = """
                 float out = part[f];
                 if (PAIR) out = (ACT == 1 ? 1.0f : part[f]) / (1.0f + EXP(-part[f])) * part[f + OUTS];   // 1 sigmoid, 2 silu
                 if (RESIDUAL && o < NOUT) out += static_cast<float>(res[(size_t)r * NOUT + o]);
-                if (lane == 0 && o < NOUT) y[(size_t)r * NOUT + o] = static_cast<T>(out);
+                if (lane == 0 && o < NOUT) STORE(r, o, static_cast<T>(out));
             }
         }
     }
@@ -345,7 +345,8 @@ QLINEAR_BODY = """
 
 QLINEAR_KERNEL = DeviceKernel("mad_quantized_linear",
                               inputs=["x", "w", "scales", "biases", "bias", "cap", "g", "normp", "res"],
-                              outputs=["y"], body=QLINEAR_BODY, header=STAGING_HEADER + QLINEAR_HEADER)
+                              outputs=["y"], body=QLINEAR_BODY,
+                              header=store_macro(1) + STAGING_HEADER + QLINEAR_HEADER)
 
 
 def unpack_row(words: np.ndarray, bits: int, K: int, split: bool = False) -> np.ndarray:
@@ -420,15 +421,17 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], features: Optional[int] = None,
             steps_ahead: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None,
             pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None,
-            split: Optional[int] = None, ahead: Optional[int] = None, shared_x: Optional[bool] = None) -> mx.array:
-    """The kernel's (..., width) result; Unsupported for inputs it does not handle. The tensor-core kernel
-    takes the call where it can when `TENSOR_CORES` offers it or `split` is given, unless this kernel's own
-    settings are asked for."""
+            split: Optional[int] = None, ahead: Optional[int] = None, shared_x: Optional[bool] = None,
+            per_part: bool = False) -> list[mx.array]:
+    """The kernel's (..., width) result, or with `per_part` its parts at `splits`, each an output of its own
+    (split afterwards where the tensor-core kernel runs); Unsupported for inputs it does not handle. The
+    tensor-core kernel takes the call where it can when `TENSOR_CORES` offers it or `split` is given, unless
+    this kernel's own settings are asked for."""
     offered = split is not None or takes_tensor_cores(x.shape[-1], packed.weight.shape[0])
     if offered and features is None and steps_ahead is None and warps == WARPS and shared_x is None:
         try:
-            return launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split,
-                              ahead)
+            y = launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split, ahead)
+            return split_parts(y, splits) if per_part else [y]
         except Unsupported:
             if split is not None:
                 raise
@@ -448,15 +451,15 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
         raise ValueError(f"quantized_linear: steps_ahead must be 0 or more, got {A}")
     staged = (SHARED_X if shared_x is None else shared_x) and staged_bytes(M, K, bits, warps) <= SHARED_X_BYTES
     outs = R // 2 if pair is not None else R
-    (y,) = QLINEAR_KERNEL(
+    bounds, parts = part_outputs(width, splits if per_part else ())
+    return QLINEAR_KERNEL.parted(len(parts))(
         backend,
         inputs=[x, w, scales, biases, *fold_inputs(N, bias, splits, caps, norm, residual)],
         template=[("T", x.dtype), ("M", M), ("K", K), ("N", N), ("BITS", bits), ("GROUP_SIZE", group_size),
                   ("R", R), ("AHEAD", A), ("WARPS", warps), ("SHARED_X", staged),
-                  *fold_template(bias, caps, norm, pair, residual)],
+                  *fold_template(bias, caps, norm, pair, residual), *bounds],
         grid=(-(-width // (warps * outs)) * 32, warps, 1), threadgroup=(32, warps, 1),
-        output_shapes=[(*lead, width)], output_dtypes=[x.dtype], init_value=poison)
-    return y
+        output_shapes=[(*lead, p) for p in parts], output_dtypes=[x.dtype] * len(parts), init_value=poison)
 
 
 def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array] = None,
@@ -469,8 +472,8 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
     `features`, `steps_ahead`, `warps` and `shared_x` ask for this module's kernel with those settings
     (`features_per_warp`, AHEAD, WARPS, SHARED_X otherwise), `split` (and `ahead`) for the tensor-core kernel with that
     many warps per block (and groups loaded ahead); tests and benchmarks compare the choices."""
-    return split_parts(_launch(x, packed, bias, splits, caps, backend, poison, features, steps_ahead, warps,
-                               split=split, ahead=ahead, shared_x=shared_x), splits)
+    return _launch(x, packed, bias, splits, caps, backend, poison, features, steps_ahead, warps, split=split,
+                   ahead=ahead, shared_x=shared_x, per_part=True)
 
 
 def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,
@@ -484,8 +487,9 @@ def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.a
         return folded_linear_device(x, weight, bias, splits, caps, norm=norm, pair=pair, residual=residual,
                                     backend=backend, poison=poison)
     width = fold_width(x, weight.weight.shape[0], splits, pair, residual)
-    y = _launch(x, weight, bias, splits, caps, backend, poison, norm=norm, pair=pair, residual=residual, width=width)
-    return fold_result(y, splits, pair, residual)
+    outputs = _launch(x, weight, bias, splits, caps, backend, poison, norm=norm, pair=pair, residual=residual,
+                      width=width, per_part=parted(pair, residual))
+    return fold_result(outputs, pair, residual)
 
 
 register_variant("quantized_linear", "cuda", quantized_linear_device)

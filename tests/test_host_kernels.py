@@ -153,6 +153,43 @@ def test_float_linear_body_staged_or_not(monkeypatch, shared_x, fold):
     assert err(got, want) < 1e-2
 
 
+@pytest.mark.parametrize("quantized", [False, True])
+@pytest.mark.parametrize("norm", [False, True])
+def test_parts_are_outputs_of_their_own(quantized, norm):
+    """A fused projection's parts (q|k|v|o|i|f: uneven widths, the last two soft-capped) come out of the float
+    and the 4-bit kernels as outputs of their own, each (M, 1, width) and row-contiguous, every element
+    written (NaN-poisoned first), each the reference's part: no split of one output afterwards."""
+    from mad.kernels.linear import linear
+    from mad.kernels.linear_device import linear_device
+    from mad.kernels.qlinear_device import folded_quantized_linear_device, quantized_linear_device
+
+    K, widths, M = 256, (24, 24, 40, 40, 4, 4), 2
+    splits = tuple(np.cumsum(widths)[:-1].tolist())
+    caps = (None, None, None, None, 15.0, 15.0)
+    N = sum(widths)
+    x, g = rand((M, 1, K), 1, dtype=mx.bfloat16), rand((K,), 2, dtype=mx.bfloat16)
+    f32 = lambda a: a.astype(mx.float32)  # noqa: E731
+    if quantized:
+        packed, scales, biases = mx.quantize(rand((N, K), 0, 0.05), 64, 4)
+        weight = QuantizedMatrix(packed, scales.astype(mx.bfloat16), biases.astype(mx.bfloat16), 64, 4)
+        dense = mx.dequantize(packed, scales, biases, 64, 4)
+    else:
+        weight = rand((N, K), 0, 0.05, mx.bfloat16)
+        dense = f32(weight)
+    if norm:
+        got = folded_quantized_linear_device(x, weight, None, splits, caps, norm=(g, 1e-6), backend="host",
+                                             poison=NAN)
+        want = folded_linear(f32(x), dense, None, splits, caps, norm=(f32(g), 1e-6))
+    else:
+        run = quantized_linear_device if quantized else linear_device
+        got = run(x, weight, None, splits, caps, backend="host", poison=NAN)
+        want = linear(f32(x), dense, None, splits, caps)
+    assert len(got) == len(widths)
+    for part, ref, width in zip(got, want, widths):
+        assert part.shape == (M, 1, width) and part.dtype == mx.bfloat16
+        assert err(part, ref) < 1e-2
+
+
 def test_quantized_body_steps_ahead_and_staging_give_the_same_bits():
     """The 4-bit kernel: its loads AHEAD steps early and x staged once a block change no bit (NOTES-gpu 40,
     41), and the result is the dequantized product's; with a folded norm and pair too."""
@@ -162,15 +199,15 @@ def test_quantized_body_steps_ahead_and_staging_give_the_same_bits():
     matrix = QuantizedMatrix(packed, scales.astype(mx.bfloat16), biases.astype(mx.bfloat16), 64, 4)
     x = rand((1, 1, K), 1, dtype=mx.bfloat16)
     want = x.astype(mx.float32) @ mx.dequantize(packed, scales, biases, 64, 4).T
-    outs = {(a, s): quantized_launch(x, matrix, None, (), (None,), "host", NAN, steps_ahead=a, shared_x=s)
+    outs = {(a, s): quantized_launch(x, matrix, None, (), (None,), "host", NAN, steps_ahead=a, shared_x=s)[0]
             for a in (0, 1, 2) for s in (False, True)}
     first = outs[(0, False)]
     assert err(first, want) < 1e-2
     assert all(mx.array_equal(y, first).item() for y in outs.values())
     g = rand((K,), 2, dtype=mx.bfloat16)
     for s in (False, True):
-        got = quantized_launch(x, matrix, None, (N // 2,), (None, None), "host", NAN, shared_x=s, norm=(g, 1e-6),
-                               pair="silu", width=N // 2)
+        (got,) = quantized_launch(x, matrix, None, (N // 2,), (None, None), "host", NAN, shared_x=s,
+                                  norm=(g, 1e-6), pair="silu", width=N // 2)
         want = folded_linear(x.astype(mx.float32), mx.dequantize(packed, scales, biases, 64, 4), None, (N // 2,),
                              (None, None), norm=(g.astype(mx.float32), 1e-6), pair="silu")
         assert err(got, want) < 1e-2

@@ -195,7 +195,7 @@ def test_staged_x_with_a_folded_norm(bits):
     rng = np.random.default_rng(bits)
     x = mx.array(rng.normal(0, 1, (2, K)).astype(np.float32)).astype(mx.bfloat16)
     g = mx.array(rng.normal(1, 0.1, (K,)).astype(np.float32)).astype(mx.bfloat16)
-    staged, plain = (_launch(x, m, None, (), (None,), "cuda", float("nan"), norm=(g, 1e-6), shared_x=flag)
+    staged, plain = (_launch(x, m, None, (), (None,), "cuda", float("nan"), norm=(g, 1e-6), shared_x=flag)[0]
                      for flag in (True, False))
     with mx.stream(mx.cpu):
         normed = mx.fast.rms_norm(x.astype(mx.float32), g.astype(mx.float32), 1e-6)

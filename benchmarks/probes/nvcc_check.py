@@ -92,6 +92,9 @@ def main() -> None:
     ap.add_argument("--arch", default="sm_90")
     ap.add_argument("--keep", help="folder to keep the source and cubin in")
     ap.add_argument("--sass", action="store_true", help="count the compiled instructions by opcode (cuobjdump)")
+    ap.add_argument("--parts", type=int, default=1,
+                    help="a linear kernel with this many outputs, y0, y1, ... (DeviceKernel.parted; give PART1, ... "
+                         "in --template)")
     a = ap.parse_args()
     if not shutil.which("nvcc"):
         ap.exit(2, "nvcc_check: nvcc is not on PATH\n")
@@ -105,6 +108,11 @@ def main() -> None:
         ap.error(f"kernel {a.kernel!r}: {e}")
     if not isinstance(kernel, DeviceKernel):
         ap.error(f"kernel {a.kernel!r} is not a kernels.device.DeviceKernel")
+    if a.parts != 1:
+        try:
+            kernel = kernel.parted(a.parts)
+        except ValueError as e:
+            ap.error(f"--parts {a.parts}: {e}")
     try:
         text = source(kernel, pairs(a.inputs), pairs(a.outputs), pairs(a.template))
     except (KeyError, ValueError) as e:
