@@ -328,6 +328,8 @@ def refused(script: str, *args: str) -> str:
      "'int4'"),
     ("probes/nvcc_check.py", ["kernels.qlinear_mma:QMMA_KERNEL", "--inputs", "x", "--outputs", "y:float32"],
      "'x' is not NAME=VALUE"),
+    ("probes/nvcc_check.py", ["kernels.qlinear_mma:QMMA_KERNEL", "--parts", "2", "--inputs", "x:float32",
+                              "--outputs", "y0:float32", "y1:float32"], "does not write its output through STORE"),
 ])
 def test_probe_arguments_are_checked(script, args, names):
     if script.endswith("nvcc_check.py") and shutil.which("nvcc") is None:

@@ -242,6 +242,29 @@ def test_bodies_built_for_metal_too_keep_to_the_common_subset():
     assert {name: [t for t in cuda_only if t in body] for name, body in bodies.items()} == dict.fromkeys(bodies, [])
 
 
+def test_parted_kernels_write_each_part_through_store():
+    """`DeviceKernel.parted(P)`: the linear kernels with one output per part (y0, y1, ...), the same body, the
+    STORE macro for P parts in front of their header (plain C, as Metal builds the float kernel too); one part
+    is the kernel itself; a kernel that does not write through STORE is refused."""
+    from mad.kernels.device import store_macro
+    from mad.kernels.linear_device import LINEAR_KERNEL
+    from mad.kernels.mlstm_device import STEP_KERNEL
+    from mad.kernels.qlinear_device import QLINEAR_KERNEL
+
+    for kernel in (LINEAR_KERNEL, QLINEAR_KERNEL):
+        assert kernel.parted(1) is kernel and kernel.header.startswith(store_macro(1))
+        three = kernel.parted(3)
+        assert three is kernel.parted(3) and three.name == kernel.name + "_3"
+        assert three.outputs == ["y0", "y1", "y2"] and three.inputs == kernel.inputs and three.body == kernel.body
+        assert three.header == store_macro(3) + kernel.header[len(store_macro(1)):]
+        assert "STORE(" in kernel.body and "y[" not in kernel.body
+    macro = store_macro(3)
+    assert "PART1" in macro and "PART2" in macro and "y2[" in macro and "PART3" not in macro
+    assert not any(t in macro for t in ("__", "reinterpret_cast", "asm"))
+    with pytest.raises(ValueError, match="STORE"):
+        STEP_KERNEL.parted(2)
+
+
 # ------------------------------------------------------------------------------------ device kernels
 def step_inputs(rng, B, NH, DQK, DV, dtype):
     q = rng.normal(0, 1, (B, NH, 1, DQK))
