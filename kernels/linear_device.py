@@ -9,6 +9,9 @@ per linear (or fused group of linears) where a matmul, a bias add and a soft-cap
 five. (The reference rounds after the matmul and after each op of the soft-cap: in bf16 the two agree
 to a few units of the last place, and the kernel's figure is the closer one.)
 
+A fused group's parts are written as outputs of their own (`STORE`, `DeviceKernel.parted`), where the
+result is the parts: no split node after the launch, and each part row-contiguous.
+
 With SHARED_X a block first stages its rows of x in shared memory (float32, times a folded norm's weight,
 the norm's sum of squares taken there), where otherwise each warp reads x and the norm's weight itself.
 

@@ -26,6 +26,8 @@ folded in, 4.2 on the down projection, one row of bf16):
 - **x staged once a block** (SHARED_X, off by default): the block's rows of x, their chunk sums and a folded
   norm's squares computed once into shared memory, where each warp otherwise does that for the same
   columns.
+- **Each part an output of its own**: a fused group's parts are written through `STORE` into outputs of
+  their own (`DeviceKernel.parted`), so no split node follows the launch.
 
 One warp reads R consecutive packed rows W[n0 .. n0 + R) with 16-byte loads (consecutive lanes on
 consecutive addresses): a lane's load holds CHUNK = 128 / bits consecutive values (32 at 4 bits, 16 at 8),
