@@ -81,11 +81,11 @@ def fold_width(x: mx.array, n: int, splits: Sequence[int], pair: Optional[str],
 
 def fold_result(outputs: list[mx.array], pair: Optional[str], residual: Optional[mx.array]) -> Any:
     """A variant's result from its kernel's outputs (one per part without a pair or a residual, see
-    `parted`): one array with a pair or a residual, else the parts."""
-    return outputs if parted(pair, residual) else outputs[0]
+    `per_part`): one array with a pair or a residual, else the parts."""
+    return outputs if per_part(pair, residual) else outputs[0]
 
 
-def parted(pair: Optional[str], residual: Optional[mx.array]) -> bool:
+def per_part(pair: Optional[str], residual: Optional[mx.array]) -> bool:
     """Whether a device variant's kernel writes a fold's parts as outputs of their own: where the result is
     the parts, not one array (a pair's activation or a residual sum)."""
     return pair is None and residual is None

@@ -37,7 +37,7 @@ from typing import Any, Optional, Sequence
 import mlx.core as mx
 
 from .device import DeviceKernel, scalar, store_macro
-from .fold import PAIR_ACTIVATIONS, fold_result, fold_width, parted
+from .fold import PAIR_ACTIVATIONS, fold_result, fold_width, per_part
 from .linear import check_parts, several_positions
 from .registry import Unsupported, gradients, register_device_kernel
 
@@ -217,10 +217,10 @@ def row_limit() -> int:
 def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence[int],
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], norm: Optional[tuple] = None,
             pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None,
-            shared_x: Optional[bool] = None, per_part: bool = False) -> list[mx.array]:
-    """The kernel's (..., width) result for x (..., K), or with `per_part` its parts at `splits`, each an
-    output of its own; Unsupported for shapes it does not handle. `shared_x` asks for x staged or not (`SHARED_X`
-    otherwise)."""
+            shared_x: Optional[bool] = None) -> list[mx.array]:
+    """The kernel's outputs for x (..., K): the parts at `splits`, each an output of its own, or without them
+    or with a pair or a residual (`fold.per_part`) the one (..., width) result; Unsupported for shapes it does
+    not handle. `shared_x` asks for x staged or not (`SHARED_X` otherwise)."""
     *lead, K = x.shape
     N = w.shape[0]
     M = 1
@@ -234,7 +234,7 @@ def _launch(x: mx.array, w: mx.array, bias: Optional[mx.array], splits: Sequence
     check_parts(splits, caps)
     width = N if width is None else width
     staged = (SHARED_X if shared_x is None else shared_x) and 4 * (M * K + WARPS * M) <= SHARED_X_BYTES[backend]
-    bounds, parts = part_outputs(width, splits if per_part else ())
+    bounds, parts = part_outputs(width, splits if per_part(pair, residual) else ())
     return LINEAR_KERNEL.parted(len(parts))(
         backend,
         inputs=[x, w, *fold_inputs(N, bias, splits, caps, norm, residual)],
@@ -255,7 +255,7 @@ def linear_device(x: mx.array, w: mx.array, bias: Optional[mx.array] = None, spl
                   caps: Sequence[Optional[float]] = (None,), *, backend: str = "cuda",
                   poison: Optional[float] = None, shared_x: Optional[bool] = None) -> list[mx.array]:
     """`kernels.linear.linear` with the decode kernel; Unsupported for shapes it does not handle."""
-    return _launch(x, w, bias, splits, caps, backend, poison, shared_x=shared_x, per_part=True)
+    return _launch(x, w, bias, splits, caps, backend, poison, shared_x=shared_x)
 
 
 def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,
@@ -274,8 +274,7 @@ def folded_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = No
         x, norm = mx.fast.rms_norm(x, norm[0], norm[1]), None
     width = fold_width(x, weight.shape[0], splits, pair, residual)
     try:
-        outputs = _launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width,
-                          per_part=parted(pair, residual))
+        outputs = _launch(x, weight, bias, splits, caps, backend, poison, norm, pair, residual, width)
     except Unsupported:
         if not (PROMPT_ADDMM and residual is not None and pair is None and norm is None and bias is None
                 and not any(caps) and not gradients() and x.dtype == weight.dtype == residual.dtype):

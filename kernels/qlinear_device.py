@@ -59,7 +59,7 @@ import numpy as np
 
 from .device import DeviceKernel, store_macro
 from .linear import check_parts, split_parts
-from .fold import fold_result, fold_width, parted
+from .fold import fold_result, fold_width, per_part
 from .linear_device import DTYPES, fold_inputs, fold_template, folded_linear_device, part_outputs
 from .qlinear import QuantizedMatrix, affine_layout
 from .qlinear_mma import launch_mma
@@ -423,17 +423,18 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
             caps: Sequence[Optional[float]], backend: str, poison: Optional[float], features: Optional[int] = None,
             steps_ahead: Optional[int] = None, warps: int = WARPS, norm: Optional[tuple] = None,
             pair: Optional[str] = None, residual: Optional[mx.array] = None, width: Optional[int] = None,
-            split: Optional[int] = None, ahead: Optional[int] = None, shared_x: Optional[bool] = None,
-            per_part: bool = False) -> list[mx.array]:
-    """The kernel's (..., width) result, or with `per_part` its parts at `splits`, each an output of its own
-    (split afterwards where the tensor-core kernel runs); Unsupported for inputs it does not handle. The
-    tensor-core kernel takes the call where it can when `TENSOR_CORES` offers it or `split` is given, unless
-    this kernel's own settings are asked for."""
+            split: Optional[int] = None, ahead: Optional[int] = None, shared_x: Optional[bool] = None
+            ) -> list[mx.array]:
+    """The kernel's outputs: the parts at `splits`, each an output of its own (split afterwards where the
+    tensor-core kernel runs), or without them or with a pair or a residual (`fold.per_part`) the one
+    (..., width) result; Unsupported for inputs it does not handle. The tensor-core kernel takes the call
+    where it can when `TENSOR_CORES` offers it or `split` is given, unless this kernel's own settings are
+    asked for."""
     offered = split is not None or takes_tensor_cores(x.shape[-1], packed.weight.shape[0])
     if offered and features is None and steps_ahead is None and warps == WARPS and shared_x is None:
         try:
             y = launch_mma(x, packed, bias, splits, caps, backend, poison, norm, pair, residual, width, split, ahead)
-            return split_parts(y, splits) if per_part else [y]
+            return split_parts(y, splits) if per_part(pair, residual) else [y]
         except Unsupported:
             if split is not None:
                 raise
@@ -453,7 +454,7 @@ def _launch(x: mx.array, packed: QuantizedMatrix, bias: Optional[mx.array], spli
         raise ValueError(f"quantized_linear: steps_ahead must be 0 or more, got {A}")
     staged = (SHARED_X if shared_x is None else shared_x) and staged_bytes(M, K, bits, warps) <= SHARED_X_BYTES
     outs = R // 2 if pair is not None else R
-    bounds, parts = part_outputs(width, splits if per_part else ())
+    bounds, parts = part_outputs(width, splits if per_part(pair, residual) else ())
     return QLINEAR_KERNEL.parted(len(parts))(
         backend,
         inputs=[x, w, scales, biases, *fold_inputs(N, bias, splits, caps, norm, residual)],
@@ -475,7 +476,7 @@ def quantized_linear_device(x: mx.array, packed: QuantizedMatrix, bias: Optional
     (`features_per_warp`, AHEAD, WARPS, SHARED_X otherwise), `split` (and `ahead`) for the tensor-core kernel with that
     many warps per block (and groups loaded ahead); tests and benchmarks compare the choices."""
     return _launch(x, packed, bias, splits, caps, backend, poison, features, steps_ahead, warps, split=split,
-                   ahead=ahead, shared_x=shared_x, per_part=True)
+                   ahead=ahead, shared_x=shared_x)
 
 
 def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.array] = None,
@@ -490,7 +491,7 @@ def folded_quantized_linear_device(x: mx.array, weight: Any, bias: Optional[mx.a
                                     backend=backend, poison=poison)
     width = fold_width(x, weight.weight.shape[0], splits, pair, residual)
     outputs = _launch(x, weight, bias, splits, caps, backend, poison, norm=norm, pair=pair, residual=residual,
-                      width=width, per_part=parted(pair, residual))
+                      width=width)
     return fold_result(outputs, pair, residual)
 
 

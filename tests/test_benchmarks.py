@@ -22,6 +22,7 @@ import importlib.util
 import json
 import os
 import py_compile
+import re
 import shutil
 import subprocess
 import sys
@@ -359,9 +360,6 @@ def test_pending_settings_script_names_what_exists():
     """benchmarks/probes/pending_settings.sh (the GPU runs that decide the settings still off): valid bash,
     every `$L.NAME`, `$Q.NAME`, `$S.NAME` setting it passes is an attribute of its module, every script it
     runs is in the repository, and every test file it runs exists."""
-    import importlib
-    import re
-
     text = PENDING.read_text()
     subprocess.run(["bash", "-n", str(PENDING)], check=True)
     modules = dict(re.findall(r"\b([LQS])=(mad\.kernels\.\w+)", text))

@@ -70,15 +70,24 @@ def copy_bandwidth(nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / (ms / 1e3)
 
 
-def compare_inference(args) -> None:
-    """Decode ms/step inside and outside `mad.inference()`, same model, 5 interleaved rounds."""
-    import contextlib
-
+def load_model(args):
+    """The model of --topology and --set, bf16, quantized as --bits says (affine, group 64; each weight
+    evaluated in turn, so that the float originals are freed as they go)."""
     model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
     if args.bits:
         from mad.quantize import quantize_model
         quantize_model(model, bits=args.bits, group_size=64)
-        mx.eval(model.program.parameters())
+        for w in model.program.parameters().values():
+            mx.eval(w)
+        mx.clear_cache()
+    return model
+
+
+def compare_inference(args) -> None:
+    """Decode ms/step inside and outside `mad.inference()`, same model, 5 interleaved rounds."""
+    import contextlib
+
+    model = load_model(args)
     B = args.batch
     _, state = model(mx.random.randint(0, 1000, (B, 16)).astype(mx.int32))
     token = mx.random.randint(0, 1000, (B, 1)).astype(mx.int32)
@@ -101,11 +110,7 @@ def profile(args) -> None:
     import ctypes
 
     cuda = ctypes.CDLL("libcuda.so.1")
-    model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
-    if args.bits:
-        from mad.quantize import quantize_model
-        quantize_model(model, bits=args.bits, group_size=64)
-    mx.eval(model.program.parameters())
+    model = load_model(args)
     B = args.batch
     _, state = model(mx.random.randint(0, model.vocab_size, (B, 16)).astype(mx.int32))
     token = mx.random.randint(0, model.vocab_size, (B, 1)).astype(mx.int32)
@@ -299,14 +304,8 @@ def run(args) -> None:
     if args.compare_fuse or args.compare_fold:
         return compare(args, "fuse" if args.compare_fuse else "fold")
 
-    model, _ = mad.load(args.topology, dtype="bfloat16", overrides=args.overrides)
+    model = load_model(args)
     program = model.program
-    if args.bits:
-        from mad.quantize import quantize_model
-        quantize_model(model, bits=args.bits, group_size=64)
-        for w in program.parameters().values():
-            mx.eval(w)
-        mx.clear_cache()
     B = args.batch
     tokens = mx.random.randint(0, model.vocab_size, (B, 16)).astype(mx.int32)
     _, state = model(tokens)
