@@ -91,11 +91,13 @@ class DeviceKernel:
         self.header, self.row_contiguous = header, row_contiguous
         self._built: dict[str, object] = {}
 
-    @functools.lru_cache(maxsize=None)
+    @functools.lru_cache(maxsize=None, typed=True)  # typed: True is no 1 here
     def parted(self, parts: int) -> "DeviceKernel":
         """This kernel (one output y, written through `STORE`, its header starting with `store_macro(1)`)
         with `parts` outputs y0, y1, ...; the call passes each part's first feature as PART1, PART2, ..."""
         one = store_macro(1)
+        if isinstance(parts, bool) or not isinstance(parts, int) or parts < 1:
+            raise ValueError(f"parts must be an integer of 1 or more, got {parts!r}")
         if parts == 1:
             return self
         if self.outputs != ["y"] or not self.header.startswith(one):

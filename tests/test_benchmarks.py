@@ -313,6 +313,7 @@ def refused(script: str, *args: str) -> str:
      "not a Python literal"),
     ("probes/gpu_decode_probe.py", ["--compare-setting", "mad.kernels.mlstm_device.SPLITS=1,4", "--compare-setting",
                                     "mad.kernels.linear_device.SHARED_X=True"], "the same number of values"),
+    ("probes/gpu_decode_probe.py", ["--profile-steps", "0"], "--profile-steps must be 1 or more"),
     ("probes/host_graph.py", ["--calls", "0"], "--batch and --calls must be 1 or more"),
     ("probes/host_graph.py", ["--batch", "-2"], "--batch and --calls must be 1 or more"),
     ("probes/host_graph.py", ["--setting", "mad.kernels.linear_device.NOPE=1"], "mad.kernels.linear_device has no NOPE"),
@@ -329,6 +330,8 @@ def refused(script: str, *args: str) -> str:
      "'int4'"),
     ("probes/nvcc_check.py", ["kernels.qlinear_mma:QMMA_KERNEL", "--inputs", "x", "--outputs", "y:float32"],
      "'x' is not NAME=VALUE"),
+    ("probes/nvcc_check.py", ["kernels.linear_device:LINEAR_KERNEL", "--parts", "0", "--inputs", "x:float32",
+                              "--outputs", "y:float32"], "--parts 0: parts must be an integer of 1 or more"),
     ("probes/nvcc_check.py", ["kernels.qlinear_mma:QMMA_KERNEL", "--parts", "2", "--inputs", "x:float32",
                               "--outputs", "y0:float32", "y1:float32"], "does not write its output through STORE"),
 ])
@@ -374,13 +377,21 @@ def test_pending_settings_script_names_what_exists():
     assert (ROOT / probe).is_file()
 
 
-def test_pending_settings_script_refuses_an_unknown_part(tmp_path):
+@pytest.mark.parametrize("out,budget,parts,message", [
+    ("results", "570", ["tests", "nosuch"], "unknown part 'nosuch'"),
+    ("", "570", ["tests"], "set OUT"),
+    ("results", "ten", ["tests"], "BUDGET must be a number of seconds, got 'ten'"),
+    ("results", "-5", ["tests"], "BUDGET must be a number of seconds, got '-5'"),
+])
+def test_pending_settings_script_refuses_bad_input(tmp_path, out, budget, parts, message):
+    """A bad part, a missing OUT or a BUDGET that is no number: exit 2 with the reason, before anything
+    runs or is written (OUT is not even made)."""
     bash = shutil.which("bash")
     if bash is None:
         pytest.skip("needs bash")
-    env = {**os.environ, "OUT": str(tmp_path), "PATH": f"{tmp_path}:{os.environ.get('PATH', '')}"}
-    (tmp_path / "nvidia-smi").write_text("#!/bin/sh\necho none\n")
-    (tmp_path / "nvidia-smi").chmod(0o755)
-    done = subprocess.run([bash, str(PENDING), "nosuch"], cwd=ROOT, env=env, capture_output=True, text=True,
+    target = tmp_path / out if out else None
+    env = {**os.environ, "OUT": str(target) if target else "", "BUDGET": budget}
+    done = subprocess.run([bash, str(PENDING), *parts], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=60)
-    assert done.returncode == 2 and "unknown part 'nosuch'" in done.stderr
+    assert done.returncode == 2 and message in done.stderr and "line" not in done.stderr
+    assert target is None or not target.exists()

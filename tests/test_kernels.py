@@ -263,6 +263,9 @@ def test_parted_kernels_write_each_part_through_store():
     assert not any(t in macro for t in ("__", "reinterpret_cast", "asm"))
     with pytest.raises(ValueError, match="STORE"):
         STEP_KERNEL.parted(2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="1 or more"):
+            LINEAR_KERNEL.parted(bad)
 
 
 # ------------------------------------------------------------------------------------ device kernels

@@ -284,10 +284,12 @@ def main() -> None:
     ap.add_argument("--profile-steps", type=int, metavar="N",
                     help="only run N decode steps between cuProfilerStart/Stop (for nsys --capture-range)")
     args = ap.parse_args()
+    if args.profile_steps is not None and args.profile_steps < 1:
+        ap.error("--profile-steps must be 1 or more")
     if args.compare_setting and len({len(values) for *_, values in args.compare_setting}) != 1:
         ap.error("--compare-setting: give every setting the same number of values")
     set_policy(args.kernels)
-    if args.profile_steps:
+    if args.profile_steps is not None:
         with mad.inference():
             return profile(args)
     if args.compare_inference:

@@ -19,9 +19,15 @@
 # kernels has passed). BUDGET (default 570) is the seconds the whole run may take; a part starts only with 30 s left and is
 # cut at what is left.
 set -u
-: "${OUT:?set OUT to a folder for the results}"
-mkdir -p "$OUT"
+if [ -z "${OUT:-}" ]; then
+    echo "pending_settings.sh: set OUT to a folder for the results" >&2
+    exit 2
+fi
 BUDGET=${BUDGET:-570}
+if ! [[ "$BUDGET" =~ ^[0-9]+$ ]]; then
+    echo "pending_settings.sh: BUDGET must be a number of seconds, got '$BUDGET'" >&2
+    exit 2
+fi
 T0=$(date +%s)
 left() { echo $(( BUDGET - ($(date +%s) - T0) )); }
 L=mad.kernels.linear_device Q=mad.kernels.qlinear_device S=mad.kernels.mlstm_device
@@ -114,12 +120,15 @@ part_decode32() {
 
 PARTS=(tests bf16 q4 qmv nsys sweep e2e prompt decode32)
 [ $# -gt 0 ] && PARTS=("$@")
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/card.txt" 2>&1
-echo "start $(date -u +%FT%TZ) budget $BUDGET" >> "$OUT/times.txt"
-for part in "${PARTS[@]}"; do
+for part in "${PARTS[@]}"; do   # every part checked before anything is written
     if ! declare -F "part_$part" > /dev/null; then
         echo "pending_settings.sh: unknown part '$part' (parts: tests bf16 q4 qmv nsys sweep e2e prompt decode32)" >&2
         exit 2
     fi
+done
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv > "$OUT/card.txt" 2>&1
+echo "start $(date -u +%FT%TZ) budget $BUDGET" >> "$OUT/times.txt"
+for part in "${PARTS[@]}"; do
     "part_$part"
 done
