@@ -53,7 +53,7 @@ BACKENDS = (*GPU_BACKENDS, "cpu")
 # The modules of this package that register kernels (references first; a variant's module imports its
 # reference's module itself, so the order does not matter). tests/test_registry.py checks it names them all.
 BUILTIN = ("activations", "fold", "linear", "linear_device", "mlstm", "mlstm_device", "mlstm_chunk_device",
-           "norm_device", "qlinear", "qlinear_device", "qlinear_mma", "slstm", "slstm_device")
+           "norm_device", "qlinear", "qlinear_device", "qlinear_mma", "slstm", "slstm_device", "slstm_native")
 
 
 class Unsupported(Exception):

@@ -163,7 +163,7 @@ def test_wheel_holds_the_subpackages_and_runs(tmp_path):
     names = set(zipfile.ZipFile(wheel).namelist())
     for name in ("mad/__init__.py", "mad/kernels/registry.py", "mad/kernels/mlstm.py", "mad/blocks/core.py",
                  "mad/formats/xlstm.py", "mad/formats/nxai_xlstm.py", "mad/topologies/xlstm-7b.yaml", "mad/topologies/examples/tiny.yaml",
-                 "mad/backends/cpu.py", "mad/backends/cuda.py", "mad/backends/metal.py"):
+                 "mad/backends/cpu.py", "mad/backends/cuda.py", "mad/backends/metal.py", "mad/kernels/cpp/slstm_cpu.cpp"):
         assert name in names, name
     top = {n.split("/")[0] for n in names} - {"mad"}
     assert len(top) == 1 and top.pop().endswith(".dist-info"), names
