@@ -12,9 +12,10 @@ Timed, interleaving MAD and NX-AI trials in one process (torch.no_grad, default 
             every trial starts from the same prompt state; tokens/s = steps / time
   prefill   a `--prefill`-token forward from the empty state (MAD also returns the final state; NX-AI's
             forward returns logits only)
-  sLSTM     the recurrence alone, one layer's shapes (B 1, 4 heads of 192), `--prefill` steps: MAD's
-            `mad.kernels.slstm.slstm_sequence` (a loop over one compiled step) against NX-AI's vanilla
-            `slstm_forward` (a Python loop of torch ops), same inputs
+  sLSTM     the recurrence alone, one layer's shapes (B 1, 4 heads of 192), `--prefill` steps: the
+            `slstm_sequence` kernel MAD's models run (on the CPU the native loop, kernels/slstm_native.py,
+            where it builds; `MAD_NATIVE=0`: the pure-MLX loop) against NX-AI's vanilla `slstm_forward` (a
+            Python loop of torch ops), same inputs
 Every MAD call ends with `mx.eval`; PyTorch on CPU is synchronous. Figures are medians of interleaved
 trials. The timed MAD model runs in a process of its own (benchmarks/mad_worker.py says why), with the
 CPU BLAS `import mad` picks there (backends/cpu.py; printed; MAD_BLAS is passed on).

@@ -24,7 +24,7 @@ import mad  # before mlx.core: selects the CPU BLAS, see backends/cpu.py
 import mlx.core as mx
 import numpy as np
 
-from mad.kernels.slstm import slstm_sequence
+from mad.kernels.registry import dispatch
 from mad.loading import load
 
 from common import slstm_inputs
@@ -64,7 +64,9 @@ def mad_timers(lm, prompt, long, steps: int):
 
 
 def slstm_timer(folder: Path, steps: int):
-    """MAD's sLSTM layer on bench_nxai's inputs: (timer, max |h - FOLDER/slstm_ref.npy|)."""
+    """MAD's sLSTM layer on bench_nxai's inputs, the kernel its models run (`dispatch`: on the CPU the native
+    loop where it builds, else the pure-MLX one): (timer, max |h - FOLDER/slstm_ref.npy|)."""
+    slstm_sequence = dispatch("slstm_sequence")
     wx, R, b = slstm_inputs(steps)
     B, NH, DH = wx.shape[1], R.shape[0], R.shape[2]
     gates = [mx.array(g) for g in wx.reshape(steps, B, 4, NH, DH).transpose(2, 1, 3, 0, 4)]

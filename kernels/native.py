@@ -44,7 +44,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Optional
 
-__all__ = ["ENV", "THREADS_ENV", "SOURCES", "load", "reason", "threads", "cache_dir", "build_command"]
+__all__ = ["ENV", "THREADS_ENV", "SOURCES", "load", "reason", "status", "threads", "cache_dir", "build_command"]
 
 ENV = "MAD_NATIVE"
 THREADS_ENV = "MAD_NATIVE_THREADS"
@@ -209,3 +209,11 @@ def _load() -> Optional[ModuleType]:
 def load() -> Optional[ModuleType]:
     """The native module (built on first use), or None; `reason()` then says why."""
     return _load()
+
+
+def status() -> str:
+    """For reports: "unused" (nothing asked for the module yet), "loaded", or why it is not available.
+    Never builds."""
+    if _load.cache_info().currsize == 0:
+        return "unused"
+    return "loaded" if _load() is not None else f"not available: {reason()}"

@@ -27,6 +27,7 @@ import mlx.core as mx
 
 from .backends import cpu
 from .errors import MadError
+from .kernels import native
 from .kernels.registry import inference
 from .model import PREFILL_STEP, LanguageModel
 
@@ -88,7 +89,8 @@ def bench(model: LanguageModel, prompt_tokens: int = 512, generation_tokens: int
     return {"prompt_tokens": prompt_tokens, "generation_tokens": generation_tokens, "batch_size": batch,
             "prefill_step": prefill_step,
             "trials": [asdict(r) for r in results], "averages": mean, "medians": median,
-            "mlx": mx.__version__, "device": str(mx.default_device()), "cpu_blas": cpu.BLAS}
+            "mlx": mx.__version__, "device": str(mx.default_device()), "cpu_blas": cpu.BLAS,
+            "cpu_native": native.status()}
 
 
 def _best_seconds(fn, repeats: int) -> float:

@@ -100,6 +100,18 @@ def test_loop_is_the_pure_mlx_loop(T, NH, B, DH, fresh):
 
 
 @needs_module
+def test_loop_refuses_shapes_that_do_not_fit():
+    module = native.load()
+    wx, R, bh, state = _loop_inputs(3, 2, 1, 8, True, seed=0)
+    bad = [((wx[:, :3], R, bh, *state), "wx must be"), ((wx, R[:, :-1], bh, *state), "R must be"),
+           ((wx, R, bh[:, :1], *state), "R must be"), ((wx, R, bh, state[0][:, :1], *state[1:]), "state arrays"),
+           ((wx[:0], R, bh, *state), "at least 1")]
+    for args, message in bad:
+        with pytest.raises(ValueError, match=message):
+            module.slstm_loop(*args, threads=1)
+
+
+@needs_module
 def test_loop_takes_views_and_other_dtypes():
     """Transposed, sliced and bfloat16 inputs are made contiguous float32 before the loop reads them."""
     module = native.load()
@@ -172,6 +184,13 @@ def test_disabled_or_unbuildable_means_the_reference(monkeypatch, tmp_path):
         native._load.cache_clear()
         monkeypatch.setenv("CXX", "no-such-compiler-here")
         assert native.load() is None and "no C++ compiler" in native.reason()
+
+
+def test_status_reports_without_building(monkeypatch):
+    assert native.status() == "unused"
+    monkeypatch.setenv(native.ENV, "0")
+    native.load()
+    assert native.status() == "not available: MAD_NATIVE=0"
 
 
 def test_bad_settings_are_refused(monkeypatch):

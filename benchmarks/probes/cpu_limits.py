@@ -4,8 +4,8 @@ Prints, on this machine (MLX's CPU, one process, medians):
   transcendentals  ns per element of MLX's exp, log1p, sigmoid, tanh, logaddexp(0, x) and maximum over 1M
                    float32 values, alone and inside a compiled function (with one add)
   slstm            an sLSTM step of the 125M shape (4 heads of 192, batch 1): the R y product alone (a loop
-                   of products with a tanh), the step's elementwise part alone (the compiled cell) and the
-                   whole `slstm_sequence`
+                   of products with a tanh), the step's elementwise part alone (the compiled cell), the
+                   whole `slstm_sequence` and the native loop (kernels/slstm_native.py, 1 thread and all)
   mlstm            the mLSTM cell of the 125M stack (4 heads of 384, 256 tokens): chunkwise (chunk 64) and
                    the parallel form
   prompt           a 256-token prompt of `topologies/xlstm-v1-125m.yaml`, milliseconds per node type
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -85,7 +86,30 @@ def slstm(steps: int, repeats: int) -> dict:
     loop, cells = mx.compile(product_loop), mx.compile(cell_loop)
     return {"product_and_tanh_us": 1e6 * median_s(lambda: mx.eval(loop(y0)), repeats) / steps,
             "cell_us": 1e6 * median_s(lambda: mx.eval(cells(y0)), repeats) / steps,
-            "slstm_sequence_us": 1e6 * median_s(lambda: mx.eval(slstm_sequence(*gates, R, b)), repeats) / steps}
+            "slstm_sequence_us": 1e6 * median_s(lambda: mx.eval(slstm_sequence(*gates, R, b)), repeats) / steps,
+            **native_slstm(gates, R, b, steps, repeats)}
+
+
+def native_slstm(gates, R, b, steps: int, repeats: int) -> dict:
+    """The native loop (kernels/slstm_native.py) on the same inputs, on one thread and on its default threads,
+    or why it is not available."""
+    from mad.kernels import native
+    from mad.kernels.slstm_native import slstm_sequence_native
+
+    if native.load() is None:
+        return {"native_unavailable": native.reason()}
+    out = {}
+    for label, threads in (("native_1_thread_us", "1"), (f"native_{native.threads()}_threads_us", None)):
+        saved = os.environ.pop(native.THREADS_ENV, None)
+        if threads:
+            os.environ[native.THREADS_ENV] = threads
+        try:
+            out[label] = 1e6 * median_s(lambda: mx.eval(slstm_sequence_native(*gates, R, b)), repeats) / steps
+        finally:
+            os.environ.pop(native.THREADS_ENV, None)
+            if saved is not None:
+                os.environ[native.THREADS_ENV] = saved
+    return out
 
 
 def mlstm(tokens: int, repeats: int) -> dict:

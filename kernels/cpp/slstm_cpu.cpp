@@ -2,11 +2,13 @@
 // kernels/slstm.py (`_loop_fn`), with the same inputs and outputs, in one scheduler task.
 //
 // Each step is the product R y of every head (a dot product per gate unit, R's rows read once for all
-// batch rows) and the cell's elementwise part, written with MLX's own CPU operators (unary_ops.h,
-// binary_ops.h) in `_cell`'s order of operations, so the cell's arithmetic is MLX's. The products'
-// sums run in a fixed order of their own (16 partial sums, then a pairwise sum), not the BLAS's.
+// batch rows) and the cell's elementwise part in `_cell`'s order of operations, a loop the compiler
+// vectorises (its transcendentals below are arithmetic). The products' sums run in a fixed order of
+// their own (16 partial sums, then a pairwise sum), not the BLAS's. R is block-diagonal, so each head's
+// recurrence reads only its own state, and the heads run on threads of their own for a whole sequence.
+// The results agree with the pure-MLX loop to float32 rounding (tests/test_native.py).
 //
-// Built and loaded by kernels/native.py; Python calls `slstm_loop(wx, R, bh, y, c, n, m)`.
+// Built and loaded by kernels/native.py; Python calls `slstm_loop(wx, R, bh, y, c, n, m, threads)`.
 
 #include <cmath>
 #include <cstdint>
@@ -246,7 +248,21 @@ class SLSTMLoop : public mx::Primitive {
 std::vector<mx::array> slstm_loop(const mx::array& wx, const mx::array& R, const mx::array& bh,
                                   const mx::array& y, const mx::array& c, const mx::array& n,
                                   const mx::array& m, int threads) {
+  if (wx.ndim() != 5 || wx.shape(1) != 4) {
+    throw std::invalid_argument("slstm_loop: wx must be (T, 4, NH, B, DH)");
+  }
   int T = wx.shape(0), NH = wx.shape(2), B = wx.shape(3), DH = wx.shape(4);
+  if (T < 1 || NH < 1 || B < 1 || DH < 1) {
+    throw std::invalid_argument("slstm_loop: every dimension of wx must be at least 1");
+  }
+  if (R.shape() != mx::Shape{NH, 4 * DH, DH} || bh.shape() != mx::Shape{4, NH, 1, DH}) {
+    throw std::invalid_argument("slstm_loop: R must be (NH, 4 DH, DH) and bh (4, NH, 1, DH)");
+  }
+  for (const auto* s : {&y, &c, &n, &m}) {
+    if (s->shape() != mx::Shape{1, NH, B, DH}) {
+      throw std::invalid_argument("slstm_loop: the state arrays must be (1, NH, B, DH)");
+    }
+  }
   mx::Shape state{T, NH, B, DH};
   auto stream = mx::default_stream(mx::Device::cpu);
   std::vector<mx::array> inputs;
