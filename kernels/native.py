@@ -12,8 +12,9 @@ and out and the primitive is a node of MLX's graph like any other (lazy, no host
     module = native.load()       # the module, or None: native.reason() says why not
 
 Where: `$MAD_CACHE` (default `$XDG_CACHE_HOME/mad`, i.e. `~/.cache/mad`) `/native/<key>/`, the key a hash
-of everything the binary depends on (the sources, the compiler and its flags, the versions of MLX, nanobind
-and Python, the CPU's instruction set: the build is for this machine, `-march=native`). A build goes to a
+of everything the binary depends on (the sources, the compiler and its whole command line, which names the
+MLX installation the module links to, the versions of MLX, nanobind and Python, the CPU's instruction set:
+the build is for this machine, `-march=native`): two environments never share a binary. A build goes to a
 temporary file renamed into place, so concurrent first uses (test workers) never load a half-written file.
 
 What it needs: Linux, a C++20 compiler (`$CXX`, else `c++` or `g++`: MLX's own CPU compiler needs `g++`),
@@ -119,12 +120,14 @@ def build_command(compiler: str, output: Path) -> list[str]:
 
 
 def _key(compiler: str) -> str:
+    """A hash of what the binary depends on: the sources, the compiler, the whole command line (which names
+    the MLX and nanobind installations it builds against and links to), the versions and the CPU."""
     import mlx.core as mx
     import nanobind
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=60).stdout
     digest = hashlib.sha256()
-    for part in (*(s.read_bytes() for s in SOURCES), version.encode(), " ".join(FLAGS).encode(),
+    for part in (*(s.read_bytes() for s in SOURCES), version.encode(), "\0".join(build_command(compiler, Path())).encode(),
                  mx.__version__.encode(), nanobind.__version__.encode(), sys.version.encode(),
                  sysconfig.get_config_var("EXT_SUFFIX").encode(), _cpu_flags().encode()):
         digest.update(hashlib.sha256(part).digest())

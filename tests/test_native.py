@@ -218,6 +218,19 @@ def test_a_second_load_uses_the_cache(monkeypatch, tmp_path):
 
 
 @needs_module
+def test_the_cache_key_names_the_installation(monkeypatch):
+    """Another MLX or nanobind installation (another virtual environment) gets a binary of its own: the cached
+    one links to the libmlx it was built against."""
+    compiler = native._compiler()
+    key = native._key(compiler)
+    assert native._key(compiler) == key
+    built_with = native.build_command
+    monkeypatch.setattr(native, "build_command",
+                        lambda c, out: [a.replace("/mlx/", "/other-env/mlx/") for a in built_with(c, out)])
+    assert native._key(compiler) != key
+
+
+@needs_module
 def test_a_model_with_slstm_blocks_is_the_same_with_the_native_loop():
     """The NX-AI fixture (mLSTM + sLSTM blocks): a 40-token forward, and its prompt read then stepped, with the
     native loop against the pure-MLX one (tests/test_xlstm_nxai.py holds both to NX-AI's own numbers)."""
