@@ -51,7 +51,20 @@ def _setup(device: Optional[str], kernels: Optional[str] = None, tf32: bool = Fa
         os.environ["MLX_ENABLE_TF32"] = "1"  # MLX reads it at the first float32 matrix product
     if kernels is not None and kernels not in ("auto", "reference"):
         raise MadError(f"--kernels must be auto or reference, got '{kernels}'")
+    _check_environment()
     _device(device)
+
+
+def _check_environment() -> None:
+    """The kernel settings of the environment (MAD_KERNELS, MAD_NATIVE, MAD_NATIVE_THREADS), checked before
+    anything is traced, where a bad value would otherwise surface in the middle of a model's first call."""
+    from .kernels import native, registry
+
+    for check in (registry.policy, native.enabled, native.threads):
+        try:
+            check()
+        except ValueError as e:
+            raise MadError(f"environment: {e}") from None
 
 
 def gpu_available() -> bool:

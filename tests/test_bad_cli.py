@@ -480,6 +480,15 @@ def test_bench_bad_flags(monkeypatch, capsys):
         assert_clean_error(code, err, message)
 
 
+@pytest.mark.parametrize("name, value, message", [("MAD_KERNELS", "fast", "MAD_KERNELS must be 'auto' or 'reference'"),
+                                                  ("MAD_NATIVE", "yes", "MAD_NATIVE must be 0 or 1"),
+                                                  ("MAD_NATIVE_THREADS", "0", "MAD_NATIVE_THREADS must be a whole number")])
+def test_bad_kernel_settings_in_the_environment(monkeypatch, capsys, name, value, message):
+    monkeypatch.setenv(name, value)
+    code, _, err = cli(monkeypatch, capsys, "run", TINY, "--prompt-ids", "1,2", "--max-tokens", "1")
+    assert_clean_error(code, err, "environment: " + message)
+
+
 def test_tf32_flag_sets_the_environment(monkeypatch, capsys):
     monkeypatch.setenv("MLX_ENABLE_TF32", "0")  # restored after the test (the flag sets it for the process)
     code, out, err = cli(monkeypatch, capsys, "run", TINY, "--tf32", "--prompt-ids", "1", "-m", "1")
