@@ -3,8 +3,8 @@ compiled CPU kernels (with the system's C++ compiler, into a cache).
 
 MLX's CPU backend runs a graph one small kernel at a time: a recurrence such as the sLSTM's is a few
 kernels per time step, each paying MLX's dispatch and its compiled kernels' scalar transcendentals (see
-benchmarks/RESULTS.md, "Why the original stack's CPU targets stay out of reach"). A native primitive runs
-the whole recurrence in one task instead. The sources are in kernels/cpp/; `load()` compiles them into
+benchmarks/RESULTS.md, "Why the original stack's CPU prefill target stays out of reach"). A native
+primitive runs the whole recurrence in one task instead. The sources are in kernels/cpp/; `load()` compiles them into
 one Python module, `_mad_native`, bound with nanobind as MLX's own Python module is, so MLX arrays pass in
 and out and the primitive is a node of MLX's graph like any other (lazy, no host synchronisation).
 
@@ -51,8 +51,8 @@ ENV = "MAD_NATIVE"
 THREADS_ENV = "MAD_NATIVE_THREADS"
 MODULE = "_mad_native"
 SOURCES = (Path(__file__).resolve().parent / "cpp" / "slstm_cpu.cpp",)
-FLAGS = ("-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared", "-fvisibility=hidden",
-         "-DNDEBUG", "-DNB_DOMAIN=mlx", "-pthread")
+FLAGS = ("-std=c++20", "-O3", "-march=native", "-ffp-contract=off", "-fno-trapping-math", "-fPIC", "-shared",
+         "-fvisibility=hidden", "-DNDEBUG", "-DNB_DOMAIN=mlx", "-pthread")
 BUILD_TIMEOUT_S = 600
 _STATE: dict = {"reason": None}
 

@@ -58,7 +58,8 @@ from .registry import register_kernel
 
 State = Tuple[mx.array, mx.array, mx.array, mx.array]
 
-__all__ = ["State", "slstm_step", "slstm_sequence", "zero_state", "recurrent_to_matmul", "bias_to_heads"]
+__all__ = ["State", "slstm_step", "slstm_sequence", "check_sequence", "run_loop", "zero_state", "recurrent_to_matmul",
+           "bias_to_heads"]
 
 _F32 = mx.float32
 GATES = ("i", "f", "z", "o")
@@ -313,16 +314,27 @@ def slstm_sequence(
     Returns:
         h (B, NH, T, DH) in i's dtype (h_t = y_t), and the float32 state after the last step.
     """
-    _check(i, f, z, o, R, b)
-    B, NH, T, DH = i.shape
-    if T < 1:
-        raise ValueError("slstm_sequence needs T >= 1")
-    if T == 1:                                                  # one step (decoding): no loop to differentiate
+    check_sequence(i, f, z, o, R, b)
+    if i.shape[2] == 1:                                         # one step (decoding): no loop to differentiate
         new = _one_step(i, f, z, o, R, b, state)
         return new[0][:, :, None, :].astype(i.dtype), new
+    return run_loop(_sequence, i, f, z, o, R, b, state)
+
+
+def check_sequence(i, f, z, o, R, b) -> None:
+    """`slstm_sequence`'s argument checks (its variants' too)."""
+    _check(i, f, z, o, R, b)
+    if i.shape[2] < 1:
+        raise ValueError("slstm_sequence needs T >= 1")
+
+
+def run_loop(sequence, i, f, z, o, R, b, state: Optional[State]) -> Tuple[mx.array, State]:
+    """`slstm_sequence`'s results from a loop over time with `_sequence`'s inputs and outputs (`_sequence`
+    itself, or a variant's own loop): the inputs put in the loop's layout, h and the last state taken out."""
+    B, NH, _, DH = i.shape
     state = state if state is not None else zero_state(B, NH, DH)
-    Y, C, N, M, _ = _sequence(_stack_inputs(i, f, z, o), recurrent_to_matmul(R), bias_to_heads(b, NH),
-                              *_to_loop(state))
+    Y, C, N, M, _ = sequence(_stack_inputs(i, f, z, o), recurrent_to_matmul(R), bias_to_heads(b, NH),
+                             *_to_loop(state))
     h = Y.transpose(2, 1, 0, 3)                                 # (T, NH, B, DH) -> (B, NH, T, DH)
     return h.astype(i.dtype), _from_loop((Y[-1], C[-1], N[-1], M[-1]))
 

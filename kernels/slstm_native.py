@@ -8,9 +8,10 @@ loop in one task instead (built by kernels/native.py). It takes the loop's input
 time (`slstm._sequence_backward`) as it is. Its heads run on separate threads (`native.threads()`): R is
 block-diagonal, so a head's recurrence never reads another's.
 
-Numbers: the cell's elementwise arithmetic is MLX's own CPU operators in `_cell`'s order; R y is summed in
-an order of its own (16 partial sums, then pairwise), not the BLAS's, so results agree with the reference to
-float32 rounding (tests/test_native.py).
+Numbers: the cell follows `_cell`'s order of operations with its transcendentals as polynomials in
+arithmetic (within 3 ulp, so that the compiler vectorises the cell), and R y is summed in an order of its
+own (16 partial sums, then pairwise), not the BLAS's: results agree with the reference to float32 rounding
+(tests/test_native.py).
 
 Where the native module is not available (`native.load()` is None: not Linux, no compiler, `MAD_NATIVE=0`)
 the variant declines (`Unsupported`) and the reference runs.
@@ -24,8 +25,7 @@ import mlx.core as mx
 
 from . import native
 from .registry import Unsupported, gradients, register_variant
-from .slstm import (State, _check, _from_loop, _sequence_backward, _stack_inputs, _to_loop, bias_to_heads,
-                    recurrent_to_matmul, zero_state)
+from .slstm import State, _sequence_backward, check_sequence, run_loop
 
 __all__ = ["slstm_sequence_native"]
 
@@ -48,15 +48,8 @@ def slstm_sequence_native(
     """`slstm.slstm_sequence`, same arguments and results (T >= 1), with the loop in one native primitive."""
     if native.load() is None:
         raise Unsupported(native.reason())
-    _check(i, f, z, o, R, b)
-    B, NH, T, DH = i.shape
-    if T < 1:
-        raise ValueError("slstm_sequence needs T >= 1")
-    state = state if state is not None else zero_state(B, NH, DH)
-    run = _sequence if gradients() else _forward
-    Y, C, N, M, _ = run(_stack_inputs(i, f, z, o), recurrent_to_matmul(R), bias_to_heads(b, NH), *_to_loop(state))
-    h = Y.transpose(2, 1, 0, 3)                                 # (T, NH, B, DH) -> (B, NH, T, DH)
-    return h.astype(i.dtype), _from_loop((Y[-1], C[-1], N[-1], M[-1]))
+    check_sequence(i, f, z, o, R, b)
+    return run_loop(_sequence if gradients() else _forward, i, f, z, o, R, b, state)
 
 
 register_variant("slstm_sequence", "cpu", slstm_sequence_native, own_gradient=True)

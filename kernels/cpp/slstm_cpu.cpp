@@ -28,7 +28,6 @@
 #include "mlx/backend/cpu/encoder.h"
 #include "mlx/ops.h"
 #include "mlx/primitives.h"
-#include "mlx/utils.h"
 
 namespace nb = nanobind;
 namespace mx = mlx::core;
