@@ -186,6 +186,16 @@ def test_disabled_or_unbuildable_means_the_reference(monkeypatch, tmp_path):
         assert native.load() is None and "no C++ compiler" in native.reason()
 
 
+@needs_module
+def test_a_cache_that_is_not_a_folder_means_the_reference(monkeypatch, tmp_path):
+    """MAD_CACHE naming a file of the user's: no build, the reason given, the file as it was."""
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    monkeypatch.setenv("MAD_CACHE", str(mine))
+    assert native.load() is None and "could not be built or loaded" in native.reason()
+    assert mine.read_text() == "mine"
+
+
 def test_status_reports_without_building(monkeypatch):
     assert native.status() == "unused"
     monkeypatch.setenv(native.ENV, "0")
